@@ -1,0 +1,1 @@
+"""Reference collection server for the ``telemetry`` client."""
