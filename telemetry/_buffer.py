@@ -1,0 +1,540 @@
+"""The thread-safe, bounded store behind the collection calls — no I/O, no clock.
+
+Every write takes one short lock. The common case (updating a key that already
+exists) is a single dictionary operation under that lock; validation of new
+keys and values, item accounting and kind checks happen on a slower path.
+Warnings are logged after the lock is released: logging may do I/O.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Hashable, Iterable, Mapping
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    List,
+    NamedTuple,
+    Optional,
+    Set,
+    Tuple,
+)
+
+from telemetry._log import logger, report_internal_error
+
+if TYPE_CHECKING:
+    from telemetry._wire import JSONValue
+
+MAX_KEY_LENGTH = 256
+MAX_STRING_LENGTH = 1024
+MAX_VALUE_BYTES = 16 * 1024
+MAX_DEPTH = 32
+DEFAULT_MAX_ITEMS = 100_000
+DEFAULT_MAX_VALUES_PER_KEY = 10_000
+_MAX_WARNED_KEYS = 1024
+
+VALUE, NESTED, COUNTER, LIST, COUNTING_SET = "value", "mapping", "counter", "list", "counting set"
+
+# Sentinels for "why a write did not happen" that are not the caller's fault.
+_DISABLED = "<disabled>"
+_FULL = "<full>"
+_MISSING = object()
+_PLAIN_SCALARS = frozenset({int, bool, type(None)})
+
+
+class _InvalidValue(Exception):
+    """A collection value is not an acceptable JSON value (internal signal)."""
+
+
+def normalize_key(key: object) -> Tuple[str, Optional[str]]:
+    """The key as a plain ``str`` and, when it is unusable, why."""
+    if not isinstance(key, str):
+        return "", f"key must be a str, not {type(key).__name__}"
+    if type(key) is not str:
+        key = str.__str__(key)
+    if not key:
+        return key, "key must not be empty"
+    if len(key) > MAX_KEY_LENGTH:
+        return key[:40], f"key is longer than {MAX_KEY_LENGTH} characters"
+    return key, None
+
+
+def _normalize(value: object, depth: int) -> JSONValue:
+    """A private JSON-ready copy of ``value`` (tuples become lists); raises _InvalidValue."""
+    if value is None or type(value) is bool or type(value) is int:
+        return value
+    if type(value) is str:
+        if len(value) > MAX_STRING_LENGTH:
+            raise _InvalidValue(f"string is longer than {MAX_STRING_LENGTH} characters")
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _InvalidValue(f"float {value!r} is not finite")
+        return float(value)
+    if isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, str):
+        return _normalize(str.__str__(value), depth)
+    if depth >= MAX_DEPTH:
+        raise _InvalidValue(f"value is nested deeper than {MAX_DEPTH} levels")
+    if isinstance(value, (list, tuple)):
+        if len(value) > MAX_VALUE_BYTES:
+            raise _InvalidValue(f"value is larger than {MAX_VALUE_BYTES} bytes once encoded")
+        return [_normalize(item, depth + 1) for item in value]
+    if isinstance(value, dict):
+        if len(value) > MAX_VALUE_BYTES:
+            raise _InvalidValue(f"value is larger than {MAX_VALUE_BYTES} bytes once encoded")
+        normalized: Dict[str, JSONValue] = {}
+        for name, item in value.items():
+            if not isinstance(name, str):
+                raise _InvalidValue(f"mapping key {name!r} is not a str")
+            normalized[str.__str__(name)] = _normalize(item, depth + 1)
+        return normalized
+    raise _InvalidValue(f"{type(value).__name__} is not a JSON value")
+
+
+def normalize_value(value: object) -> Tuple[JSONValue, Optional[str]]:
+    """A JSON-ready private copy of ``value`` and, when it is unacceptable, why."""
+    try:
+        normalized = _normalize(value, 0)
+    except _InvalidValue as exc:
+        return None, str(exc)
+    except RecursionError:
+        return None, "value is nested too deeply"
+    if isinstance(normalized, (list, dict)):
+        size = len(json.dumps(normalized, ensure_ascii=False, separators=(",", ":")).encode())
+        if size > MAX_VALUE_BYTES:
+            return None, f"value is larger than {MAX_VALUE_BYTES} bytes once encoded"
+    return normalized, None
+
+
+def checked_value(value: object) -> Tuple[JSONValue, Optional[str]]:
+    """``normalize_value`` with a quick exit for the common scalars."""
+    kind = type(value)
+    if (kind is str and len(value) <= MAX_STRING_LENGTH) or kind in _PLAIN_SCALARS:  # type: ignore[arg-type]
+        return value, None  # type: ignore[return-value]
+    return normalize_value(value)
+
+
+def _member_key(value: JSONValue) -> Hashable:
+    """Dictionary key for a counting-set member: 1, 1.0 and True stay distinct."""
+    kind = type(value)
+    if kind is str or kind is int:
+        return value  # type: ignore[return-value]
+    return (kind.__name__, value)
+
+
+def _member_value(member: Hashable) -> JSONValue:
+    return member[1] if type(member) is tuple else member  # type: ignore[return-value]
+
+
+class _Store:
+    """The buffered data, one dictionary per kind. Swapped out whole by a snapshot."""
+
+    __slots__ = ("counters", "lists", "nested", "sets", "values")
+
+    def __init__(self) -> None:
+        self.values: Dict[str, JSONValue] = {}
+        self.nested: Dict[str, Dict[str, JSONValue]] = {}
+        self.counters: Dict[str, int] = {}
+        self.lists: Dict[str, List[JSONValue]] = {}
+        self.sets: Dict[str, Dict[Hashable, int]] = {}
+
+    def _tables(self) -> Tuple[Tuple[str, Mapping[str, object]], ...]:
+        return (
+            (VALUE, self.values),
+            (NESTED, self.nested),
+            (COUNTER, self.counters),
+            (LIST, self.lists),
+            (COUNTING_SET, self.sets),
+        )
+
+    def kind_of(self, key: str) -> Optional[str]:
+        for kind, table in self._tables():
+            if key in table:
+                return kind
+        return None
+
+    def keys(self) -> List[str]:
+        return [key for _, table in self._tables() for key in table]
+
+    def pop(self, key: str) -> int:
+        """Remove ``key``; returns how many items it held."""
+        for scalar_table in (self.values, self.counters):
+            if scalar_table.pop(key, _MISSING) is not _MISSING:
+                return 1
+        for container_table in (self.nested, self.lists, self.sets):
+            container = container_table.pop(key, None)
+            if container is not None:
+                return 1 + len(container)
+        return 0
+
+    def to_wire(self) -> Dict[str, JSONValue]:
+        """The data in wire form (SPEC §3 encodings)."""
+        data: Dict[str, JSONValue] = {}
+        data.update(self.values)
+        data.update(self.nested)
+        data.update(self.counters)
+        data.update(self.lists)
+        for key, counts in self.sets.items():
+            data[key] = [
+                {"value": _member_value(member), "count": count} for member, count in counts.items()
+            ]
+        return data
+
+
+class Snapshot(NamedTuple):
+    """What ``Buffer.take`` removed: wire-ready data, its item count, drops since last take."""
+
+    data: Dict[str, JSONValue]
+    items: int
+    dropped: int
+
+
+class Buffer:
+    """Thread-safe, bounded collection buffer with item accounting (SPEC §2)."""
+
+    def __init__(
+        self,
+        *,
+        max_items: int = DEFAULT_MAX_ITEMS,
+        max_values_per_key: int = DEFAULT_MAX_VALUES_PER_KEY,
+        disabled_keys: Iterable[str] = (),
+    ) -> None:
+        self.max_items = max_items
+        self.max_values_per_key = max_values_per_key
+        self.app_disabled_keys: FrozenSet[str] = frozenset(disabled_keys)
+        self._server_disabled_keys: FrozenSet[str] = frozenset()
+        self._lock = threading.Lock()
+        self._store = _Store()
+        self._items = 0
+        self._dropped = 0
+        self._warned_keys: Set[str] = set()
+        self._warned_full = False
+
+    # -- the collection calls -------------------------------------------------
+    # Each call tries the common case first: a valid key that already exists,
+    # updated with one dictionary operation under the lock. Anything else takes
+    # ``_write_new``, which validates, checks the key's kind and accounts items.
+
+    def add(self, key: object, amount: object) -> None:
+        """Add ``amount`` (an int) to the counter ``key``; a new key starts at ``amount``."""
+        try:
+            if type(amount) is int:
+                try:
+                    with self._lock:
+                        counters = self._store.counters
+                        current = counters.get(key)  # type: ignore[call-overload]
+                        if current is not None:
+                            counters[key] = current + amount  # type: ignore[index]
+                            return
+                except TypeError:  # unhashable key: reported by the slow path
+                    pass
+                problem = None
+            else:
+                problem = f"add() takes an int amount, not {type(amount).__name__}"
+            self._write_new(key, COUNTER, problem, self._new_count, amount)
+        except Exception as exc:
+            report_internal_error("add", exc)
+
+    def increment(self, key: object) -> None:
+        """``add(key, 1)``."""
+        try:
+            try:
+                with self._lock:
+                    counters = self._store.counters
+                    current = counters.get(key)  # type: ignore[call-overload]
+                    if current is not None:
+                        counters[key] = current + 1  # type: ignore[index]
+                        return
+            except TypeError:  # unhashable key: reported by the slow path
+                pass
+            self._write_new(key, COUNTER, None, self._new_count, 1)
+        except Exception as exc:
+            report_internal_error("increment", exc)
+
+    def set(self, key: object, value: object) -> None:
+        """Store ``value`` under ``key``, overwriting."""
+        try:
+            normalized, problem = checked_value(value)
+            if problem is None and type(key) is str:
+                with self._lock:
+                    values = self._store.values
+                    if key in values:
+                        values[key] = normalized
+                        return
+            self._write_new(key, VALUE, problem, self._new_value, normalized)
+        except Exception as exc:
+            report_internal_error("set", exc)
+
+    def set_nested(self, key: object, subkey: object, value: object) -> None:
+        """Store ``value`` under ``key`` → ``subkey``."""
+        try:
+            normalized, problem = checked_value(value)
+            subname, subkey_problem = normalize_key(subkey)
+            problem = (subkey_problem and "sub" + subkey_problem) or problem
+            if problem is None and type(key) is str:
+                with self._lock:
+                    mapping = self._store.nested.get(key)
+                    if mapping is not None:
+                        if subname in mapping:
+                            mapping[subname] = normalized
+                            return
+                        problem = self._admit_member(len(mapping))
+                        if problem is None:
+                            mapping[subname] = normalized
+                            return
+                        self._dropped += 1
+                if problem is not None:
+                    self._warn(key, problem)
+                    return
+            self._write_new(key, NESTED, problem, self._new_nested, subname, normalized)
+        except Exception as exc:
+            report_internal_error("set_nested", exc)
+
+    def append(self, key: object, value: object) -> None:
+        """Append ``value`` to the list ``key``."""
+        try:
+            normalized, problem = checked_value(value)
+            if problem is None and type(key) is str:
+                with self._lock:
+                    values = self._store.lists.get(key)
+                    if values is not None:
+                        problem = self._admit_member(len(values))
+                        if problem is None:
+                            values.append(normalized)
+                            return
+                        self._dropped += 1
+                if problem is not None:
+                    self._warn(key, problem)
+                    return
+            self._write_new(key, LIST, problem, self._new_element, normalized)
+        except Exception as exc:
+            report_internal_error("append", exc)
+
+    def append_unique(self, key: object, value: object) -> None:
+        """Add ``value`` to the counting set ``key``, counting repeats."""
+        try:
+            normalized, problem = checked_value(value)
+            if problem is None and isinstance(normalized, (list, dict)):
+                problem = "append_unique() takes a scalar (hashable) value"
+            member = _member_key(normalized)
+            if problem is None and type(key) is str:
+                with self._lock:
+                    counts = self._store.sets.get(key)
+                    if counts is not None:
+                        if member in counts:
+                            counts[member] += 1
+                            return
+                        problem = self._admit_member(len(counts))
+                        if problem is None:
+                            counts[member] = 1
+                            return
+                        self._dropped += 1
+                if problem is not None:
+                    self._warn(key, problem)
+                    return
+            self._write_new(key, COUNTING_SET, problem, self._new_member, member)
+        except Exception as exc:
+            report_internal_error("append_unique", exc)
+
+    def _write_new(
+        self,
+        key: object,
+        kind: str,
+        problem: Optional[str],
+        write: Callable[..., Optional[str]],
+        *args: Any,
+    ) -> None:
+        """The slow path: validate ``key``, then ``write(name, *args)`` under the lock.
+
+        ``write`` returns why it could not write (full, per-key cap) or None.
+        A failed write is counted as dropped and warned about once per key.
+        """
+        name, key_problem = normalize_key(key)
+        problem = key_problem or problem
+        with self._lock:
+            if problem is None:
+                problem = self._check(name, kind) or write(name, *args)
+                if problem is None:
+                    return
+            if problem is not _DISABLED:
+                self._dropped += 1
+        self._warn(name, problem)
+
+    # The ``write`` callbacks of ``_write_new``; called with the lock held. Each
+    # also handles the key having appeared since the caller's fast path looked.
+
+    def _new_count(self, name: str, amount: int) -> Optional[str]:
+        counters = self._store.counters
+        if name not in counters:
+            problem = self._admit(1)
+            if problem is not None:
+                return problem
+            counters[name] = 0
+        counters[name] += amount
+        return None
+
+    def _new_value(self, name: str, value: JSONValue) -> Optional[str]:
+        values = self._store.values
+        problem = None if name in values else self._admit(1)
+        if problem is None:
+            values[name] = value
+        return problem
+
+    def _new_nested(self, name: str, subname: str, value: JSONValue) -> Optional[str]:
+        mapping = self._store.nested.get(name)
+        if mapping is None:
+            problem = self._admit(2)
+            if problem is None:
+                self._store.nested[name] = {subname: value}
+            return problem
+        problem = None if subname in mapping else self._admit_member(len(mapping))
+        if problem is None:
+            mapping[subname] = value
+        return problem
+
+    def _new_element(self, name: str, value: JSONValue) -> Optional[str]:
+        values = self._store.lists.get(name)
+        if values is None:
+            problem = self._admit(2)
+            if problem is None:
+                self._store.lists[name] = [value]
+            return problem
+        problem = self._admit_member(len(values))
+        if problem is None:
+            values.append(value)
+        return problem
+
+    def _new_member(self, name: str, member: Hashable) -> Optional[str]:
+        counts = self._store.sets.get(name)
+        if counts is None:
+            problem = self._admit(2)
+            if problem is None:
+                self._store.sets[name] = {member: 1}
+            return problem
+        if member in counts:
+            counts[member] += 1
+            return None
+        problem = self._admit_member(len(counts))
+        if problem is None:
+            counts[member] = 1
+        return problem
+
+    # -- accounting (called with the lock held) -------------------------------
+
+    def _check(self, key: str, kind: str) -> Optional[str]:
+        """Why ``key`` cannot take a write of ``kind`` now, or None."""
+        if self.is_disabled(key):
+            return _DISABLED
+        existing = self._store.kind_of(key)
+        if existing is not None and existing != kind:
+            return f"key holds a {existing}, not a {kind}"
+        return None
+
+    def _admit(self, items: int) -> Optional[str]:
+        if self._items + items > self.max_items:
+            return _FULL
+        self._items += items
+        return None
+
+    def _admit_member(self, held: int) -> Optional[str]:
+        if held >= self.max_values_per_key:
+            return f"key already holds {self.max_values_per_key} values (max_values_per_key)"
+        return self._admit(1)
+
+    # -- logging (called without the lock) ------------------------------------
+
+    def _warn(self, key: str, problem: str) -> None:
+        if problem is _DISABLED:
+            return
+        if problem is _FULL:
+            if not self._warned_full:
+                self._warned_full = True
+                logger.warning(
+                    "telemetry buffer is full (max_items=%d); new items are dropped and counted "
+                    "until the next send",
+                    self.max_items,
+                )
+            return
+        if key in self._warned_keys:
+            return
+        if len(self._warned_keys) >= _MAX_WARNED_KEYS:
+            return
+        self._warned_keys.add(key)
+        logger.warning("telemetry key %r: %s; call ignored (further warnings for it are muted)",
+                       key, problem)
+
+    # -- the rest of the buffer's interface -----------------------------------
+
+    def is_disabled(self, key: str) -> bool:
+        """Whether ``key`` or its part before the first ``:`` is disabled."""
+        prefix = key.partition(":")[0]
+        for disabled in (self.app_disabled_keys, self._server_disabled_keys):
+            if key in disabled or prefix in disabled:
+                return True
+        return False
+
+    @property
+    def server_disabled_keys(self) -> FrozenSet[str]:
+        return self._server_disabled_keys
+
+    def disable_keys(self, keys: Iterable[str]) -> None:
+        """Server-disable ``keys``: drop what they hold and refuse them from now on."""
+        with self._lock:
+            self._server_disabled_keys = self._server_disabled_keys | frozenset(keys)
+            # Copying the key list is C-speed; the per-key test runs off the lock.
+            candidates = self._store.keys()
+        doomed = [key for key in candidates if self.is_disabled(key)]
+        if doomed:
+            with self._lock:
+                for key in doomed:
+                    self._items -= self._store.pop(key)
+
+    def enable_keys(self, keys: Iterable[str]) -> None:
+        """Lift a server disable of ``keys`` (application-disabled keys stay disabled)."""
+        with self._lock:
+            self._server_disabled_keys = self._server_disabled_keys - frozenset(keys)
+
+    def take(self) -> Snapshot:
+        """Remove and return everything buffered; O(1) under the lock."""
+        with self._lock:
+            store, self._store = self._store, _Store()
+            items, self._items = self._items, 0
+            dropped, self._dropped = self._dropped, 0
+            self._warned_full = False
+        return Snapshot(data=store.to_wire(), items=items, dropped=dropped)
+
+    def count_dropped(self, items: int) -> None:
+        """Add ``items`` lost outside the buffer (e.g. a rejected payload) to the next report."""
+        with self._lock:
+            self._dropped += items
+
+    def reset(self) -> None:
+        """Empty the buffer (drop counts still reach the server)."""
+        with self._lock:
+            self._store = _Store()
+            self._items = 0
+
+    @property
+    def item_count(self) -> int:
+        return self._items
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped
+
+    def after_fork_in_child(self) -> None:
+        """Start empty with a fresh lock: the parent's threads may have held the old one."""
+        self._lock = threading.Lock()
+        self._store = _Store()
+        self._items = 0
+        self._dropped = 0
+        self._warned_full = False

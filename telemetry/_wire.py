@@ -1,0 +1,255 @@
+"""Wire types of protocol v1 and their pure JSON codec.
+
+``Payload`` is what the client sends, ``Response`` what the server answers
+(SPEC §3). Everything here is a pure function of its arguments: no I/O, no
+clock, no logging except the warnings ``decode_response`` owes the user for a
+misbehaving server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta, timezone
+from email.utils import parsedate_to_datetime
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import attrs
+
+from telemetry._version import __version__
+
+logger = logging.getLogger("telemetry")
+
+JSONValue = Union[None, bool, int, float, str, List["JSONValue"], Dict[str, "JSONValue"]]
+"""A value that encodes to JSON as it is."""
+
+CLIENT_NAME = "telemetry-python"
+NANOSECONDS_PER_SECOND = 1_000_000_000
+
+_PAYLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+# Up to nine fraction digits (Go sends nanoseconds) and `Z` or a numeric offset.
+_TIMESTAMP = re.compile(
+    r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})$"
+)
+# Keys encoded per chunk when encoding incrementally (see ``iter_encoded_payload``).
+ENCODE_CHUNK_KEYS = 512
+
+
+def new_payload_id() -> str:
+    """A random 128-bit payload id as 32 lowercase hex digits."""
+    return secrets.token_hex(16)
+
+
+def _utc(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamp must be timezone-aware")
+    return value.astimezone(timezone.utc)
+
+
+@attrs.frozen
+class Payload:
+    """One update sent to the server: a snapshot of the buffer, fixed for life.
+
+    ``items`` (how many buffer items the data holds) is local bookkeeping used
+    to count a rejected payload as dropped; it is not part of the wire format.
+    """
+
+    instance_id: str
+    timestamp: datetime = attrs.field(converter=_utc)
+    payload_id: str = attrs.field(factory=new_payload_id)
+    data: Mapping[str, JSONValue] = attrs.field(factory=dict)
+    dropped: int = 0
+    client_name: str = CLIENT_NAME
+    client_version: str = __version__
+    items: int = attrs.field(default=-1, eq=False)
+
+    @payload_id.validator
+    def _check_payload_id(self, attribute: attrs.Attribute[str], value: str) -> None:
+        if not _PAYLOAD_ID.match(value):
+            raise ValueError(f"payload_id must be 32 lowercase hex digits, got {value!r}")
+
+    def __attrs_post_init__(self) -> None:
+        if self.items < 0:
+            object.__setattr__(self, "items", estimate_items(self.data))
+
+
+@attrs.frozen
+class Response:
+    """What the server asked for; defaults mean "no instruction".
+
+    ``next_update`` is in nanoseconds, as on the wire (a Go duration).
+    """
+
+    next_update: Optional[int] = None
+    stop: bool = False
+    error: Optional[str] = None
+    disable_keys: Tuple[str, ...] = ()
+    enable_keys: Tuple[str, ...] = ()
+
+
+def estimate_items(data: Mapping[str, Any]) -> int:
+    """Item count of wire data: one per key plus one per element of a container."""
+    return sum(1 + len(value) if isinstance(value, (list, dict)) else 1 for value in data.values())
+
+
+def format_timestamp(value: datetime) -> str:
+    """RFC 3339 in UTC with microseconds and a ``Z`` suffix."""
+    return _utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_timestamp(text: str) -> datetime:
+    """Parse RFC 3339, accepting ``Z`` or an offset and up to nine fraction digits."""
+    match = _TIMESTAMP.match(text)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
+    date, clock, fraction, zone = match.groups()
+    micros = (fraction or "").ljust(6, "0")[:6]
+    offset = "+00:00" if zone in ("Z", "z") else zone
+    return datetime.fromisoformat(f"{date}T{clock}.{micros}{offset}").astimezone(timezone.utc)
+
+
+def payload_header(payload: Payload) -> Dict[str, Any]:
+    """The payload's fields other than ``data``, as the wire has them."""
+    return {
+        "instance_id": payload.instance_id,
+        "timestamp": format_timestamp(payload.timestamp),
+        "payload_id": payload.payload_id,
+        "client": {
+            "name": payload.client_name,
+            "version": payload.client_version,
+            "dropped": payload.dropped,
+        },
+    }
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def iter_encoded_payload(payload: Payload, chunk_keys: int = ENCODE_CHUNK_KEYS) -> Iterator[str]:
+    """Encode ``payload`` as JSON text in pieces of at most ``chunk_keys`` data keys.
+
+    The C encoder holds the GIL for a whole ``json.dumps`` call; encoding in
+    pieces lets a caller hand the GIL back between them so a big payload does
+    not stall the application's threads.
+    """
+    head = _dumps(payload_header(payload))
+    yield head[:-1] + ',"data":{'
+    data = payload.data
+    keys = list(data)
+    for start in range(0, len(keys), chunk_keys):
+        piece = _dumps({key: data[key] for key in keys[start : start + chunk_keys]})
+        yield ("," if start else "") + piece[1:-1]
+    yield "}}"
+
+
+def encode_payload(payload: Payload) -> bytes:
+    """The payload as UTF-8 JSON bytes."""
+    return "".join(iter_encoded_payload(payload)).encode("utf-8")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def decode_payload(body: Union[bytes, str, Mapping[str, Any]]) -> Payload:
+    """Parse a payload the client wrote (e.g. from the spool); raises ``ValueError``."""
+    obj = json.loads(body) if isinstance(body, (bytes, str)) else body
+    _require(isinstance(obj, Mapping), "payload is not a JSON object")
+    instance_id, timestamp = obj.get("instance_id"), obj.get("timestamp")
+    payload_id, data = obj.get("payload_id"), obj.get("data", {})
+    client = obj.get("client", {})
+    if not (isinstance(instance_id, str) and isinstance(timestamp, str)):
+        raise ValueError("payload instance_id or timestamp is not a string")
+    if not isinstance(payload_id, str):
+        raise ValueError("payload payload_id is not a string")
+    _require(isinstance(data, dict), "payload data is not an object")
+    _require(isinstance(client, dict), "payload client is not an object")
+    dropped = client.get("dropped", 0)
+    _require(type(dropped) is int and dropped >= 0, "payload client.dropped is not a count")
+    return Payload(
+        instance_id=instance_id,
+        timestamp=parse_timestamp(timestamp),
+        payload_id=payload_id,
+        data=data,
+        dropped=dropped,
+        client_name=str(client.get("name", CLIENT_NAME)),
+        client_version=str(client.get("version", __version__)),
+    )
+
+
+def _string_list(name: str, value: object) -> Optional[Tuple[str, ...]]:
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return tuple(value)
+    logger.warning("server response field %r is not a list of strings; ignored", name)
+    return None
+
+
+def decode_response(body: bytes) -> Response:
+    """Parse a server response body.
+
+    An empty body means "no instructions". A body that is not a JSON object
+    raises ``ValueError`` (the send counts as failed). A known field of the
+    wrong type is ignored with a warning; unknown fields are ignored.
+    """
+    if not body.strip():
+        return Response()
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"response body is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError("response body is not a JSON object")
+    fields: Dict[str, Any] = {}
+    if "next_update" in obj:
+        value = obj["next_update"]
+        if type(value) is int:
+            fields["next_update"] = value
+        else:
+            logger.warning("server response next_update %r is not an integer; ignored", value)
+    if "stop" in obj:
+        if type(obj["stop"]) is bool:
+            fields["stop"] = obj["stop"]
+        else:
+            logger.warning("server response stop %r is not a boolean; ignored", obj["stop"])
+    if obj.get("error") is not None:
+        if isinstance(obj["error"], str):
+            fields["error"] = obj["error"]
+        else:
+            logger.warning("server response error field is not a string; ignored")
+    for name in ("disable_keys", "enable_keys"):
+        if obj.get(name) is not None:
+            keys = _string_list(name, obj[name])
+            if keys is not None:
+                fields[name] = keys
+    return Response(**fields)
+
+
+def seconds_to_duration(seconds: float) -> int:
+    """Seconds as integer nanoseconds (a Go ``time.Duration``)."""
+    return round(seconds * NANOSECONDS_PER_SECOND)
+
+
+def duration_to_seconds(nanoseconds: int) -> float:
+    """Integer nanoseconds as float seconds."""
+    return nanoseconds / NANOSECONDS_PER_SECOND
+
+
+def parse_retry_after(value: str, now: Optional[float] = None) -> Optional[float]:
+    """``Retry-After`` as seconds to wait: delta-seconds or an HTTP date; None if invalid."""
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    current = time.time() if now is None else now
+    return max(0.0, (when - datetime.fromtimestamp(current, timezone.utc)) / timedelta(seconds=1))
