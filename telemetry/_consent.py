@@ -19,10 +19,15 @@ _FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 
 
 class Decision(NamedTuple):
-    """The resolved mode and the rule that decided it (for ``status()`` and the CLI)."""
+    """The resolved mode and the rule that decided it (for ``status()`` and the CLI).
+
+    ``number`` is the rule's place in SPEC §5 (1-7); 0 when no rule was applied
+    (e.g. before ``init()``).
+    """
 
     mode: str
     rule: str
+    number: int = 0
 
 
 def env_var_name(app: str) -> str:
@@ -63,19 +68,24 @@ def resolve(
     env: Mapping[str, str],
     persisted: Optional[str],
 ) -> Decision:
-    """Decide the mode; ``consent`` and ``persisted`` are modes or None."""
+    """Decide the mode; ``consent`` and ``persisted`` are modes or None.
+
+    A ``persisted`` value that is not a mode is ignored (the state file
+    reader already warned about it).
+    """
     if is_truthy(env.get("DO_NOT_TRACK")):
-        return Decision(OFF, "DO_NOT_TRACK is set")
+        return Decision(OFF, "DO_NOT_TRACK is set", 1)
     name = env_var_name(app)
     from_env = parse_mode(env.get(name))
     if from_env is not None:
-        return Decision(from_env, f"{name}={env[name]}")
+        return Decision(from_env, f"{name}={env[name]}", 2)
     if consent == OFF:
-        return Decision(OFF, "the application passed consent=False")
+        return Decision(OFF, "the application passed consent=False", 3)
     if is_truthy(env.get("CI")):
-        return Decision(OFF, "running in CI (CI is set)")
-    if persisted is not None:
-        return Decision(persisted, "the choice saved with set_consent() or the CLI")
+        return Decision(OFF, "running in CI (CI is set)", 4)
+    saved = parse_mode(persisted)
+    if saved is not None:
+        return Decision(saved, "the choice saved with set_consent() or the CLI", 5)
     if consent is not None:
-        return Decision(consent, f"the application passed consent={consent!r}")
-    return Decision(OFF, "no consent was given (telemetry is opt-in)")
+        return Decision(consent, f"the application passed consent={consent!r}", 6)
+    return Decision(OFF, "no consent was given (telemetry is opt-in)", 7)
