@@ -1,0 +1,492 @@
+"""Running the app: the stdlib threading WSGI server, and ``serve()`` for tests.
+
+``make_server`` is what ``python -m server_stub`` runs. ``serve()`` runs the
+same server on a background thread and wraps the app so that a test can see
+every request, queue scripted answers (a status, a delay, a dropped
+connection) and wait for requests without sleeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import socketserver
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple, Union
+from wsgiref import simple_server
+
+from ._app import App, HTTPError, Response, request_body
+from ._policy import Policy
+from ._store import SQLiteStore
+
+if TYPE_CHECKING:
+    from types import TracebackType
+
+    from _typeshed import OptExcInfo
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["RecordedRequest", "ScriptedResponse", "Server", "make_server", "serve"]
+
+logger = logging.getLogger("server_stub")
+
+_CONNECTION_KEY = "server_stub.connection"
+_UPDATE_PREFIX = "/v1/update/"
+_CLOSE_TIMEOUT = 5.0
+
+
+class _Connection:
+    """Lets the app (the harness) end the client connection without answering."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._socket = sock
+        self.dropped = False
+
+    def drop(self) -> None:
+        self.dropped = True
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(socket.SHUT_RDWR)
+
+
+class _ServerHandler(simple_server.ServerHandler):
+    def __init__(self, connection: _Connection, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._connection = connection
+
+    def finish_response(self) -> None:
+        if self._connection.dropped:
+            return  # nothing to write to, and nothing to log
+        super().finish_response()
+
+    def log_exception(self, exc_info: OptExcInfo) -> None:
+        logger.error("unhandled error in the WSGI application", exc_info=exc_info)
+
+
+class _RequestHandler(simple_server.WSGIRequestHandler):
+    # A client that stops sending mid-request frees its thread after this long.
+    timeout = 30.0
+
+    def handle(self) -> None:
+        # As WSGIRequestHandler.handle, plus the connection in the environ.
+        self.raw_requestline = self.rfile.readline(65537)
+        if len(self.raw_requestline) > 65536:
+            self.requestline = ""
+            self.request_version = ""
+            self.command = ""
+            self.send_error(414)
+            return
+        if not self.parse_request():
+            return
+        connection = _Connection(self.connection)
+        environ = self.get_environ()
+        environ[_CONNECTION_KEY] = connection
+        handler = _ServerHandler(
+            connection, self.rfile, self.wfile, self.get_stderr(), environ, multithread=True
+        )
+        handler.request_handler = self  # type: ignore[attr-defined]  # wsgiref logs through it
+        app = self.server.get_app()  # type: ignore[attr-defined]
+        handler.run(app)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        level: int = getattr(self.server, "access_log_level", logging.INFO)
+        logger.log(level, "%s %s", self.address_string(), format % args)
+
+
+class ThreadingWSGIServer(socketserver.ThreadingMixIn, simple_server.WSGIServer):
+    """wsgiref's server with a thread per connection, and a bounded, prompt close."""
+
+    daemon_threads = True
+    block_on_close = False  # close_connections() waits instead, with a bound
+    request_queue_size = 128
+
+    def __init__(
+        self, host: str, port: int, app: WSGIApplication, *, access_log_level: int = logging.INFO
+    ) -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.access_log_level = access_log_level
+        self._active: set[Any] = set()
+        self._active_changed = threading.Condition()
+        super().__init__((host, port), _RequestHandler)
+        self.set_app(app)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would resolve the host name (getfqdn): slow, and unused.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+        self.setup_environ()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = str(host)
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_changed:
+            self._active.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        try:
+            super().shutdown_request(request)
+        finally:
+            with self._active_changed:
+                self._active.discard(request)
+                self._active_changed.notify_all()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Resets and timeouts from clients land here; the app's own errors do not.
+        logger.debug("connection from %s failed", client_address, exc_info=True)
+
+    def close_connections(self, timeout: float = _CLOSE_TIMEOUT) -> bool:
+        """Cut every open connection and wait, bounded, until their threads are done."""
+        with self._active_changed:
+            for sock in self._active:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            return self._active_changed.wait_for(lambda: not self._active, timeout)
+
+
+def make_server(
+    host: str, port: int, app: WSGIApplication, *, access_log_level: int = logging.INFO
+) -> ThreadingWSGIServer:
+    """A bound threading WSGI server for ``app``; run it with ``serve_forever()``."""
+    return ThreadingWSGIServer(host, port, app, access_log_level=access_log_level)
+
+
+@dataclass(frozen=True)
+class ScriptedResponse:
+    """How to answer one ``POST /v1/update`` request; see ``Server.script``."""
+
+    status: Optional[int] = None
+    body: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    drop: bool = False
+    drop_after_store: bool = False
+    store: bool = False
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the server saw it."""
+
+    method: str
+    path: str
+    query: str
+    headers: Dict[str, str]
+    """HTTP headers, names in canonical ``Title-Case`` (``"Content-Encoding"``)."""
+    body: bytes
+    """The body as sent (b"" when it was not read, e.g. refused by Content-Length)."""
+    decoded_body: Optional[bytes]
+    """The body after Content-Encoding, or None when it could not be decoded."""
+    json: Any
+    """The body parsed as JSON, or None."""
+    status: Optional[int]
+    """The status answered, or None when the connection was dropped."""
+    scripted: bool
+
+    @property
+    def dropped(self) -> bool:
+        return self.status is None
+
+
+def _headers_of(environ: WSGIEnvironment) -> Dict[str, str]:
+    headers = {}
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            name = key[5:]
+        elif key in ("CONTENT_TYPE", "CONTENT_LENGTH") and value:
+            name = key
+        else:
+            continue
+        headers["-".join(part.capitalize() for part in name.split("_"))] = str(value)
+    return headers
+
+
+def _merge_headers(
+    headers: List[Tuple[str, str]], overrides: Mapping[str, str]
+) -> List[Tuple[str, str]]:
+    replaced = {name.lower() for name in overrides}
+    kept = [(name, value) for name, value in headers if name.lower() not in replaced]
+    return kept + list(overrides.items())
+
+
+class Server:
+    """The server on a background thread, for tests (``serve()`` starts one).
+
+    - ``url``: the endpoint base; clients post to ``{url}/v1/update/{instance_id}``.
+    - ``payloads``: every ``/v1/update`` body that parsed as a JSON object, in
+      arrival order, whatever the answer (duplicates, rejected and scripted
+      ones included). What was stored, deduplicated: ``stored_payloads()``,
+      ``stats()``, or ``GET /v1/stats``.
+    - ``requests``: a ``RecordedRequest`` for every request, in arrival order,
+      recorded before the answer is sent.
+    - ``policy``: the live ``Policy`` (``server.policy.update(stop=True)``).
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        db: str = ":memory:",
+        policy: Optional[Policy] = None,
+    ) -> None:
+        self.store = SQLiteStore(db)
+        self.app = App(self.store, policy if policy is not None else Policy())
+        self._closing = threading.Event()
+        self._closed = False
+        # Reentrant, so that predicates given to wait_for() may use the properties.
+        self._changed = threading.Condition(threading.RLock())
+        self._scripts: Deque[ScriptedResponse] = deque()
+        self._requests: List[RecordedRequest] = []
+        self._payloads: List[Dict[str, Any]] = []
+        try:
+            self._httpd = make_server(host, port, self._handle, access_log_level=logging.DEBUG)
+        except BaseException:
+            self.store.close()
+            raise
+        self.url = self._httpd.url
+        self.host = host
+        self.port = self._httpd.server_port
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever,
+            kwargs={"poll_interval": 0.01},  # bounds how long close() waits for the loop
+            name=f"server_stub {self.url}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        return f"<Server {self.url}>"
+
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: Optional[type[BaseException]],
+        exc: Optional[BaseException],
+        traceback: Optional[TracebackType],
+    ) -> None:
+        self.close()
+
+    @property
+    def policy(self) -> Policy:
+        return self.app.policy
+
+    @property
+    def payloads(self) -> List[Dict[str, Any]]:
+        with self._changed:
+            return list(self._payloads)
+
+    @property
+    def requests(self) -> List[RecordedRequest]:
+        with self._changed:
+            return list(self._requests)
+
+    @property
+    def scripts_pending(self) -> int:
+        """Scripted responses not yet used."""
+        with self._changed:
+            return len(self._scripts)
+
+    def stored_payloads(self) -> List[Dict[str, Any]]:
+        """What the store holds, deduplicated, in arrival order (each with ``instance_id``)."""
+        return self.store.all_payloads()
+
+    def stats(self) -> Dict[str, Any]:
+        """The same totals as ``GET /v1/stats``."""
+        return self.store.stats()
+
+    def script(
+        self,
+        status: Optional[int] = None,
+        body: Any = None,
+        *,
+        headers: Optional[Mapping[str, str]] = None,
+        delay: float = 0.0,
+        drop: bool = False,
+        drop_after_store: bool = False,
+        store: bool = False,
+        times: int = 1,
+    ) -> None:
+        """Queue how to answer the next ``times`` ``POST /v1/update/...`` requests (FIFO).
+
+        - ``delay``: seconds to wait first (cut short, and the connection
+          dropped, by ``close()``).
+        - ``drop``: read the request, then close the connection without
+          answering; nothing is stored.
+        - ``drop_after_store``: process (and store) the payload normally, then
+          close the connection without answering.
+        - ``status``: answer with it, ``body`` and ``headers``; the payload is
+          not processed (not stored) unless ``store=True``. ``body``: bytes as
+          they are, None for an empty body, anything else as JSON.
+        - ``status=None``: normal processing; a ``body`` or ``headers`` given
+          replace those of the normal answer.
+        """
+        if drop and drop_after_store:
+            raise ValueError("drop and drop_after_store exclude each other")
+        if status is not None and not 100 <= status <= 599:
+            raise ValueError(f"bad HTTP status {status}")
+        if delay < 0 or times < 1:
+            raise ValueError("delay must be >= 0 and times >= 1")
+        entry = ScriptedResponse(
+            status=status,
+            body=body,
+            headers=dict(headers or {}),
+            delay=delay,
+            drop=drop,
+            drop_after_store=drop_after_store,
+            store=store,
+        )
+        with self._changed:
+            self._scripts.extend([entry] * times)
+
+    def wait_for_requests(
+        self, n: int, timeout: float = 10.0, *, path_prefix: str = _UPDATE_PREFIX
+    ) -> bool:
+        """Wait until ``n`` requests whose path starts with ``path_prefix`` were recorded.
+
+        Counts ``/v1/update/...`` requests by default; ``path_prefix=""`` counts all.
+        Returns False at ``timeout``.
+        """
+
+        def enough() -> bool:
+            count = sum(1 for request in self._requests if request.path.startswith(path_prefix))
+            return count >= n
+
+        with self._changed:
+            return self._changed.wait_for(enough, timeout)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
+        """Wait until ``predicate()`` is true, re-checked whenever a request arrives or
+        is recorded (e.g. ``server.wait_for(lambda: len(server.payloads) >= 3)``).
+
+        Returns False at ``timeout``.
+        """
+        with self._changed:
+            return self._changed.wait_for(predicate, timeout)
+
+    def close(self) -> None:
+        """Stop serving, cut open connections (and scripted delays), close the store.
+
+        Returns promptly whatever requests are in progress; safe to call twice.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._closing.set()
+        self._httpd.shutdown()
+        if not self._httpd.close_connections():
+            logger.warning("%r: request threads still running after close", self)
+        self._httpd.server_close()
+        self._thread.join(_CLOSE_TIMEOUT)
+        self.store.close()
+
+    # -- the WSGI wrapper ---------------------------------------------------------------
+
+    def _handle(self, environ: WSGIEnvironment, start_response: StartResponse) -> List[bytes]:
+        entry: Optional[ScriptedResponse] = None
+        if environ.get("REQUEST_METHOD") == "POST" and environ.get("PATH_INFO", "").startswith(
+            _UPDATE_PREFIX
+        ):
+            with self._changed:
+                if self._scripts:
+                    entry = self._scripts.popleft()
+                    self._changed.notify_all()
+        if entry is None:
+            status, headers, body = self._call_app(environ)
+            self._record(environ, status, scripted=False)
+            start_response(status, headers)
+            return [body]
+
+        closing = entry.delay > 0 and self._closing.wait(entry.delay)
+        if entry.drop or closing:
+            self._read_body(environ)
+            return self._drop(environ)
+        if entry.status is None or entry.store or entry.drop_after_store:
+            status, headers, body = self._call_app(environ)
+        else:
+            self._read_body(environ)
+            status, headers, body = "200 OK", [], b""
+        if entry.drop_after_store:
+            return self._drop(environ)
+
+        if entry.status is not None:
+            response = Response(entry.status, b"" if entry.body is None else entry.body)
+        else:
+            response = Response(int(status.split()[0]), body, headers)
+            if entry.body is not None:
+                response.body = entry.body
+        response.headers = _merge_headers(response.headers, entry.headers)
+        status, headers, body = response.encode()
+        self._record(environ, status, scripted=True)
+        start_response(status, headers)
+        return [body]
+
+    def _call_app(self, environ: WSGIEnvironment) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        answer: List[Any] = []
+
+        def capture(
+            status: str, headers: List[Tuple[str, str]], exc_info: Optional[OptExcInfo] = None
+        ) -> Callable[[bytes], object]:
+            answer[:] = [status, headers]
+            return lambda data: None
+
+        body = b"".join(self.app(environ, capture))
+        return answer[0], answer[1], body
+
+    @staticmethod
+    def _read_body(environ: WSGIEnvironment) -> None:
+        body = request_body(environ)
+        with contextlib.suppress(HTTPError):  # what could be read is recorded as it is
+            body.parse()
+        body.drain()
+
+    def _drop(self, environ: WSGIEnvironment) -> List[bytes]:
+        self._record(environ, None, scripted=True)
+        connection: Union[_Connection, None] = environ.get(_CONNECTION_KEY)
+        if connection is not None:
+            connection.drop()
+        return []
+
+    def _record(self, environ: WSGIEnvironment, status: Optional[str], *, scripted: bool) -> None:
+        body = request_body(environ)
+        parsed = body.parsed if body.has_parsed else None
+        request = RecordedRequest(
+            method=environ.get("REQUEST_METHOD", ""),
+            path=environ.get("PATH_INFO", ""),
+            query=environ.get("QUERY_STRING", ""),
+            headers=_headers_of(environ),
+            body=body.raw or b"",
+            decoded_body=body.decoded,
+            json=parsed,
+            status=int(status.split()[0]) if status is not None else None,
+            scripted=scripted,
+        )
+        with self._changed:
+            self._requests.append(request)
+            if (
+                request.method == "POST"
+                and request.path.startswith(_UPDATE_PREFIX)
+                and isinstance(parsed, dict)
+            ):
+                self._payloads.append(parsed)
+            self._changed.notify_all()
+
+
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    db: str = ":memory:",
+    policy: Optional[Policy] = None,
+) -> Server:
+    """Start the server on a background thread (``port=0``: any free port)."""
+    return Server(host, port, db=db, policy=policy)
