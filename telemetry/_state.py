@@ -229,8 +229,8 @@ def _read(path: Path, what: str, limit: int = _SMALL_FILE_LIMIT) -> Optional[byt
     try:
         with open(path, "rb") as stream:
             data = stream.read(limit + 1)
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, NotADirectoryError):
+        return None  # missing; a write there will say why it fails
     except OSError as exc:
         _warn(f"read the {what}", path, exc)
         return None
@@ -244,7 +244,7 @@ def _remove(path: Path, what: str) -> bool:
     """Delete a file; True when it is gone (or was never there)."""
     try:
         os.unlink(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return True
     except OSError as exc:
         _warn(f"delete the {what}", path, exc)
@@ -255,7 +255,7 @@ def _remove(path: Path, what: str) -> bool:
 def _list(directory: Path) -> List[str]:
     try:
         return os.listdir(directory)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return []
     except OSError as exc:
         _warn("list", directory, exc)
@@ -736,7 +736,7 @@ class State:
                 deleted = _remove(spool_dir / name, "spool file") and deleted
         try:
             spool_dir.rmdir()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             pass
         except OSError as exc:
             _warn("delete", spool_dir, exc)
