@@ -8,52 +8,65 @@ Every module-level function delegates to one process-wide default ``Client``
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from telemetry._buffer import DEFAULT_MAX_ITEMS, DEFAULT_MAX_VALUES_PER_KEY
 from telemetry._client import DEFAULT_CLIENT as _DEFAULT
-from telemetry._client import Client, InstanceId, fast_hash
-from telemetry._consent import ConsentArgument
+from telemetry._client import Client, fast_hash
 from telemetry._version import __version__
 
 if TYPE_CHECKING:
+    from typing import Concatenate, ParamSpec, TypeVar
+
+    from telemetry._state import Status
     from telemetry._wire import Payload, Response
+
+    P = ParamSpec("P")
+    R = TypeVar("R")
 
 __all__ = [
     "Client",
     "Payload",
     "Response",
+    "Status",
     "__version__",
     "add",
     "append",
     "append_unique",
     "fast_hash",
+    "flush",
     "increment",
     "init",
     "reset",
     "set",
+    "set_consent",
     "set_nested",
+    "start_emitting",
+    "status",
+    "stop_emitting",
+    "take_payload",
 ]
 
-def init(
-    instance_id: InstanceId = None,
-    *,
-    app: str = "telemetry",
-    consent: ConsentArgument = None,
-    disabled_keys: Iterable[str] = (),
-    max_items: int = DEFAULT_MAX_ITEMS,
-    max_values_per_key: int = DEFAULT_MAX_VALUES_PER_KEY,
-) -> None:
-    """Initialise the default client once, at start-up (see ``Client.init``)."""
-    _DEFAULT.init(
-        instance_id,
-        app=app,
-        consent=consent,
-        disabled_keys=disabled_keys,
-        max_items=max_items,
-        max_values_per_key=max_values_per_key,
-    )
+
+def _delegate(method: Callable[Concatenate[Client, P], R]) -> Callable[P, R]:
+    """A module-level function that calls ``method`` on the default client."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        return method(_DEFAULT, *args, **kwargs)
+
+    return call
+
+
+init = _delegate(Client.init)
+start_emitting = _delegate(Client.start_emitting)
+stop_emitting = _delegate(Client.stop_emitting)
+flush = _delegate(Client.flush)
+set_consent = _delegate(Client.set_consent)
+status = _delegate(Client.status)
+take_payload = _delegate(Client.take_payload)
+
 
 def set(key: str, value: object) -> None:
     """Store ``value`` under ``key``, overwriting."""
@@ -89,4 +102,8 @@ def __getattr__(name: str) -> Any:
         from telemetry import _wire  # noqa: PLC0415
 
         return getattr(_wire, name)
+    if name == "Status":
+        from telemetry import _state  # noqa: PLC0415
+
+        return _state.Status
     raise AttributeError(f"module 'telemetry' has no attribute {name!r}")

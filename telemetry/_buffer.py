@@ -64,38 +64,53 @@ def normalize_key(key: object) -> Tuple[str, Optional[str]]:
     return key, None
 
 
-def _normalize(value: object, depth: int) -> JSONValue:
-    """A private JSON-ready copy of ``value`` (tuples become lists); raises _InvalidValue."""
+def _spend(budget: List[int], size: int) -> None:
+    budget[0] -= size
+    if budget[0] < 0:
+        raise _InvalidValue(f"value is larger than {MAX_VALUE_BYTES} bytes once encoded")
+
+
+def _normalize(value: object, depth: int, budget: List[int]) -> JSONValue:
+    """A private JSON-ready copy of ``value`` (tuples become lists); raises _InvalidValue.
+
+    ``budget[0]`` is what is left of the size cap, charged a lower bound of each
+    part's encoded size, so a huge value (or one that shares a sub-list many
+    times over) is refused after O(cap) work instead of being copied whole.
+    """
     if value is None or type(value) is bool or type(value) is int:
+        _spend(budget, 1)
         return value
     if type(value) is str:
         if len(value) > MAX_STRING_LENGTH:
             raise _InvalidValue(f"string is longer than {MAX_STRING_LENGTH} characters")
+        _spend(budget, len(value) + 2)
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
             raise _InvalidValue(f"float {value!r} is not finite")
+        _spend(budget, 1)
         return float(value)
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):
+        _spend(budget, 1)
         return int(value)
     if isinstance(value, str):
-        return _normalize(str.__str__(value), depth)
+        return _normalize(str.__str__(value), depth, budget)
     if depth >= MAX_DEPTH:
         raise _InvalidValue(f"value is nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, (list, tuple)):
-        if len(value) > MAX_VALUE_BYTES:
-            raise _InvalidValue(f"value is larger than {MAX_VALUE_BYTES} bytes once encoded")
-        return [_normalize(item, depth + 1) for item in value]
+        _spend(budget, 1 + len(value))  # brackets and separators
+        return [_normalize(item, depth + 1, budget) for item in value]
     if isinstance(value, dict):
-        if len(value) > MAX_VALUE_BYTES:
-            raise _InvalidValue(f"value is larger than {MAX_VALUE_BYTES} bytes once encoded")
+        _spend(budget, 1 + 2 * len(value))  # braces, separators and colons
         normalized: Dict[str, JSONValue] = {}
         for name, item in value.items():
             if not isinstance(name, str):
                 raise _InvalidValue(f"mapping key {name!r} is not a str")
-            normalized[str.__str__(name)] = _normalize(item, depth + 1)
+            plain_name = str.__str__(name)
+            _spend(budget, len(plain_name) + 2)
+            normalized[plain_name] = _normalize(item, depth + 1, budget)
         return normalized
     raise _InvalidValue(f"{type(value).__name__} is not a JSON value")
 
@@ -103,14 +118,15 @@ def _normalize(value: object, depth: int) -> JSONValue:
 def normalize_value(value: object) -> Tuple[JSONValue, Optional[str]]:
     """A JSON-ready private copy of ``value`` and, when it is unacceptable, why."""
     try:
-        normalized = _normalize(value, 0)
+        normalized = _normalize(value, 0, [MAX_VALUE_BYTES])
     except _InvalidValue as exc:
         return None, str(exc)
     except RecursionError:
         return None, "value is nested too deeply"
     if isinstance(normalized, (list, dict)):
-        size = len(json.dumps(normalized, ensure_ascii=False, separators=(",", ":")).encode())
-        if size > MAX_VALUE_BYTES:
+        # ``surrogatepass``: a lone surrogate is measured, not a crash (the wire escapes it).
+        text = json.dumps(normalized, ensure_ascii=False, separators=(",", ":"))
+        if len(text.encode("utf-8", "surrogatepass")) > MAX_VALUE_BYTES:
             return None, f"value is larger than {MAX_VALUE_BYTES} bytes once encoded"
     return normalized, None
 
@@ -235,7 +251,7 @@ class Buffer:
                         if current is not None:
                             counters[key] = current + amount  # type: ignore[index]
                             return
-                except TypeError:  # unhashable key: reported by the slow path
+                except Exception:  # noqa: S110 - unhashable or odd key: the slow path reports it
                     pass
                 problem = None
             else:
@@ -254,7 +270,7 @@ class Buffer:
                     if current is not None:
                         counters[key] = current + 1  # type: ignore[index]
                         return
-            except TypeError:  # unhashable key: reported by the slow path
+            except Exception:  # noqa: S110 - unhashable or odd key: the slow path reports it
                 pass
             self._write_new(key, COUNTER, None, self._new_count, 1)
         except Exception as exc:
@@ -359,6 +375,8 @@ class Buffer:
         A failed write is counted as dropped and warned about once per key.
         """
         name, key_problem = normalize_key(key)
+        if key_problem is None and self.is_disabled(name):
+            return  # dropped silently, whatever the value: the key is not wanted at all
         problem = key_problem or problem
         with self._lock:
             if problem is None:
@@ -392,7 +410,7 @@ class Buffer:
     def _new_nested(self, name: str, subname: str, value: JSONValue) -> Optional[str]:
         mapping = self._store.nested.get(name)
         if mapping is None:
-            problem = self._admit(2)
+            problem = self._admit_first_member()
             if problem is None:
                 self._store.nested[name] = {subname: value}
             return problem
@@ -404,7 +422,7 @@ class Buffer:
     def _new_element(self, name: str, value: JSONValue) -> Optional[str]:
         values = self._store.lists.get(name)
         if values is None:
-            problem = self._admit(2)
+            problem = self._admit_first_member()
             if problem is None:
                 self._store.lists[name] = [value]
             return problem
@@ -416,7 +434,7 @@ class Buffer:
     def _new_member(self, name: str, member: Hashable) -> Optional[str]:
         counts = self._store.sets.get(name)
         if counts is None:
-            problem = self._admit(2)
+            problem = self._admit_first_member()
             if problem is None:
                 self._store.sets[name] = {member: 1}
             return problem
@@ -449,6 +467,12 @@ class Buffer:
         if held >= self.max_values_per_key:
             return f"key already holds {self.max_values_per_key} values (max_values_per_key)"
         return self._admit(1)
+
+    def _admit_first_member(self) -> Optional[str]:
+        """A new container key with its first member: two items."""
+        if self.max_values_per_key < 1:
+            return "max_values_per_key is 0: the key cannot hold a value"
+        return self._admit(2)
 
     # -- logging (called without the lock) ------------------------------------
 
@@ -512,6 +536,10 @@ class Buffer:
             self._warned_full = False
         return Snapshot(data=store.to_wire(), items=items, dropped=dropped)
 
+    def has_data(self) -> bool:
+        """Whether a snapshot now would carry anything (items or drop counts)."""
+        return self._items > 0 or self._dropped > 0
+
     def count_dropped(self, items: int) -> None:
         """Add ``items`` lost outside the buffer (e.g. a rejected payload) to the next report."""
         with self._lock:
@@ -522,6 +550,7 @@ class Buffer:
         with self._lock:
             self._store = _Store()
             self._items = 0
+            self._warned_full = False
 
     @property
     def item_count(self) -> int:

@@ -6,20 +6,31 @@ which the module-level functions in ``telemetry/__init__.py`` delegate to.
 
 from __future__ import annotations
 
+import atexit
 import os
+import random
 import threading
+import time
 import uuid
 import weakref
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Union
 
 from telemetry import _consent
 from telemetry._buffer import DEFAULT_MAX_ITEMS, DEFAULT_MAX_VALUES_PER_KEY, Buffer
-from telemetry._log import logger
+from telemetry._log import capture_internal_errors, logger, report_internal_error
 
-if TYPE_CHECKING:  # the wire types (and attrs) load with the emitter, not on import
-    from telemetry._wire import Payload
+# Emission, state files and wire types (with attrs) load on first use, not on
+# `import telemetry`: an application with telemetry off never pays for them.
+# ruff: noqa: PLC0415
+if TYPE_CHECKING:
+    from telemetry._emitter import Emitter, Wait
+    from telemetry._sinks import Sink
+    from telemetry._state import State, Status
+    from telemetry._wire import Payload, Response
+
+AT_EXIT_TIMEOUT = 1.0
 
 InstanceId = Union[uuid.UUID, str, None]
 
@@ -84,7 +95,7 @@ def parse_instance_id(instance_id: InstanceId) -> Optional[uuid.UUID]:
 
 def fast_hash(data: Union[bytes, str]) -> str:
     """xxh32 hex digest of ``data``, for anonymising values. Not cryptographic."""
-    import xxhash  # noqa: PLC0415 - only hosts that hash pay for the import
+    import xxhash
 
     return xxhash.xxh32_hexdigest(data.encode("utf-8") if isinstance(data, str) else data)
 
@@ -99,10 +110,18 @@ class Client:
     def __init__(self) -> None:
         self.collector: Collector = NULL_COLLECTOR
         """Where collection calls go now: the buffer, or a null object when off."""
-        self._buffer: Optional[Buffer] = None
+        self._buffer = Buffer()
         self._initialized = False
+        self._options: Dict[str, Any] = {}
+        self._consent_argument: Optional[str] = None
+        self._state: Optional[State] = None
+        self._emitter: Optional[Emitter] = None
+        self._emitting_wanted = False
+        self._server_stopped = False
+        self._atexit_registered = False
         self.instance_id: Optional[uuid.UUID] = None
         self.app = ""
+        self.endpoint: Optional[str] = None
         self.decision = _consent.Decision(_consent.OFF, "init() was not called")
         # Guards the lifecycle (init, start/stop, consent); collection never takes it.
         self._lifecycle_lock = threading.RLock()
@@ -113,15 +132,32 @@ class Client:
         instance_id: InstanceId = None,
         *,
         app: str = "telemetry",
+        endpoint: Optional[str] = None,
         consent: _consent.ConsentArgument = None,
         disabled_keys: Iterable[str] = (),
         max_items: int = DEFAULT_MAX_ITEMS,
         max_values_per_key: int = DEFAULT_MAX_VALUES_PER_KEY,
+        default_interval: float = 3600.0,
+        min_interval: float = 60.0,
+        max_interval: float = 86400.0,
+        max_pending: int = 8,
+        send_timeout: float = 10.0,
+        verify: Union[bool, str, None] = None,
+        proxies: Optional[Dict[str, str]] = None,
+        sink: Optional[Sink] = None,
+        state_dir: Union[str, os.PathLike[str], None] = None,
+        clock: Optional[Callable[[], float]] = None,
+        wait: Optional[Wait] = None,
+        rng: Optional[random.Random] = None,
+        wall_clock: Optional[Callable[[], float]] = None,
     ) -> None:
         """Initialise once, at start-up. Raises only for misuse.
 
-        Raises ``ValueError`` for a nil or unparsable ``instance_id`` or a bad
-        argument, ``RuntimeError`` when called a second time.
+        ``endpoint`` is the collection server's base URL (default: the
+        ``TELEMETRY_ENDPOINT`` environment variable). ``clock``/``wait``/``rng``
+        /``wall_clock`` exist so tests can drive time. Raises ``ValueError``
+        for a nil or unparsable ``instance_id`` or a bad argument,
+        ``RuntimeError`` when called a second time.
         """
         with self._lifecycle_lock:
             if self._initialized:
@@ -133,23 +169,112 @@ class Client:
             disabled = frozenset(disabled_keys)
             if not all(isinstance(key, str) for key in disabled):
                 raise ValueError("disabled_keys must hold str keys")
-            if max_items < 0 or max_values_per_key < 0:
-                raise ValueError("max_items and max_values_per_key must not be negative")
+            if max_items < 0 or max_values_per_key < 0 or max_pending < 1:
+                raise ValueError("max_items, max_values_per_key and max_pending are too small")
+            if not 0 < min_interval <= max_interval:
+                raise ValueError("intervals must satisfy 0 < min_interval <= max_interval")
             self._initialized = True
             self.app = app
-            self.instance_id = parsed_id or uuid.uuid4()
-            self.decision = _consent.resolve(
-                app=app, consent=consent_mode, env=os.environ, persisted=None
-            )
+            self.endpoint = endpoint or os.environ.get("TELEMETRY_ENDPOINT") or None
+            self._consent_argument = consent_mode
+            self._options = {
+                "intervals": (default_interval, min_interval, max_interval),
+                "max_pending": max_pending,
+                "send_timeout": send_timeout,
+                "verify": verify,
+                "proxies": proxies,
+                "sink": sink,
+                "clock": clock or time.monotonic,
+                "wait": wait,
+                "rng": rng,
+                "wall_clock": wall_clock or time.time,
+            }
             self._buffer = Buffer(
                 max_items=max_items,
                 max_values_per_key=max_values_per_key,
                 disabled_keys=disabled,
             )
-            if self.decision.mode != _consent.OFF:
-                self.collector = self._buffer
-            logger.debug("telemetry initialised: mode %s (%s)", self.decision.mode,
-                         self.decision.rule)
+            from telemetry._state import State
+
+            with capture_internal_errors("init"):
+                self._state = State(app, root=state_dir)
+            self.instance_id = parsed_id
+            self._apply_decision(self._resolve(self._read_persisted_consent()))
+
+    # -- consent -----------------------------------------------------------------
+
+    def _read_persisted_consent(self) -> Optional[str]:
+        return self._state.read_consent() if self._state is not None else None
+
+    def _resolve(self, persisted: Optional[str]) -> _consent.Decision:
+        return _consent.resolve(
+            app=self.app, consent=self._consent_argument, env=os.environ, persisted=persisted
+        )
+
+    def _apply_decision(self, decision: _consent.Decision) -> None:
+        """Make the collector, emitter and files match ``decision`` (lifecycle lock held)."""
+        was_off = self.decision.mode == _consent.OFF
+        self.decision = decision
+        logger.debug("telemetry mode: %s (%s)", decision.mode, decision.rule)
+        if decision.mode == _consent.OFF:
+            self.collector = NULL_COLLECTOR
+            if self._emitter is not None:
+                self._emitter.discard()
+                self._emitter = None
+            self._buffer.reset()
+            self._buffer.take()  # forget drop counts too: data collected while on never existed
+            if self._state is not None:
+                self._state.delete_all()
+            return
+        if self.instance_id is None:
+            self.instance_id = self._state.instance_id() if self._state else uuid.uuid4()
+        if decision.mode == _consent.ON and self._state is not None and self.endpoint:
+            policy = self._state.read_policy(self.endpoint)
+            self._server_stopped = policy.stopped(self._options["wall_clock"]())
+            self._buffer.disable_keys(policy.disabled_keys)
+        if was_off:
+            self._buffer.reset()
+            self._buffer.take()
+        self.collector = NULL_COLLECTOR if self._server_stopped else self._buffer
+        if self._emitter is not None:
+            self._emitter.sink = self._make_sink()
+        elif self._emitting_wanted:
+            self._start()
+
+    def set_consent(self, consent: _consent.ConsentArgument) -> None:
+        """Persist the user's choice and apply it at once (off deletes everything).
+
+        Raises ``ValueError`` for a value other than True, False or a mode.
+        """
+        mode = _consent.normalize_consent(consent)
+        with self._lifecycle_lock:
+            if not self._initialized or mode is None:
+                logger.warning("telemetry.set_consent() needs init() first and a choice")
+                return
+            with capture_internal_errors("set_consent"):
+                if self._state is not None:
+                    self._state.write_consent(mode)
+                self._apply_decision(self._resolve(mode))
+
+    def status(self) -> Status:
+        """The mode, the rule that decided it, identity, endpoint and state paths."""
+        from telemetry._state import Status
+
+        state = self._state
+        files, size = state.spool_size() if state is not None else (0, 0)
+        return Status(
+            mode=self.decision.mode,
+            rule=self.decision.rule,
+            instance_id=str(self.instance_id) if self.instance_id else None,
+            endpoint=self.endpoint,
+            emitting=self._emitter is not None and self._emitter.running,
+            server_stopped=self._server_stopped,
+            server_disabled_keys=self._buffer.server_disabled_keys,
+            config_dir=str(state.config_dir) if state is not None else None,
+            state_dir=str(state.state_dir) if state is not None else None,
+            spool_files=files,
+            spool_bytes=size,
+        )
 
     @property
     def mode(self) -> str:
@@ -191,31 +316,182 @@ class Client:
         """xxh32 hex digest of ``data``. Not cryptographic."""
         return fast_hash(data)
 
-    # -- snapshots -------------------------------------------------------------
+    # -- snapshots and emission --------------------------------------------------
 
     def take_payload(self, now: Optional[datetime] = None) -> Optional[Payload]:
         """Take the whole buffer out (O(1) under its lock) as a new ``Payload``.
 
         Returns None when telemetry is off or not initialised.
         """
-        from telemetry._wire import Payload  # noqa: PLC0415 - attrs loads with the emitter
+        from telemetry._wire import Payload
 
-        buffer = self._buffer
-        if buffer is None or self.collector is NULL_COLLECTOR or self.instance_id is None:
+        if self.collector is NULL_COLLECTOR or self.instance_id is None:
             return None
-        snapshot = buffer.take()
+        snapshot = self._buffer.take()
         return Payload(
             instance_id=str(self.instance_id),
-            timestamp=now or datetime.now(timezone.utc),
+            timestamp=now or datetime.fromtimestamp(self._options["wall_clock"](), timezone.utc),
             data=snapshot.data,
             dropped=snapshot.dropped,
             items=snapshot.items,
         )
 
+    def start_emitting(self) -> None:
+        """Start the background sender; the first send happens at once."""
+        with self._lifecycle_lock, capture_internal_errors("start_emitting"):
+            if self._emitter is not None and self._emitter.running:
+                logger.info("telemetry: start_emitting() called while already emitting; ignored")
+                return
+            self._emitting_wanted = True
+            if not self._initialized:
+                logger.info("telemetry: start_emitting() before init(); nothing is sent")
+            elif self.collector is not NULL_COLLECTOR:
+                self._start()
+
+    def _start(self) -> None:
+        from telemetry._emitter import Emitter, Schedule, event_wait
+
+        default_interval, min_interval, max_interval = self._options["intervals"]
+        state = self._state if self.decision.mode == _consent.ON else None
+        options = self._options
+        emitter = Emitter(
+            sink=self._make_sink(),
+            take_payload=self.take_payload,
+            on_response=self._apply_response,
+            count_dropped=self._buffer.count_dropped,
+            has_data=self._buffer.has_data,
+            schedule=Schedule(
+                default_interval=default_interval,
+                min_interval=min_interval,
+                max_interval=max_interval,
+            ),
+            max_pending=options["max_pending"],
+            send_timeout=options["send_timeout"],
+            spool=state,
+            clock=options["clock"],
+            wait=options["wait"] or event_wait,
+            rng=options["rng"],
+        )
+        if state is not None:
+            for index, claimed in enumerate(state.claim()):
+                if index < emitter.max_pending:
+                    emitter.add_pending(claimed.payload, claimed.done, claimed.release)
+                else:
+                    claimed.release()  # the next process (or restart) sends these
+            if state.first_run_notice_due():
+                logger.info(
+                    "telemetry is on for %s; turn it off with `python -m telemetry --app %s off` "
+                    "or by setting DO_NOT_TRACK=1",
+                    self.app,
+                    self.app,
+                )
+        self._emitter = emitter
+        emitter.start()
+        if not self._atexit_registered:
+            self._atexit_registered = True
+            _register_atexit(self)
+
+    def _make_sink(self) -> Sink:
+        from telemetry._sinks import HTTPSink, LogSink
+
+        custom: Optional[Sink] = self._options.get("sink")
+        if custom is not None:
+            return custom
+        if self.decision.mode == _consent.LOCAL:
+            return LogSink()
+        if not self.endpoint:
+            logger.warning(
+                "telemetry: no endpoint configured (init(endpoint=...) or TELEMETRY_ENDPOINT); "
+                "payloads are logged instead of sent"
+            )
+            return LogSink()
+        return HTTPSink(
+            self.endpoint,
+            verify=self._options["verify"],
+            proxies=self._options["proxies"],
+            wall_clock=self._options["wall_clock"],
+        )
+
+    def stop_emitting(self, timeout: float = 2.0) -> None:
+        """Final send, then stop; returns within ``timeout`` whatever the network does.
+
+        What could not be delivered is written to the spool and sent at the next start.
+        """
+        with capture_internal_errors("stop_emitting"):
+            emitter = self._emitter
+            self._emitting_wanted = False
+            if emitter is not None:
+                emitter.stop(timeout)
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Send the buffer and pending payloads now; whether all was delivered in time."""
+        emitter = self._emitter
+        if emitter is None:
+            return False
+        try:
+            return emitter.flush(timeout)
+        except Exception as exc:
+            report_internal_error("flush", exc)
+            return False
+
+    def _apply_response(self, response: Response) -> bool:
+        """Apply the server's instructions; False when it said stop (emitter thread)."""
+        from telemetry._state import ServerPolicy
+
+        if response.error:
+            logger.warning("telemetry server says: %s", response.error[:500])
+        if response.stop:
+            self._stop_by_server()
+            return False
+        before = self._buffer.server_disabled_keys
+        disable = frozenset(response.disable_keys)
+        enable = frozenset(response.enable_keys) - disable
+        if enable:
+            self._buffer.enable_keys(enable)
+        if disable:
+            self._buffer.disable_keys(disable)
+        after = self._buffer.server_disabled_keys
+        if after != before and self._state is not None and self.endpoint:
+            self._state.write_policy(self.endpoint, ServerPolicy(disabled_keys=after))
+        return True
+
+    def _stop_by_server(self) -> None:
+        from telemetry._state import STOP_REMEMBERED_FOR, ServerPolicy
+
+        logger.info("telemetry: the server asked this client to stop sending; stopped")
+        self._server_stopped = True
+        self.collector = NULL_COLLECTOR
+        self._buffer.reset()
+        if self._state is not None and self.endpoint:
+            until = self._options["wall_clock"]() + STOP_REMEMBERED_FOR
+            self._state.write_policy(
+                self.endpoint,
+                ServerPolicy(disabled_keys=self._buffer.server_disabled_keys, stop_until=until),
+            )
+
+    def _at_exit(self) -> None:
+        emitter = self._emitter
+        if emitter is not None and emitter.running:
+            self.stop_emitting(timeout=AT_EXIT_TIMEOUT)
+
     def _after_fork_in_child(self) -> None:
         self._lifecycle_lock = threading.RLock()
-        if self._buffer is not None:
-            self._buffer.after_fork_in_child()
+        self._buffer.after_fork_in_child()
+        if self._emitter is not None:
+            self._emitter.after_fork_in_child()
+            self._emitter = None
+        self._emitting_wanted = False
+
+
+def _register_atexit(client: Client) -> None:
+    ref = weakref.ref(client)
+
+    def at_exit() -> None:
+        alive = ref()
+        if alive is not None:
+            alive._at_exit()
+
+    atexit.register(at_exit)
 
 
 def _register_fork_handler(client: Client) -> None:

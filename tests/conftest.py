@@ -10,13 +10,17 @@ into test failures.
 from __future__ import annotations
 
 import os
+import random
+import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import List
+from typing import Any, Callable, Dict, List
 
 import pytest
 
 import telemetry
+from server_stub import Server
 from telemetry import _log
 
 pytest_plugins = ["server_stub.pytest_plugin"]
@@ -51,3 +55,85 @@ def default_client(monkeypatch: pytest.MonkeyPatch) -> telemetry.Client:
     client = telemetry.Client()
     monkeypatch.setattr(telemetry, "_DEFAULT", client)
     return client
+
+
+class VirtualTime:
+    """A clock and ``wait`` for the emitter that run in virtual time.
+
+    A wait that ends at or before the horizon returns at once, moving the
+    clock forward; a wait beyond it blocks until its event is set (flush,
+    stop) or ``advance`` moves the horizon past its end. Every requested
+    wait is recorded, so tests can check schedules without sleeping.
+    """
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.horizon = 0.0
+        self.waits: List[float] = []
+        self._changed = threading.Condition()
+
+    def clock(self) -> float:
+        return self.now
+
+    def wait(self, event: threading.Event, seconds: float) -> None:
+        with self._changed:
+            self.waits.append(seconds)
+            self._changed.notify_all()
+            end = self.now + seconds
+            while end > self.horizon and not event.is_set():
+                # The event is set by another thread without telling us: poll it briefly.
+                self._changed.wait(0.01)
+            if end <= self.horizon:
+                self.now = max(self.now, end)
+
+    def advance(self, seconds: float) -> None:
+        """Let virtual time run ``seconds`` past now."""
+        with self._changed:
+            self.horizon = self.now + seconds
+            self._changed.notify_all()
+
+    def wait_for_waits(self, count: int, timeout: float = 10.0) -> bool:
+        """Block (really) until the emitter has asked to wait ``count`` times."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self.waits) >= count, timeout)
+
+
+@pytest.fixture
+def virtual_time() -> VirtualTime:
+    return VirtualTime()
+
+
+WALL_CLOCK_START = 1_800_000_000.0
+
+
+@pytest.fixture
+def make_client(
+    telemetry_server: Server, virtual_time: VirtualTime, tmp_path: Path
+) -> Iterator[Callable[..., telemetry.Client]]:
+    """Build initialised clients aimed at the test server, in virtual time."""
+    clients: List[telemetry.Client] = []
+
+    def make(**options: Any) -> telemetry.Client:
+        settings: Dict[str, Any] = {
+            "instance_id": uuid.uuid4(),
+            "app": "testapp",
+            "endpoint": telemetry_server.url,
+            "consent": True,
+            "default_interval": 60.0,
+            "min_interval": 1.0,
+            "max_interval": 3600.0,
+            "clock": virtual_time.clock,
+            "wait": virtual_time.wait,
+            "rng": random.Random(7),
+            "wall_clock": lambda: WALL_CLOCK_START,
+            "state_dir": tmp_path / "state",
+        }
+        settings.update(options)
+        client = telemetry.Client()
+        client.init(**settings)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.stop_emitting(timeout=1.0)
