@@ -199,9 +199,7 @@ def _atomic_write(
             os.close(fd)
         if mtime_ns is not None:
             os.utime(temporary, ns=(mtime_ns, mtime_ns))
-        if exclusive and _link_without_replacing(temporary, path):
-            pass
-        else:
+        if not (exclusive and _link_without_replacing(temporary, path)):
             os.replace(temporary, path)
         _fsync_directory(path.parent)
     finally:
@@ -277,11 +275,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _remove_dead_temporaries(directory: Path) -> None:
-    """Delete temporary files whose writer died between write and rename."""
+def _remove_dead_temporaries(directory: Path, prefix: str = "") -> None:
+    """Delete our temporary files (final name starting ``prefix``) whose writer died."""
     for name in _list(directory):
         match = _TEMPORARY.match(name)
-        if match and not _pid_alive(int(match.group(2))):
+        if match and match.group(1).startswith(prefix) and not _pid_alive(int(match.group(2))):
             _remove(directory / name, "stale temporary file")
 
 
@@ -575,7 +573,8 @@ class State:
         """Save undelivered payloads, one file each, then keep the spool within its bounds.
 
         The oldest payloads (by timestamp) go first when the spool holds more
-        than ``max_spool_files`` files or ``max_spool_bytes`` bytes. Returns
+        than ``max_spool_files`` files or ``max_spool_bytes`` bytes (files that
+        a running process has claimed are not counted: they are in flight). Returns
         how many items were lost (each lost payload's items plus the drop
         count it carried), including payloads that could not be written.
         """
@@ -759,6 +758,7 @@ class State:
     # -- helpers --------------------------------------------------------------------------
 
     def _save(self, what: str, path: Path, text: str) -> bool:
+        _remove_dead_temporaries(path.parent, prefix="telemetry-")
         try:
             _atomic_write(path, text.encode("utf-8"))
         except OSError as exc:

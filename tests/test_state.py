@@ -253,6 +253,7 @@ def test_process_killed_between_write_and_rename(state: State, root: Path) -> No
     assert state.read_consent() == "on"  # ...and the old file, intact
     assert state.write_consent("local")
     assert state.read_consent() == "local"
+    assert os.listdir(state.config_dir) == [state.consent_path.name]  # leftovers cleaned
 
 
 def test_dead_writers_temporaries_are_cleaned_up(state: State, root: Path) -> None:
