@@ -705,6 +705,7 @@ DRAIN = """
     import json, sys
     from telemetry._state import State
     state = State({app!r}, {root!r})
+    print("ready", flush=True)
     sys.stdin.readline()
     claimed = state.claim()
     for item in claimed:
@@ -718,6 +719,9 @@ def test_two_processes_drain_one_spool_without_a_duplicate(root: Path) -> None:
     payloads = [payload(i) for i in range(50)]
     assert state.spool(payloads) == 0
     drainers = [start_python(DRAIN.format(app=APP, root=str(root))) for _ in range(2)]
+    for drainer in drainers:
+        assert drainer.stdout is not None
+        assert drainer.stdout.readline() == "ready\n"
     for drainer in drainers:  # both are up and waiting: release them together
         assert drainer.stdin is not None
         drainer.stdin.write("go\n")
