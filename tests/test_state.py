@@ -519,11 +519,19 @@ def test_processes_starting_together_agree_on_one_id(root: Path) -> None:
         import sys
         from telemetry._state import State
         state = State({APP!r}, {str(root)!r})
+        print("ready", flush=True)
         sys.stdin.readline()
         print(state.instance_id())
     """
     processes = [start_python(code) for _ in range(4)]
-    outputs = [process.communicate("go\n", timeout=30)[0].strip() for process in processes]
+    for process in processes:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "ready\n"
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write("go\n")
+        process.stdin.flush()
+    outputs = [process.communicate(timeout=30)[0].strip() for process in processes]
     assert all(process.returncode == 0 for process in processes)
     assert len(set(outputs)) == 1
     assert outputs[0] == str(State(APP, root).read_instance_id())
