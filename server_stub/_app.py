@@ -35,6 +35,7 @@ __all__ = [
     "App",
     "HTTPError",
     "RequestBody",
+    "body_fully_read",
     "create_app",
     "request_body",
     "status_line",
@@ -121,11 +122,11 @@ class RequestBody:
 
     def __init__(self, environ: WSGIEnvironment) -> None:
         self._stream = environ["wsgi.input"]
-        self._terminated = bool(environ.get("wsgi.input_terminated"))
-        self._chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         self._encoding = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
         self._consumed = 0
+        self._to_eof = False
         self.length: Optional[int] = None
+        """Bytes in the body; None while unknown."""
         self.length_error: Optional[str] = None
         declared = environ.get("CONTENT_LENGTH", "").strip()
         if declared:
@@ -133,29 +134,39 @@ class RequestBody:
                 self.length = int(declared)
             else:
                 self.length_error = "invalid Content-Length"
+        elif environ.get("wsgi.input_terminated"):
+            self._to_eof = True  # e.g. gunicorn with a chunked body: read to EOF
+        elif "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            self.length_error = "Content-Length required"  # wsgiref cannot de-chunk
+        else:
+            self.length = 0
         self.raw: Optional[bytes] = None
         self.decoded: Optional[bytes] = None
         self.parsed: object = None
         self.has_parsed = False
+
+    @property
+    def fully_read(self) -> bool:
+        """Whether the whole body was consumed (so the connection can serve another request)."""
+        return self.length is not None and self._consumed >= self.length
 
     def read(self) -> bytes:
         """The body as sent, at most ``MAX_BODY_BYTES`` (HTTPError 400/411/413 otherwise)."""
         if self.raw is not None:
             return self.raw
         if self.length_error:
-            raise HTTPError(400, self.length_error)
-        if self.length is None:
-            if self._terminated:  # e.g. gunicorn with a chunked body: read to EOF
-                self.raw = self._read_up_to(MAX_BODY_BYTES + 1, until_eof=True)
-                if len(self.raw) > MAX_BODY_BYTES:
-                    raise HTTPError(413, f"body over {MAX_BODY_BYTES} bytes")
+            status = 400 if self.length_error.startswith("invalid") else 411
+            raise HTTPError(status, self.length_error)
+        if self._to_eof:
+            self.raw = self._read_up_to(MAX_BODY_BYTES + 1)
+            if len(self.raw) <= MAX_BODY_BYTES:
+                self.length = len(self.raw)
                 return self.raw
-            if self._chunked:
-                raise HTTPError(411, "Content-Length required")
-            self.length = 0
+            raise HTTPError(413, f"body over {MAX_BODY_BYTES} bytes")
+        assert self.length is not None
         if self.length > MAX_BODY_BYTES:
             raise HTTPError(413, f"body over {MAX_BODY_BYTES} bytes")
-        self.raw = self._read_up_to(self.length, until_eof=False)
+        self.raw = self._read_up_to(self.length)
         if len(self.raw) < self.length:
             raise HTTPError(400, "body shorter than Content-Length")
         return self.raw
@@ -199,7 +210,7 @@ class RequestBody:
         except (HTTPError, ValueError):
             pass
 
-    def _read_up_to(self, limit: int, *, until_eof: bool) -> bytes:
+    def _read_up_to(self, limit: int) -> bytes:
         chunks = []
         total = 0
         while total < limit:
@@ -208,8 +219,6 @@ class RequestBody:
                 break
             chunks.append(chunk)
             total += len(chunk)
-        if until_eof:
-            self.length = total  # nothing more to drain
         return b"".join(chunks)
 
     def _read_chunk(self, size: int) -> bytes:
@@ -229,6 +238,14 @@ def request_body(environ: WSGIEnvironment) -> RequestBody:
     if not isinstance(body, RequestBody):
         body = environ[_BODY_KEY] = RequestBody(environ)
     return body
+
+
+def body_fully_read(environ: WSGIEnvironment) -> bool:
+    """Whether the request body was consumed to its end (an untouched empty body was)."""
+    body = environ.get(_BODY_KEY)
+    if not isinstance(body, RequestBody):
+        body = RequestBody(environ)
+    return body.fully_read
 
 
 def gunzip(data: bytes, limit: int) -> bytes:
@@ -318,8 +335,6 @@ def validate_payload(body: object, instance_id: str, received_at: str) -> Payloa
     """
     if not isinstance(body, dict):
         raise HTTPError(400, "payload must be a JSON object")
-    if _depth(body) > _MAX_DEPTH:
-        raise HTTPError(400, f"payload nested deeper than {_MAX_DEPTH} levels")
     body_instance = body.get("instance_id")
     if not isinstance(body_instance, str):
         raise HTTPError(400, "instance_id must be a string")
@@ -417,7 +432,12 @@ class App:
         """``POST /v1/update/<uuid>``: validate, rate-limit, store, answer with the policy."""
         if _media_type(environ) != "application/json":
             raise HTTPError(415, "Content-Type must be application/json")
-        body = request_body(environ).parse()
+        request = request_body(environ)
+        body = request.parse()
+        decoded = request.decoded or b""
+        # Counting brackets is cheap; walking the payload only happens when it could be deep.
+        if decoded.count(b"[") + decoded.count(b"{") > _MAX_DEPTH and _depth(body) > _MAX_DEPTH:
+            raise HTTPError(400, f"payload nested deeper than {_MAX_DEPTH} levels")
         now = self._clock()
         received_at = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
         record = validate_payload(body, instance_id, received_at)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple, Union
 from wsgiref import simple_server
 
-from ._app import App, HTTPError, Response, request_body
+from ._app import App, HTTPError, Response, body_fully_read, request_body
 from ._policy import Policy
 from ._store import SQLiteStore
 
@@ -38,39 +38,84 @@ _CLOSE_TIMEOUT = 5.0
 
 
 class _Connection:
-    """Lets the app (the harness) end the client connection without answering."""
+    """One request's hold on its client connection: drop it, or mark it for closing."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, *, keep_alive: bool) -> None:
         self._socket = sock
+        self.keep_alive = keep_alive
         self.dropped = False
+        self.answered = False
 
     def drop(self) -> None:
+        """End the connection now, without an answer."""
         self.dropped = True
+        self.keep_alive = False
         with contextlib.suppress(OSError):
             self._socket.shutdown(socket.SHUT_RDWR)
 
 
 class _ServerHandler(simple_server.ServerHandler):
-    def __init__(self, connection: _Connection, *args: Any, **kwargs: Any) -> None:
+    """wsgiref's handler, speaking HTTP/1.1 with keep-alive, and able to drop the connection."""
+
+    # wsgiref would copy the whole process environment into every request's environ.
+    os_environ: Dict[str, str] = {}  # noqa: RUF012  # never mutated
+
+    def __init__(
+        self, connection: _Connection, http_version: str, *args: Any, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self._connection = connection
+        self.http_version = http_version
+
+    def cleanup_headers(self) -> None:
+        super().cleanup_headers()
+        # Another request can follow on this connection only once this one's body
+        # was read to its end.
+        environ: WSGIEnvironment = getattr(self, "environ", None) or {}
+        if not body_fully_read(environ):
+            self._connection.keep_alive = False
+        if not self._connection.keep_alive:
+            self.headers["Connection"] = "close"  # type: ignore[attr-defined]
 
     def finish_response(self) -> None:
         if self._connection.dropped:
             return  # nothing to write to, and nothing to log
         super().finish_response()
 
+    def close(self) -> None:
+        try:
+            super().close()  # logs the request
+        finally:
+            self._connection.answered = True
+
     def log_exception(self, exc_info: OptExcInfo) -> None:
         logger.error("unhandled error in the WSGI application", exc_info=exc_info)
 
 
 class _RequestHandler(simple_server.WSGIRequestHandler):
-    # A client that stops sending mid-request frees its thread after this long.
+    protocol_version = "HTTP/1.1"
+    # An idle keep-alive connection, or a client that stops sending mid-request,
+    # frees its thread after this long.
     timeout = 30.0
+    # Buffered, so that the status line, headers and body leave in one send.
+    wbufsize = 1 << 16
 
     def handle(self) -> None:
-        # As WSGIRequestHandler.handle, plus the connection in the environ.
-        self.raw_requestline = self.rfile.readline(65537)
+        self.close_connection = True
+        self._handle_one()
+        while not self.close_connection:
+            self._handle_one()
+
+    def _handle_one(self) -> None:
+        # As WSGIRequestHandler.handle, plus keep-alive and the connection in the environ.
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+        except (socket.timeout, ConnectionError):
+            self.close_connection = True
+            return
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
         if len(self.raw_requestline) > 65536:
             self.requestline = ""
             self.request_version = ""
@@ -79,15 +124,29 @@ class _RequestHandler(simple_server.WSGIRequestHandler):
             return
         if not self.parse_request():
             return
-        connection = _Connection(self.connection)
+        connection = _Connection(self.connection, keep_alive=not self.close_connection)
         environ = self.get_environ()
         environ[_CONNECTION_KEY] = connection
+        http_version = "1.1" if self.request_version == "HTTP/1.1" else "1.0"
         handler = _ServerHandler(
-            connection, self.rfile, self.wfile, self.get_stderr(), environ, multithread=True
+            connection,
+            http_version,
+            self.rfile,
+            self.wfile,
+            self.get_stderr(),
+            environ,
+            multithread=True,
         )
         handler.request_handler = self  # type: ignore[attr-defined]  # wsgiref logs through it
         app = self.server.get_app()  # type: ignore[attr-defined]
         handler.run(app)
+        if not (connection.answered and connection.keep_alive):
+            self.close_connection = True
+
+    def handle_expect_100(self) -> bool:
+        answer = super().handle_expect_100()
+        self.wfile.flush()  # buffered: "100 Continue" must leave now
+        return answer
 
     def log_message(self, format: str, *args: Any) -> None:
         level: int = getattr(self.server, "access_log_level", logging.INFO)
