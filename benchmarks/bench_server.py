@@ -1,0 +1,120 @@
+"""Ingest throughput of ``server_stub``: 10-key payloads from client threads into a SQLite file.
+
+Run: ``python benchmarks/bench_server.py [N_PAYLOADS] [THREADS]``.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import requests
+
+from server_stub import serve
+
+__all__ = ["ingest"]
+
+
+def _payload(instance_id: str, n: int) -> Dict[str, Any]:
+    return {
+        "instance_id": instance_id,
+        "timestamp": "2026-11-23T10:00:00.123456Z",
+        "payload_id": uuid.uuid4().hex,
+        "data": {
+            "requests": n,
+            "errors": n % 7,
+            "bytes_out": n * 1024,
+            "version": "1.4.2",
+            "os": "linux",
+            "tls": True,
+            "latency_ms": 12.5,
+            "memory": {"heap": 160112, "sys": 12958736},
+            "modules": ["http", "tls", "cache"],
+            "user_agents": [{"value": "curl", "count": 3}, {"value": "firefox", "count": 1}],
+        },
+        "client": {"name": "telemetry-python", "version": "0.1.0", "dropped": 0},
+    }
+
+
+def _percentile(sorted_values: List[float], fraction: float) -> float:
+    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
+    return sorted_values[index]
+
+
+def ingest(
+    n_payloads: int = 5000, threads: int = 4, db_path: Optional[str] = None
+) -> Dict[str, Any]:
+    """Post ``n_payloads`` payloads from ``threads`` threads to ``serve()`` on a SQLite file.
+
+    Returns payloads/s, request latency percentiles (ms), and the CPU time per
+    payload spent by the server and by the clients. Each thread uses its own
+    ``requests.Session`` (kept-alive connections). Clients and server share this
+    process and its GIL, so the client's CPU cost limits the figure too: the
+    server's own capacity is about ``1000 / server_cpu_ms_per_payload`` per core.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        db = db_path or str(Path(tmp) / "bench.db")
+        with serve(db=db) as server:
+            per_thread = [
+                n_payloads // threads + (i < n_payloads % threads) for i in range(threads)
+            ]
+            instances = [str(uuid.uuid4()) for _ in range(threads)]
+            bodies = [
+                [_payload(instance_id, n) for n in range(count)]
+                for instance_id, count in zip(instances, per_thread)
+            ]
+            latencies: List[List[float]] = [[] for _ in range(threads)]
+            client_cpu: List[float] = [0.0] * threads
+            failures: List[int] = [0] * threads
+            start = threading.Barrier(threads + 1)
+
+            def client(worker: int) -> None:
+                with requests.Session() as session:
+                    # Loopback: no proxy to look up in the environment on every request
+                    # (the client's own cost would otherwise dominate this process's GIL).
+                    session.trust_env = False
+                    url = f"{server.url}/v1/update/{instances[worker]}"
+                    start.wait()
+                    cpu_began = time.thread_time()
+                    for body in bodies[worker]:
+                        sent = time.perf_counter()
+                        response = session.post(url, json=body, timeout=30)
+                        latencies[worker].append(time.perf_counter() - sent)
+                        failures[worker] += response.status_code != 200
+                    client_cpu[worker] = time.thread_time() - cpu_began
+
+            workers = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+            for worker in workers:
+                worker.start()
+            start.wait()
+            began, cpu_began = time.perf_counter(), time.process_time()
+            for worker in workers:
+                worker.join()
+            elapsed = time.perf_counter() - began
+            # Everything this process spent that the client threads did not: the server.
+            server_cpu = time.process_time() - cpu_began - sum(client_cpu)
+            stored = server.stats()["payloads"]
+    all_latencies = sorted(latency for per_worker in latencies for latency in per_worker)
+    return {
+        "payloads": n_payloads,
+        "threads": threads,
+        "stored": stored,
+        "failures": sum(failures),
+        "seconds": round(elapsed, 3),
+        "payloads_per_s": round(n_payloads / elapsed, 1),
+        "p50_ms": round(_percentile(all_latencies, 0.50) * 1000, 2),
+        "p99_ms": round(_percentile(all_latencies, 0.99) * 1000, 2),
+        "server_cpu_ms_per_payload": round(server_cpu / n_payloads * 1000, 3),
+        "client_cpu_ms_per_payload": round(sum(client_cpu) / n_payloads * 1000, 3),
+    }
+
+
+if __name__ == "__main__":
+    n_payloads = int(sys.argv[1]) if len(sys.argv) > 1 else 5000
+    threads = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    print(ingest(n_payloads, threads))
