@@ -75,7 +75,8 @@ PathArgument = Union[str, "os.PathLike[str]"]
 def _optional_finite(
     instance: object, attribute: attrs.Attribute[Optional[float]], value: Optional[float]
 ) -> None:
-    if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if value is not None and not (number and math.isfinite(value)):
         raise ValueError(f"stop_until must be a finite number of epoch seconds, not {value!r}")
 
 

@@ -146,8 +146,9 @@ def test_other_misuse_raises(state: State, root: Path) -> None:
         state.read_policy("")
     with pytest.raises(ValueError, match="at least 1"):
         State(APP, root, max_spool_files=0)
-    with pytest.raises(ValueError, match="stop_until"):
-        ServerPolicy(stop_until=float("nan"))
+    for bad in (float("nan"), float("inf"), True, "soon"):
+        with pytest.raises(ValueError, match="stop_until"):
+            ServerPolicy(stop_until=bad)  # type: ignore[arg-type]
 
 
 def test_reading_writes_nothing(state: State, root: Path) -> None:
