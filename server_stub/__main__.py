@@ -48,6 +48,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         store.close()
         print(f"server_stub: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
+    if args.db in ("", ":memory:"):
+        logger.warning("storing payloads in memory only; pass --db FILE to keep them")
     signal.signal(signal.SIGTERM, _terminate)
     print(f"server_stub listening on {httpd.url}", flush=True)
     try:

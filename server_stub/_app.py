@@ -35,10 +35,13 @@ __all__ = [
     "App",
     "HTTPError",
     "RequestBody",
+    "Response",
     "body_fully_read",
     "create_app",
+    "gunzip",
     "request_body",
     "status_line",
+    "validate_payload",
 ]
 
 logger = logging.getLogger("server_stub")
@@ -130,9 +133,8 @@ class RequestBody:
         self.length_error: Optional[str] = None
         declared = environ.get("CONTENT_LENGTH", "").strip()
         if declared:
-            if declared.isdigit():
-                self.length = int(declared)
-            else:
+            self.length = _parse_count(declared)
+            if self.length is None:
                 self.length_error = "invalid Content-Length"
         elif environ.get("wsgi.input_terminated"):
             self._to_eof = True  # e.g. gunicorn with a chunked body: read to EOF
@@ -377,9 +379,16 @@ def _query_int(query: Mapping[str, List[str]], name: str, default: int, low: int
     values = query.get(name)
     if not values:
         return default
-    text = values[-1].strip()
-    if not text.isdigit() or not low <= int(text) <= high:
+    number = _parse_count(values[-1].strip())
+    if number is None or not low <= number <= high:
         raise HTTPError(400, f"{name} must be an integer from {low} to {high}")
+    return number
+
+
+def _parse_count(text: str) -> Optional[int]:
+    """A non-negative decimal integer of at most 18 ASCII digits (fits int64), else None."""
+    if not (0 < len(text) <= 18 and text.isascii() and text.isdigit()):
+        return None
     return int(text)
 
 
@@ -429,7 +438,11 @@ class App:
             return _error(exc.status, exc.message, exc.headers)
 
     def update(self, environ: WSGIEnvironment, instance_id: str) -> Response:
-        """``POST /v1/update/<uuid>``: validate, rate-limit, store, answer with the policy."""
+        """``POST /v1/update/<uuid>``: validate, rate-limit, store, answer with the policy.
+
+        A repeated ``payload_id`` gets the same answer and is not stored again (it
+        still counts against the rate limit, like any request).
+        """
         if _media_type(environ) != "application/json":
             raise HTTPError(415, "Content-Type must be application/json")
         request = request_body(environ)

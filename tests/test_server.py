@@ -369,7 +369,18 @@ def test_instances_lists_newest_first_with_pagination(telemetry_server: Server) 
     assert unknown["next_offset"] is None
 
 
-@pytest.mark.parametrize("query", ["limit=0", "limit=abc", "limit=1001", "offset=-1", "offset=x"])
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=abc",
+        "limit=1001",
+        "limit=%D9%A3",
+        "offset=-1",
+        "offset=x",
+        "offset=" + "9" * 30,
+    ],
+)
 def test_instances_rejects_bad_paging(telemetry_server: Server, query: str) -> None:
     assert_error(get(telemetry_server, f"/v1/instances/{uuid.uuid4()}?{query}"), 400)
     assert_healthy(telemetry_server)
@@ -662,11 +673,14 @@ def test_expect_100_continue_is_answered(telemetry_server: Server) -> None:
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n")
 
 
-def test_bad_content_length_is_400(telemetry_server: Server) -> None:
+@pytest.mark.parametrize("length", [b"-5", b"\xb2", b"1e3", b"9" * 40])
+def test_bad_content_length_is_400(telemetry_server: Server, length: bytes) -> None:
     answer = _raw_http(
         telemetry_server,
-        f"POST /v1/update/{uuid.uuid4()} HTTP/1.1\r\nHost: x\r\n"
-        "Content-Type: application/json\r\nContent-Length: -5\r\n\r\n".encode(),
+        f"POST /v1/update/{uuid.uuid4()} HTTP/1.1\r\nHost: x\r\n".encode()
+        + b"Content-Type: application/json\r\nContent-Length: "
+        + length
+        + b"\r\n\r\n",
     )
 
     assert answer.startswith(b"HTTP/1.1 400 ")
