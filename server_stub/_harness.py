@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, List, Mapping, Optional, Tuple, Union
 from wsgiref import simple_server
+from wsgiref.util import is_hop_by_hop
 
 from ._app import App, HTTPError, Response, body_fully_read, request_body
 from ._policy import Policy
@@ -388,10 +389,16 @@ class Server:
           they are, None for an empty body, anything else as JSON.
         - ``status=None``: normal processing; a ``body`` or ``headers`` given
           replace those of the normal answer.
+
+        A non-empty body goes out as ``application/json`` unless ``headers``
+        say otherwise; hop-by-hop headers (``Connection`` …) are the server's.
         """
         if drop and drop_after_store:
             raise ValueError("drop and drop_after_store exclude each other")
-        if status is not None and not 100 <= status <= 599:
+        hop_by_hop = [name for name in headers or {} if is_hop_by_hop(name)]
+        if hop_by_hop:
+            raise ValueError(f"hop-by-hop headers cannot be scripted: {hop_by_hop}")
+        if status is not None and not 200 <= status <= 599:
             raise ValueError(f"bad HTTP status {status}")
         if delay < 0 or times < 1:
             raise ValueError("delay must be >= 0 and times >= 1")
