@@ -38,9 +38,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         policy = Policy(args.policy)
+    except (OSError, ValueError) as exc:
+        print(f"server_stub: bad policy file {args.policy}: {exc}", file=sys.stderr)
+        return 2
+    try:
         store = SQLiteStore(args.db)
-    except (OSError, ValueError, sqlite3.Error) as exc:
-        print(f"server_stub: {exc}", file=sys.stderr)
+    except sqlite3.Error as exc:
+        print(f"server_stub: cannot open database {args.db}: {exc}", file=sys.stderr)
         return 2
     try:
         httpd = make_server(args.host, args.port, App(store, policy))

@@ -1109,3 +1109,21 @@ def test_command_line_server(cli_server: tuple[str, subprocess.Popen[str]]) -> N
     assert process.returncode == 0
     assert f"POST /v1/update/{payload['instance_id']}" in stderr
     assert "GET /healthz" in stderr
+
+
+def test_command_line_refuses_a_bad_policy_file(tmp_path: Path) -> None:
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text('{"stop": "yes"}')
+
+    result = subprocess.run(
+        [sys.executable, "-m", "server_stub", "--port", "0", "--policy", str(policy_file)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert "bad policy file" in result.stderr
+    assert result.stdout == ""
