@@ -9,6 +9,7 @@ connection) and wait for requests without sleeping.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import socket
 import socketserver
@@ -402,6 +403,8 @@ class Server:
             raise ValueError(f"bad HTTP status {status}")
         if delay < 0 or times < 1:
             raise ValueError("delay must be >= 0 and times >= 1")
+        if body is not None and not isinstance(body, bytes):
+            json.dumps(body)  # a TypeError belongs here, not in the server thread
         entry = ScriptedResponse(
             status=status,
             body=body,

@@ -153,11 +153,13 @@ class Policy:
     """
 
     def __init__(self, path: Union[str, os.PathLike[str], None] = None, **fields: Any) -> None:
-        """Start from defaults updated by ``fields``; with ``path``, load that file now.
+        """Defaults updated by ``fields``, or, with ``path``, that file, loaded now.
 
         Raises ``ValueError``/``OSError`` when the initial file is missing or invalid:
         at start there is no previous policy to fall back on.
         """
+        if path is not None and fields:
+            raise ValueError("give policy fields or a policy file, not both")
         self.path = os.fspath(path) if path is not None else None
         self._lock = threading.Lock()
         self._rules = PolicyRules().replace(fields)

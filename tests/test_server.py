@@ -1070,6 +1070,8 @@ def test_script_rejects_contradictions(telemetry_server: Server) -> None:
         telemetry_server.script(700)
     with pytest.raises(ValueError, match="status"):
         telemetry_server.script(100)
+    with pytest.raises(TypeError):
+        telemetry_server.script(200, {"when": object()})
     with pytest.raises(ValueError, match="hop-by-hop"):
         telemetry_server.script(200, headers={"Connection": "close"})
     assert telemetry_server.scripts_pending == 0
