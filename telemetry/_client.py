@@ -173,7 +173,11 @@ class Client:
                 raise ValueError("max_items, max_values_per_key and max_pending are too small")
             if not 0 < min_interval <= max_interval:
                 raise ValueError("intervals must satisfy 0 < min_interval <= max_interval")
+            from telemetry._state import State
+
+            state = State(app, root=state_dir)  # raises ValueError for a bad app name
             self._initialized = True
+            self._state = state
             self.app = app
             self.endpoint = endpoint or os.environ.get("TELEMETRY_ENDPOINT") or None
             self._consent_argument = consent_mode
@@ -194,10 +198,6 @@ class Client:
                 max_values_per_key=max_values_per_key,
                 disabled_keys=disabled,
             )
-            from telemetry._state import State
-
-            with capture_internal_errors("init"):
-                self._state = State(app, root=state_dir)
             self.instance_id = parsed_id
             self._apply_decision(self._resolve(self._read_persisted_consent()))
 

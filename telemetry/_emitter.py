@@ -78,6 +78,12 @@ class _Pending:
     on_return: Optional[Callable[[], None]] = None
 
 
+# Longest the encoder runs before it hands the GIL back (seconds). A hand-off costs
+# a system call, and up to the interpreter's switch interval (5 ms) before this
+# thread gets the GIL back from a busy application thread: not after every piece.
+_PAUSE_INTERVAL = 0.001
+
+
 def _pause() -> None:
     # Hand the GIL to the application's threads between encoding chunks.
     time.sleep(0)
@@ -89,9 +95,15 @@ def encode_request(payload: Payload) -> Tuple[Request, int]:
     Returns the request and the size of its uncompressed body.
     """
     pieces = []
+    clock = time.perf_counter
+    pause_at = clock() + _PAUSE_INTERVAL
     for piece in iter_encoded_payload(payload):
         pieces.append(piece)
-        _pause()
+        if clock() >= pause_at:
+            _pause()
+            pause_at = clock() + _PAUSE_INTERVAL
+    if len(pieces) > 3:
+        _pause()  # joining a big body is one long C call
     raw = "".join(pieces).encode("utf-8")
     if len(raw) <= GZIP_THRESHOLD:
         return Request(payload, raw), len(raw)
@@ -196,9 +208,9 @@ class Emitter:
 
     def add_pending(self, payload: Payload, on_done: Callable[[], None],
                     on_return: Callable[[], None]) -> None:
-        """Queue a payload recovered from the spool, to be sent before new ones."""
+        """Queue a payload recovered from the spool (call before ``start``, oldest first)."""
         with self._lock:
-            self._pending.appendleft(_Pending(payload, on_done=on_done, on_return=on_return))
+            self._pending.append(_Pending(payload, on_done=on_done, on_return=on_return))
 
     def start(self) -> bool:
         """Start the thread; False when it already runs (or has stopped for good)."""
@@ -274,12 +286,13 @@ class Emitter:
                 now = self._clock()
                 with self._lock:
                     flush_wanted = self._flush_requested > self._flush_completed
+                scheduled = now >= due
                 if flush_wanted and now >= self._not_before:
                     due = min(due, now)
                 if now < due:
                     self._wait(self._wakeup, due - now)
                     continue
-                delay = self._cycle(final=False)
+                delay = self._cycle(final=False, check_in=scheduled)
                 if delay is None:
                     return  # the server said stop
                 due = self._clock() + delay
@@ -292,12 +305,17 @@ class Emitter:
                 self._flush_completed = self._flush_requested
                 self._cycle_done.notify_all()
 
-    def _cycle(self, *, final: bool) -> Optional[float]:
-        """One send cycle; returns seconds until the next, or None after a server stop."""
+    def _cycle(self, *, final: bool, check_in: bool = False) -> Optional[float]:
+        """One send cycle; returns seconds until the next, or None after a server stop.
+
+        A scheduled cycle with nothing to send still sends an empty payload
+        (``check_in``): that is how the server keeps steering the client.
+        """
         with self._lock:
             ticket = self._flush_requested
             payload = self._take_payload()
-            if payload is not None and (payload.data or payload.dropped or not self._pending):
+            empty = payload is None or not (payload.data or payload.dropped)
+            if payload is not None and (not empty or (check_in and not self._pending)):
                 self._pending.append(_Pending(payload))
                 self._trim_pending()
             batch = list(self._pending)
@@ -341,16 +359,19 @@ class Emitter:
                 self._quiet.log(logging.INFO, "telemetry: server is rate limiting; waiting %.0f s",
                                 wait)
                 return wait
-            self._finish(entry)
             if result.outcome == REJECTED:
+                self._finish(entry)
                 self._quiet.log(logging.WARNING,
                                 "telemetry: server rejected a payload (%s); it was dropped",
                                 result.detail)
                 self._count_dropped(entry.payload.items + entry.payload.dropped)
                 continue
+            # Apply the response before the entry leaves ``pending``: a flush must
+            # not see "nothing left" while a stop is still being applied.
             if not self._on_response(result.response):
                 self.discard()
                 return None
+            self._finish(entry)
             if result.response.next_update is not None:
                 self._next_update = result.response.next_update
         if failed:
