@@ -221,8 +221,7 @@ class Client:
             if self._emitter is not None:
                 self._emitter.discard()
                 self._emitter = None
-            self._buffer.reset()
-            self._buffer.take()  # forget drop counts too: data collected while on never existed
+            self._buffer.take()  # data and drop counts alike: what was collected never existed
             if self._state is not None:
                 self._state.delete_all()
             return
@@ -233,12 +232,11 @@ class Client:
             self._server_stopped = policy.stopped(self._options["wall_clock"]())
             self._buffer.disable_keys(policy.disabled_keys)
         if was_off:
-            self._buffer.reset()
-            self._buffer.take()
+            self._buffer.take()  # start empty: nothing from before counts
         self.collector = NULL_COLLECTOR if self._server_stopped else self._buffer
         if self._emitter is not None:
             self._emitter.sink = self._make_sink()
-        elif self._emitting_wanted:
+        elif self._emitting_wanted and not self._server_stopped:
             self._start()
 
     def set_consent(self, consent: _consent.ConsentArgument) -> None:

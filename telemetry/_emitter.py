@@ -92,24 +92,33 @@ def _pause() -> None:
 def encode_request(payload: Payload) -> Tuple[Request, int]:
     """Encode (and gzip over 1 KiB) in chunks, handing the GIL back between them.
 
+    Each piece is compressed as it comes (zlib releases the GIL while it works),
+    so no step joins or compresses the whole body in one long call.
     Returns the request and the size of its uncompressed body.
     """
-    pieces = []
+    raw_pieces: List[bytes] = []
+    raw_size = 0
+    compressor = None
+    body_pieces: List[bytes] = []
     clock = time.perf_counter
     pause_at = clock() + _PAUSE_INTERVAL
-    for piece in iter_encoded_payload(payload):
-        pieces.append(piece)
+    for text in iter_encoded_payload(payload):
+        piece = text.encode("utf-8")
+        raw_size += len(piece)
+        if compressor is not None:
+            body_pieces.append(compressor.compress(piece))
+        else:
+            raw_pieces.append(piece)
+            if raw_size > GZIP_THRESHOLD:
+                compressor = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+                body_pieces = [compressor.compress(b"".join(raw_pieces))]
         if clock() >= pause_at:
             _pause()
             pause_at = clock() + _PAUSE_INTERVAL
-    if len(pieces) > 3:
-        _pause()  # joining a big body is one long C call
-    raw = "".join(pieces).encode("utf-8")
-    if len(raw) <= GZIP_THRESHOLD:
-        return Request(payload, raw), len(raw)
-    compressor = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: the gzip container
-    body = compressor.compress(raw) + compressor.flush()
-    return Request(payload, body, gzipped=True), len(raw)
+    if compressor is None:
+        return Request(payload, b"".join(raw_pieces)), raw_size
+    body_pieces.append(compressor.flush())
+    return Request(payload, b"".join(body_pieces), gzipped=True), raw_size
 
 
 def split_to_fit(payload: Payload) -> Tuple[List[Request], int]:
@@ -296,7 +305,8 @@ class Emitter:
                 if delay is None:
                     return  # the server said stop
                 due = self._clock() + delay
-            if not self._abandoned:
+            # The final send; under a server's Retry-After it is left to the spool.
+            if not self._abandoned and self._clock() >= self._not_before:
                 self._cycle(final=True)
         except Exception as exc:
             report_internal_error("emitter thread", exc)
