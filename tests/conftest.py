@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from typing import Any, Callable, Dict, List
 import pytest
 
 import telemetry
-from server_stub import Server
+from server_stub import RecordedRequest, Server
 from telemetry import _log
 
 pytest_plugins = ["server_stub.pytest_plugin"]
@@ -137,3 +138,16 @@ def make_client(
     yield make
     for client in clients:
         client.stop_emitting(timeout=1.0)
+
+
+def dead_endpoint() -> str:
+    """An endpoint on a loopback port nobody listens on (connections are refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def update_requests(server: Server) -> List[RecordedRequest]:
+    """The ``POST /v1/update`` requests the server saw, in order."""
+    return [r for r in server.requests if r.path.startswith("/v1/update/")]

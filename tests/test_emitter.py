@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import random
-import socket
 import subprocess
 import sys
 import textwrap
@@ -20,10 +19,10 @@ from typing import Any, Callable, Dict, List
 
 import pytest
 import requests
-from conftest import WALL_CLOCK_START, VirtualTime
+from conftest import WALL_CLOCK_START, VirtualTime, dead_endpoint, update_requests
 
 import telemetry
-from server_stub import RecordedRequest, Server, serve
+from server_stub import Server, serve
 from telemetry import _emitter
 from telemetry._wire import Payload
 
@@ -36,11 +35,6 @@ def stats(server: Server) -> Dict[str, Any]:
     answer.raise_for_status()
     result: Dict[str, Any] = answer.json()
     return result
-
-
-def updates(server: Server) -> List[RecordedRequest]:
-    """The ``POST /v1/update`` requests the server saw, in order."""
-    return [r for r in server.requests if r.path.startswith("/v1/update/")]
 
 
 def first_jitter(seed: int = 7) -> float:
@@ -122,7 +116,7 @@ def test_server_stop_stops_clears_and_is_remembered(
     again.increment("hits")
     again.start_emitting()
     assert again.flush(timeout=0.2) is False
-    assert len(updates(telemetry_server)) == 1
+    assert len(update_requests(telemetry_server)) == 1
 
 
 @pytest.mark.parametrize("status", [410, 451])
@@ -137,7 +131,7 @@ def test_gone_and_unavailable_for_legal_reasons_mean_stop(
     assert client.status().server_stopped
     client.increment("x")
     assert client.take_payload() is None
-    assert len(updates(telemetry_server)) == 1
+    assert len(update_requests(telemetry_server)) == 1
 
 
 def test_disable_and_enable_keys(make_client: MakeClient, telemetry_server: Server) -> None:
@@ -193,10 +187,10 @@ def test_429_waits_retry_after_and_keeps_the_payload(
     assert virtual_time.waits[0] == pytest.approx(120.0)
     # flush never cuts a server's Retry-After short.
     assert client.flush(timeout=0.2) is False
-    assert len(updates(telemetry_server)) == 1
+    assert len(update_requests(telemetry_server)) == 1
     virtual_time.advance(121)
     assert telemetry_server.wait_for_requests(2)
-    first, second = (json.loads(r.body) for r in updates(telemetry_server))
+    first, second = (json.loads(r.body) for r in update_requests(telemetry_server))
     assert first["payload_id"] == second["payload_id"]
     assert telemetry_server.payloads[-1]["data"] == {"hits": 1}
 
@@ -222,7 +216,7 @@ def test_retry_then_success_keeps_the_payload_id(
     client.add("bytes", 42)
     client.start_emitting()
     assert telemetry_server.wait_for_requests(4)
-    ids = {json.loads(r.body)["payload_id"] for r in updates(telemetry_server)}
+    ids = {json.loads(r.body)["payload_id"] for r in update_requests(telemetry_server)}
     assert len(ids) == 1
     assert stats(telemetry_server)["keys"] == {"bytes": 42}
     backoffs = virtual_time.waits[:3]
@@ -241,7 +235,7 @@ def test_exhausted_retries_keep_the_payload_for_the_next_cycle(
     assert telemetry_server.wait_for_requests(4)
     client.increment("b")
     assert client.flush(timeout=5)
-    bodies = [json.loads(r.body) for r in updates(telemetry_server)]
+    bodies = [json.loads(r.body) for r in update_requests(telemetry_server)]
     assert bodies[4]["payload_id"] == bodies[0]["payload_id"]  # resent first
     assert stats(telemetry_server)["keys"] == {"a": 1, "b": 1}
 
@@ -261,7 +255,7 @@ def test_connection_dropped_after_store_is_deduplicated(
     result = stats(telemetry_server)
     assert result["keys"]["hits"] == 7
     assert result["keys"]["ua"] == [{"value": "curl", "count": 1}]
-    sent_with_data = [r.json for r in updates(telemetry_server) if r.json["data"]]
+    sent_with_data = [r.json for r in update_requests(telemetry_server) if r.json["data"]]
     assert len(sent_with_data) == 2  # sent twice ...
     assert sent_with_data[0]["payload_id"] == sent_with_data[1]["payload_id"]
     stored = [p for p in telemetry_server.stored_payloads() if p["data"]]
@@ -279,7 +273,7 @@ def test_400_drops_only_that_payload_and_counts_it(
     assert telemetry_server.wait_for_requests(1)
     client.increment("kept")
     assert client.flush(timeout=5)
-    assert len(updates(telemetry_server)) == 2
+    assert len(update_requests(telemetry_server)) == 2
     last = telemetry_server.payloads[-1]
     assert last["data"] == {"kept": 1}
     assert last["client"]["dropped"] == 3  # "lost" (1) + "list" with its element (2)
@@ -297,7 +291,7 @@ def test_redirects_are_not_followed(make_client: MakeClient, telemetry_server: S
         client.start_emitting()
         assert telemetry_server.wait_for_requests(4)
         assert virtual_time.wait_for_waits(4)  # three backoffs, then the next cycle
-        assert updates(elsewhere) == []
+        assert update_requests(elsewhere) == []
         emitter = client._emitter
         assert emitter is not None and len(emitter._pending) == 1  # kept for later
 
@@ -311,7 +305,7 @@ def test_gzip_over_one_kibibyte_and_user_agent(
     client.set("big", "x" * 1000)
     client.set("bigger", "y" * 1000)
     assert client.flush(timeout=5)
-    small, big = updates(telemetry_server)
+    small, big = update_requests(telemetry_server)
     assert "Content-Encoding" not in small.headers
     assert big.headers["Content-Encoding"] == "gzip"
     assert small.headers["User-Agent"] == f"telemetry-python/{telemetry.__version__}"
@@ -323,18 +317,18 @@ def test_flush_semantics(make_client: MakeClient, telemetry_server: Server) -> N
     client = make_client()
     assert client.flush(timeout=1) is False  # before start_emitting
     client.increment("x")
-    assert len(updates(telemetry_server)) == 0
+    assert len(update_requests(telemetry_server)) == 0
     client.start_emitting()
     assert client.flush(timeout=5)
-    count = len(updates(telemetry_server))
+    count = len(update_requests(telemetry_server))
     assert client.flush(timeout=5)  # nothing to send: True without a request
-    assert len(updates(telemetry_server)) == count
+    assert len(update_requests(telemetry_server)) == count
 
 
 def test_pending_is_bounded_and_overflow_counted(
     make_client: MakeClient, virtual_time: VirtualTime
 ) -> None:
-    client = make_client(max_pending=2, endpoint=_dead_endpoint(), default_interval=1000.0,
+    client = make_client(max_pending=2, endpoint=dead_endpoint(), default_interval=1000.0,
                          min_interval=1000.0, max_interval=1000.0)
     virtual_time.advance(100)  # backoffs pass, cycles wait for a flush
     client.start_emitting()
@@ -350,19 +344,12 @@ def test_pending_is_bounded_and_overflow_counted(
     assert sum(p.payload.dropped for p in pending) + client._buffer.dropped == 2
 
 
-def _dead_endpoint() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
 @pytest.mark.parametrize("fault", ["unreachable", "never-answers"])
 def test_stop_emitting_is_bounded(
     make_client: MakeClient, telemetry_server: Server, tmp_path: Path, fault: str
 ) -> None:
     if fault == "unreachable":
-        client = make_client(endpoint=_dead_endpoint())
+        client = make_client(endpoint=dead_endpoint())
     else:
         for _ in range(3):
             telemetry_server.script(delay=60)
@@ -384,7 +371,7 @@ def test_spooled_payload_is_sent_by_the_next_start(
     make_client: MakeClient, telemetry_server: Server
 ) -> None:
     instance = uuid.uuid4()
-    dead = make_client(instance_id=instance, endpoint=_dead_endpoint())
+    dead = make_client(instance_id=instance, endpoint=dead_endpoint())
     dead.increment("hits")
     dead.start_emitting()
     dead.stop_emitting(timeout=0.5)
@@ -428,7 +415,7 @@ def test_local_mode_logs_payloads_instead_of_sending(
         client.stop_emitting(timeout=1)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[telemetry]")]
     assert any('hits=1' in line and 'name="two words"' in line for line in lines)
-    assert updates(telemetry_server) == []
+    assert update_requests(telemetry_server) == []
 
 
 def test_oversized_payload_is_split_by_key(make_client: MakeClient, telemetry_server: Server,
@@ -471,7 +458,7 @@ def test_end_to_end_totals_are_exact(telemetry_server: Server, tmp_path: Path) -
         thread.join()
     client.stop_emitting(timeout=10)
     result = stats(telemetry_server)
-    assert len(updates(telemetry_server)) > 2  # it really emitted while collecting
+    assert len(update_requests(telemetry_server)) > 2  # it really emitted while collecting
     assert result["keys"]["calls"] == 4 * per_thread
     assert result["keys"]["bytes"] == 12 * per_thread
     assert result["keys"]["worker"] == [{"value": w, "count": per_thread} for w in range(4)]
@@ -495,7 +482,7 @@ def test_atexit_delivers_or_spools_and_exits_promptly(
     telemetry_server: Server, tmp_path: Path, server_up: bool
 ) -> None:
     instance = uuid.uuid4()
-    endpoint = telemetry_server.url if server_up else _dead_endpoint()
+    endpoint = telemetry_server.url if server_up else dead_endpoint()
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "DO_NOT_TRACK")}
     started = time.monotonic()
     subprocess.run(
