@@ -479,12 +479,14 @@ class State:
         """
         if self._unsaved_instance_id is not None:
             return self._unsaved_instance_id
-        saved, present = self._load_instance_id()
+        saved, _ = self._load_instance_id()
         if saved is not None:
             return saved
         created = uuid.uuid4()
         try:
-            _atomic_write(self.instance_id_path, f"{created}\n".encode(), exclusive=not present)
+            # Always exclusive: another process may have saved its id since we looked
+            # (a corrupt file is replaced below, once we have seen it again).
+            _atomic_write(self.instance_id_path, f"{created}\n".encode(), exclusive=True)
         except FileExistsError:
             winner, _ = self._load_instance_id()
             if winner is not None:
