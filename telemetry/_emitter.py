@@ -26,6 +26,7 @@ from telemetry._wire import Payload, Response, iter_encoded_payload, new_payload
 GZIP_THRESHOLD = 1024
 MAX_BODY_BYTES = 1024 * 1024  # the server refuses more (compressed), SPEC §7
 MAX_RAW_BYTES = 10 * 1024 * 1024  # ... or more once decompressed
+MAX_DURATION_NS = 2**63 - 1  # the longest Go duration
 
 _SEND_FAILED = "telemetry: sending failed (%s); will retry"
 
@@ -52,7 +53,10 @@ class Schedule:
 
     def interval(self, next_update_ns: Optional[int], rng: random.Random) -> float:
         """The wait before the next cycle: clamped, then spread by the jitter."""
-        seconds = next_update_ns / 1e9 if next_update_ns and next_update_ns > 0 else None
+        seconds = None
+        if next_update_ns and next_update_ns > 0:
+            # Capped first: a JSON integer can be too big for a float.
+            seconds = min(next_update_ns, MAX_DURATION_NS) / 1e9
         base = self.default_interval if seconds is None else seconds
         clamped = min(max(base, self.min_interval), self.max_interval)
         return clamped * (1 + rng.uniform(-self.jitter, self.jitter))

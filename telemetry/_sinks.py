@@ -84,7 +84,9 @@ def result_for_status(
             except ValueError:
                 next_update = None
             if next_update is not None and next_update > 0:
-                retry_after = next_update / 1e9
+                # Capped at the longest Go duration first: a JSON integer can be too
+                # big for a float. The emitter caps the wait at max_interval anyway.
+                retry_after = min(next_update, 2**63 - 1) / 1e9
         return SendResult(RATE_LIMITED, retry_after=retry_after, detail=detail)
     if status == 408 or status >= 500:
         return SendResult(RETRY, detail=detail)
