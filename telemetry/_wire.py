@@ -30,11 +30,16 @@ JSONValue = Union[None, bool, int, float, str, List["JSONValue"], Dict[str, "JSO
 CLIENT_NAME = "telemetry-python"
 NANOSECONDS_PER_SECOND = 1_000_000_000
 
-_PAYLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+# Matched with ``fullmatch`` (``$`` would let a trailing newline through) and ASCII
+# digits only (``\d`` also matches other scripts' digits).
+_PAYLOAD_ID = re.compile(r"[0-9a-f]{32}")
 # Up to nine fraction digits (Go sends nanoseconds) and `Z` or a numeric offset.
 _TIMESTAMP = re.compile(
-    r"^(\d{4}-\d{2}-\d{2})[Tt ](\d{2}:\d{2}:\d{2})(?:\.(\d{1,9}))?([Zz]|[+-]\d{2}:\d{2})$"
+    r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt ]([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]{1,9}))?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
+_DELTA_SECONDS = re.compile(r"[0-9]+")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 # Keys encoded per chunk when encoding incrementally (see ``iter_encoded_payload``).
 ENCODE_CHUNK_KEYS = 512
 
@@ -69,7 +74,7 @@ class Payload:
 
     @payload_id.validator
     def _check_payload_id(self, attribute: attrs.Attribute[str], value: str) -> None:
-        if not _PAYLOAD_ID.match(value):
+        if not (isinstance(value, str) and _PAYLOAD_ID.fullmatch(value)):
             raise ValueError(f"payload_id must be 32 lowercase hex digits, got {value!r}")
 
     def __attrs_post_init__(self) -> None:
@@ -98,18 +103,23 @@ def estimate_items(data: Mapping[str, Any]) -> int:
 
 def format_timestamp(value: datetime) -> str:
     """RFC 3339 in UTC with microseconds and a ``Z`` suffix."""
-    return _utc(value).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Not strftime: its %Y does not zero-pad years before 1000 on every platform.
+    return _utc(value).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def parse_timestamp(text: str) -> datetime:
     """Parse RFC 3339, accepting ``Z`` or an offset and up to nine fraction digits."""
-    match = _TIMESTAMP.match(text)
+    match = _TIMESTAMP.fullmatch(text) if isinstance(text, str) else None
     if match is None:
         raise ValueError(f"not an RFC 3339 timestamp: {text!r}")
     date, clock, fraction, zone = match.groups()
     micros = (fraction or "").ljust(6, "0")[:6]
     offset = "+00:00" if zone in ("Z", "z") else zone
-    return datetime.fromisoformat(f"{date}T{clock}.{micros}{offset}").astimezone(timezone.utc)
+    try:
+        parsed = datetime.fromisoformat(f"{date}T{clock}.{micros}{offset}")
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:  # e.g. year 1 with a positive offset
+        raise ValueError(f"timestamp out of range: {text!r}") from None
 
 
 def payload_header(payload: Payload) -> Dict[str, Any]:
@@ -127,7 +137,27 @@ def payload_header(payload: Payload) -> Dict[str, Any]:
 
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    if not text.isascii():  # O(1) for ASCII text
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # A lone surrogate (it can only sit inside a JSON string) has no UTF-8
+            # form: write it as a \u escape, which decodes back to the same string.
+            text = _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+    return text
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _loads(body: Union[bytes, str]) -> Any:
+    """``json.loads`` that accepts standard JSON only and raises only ``ValueError``."""
+    try:
+        return json.loads(body, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON is nested too deeply") from None
 
 
 def iter_encoded_payload(payload: Payload, chunk_keys: int = ENCODE_CHUNK_KEYS) -> Iterator[str]:
@@ -159,7 +189,7 @@ def _require(condition: bool, message: str) -> None:
 
 def decode_payload(body: Union[bytes, str, Mapping[str, Any]]) -> Payload:
     """Parse a payload the client wrote (e.g. from the spool); raises ``ValueError``."""
-    obj = json.loads(body) if isinstance(body, (bytes, str)) else body
+    obj = _loads(body) if isinstance(body, (bytes, str)) else body
     _require(isinstance(obj, Mapping), "payload is not a JSON object")
     instance_id, timestamp = obj.get("instance_id"), obj.get("timestamp")
     payload_id, data = obj.get("payload_id"), obj.get("data", {})
@@ -200,8 +230,8 @@ def decode_response(body: bytes) -> Response:
     if not body.strip():
         return Response()
     try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        obj = _loads(body)
+    except ValueError as exc:
         raise ValueError(f"response body is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise ValueError("response body is not a JSON object")
@@ -243,11 +273,11 @@ def duration_to_seconds(nanoseconds: int) -> float:
 def parse_retry_after(value: str, now: Optional[float] = None) -> Optional[float]:
     """``Retry-After`` as seconds to wait: delta-seconds or an HTTP date; None if invalid."""
     value = value.strip()
-    if value.isdigit():
+    if _DELTA_SECONDS.fullmatch(value):
         return float(value)
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)

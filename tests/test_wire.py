@@ -1,0 +1,543 @@
+"""Wire types and codec: ``Payload``/``Response`` encode and decode per SPEC §3."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+from pathlib import Path
+from typing import Any, Dict, List
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from telemetry._buffer import Buffer
+from telemetry._version import __version__
+from telemetry._wire import (
+    CLIENT_NAME,
+    Payload,
+    Response,
+    decode_payload,
+    decode_response,
+    duration_to_seconds,
+    encode_payload,
+    format_timestamp,
+    iter_encoded_payload,
+    new_payload_id,
+    parse_retry_after,
+    parse_timestamp,
+    seconds_to_duration,
+)
+
+CADDY_EXAMPLE = Path("/work/shared/examples/caddy_go_client_payload.json")
+if not CADDY_EXAMPLE.exists():  # a fresh clone keeps a copy next to the project
+    CADDY_EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / CADDY_EXAMPLE.name
+
+UTC = timezone.utc
+INSTANCE_ID = "3f0c2f5e-8a7b-4c1d-9e2f-0123456789ab"
+PAYLOAD_ID = "9b1d" + "0123456789abcdef" + "0123456789ab"
+WHEN = datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=UTC)
+
+
+def make_payload(**fields: Any) -> Payload:
+    values: Dict[str, Any] = {
+        "instance_id": INSTANCE_ID,
+        "timestamp": WHEN,
+        "payload_id": PAYLOAD_ID,
+        "data": {},
+    }
+    values.update(fields)
+    return Payload(**values)
+
+
+def warning_messages(caplog: pytest.LogCaptureFixture) -> List[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+# -- Payload encoding ---------------------------------------------------------------
+
+
+def test_encode_payload_has_exactly_the_wire_fields() -> None:
+    payload = make_payload(data={"hits": 3, "nested": {"a": [1, "x"]}}, dropped=7)
+    assert json.loads(encode_payload(payload)) == {
+        "instance_id": INSTANCE_ID,
+        "timestamp": "2026-11-23T10:00:00.123456Z",
+        "payload_id": PAYLOAD_ID,
+        "data": {"hits": 3, "nested": {"a": [1, "x"]}},
+        "client": {"name": "telemetry-python", "version": __version__, "dropped": 7},
+    }
+
+
+def test_encode_payload_never_sends_expect_next() -> None:
+    body = encode_payload(make_payload(data={"expect": 1}))
+    assert b"expect_next" not in body
+    assert "expect_next" not in json.loads(body)
+
+
+def test_encode_payload_is_compact_utf8() -> None:
+    body = encode_payload(make_payload(data={"città": "naïve ✓"}))
+    assert "città".encode() in body
+    assert "naïve ✓".encode() in body
+    assert b", " not in body
+    assert b": " not in body
+    assert json.loads(body.decode("utf-8"))["data"] == {"città": "naïve ✓"}
+
+
+def test_encode_payload_with_empty_data_keeps_an_empty_object() -> None:
+    assert json.loads(encode_payload(make_payload()))["data"] == {}
+
+
+def test_counting_sets_go_on_the_wire_as_value_count_objects() -> None:
+    buffer = Buffer()
+    for value in ("GET", "POST", "GET", 443, 443.0, True):
+        buffer.append_unique("methods", value)
+    buffer.increment("hits")
+    buffer.set_nested("memory", "heap", 1024)
+    buffer.append("list", "x")
+    buffer.set("version", "1.4.2")
+    snapshot = buffer.take()
+    payload = make_payload(data=snapshot.data, dropped=snapshot.dropped, items=snapshot.items)
+    wire = json.loads(encode_payload(payload))["data"]
+    assert wire == {
+        "methods": [
+            {"value": "GET", "count": 2},
+            {"value": "POST", "count": 1},
+            {"value": 443, "count": 1},
+            {"value": 443.0, "count": 1},
+            {"value": True, "count": 1},
+        ],
+        "hits": 1,
+        "memory": {"heap": 1024},
+        "list": ["x"],
+        "version": "1.4.2",
+    }
+    assert [type(entry["value"]) for entry in wire["methods"]] == [str, str, int, float, bool]
+
+
+def test_encode_payload_escapes_lone_surrogates_and_decodes_them_back() -> None:
+    payload = make_payload(data={"key\ud800": "\udfff", "plain": "é"})
+    body = encode_payload(payload)
+    body.decode("utf-8")  # valid UTF-8
+    assert decode_payload(body) == payload
+
+
+@pytest.mark.parametrize("chunk_keys", [1, 2, 3, 7, 512])
+@pytest.mark.parametrize("keys", [0, 1, 5, 1100])
+def test_encoded_chunks_join_to_exactly_encode_payload(chunk_keys: int, keys: int) -> None:
+    data: Dict[str, Any] = {f"key{n}": [n, {"é": n}] for n in range(keys)}
+    payload = make_payload(data=data, dropped=2)
+    pieces = list(iter_encoded_payload(payload, chunk_keys=chunk_keys))
+    assert "".join(pieces).encode("utf-8") == encode_payload(payload)
+    assert json.loads("".join(pieces))["data"] == data
+    assert len(pieces) >= 2 + -(-keys // chunk_keys)  # head, the key batches, tail
+
+
+def test_default_chunking_splits_a_big_payload() -> None:
+    payload = make_payload(data={f"k{n}": n for n in range(1100)})
+    pieces = list(iter_encoded_payload(payload))
+    assert len(pieces) >= 2 + 3
+    assert "".join(pieces).encode("utf-8") == encode_payload(payload)
+
+
+def test_encoded_chunks_join_for_big_single_values() -> None:
+    data: Dict[str, Any] = {
+        "small": 1,
+        "list": list(range(5000)),
+        "tuple": tuple(range(1500)),
+        "mapping": {f"k{n}": [n] for n in range(3000)},
+        "strings": ["é\ud800"] * 2100,
+        "after": "x",
+    }
+    payload = make_payload(data=data)
+    pieces = list(iter_encoded_payload(payload, chunk_keys=2))
+    joined = "".join(pieces)
+    assert joined.encode("utf-8") == encode_payload(payload)
+    decoded = decode_payload(joined)
+    assert decoded.data == {**data, "tuple": list(range(1500))}
+
+
+def test_encoded_chunks_join_with_lone_surrogates_in_some_chunks() -> None:
+    payload = make_payload(data={"a": "é", "b": "\ud800", "c": "ü", "d": 1})
+    pieces = list(iter_encoded_payload(payload, chunk_keys=1))
+    joined = "".join(pieces)
+    assert joined.encode("utf-8") == encode_payload(payload)
+    assert decode_payload(joined) == payload
+
+
+def test_encode_payload_refuses_non_finite_floats() -> None:
+    with pytest.raises(ValueError, match="JSON"):
+        encode_payload(make_payload(data={"x": float("nan")}))
+
+
+# -- timestamps ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("when", "text"),
+    [
+        (WHEN, "2026-11-23T10:00:00.123456Z"),
+        (datetime(2026, 11, 23, 10, 0, tzinfo=UTC), "2026-11-23T10:00:00.000000Z"),
+        (
+            datetime(2026, 11, 23, 11, 30, 0, 5, tzinfo=timezone(timedelta(hours=1, minutes=30))),
+            "2026-11-23T10:00:00.000005Z",
+        ),
+        (
+            datetime(2026, 11, 22, 23, 0, tzinfo=timezone(timedelta(hours=-11))),
+            "2026-11-23T10:00:00.000000Z",
+        ),
+        (datetime(999, 1, 2, 3, 4, 5, tzinfo=UTC), "0999-01-02T03:04:05.000000Z"),
+    ],
+)
+def test_timestamps_are_rfc3339_utc_with_z_and_microseconds(when: datetime, text: str) -> None:
+    assert format_timestamp(when) == text
+    assert json.loads(encode_payload(make_payload(timestamp=when)))["timestamp"] == text
+
+
+def test_payload_timestamp_is_stored_in_utc() -> None:
+    local = datetime(2026, 11, 23, 11, 0, tzinfo=timezone(timedelta(hours=1)))
+    payload = make_payload(timestamp=local)
+    assert payload.timestamp.utcoffset() == timedelta(0)
+    assert payload.timestamp == datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+
+
+def test_naive_timestamps_are_refused() -> None:
+    with pytest.raises(ValueError, match="timezone"):
+        make_payload(timestamp=datetime(2026, 11, 23, 10, 0))
+    with pytest.raises(ValueError, match="timezone"):
+        format_timestamp(datetime(2026, 11, 23, 10, 0))
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2026-11-23T10:00:00.123456Z", WHEN),
+        ("2026-11-23T10:00:00Z", datetime(2026, 11, 23, 10, 0, tzinfo=UTC)),
+        ("2026-11-23t10:00:00.5z", datetime(2026, 11, 23, 10, 0, 0, 500000, tzinfo=UTC)),
+        ("2026-11-23T11:30:00.123456+01:30", WHEN),
+        ("2026-11-23T02:00:00.123456-08:00", WHEN),
+        ("2026-11-23T10:00:00.123456+00:00", WHEN),
+        ("2026-11-23T10:00:00.123456789Z", WHEN),  # nanoseconds are truncated
+        ("2026-11-23T10:00:00.123456999Z", WHEN),
+        ("2026-11-23T10:00:00.1234567-00:00", WHEN),
+        ("2026-11-23T10:00:00.1Z", datetime(2026, 11, 23, 10, 0, 0, 100000, tzinfo=UTC)),
+    ],
+)
+def test_parse_timestamp_accepts_z_offsets_and_nine_digit_fractions(
+    text: str, expected: datetime
+) -> None:
+    parsed = parse_timestamp(text)
+    assert parsed == expected
+    assert parsed.utcoffset() == timedelta(0)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "garbage",
+        "2026-11-23",
+        "2026-11-23T10:00:00",  # no zone
+        "2026-11-23T10:00Z",
+        "2026-11-23T10:00:00.Z",
+        "2026-11-23T10:00:00.1234567890Z",  # ten fraction digits
+        "2026-11-23T10:00:00+0100",  # RFC 3339 offsets have a colon
+        "2026-11-23T10:00:00Z ",
+        "2026-11-23T10:00:00Z\n",
+        " 2026-11-23T10:00:00Z",
+        "2026-13-01T00:00:00Z",
+        "2026-02-30T00:00:00Z",
+        "2026-11-23T24:00:00Z",
+        "2026-11-23T10:00:00+24:00",
+        "\u0662\u0660\u0662\u0666-11-23T10:00:00Z",  # Arabic-Indic digits
+        "0001-01-01T00:00:00+01:00",  # before year 1 in UTC
+    ],
+)
+def test_parse_timestamp_rejects_anything_else_with_value_error(text: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011
+        parse_timestamp(text)
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.datetimes(timezones=st.just(UTC)))
+def test_format_then_parse_timestamp_round_trips(when: datetime) -> None:
+    text = format_timestamp(when)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", text)
+    assert parse_timestamp(text) == when
+
+
+def test_caddy_example_timestamp_parses_but_the_body_is_not_a_client_payload() -> None:
+    body = CADDY_EXAMPLE.read_bytes()
+    obj = json.loads(body)
+    assert parse_timestamp(obj["timestamp"]) == datetime(
+        2026, 11, 23, 10, 37, 53, 527539, tzinfo=UTC
+    )
+    assert parse_timestamp(obj["expect_next"]) == datetime(1, 1, 1, tzinfo=UTC)
+    with pytest.raises(ValueError, match="payload_id"):
+        decode_payload(body)  # it has no payload_id: not something this client wrote
+
+
+# -- payload ids --------------------------------------------------------------------
+
+
+def test_payload_ids_are_random_128_bit_lowercase_hex() -> None:
+    ids = {make_payload(payload_id=new_payload_id()).payload_id for _ in range(100)}
+    ids.add(Payload(instance_id=INSTANCE_ID, timestamp=WHEN).payload_id)
+    assert len(ids) == 101
+    for payload_id in ids:
+        assert re.fullmatch(r"[0-9a-f]{32}", payload_id)
+
+
+@pytest.mark.parametrize(
+    "payload_id",
+    [
+        "",
+        "9B1D0123456789ABCDEF0123456789AB",
+        "9b1d0123456789abcdef0123456789a",
+        "9b1d0123456789abcdef0123456789abc",
+        "9b1d0123456789abcdef0123456789ag",
+        "9b1d0123456789abcdef0123456789ab\n",
+        "9b1d0123-4567-89ab-cdef-0123456789ab",
+    ],
+)
+def test_invalid_payload_ids_are_refused(payload_id: str) -> None:
+    with pytest.raises(ValueError, match="payload_id"):
+        make_payload(payload_id=payload_id)
+
+
+# -- Payload decoding ---------------------------------------------------------------
+
+
+def test_decode_payload_round_trips_every_field() -> None:
+    payload = make_payload(
+        data={"n": 1, "f": 1.5, "s": [{"value": None, "count": 2}], "m": {"k": [True]}},
+        dropped=4,
+        client_version="9.9.9",
+    )
+    decoded = decode_payload(encode_payload(payload))
+    assert decoded == payload
+    assert decoded.payload_id == PAYLOAD_ID
+    assert decoded.timestamp == WHEN
+    assert decoded.dropped == 4
+    assert decoded.client_name == CLIENT_NAME
+    assert decoded.client_version == "9.9.9"
+    assert decoded.items == 1 + 1 + 2 + 2
+
+
+def test_payload_equality_ignores_local_item_bookkeeping() -> None:
+    assert make_payload(items=5) == make_payload(items=9)
+    assert make_payload(items=5) != make_payload(dropped=1, items=5)
+
+
+def test_decode_payload_accepts_text_bytes_and_mappings() -> None:
+    payload = make_payload(data={"a": 1})
+    body = encode_payload(payload)
+    assert decode_payload(body) == payload
+    assert decode_payload(body.decode("utf-8")) == payload
+    assert decode_payload(json.loads(body)) == payload
+
+
+def valid_payload_object() -> Dict[str, Any]:
+    return json.loads(encode_payload(make_payload(data={"a": 1})))  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("instance_id", 5),
+        ("timestamp", "yesterday"),
+        ("timestamp", None),
+        ("payload_id", None),
+        ("payload_id", "XYZ"),
+        ("data", [1]),
+        ("client", "telemetry-python"),
+    ],
+)
+def test_decode_payload_refuses_malformed_fields(field: str, value: Any) -> None:
+    obj = valid_payload_object()
+    obj[field] = value
+    with pytest.raises(ValueError):  # noqa: PT011
+        decode_payload(json.dumps(obj))
+
+
+@pytest.mark.parametrize("dropped", [-1, True, "3", 1.0, None])
+def test_decode_payload_refuses_a_bad_dropped_count(dropped: Any) -> None:
+    obj = valid_payload_object()
+    obj["client"]["dropped"] = dropped
+    with pytest.raises(ValueError, match="dropped"):
+        decode_payload(json.dumps(obj))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b"[]",
+        b"null",
+        b"\xff\xfe{",
+        b"[" * 100_000,
+        b'{"instance_id":"x","timestamp":"2026-11-23T10:00:00Z","payload_id":"'
+        + PAYLOAD_ID.encode()
+        + b'","data":{"n":NaN}}',
+        b'{"instance_id":"x","timestamp":"2026-11-23T10:00:00Z","payload_id":"'
+        + PAYLOAD_ID.encode()
+        + b'","data":{"n":-Infinity}}',
+    ],
+)
+def test_decode_payload_raises_value_error_for_non_payloads(body: bytes) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011
+        decode_payload(body)
+
+
+# -- responses ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body", [b"", b"   ", b"\r\n"])
+def test_an_empty_response_body_means_defaults(body: bytes) -> None:
+    assert decode_response(body) == Response()
+    assert Response() == Response(
+        next_update=None, stop=False, error=None, disable_keys=(), enable_keys=()
+    )
+
+
+@pytest.mark.parametrize(
+    "body", [b"not json", b"<html>", b"[]", b"[1]", b"null", b"true", b"3", b'"s"', b"\xff"]
+)
+def test_a_response_that_is_not_a_json_object_raises_value_error(body: bytes) -> None:
+    with pytest.raises(ValueError, match="JSON"):
+        decode_response(body)
+
+
+def test_a_deeply_nested_response_raises_value_error() -> None:
+    with pytest.raises(ValueError, match="JSON"):
+        decode_response(b"[" * 100_000)
+
+
+def test_a_full_response_is_decoded(caplog: pytest.LogCaptureFixture) -> None:
+    body = json.dumps(
+        {
+            "next_update": 3_600_000_000_000,
+            "stop": True,
+            "error": "slow down",
+            "disable_keys": ["tls", "dns:queries"],
+            "enable_keys": ["http"],
+        }
+    ).encode()
+    assert decode_response(body) == Response(
+        next_update=3_600_000_000_000,
+        stop=True,
+        error="slow down",
+        disable_keys=("tls", "dns:queries"),
+        enable_keys=("http",),
+    )
+    assert warning_messages(caplog) == []
+
+
+def test_unknown_response_fields_are_ignored_silently(caplog: pytest.LogCaptureFixture) -> None:
+    body = b'{"next_update": 5, "future_field": {"x": 1}, "Stop": true}'
+    assert decode_response(body) == Response(next_update=5)
+    assert warning_messages(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"next_update": true}', Response()),
+        (b'{"next_update": 1.5}', Response()),
+        (b'{"next_update": 3.6e12}', Response()),
+        (b'{"next_update": "1h"}', Response()),
+        (b'{"next_update": [1], "stop": true}', Response(stop=True)),
+        (b'{"stop": 1}', Response()),
+        (b'{"stop": "true"}', Response()),
+        (b'{"stop": [true]}', Response()),
+        (b'{"error": 5, "next_update": 7}', Response(next_update=7)),
+        (b'{"disable_keys": "tls"}', Response()),
+        (b'{"disable_keys": ["tls", 5]}', Response()),
+        (b'{"enable_keys": {"tls": true}, "disable_keys": ["a"]}', Response(disable_keys=("a",))),
+    ],
+)
+def test_wrong_typed_known_fields_are_ignored_with_a_warning(
+    body: bytes, expected: Response, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert decode_response(body) == expected
+    assert len(warning_messages(caplog)) == 1
+
+
+def test_stop_is_only_true_for_json_true(caplog: pytest.LogCaptureFixture) -> None:
+    assert decode_response(b'{"stop": true}').stop is True
+    assert decode_response(b'{"stop": false}').stop is False
+    assert warning_messages(caplog) == []
+    for body in (b'{"stop": 1}', b'{"stop": "yes"}', b'{"stop": {}}'):
+        assert decode_response(body).stop is False
+
+
+def test_next_update_keeps_non_positive_integers_for_the_emitter_to_judge() -> None:
+    assert decode_response(b'{"next_update": 0}').next_update == 0
+    assert decode_response(b'{"next_update": -5}').next_update == -5
+
+
+def test_a_response_with_a_utf8_body_in_bytes_decodes() -> None:
+    body = json.dumps({"error": "über"}, ensure_ascii=False).encode("utf-8")
+    assert decode_response(body).error == "über"
+
+
+# -- durations and Retry-After ------------------------------------------------------
+
+
+def test_durations_are_integer_nanoseconds() -> None:
+    assert seconds_to_duration(1.5) == 1_500_000_000
+    assert seconds_to_duration(3600) == 3_600_000_000_000
+    assert isinstance(seconds_to_duration(0.1), int)
+    assert duration_to_seconds(1_500_000_000) == 1.5
+    assert duration_to_seconds(seconds_to_duration(60.0)) == 60.0
+
+
+NOW = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("120", 120.0),
+        ("0", 0.0),
+        (" 5 ", 5.0),
+        ("007", 7.0),
+        ("Mon, 23 Nov 2026 10:00:30 GMT", 30.0),
+        ("Mon, 23 Nov 2026 11:00:00 GMT", 3600.0),
+        ("Mon, 23 Nov 2026 09:00:00 GMT", 0.0),  # in the past: no wait
+        ("Monday, 23-Nov-26 10:01:00 GMT", 60.0),  # obsolete RFC 850 form
+        ("Mon, 23 Nov 2026 11:00:30 +0100", 30.0),
+    ],
+)
+def test_parse_retry_after_takes_delta_seconds_and_http_dates(header: str, seconds: float) -> None:
+    assert parse_retry_after(header, now=NOW) == seconds
+
+
+def test_parse_retry_after_uses_the_given_now() -> None:
+    header = format_datetime(datetime(2026, 11, 23, 10, 5, tzinfo=UTC), usegmt=True)
+    assert parse_retry_after(header, now=NOW) == 300.0
+    assert parse_retry_after(header, now=NOW + 60) == 240.0
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "",
+        "   ",
+        "soon",
+        "-5",
+        "1.5",
+        "+5",
+        "5s",
+        "1e3",
+        "\u00b2",  # a superscript two: str.isdigit() says yes, but it is no number
+        "\u0663",  # an Arabic-Indic three
+        "Mon, 99 Nov 2026 10:00:30 GMT",
+        "Mon, 23 Nov 99999 10:00:30 GMT",
+    ],
+)
+def test_parse_retry_after_garbage_is_none(header: str) -> None:
+    assert parse_retry_after(header, now=NOW) is None
