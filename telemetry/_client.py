@@ -15,7 +15,7 @@ import uuid
 import weakref
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Protocol, Union
+from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Protocol, Union
 
 from telemetry import _consent
 from telemetry._buffer import DEFAULT_MAX_ITEMS, DEFAULT_MAX_VALUES_PER_KEY, Buffer
@@ -93,11 +93,27 @@ def parse_instance_id(instance_id: InstanceId) -> Optional[uuid.UUID]:
     return parsed
 
 
-def fast_hash(data: Union[bytes, str]) -> str:
-    """xxh32 hex digest of ``data``, for anonymising values. Not cryptographic."""
+def _parse_disabled_keys(keys: Iterable[str]) -> FrozenSet[str]:
+    """``disabled_keys`` as a frozenset of str; raises ``ValueError`` for anything else."""
+    if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+        raise ValueError(f"disabled_keys must be a collection of str keys, not {keys!r}")
+    items = list(keys)
+    if not all(isinstance(key, str) for key in items):
+        raise ValueError(f"disabled_keys must hold str keys, got {items!r}")
+    return frozenset(str.__str__(key) for key in items)
+
+
+def fast_hash(data: Union[str, bytes, bytearray, memoryview]) -> str:
+    """xxh32 hex digest of ``data``, for anonymising values. Not cryptographic.
+
+    A ``str`` is hashed as UTF-8 (lone surrogates kept as they are); anything
+    that is neither ``str`` nor bytes-like is hashed as its ``str()``.
+    """
     import xxhash
 
-    return xxhash.xxh32_hexdigest(data.encode("utf-8") if isinstance(data, str) else data)
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        data = (data if isinstance(data, str) else str(data)).encode("utf-8", "surrogatepass")
+    return xxhash.xxh32_hexdigest(data)
 
 
 class Client:
@@ -164,15 +180,19 @@ class Client:
                 raise RuntimeError("telemetry.init() was already called for this client")
             parsed_id = parse_instance_id(instance_id)
             consent_mode = _consent.normalize_consent(consent)
-            if isinstance(disabled_keys, str):
-                raise ValueError("disabled_keys must be a collection of keys, not a str")
-            disabled = frozenset(disabled_keys)
-            if not all(isinstance(key, str) for key in disabled):
-                raise ValueError("disabled_keys must hold str keys")
-            if max_items < 0 or max_values_per_key < 0 or max_pending < 1:
-                raise ValueError("max_items, max_values_per_key and max_pending are too small")
-            if not 0 < min_interval <= max_interval:
-                raise ValueError("intervals must satisfy 0 < min_interval <= max_interval")
+            disabled = _parse_disabled_keys(disabled_keys)
+            for name, count, least in (
+                ("max_items", max_items, 0),
+                ("max_values_per_key", max_values_per_key, 0),
+                ("max_pending", max_pending, 1),
+            ):
+                if type(count) is not int or count < least:
+                    raise ValueError(f"{name} must be an int >= {least}, not {count!r}")
+            intervals = (default_interval, min_interval, max_interval, send_timeout)
+            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in intervals):
+                raise ValueError("intervals and send_timeout must be numbers of seconds")
+            if not 0 < min_interval <= max_interval or send_timeout <= 0:
+                raise ValueError("need 0 < min_interval <= max_interval and send_timeout > 0")
             from telemetry._state import State
 
             state = State(app, root=state_dir)  # raises ValueError for a bad app name
@@ -310,7 +330,7 @@ class Client:
         self.collector.reset()
 
     @staticmethod
-    def fast_hash(data: Union[bytes, str]) -> str:
+    def fast_hash(data: Union[str, bytes, bytearray, memoryview]) -> str:
         """xxh32 hex digest of ``data``. Not cryptographic."""
         return fast_hash(data)
 
@@ -492,17 +512,21 @@ def _register_atexit(client: Client) -> None:
     atexit.register(at_exit)
 
 
+_LIVE_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
 def _register_fork_handler(client: Client) -> None:
-    if not hasattr(os, "register_at_fork"):
-        return
-    ref = weakref.ref(client)
+    """Reset ``client`` in a forked child (one process-wide handler for all clients)."""
+    _LIVE_CLIENTS.add(client)
 
-    def after_in_child() -> None:
-        alive = ref()
-        if alive is not None:
-            alive._after_fork_in_child()
 
-    os.register_at_fork(after_in_child=after_in_child)
+def _after_fork_in_child() -> None:
+    for client in list(_LIVE_CLIENTS):
+        client._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 DEFAULT_CLIENT = Client()

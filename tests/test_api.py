@@ -132,7 +132,9 @@ def test_init_refuses_a_nil_or_garbage_id(
     assert default_client.mode == "on"
 
 
-@pytest.mark.parametrize("disabled_keys", [[1], ["ok", None], "tls", [b"tls"]])
+@pytest.mark.parametrize(
+    "disabled_keys", [[1], ["ok", None], "tls", [b"tls"], None, [["tls"]], 5]
+)
 def test_init_refuses_disabled_keys_that_are_not_str(
     default_client: telemetry.Client, disabled_keys: Any
 ) -> None:
@@ -292,6 +294,27 @@ def test_fast_hash_is_xxh32_hex(default_client: telemetry.Client, data: Any) -> 
 def test_fast_hash_of_empty_input_is_the_known_vector() -> None:
     assert telemetry.fast_hash(b"") == "02cc5d05"
     assert telemetry.fast_hash("") == "02cc5d05"
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"max_items": "10"}, {"max_items": True}, {"max_values_per_key": -1},
+     {"max_pending": 0}, {"min_interval": 0}, {"min_interval": 10, "max_interval": 5},
+     {"send_timeout": "soon"}],
+)
+def test_init_refuses_bad_limits_with_value_error(
+    default_client: telemetry.Client, options: Dict[str, Any]
+) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - each option has its own message
+        telemetry.init(INSTANCE, consent=True, **options)
+    assert default_client.mode == "off"
+
+
+def test_fast_hash_never_raises_for_odd_input() -> None:
+    assert telemetry.fast_hash("\ud800") == reference_xxh32("\ud800".encode("utf-8",
+                                                                          "surrogatepass"))
+    assert telemetry.fast_hash(None) == reference_xxh32(b"None")  # type: ignore[arg-type]
+    assert telemetry.fast_hash(bytearray(b"ua")) == reference_xxh32(b"ua")
 
 
 def test_fast_hash_works_before_init(default_client: telemetry.Client) -> None:
