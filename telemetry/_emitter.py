@@ -128,16 +128,21 @@ def encode_request(payload: Payload) -> Tuple[Request, int]:
 def split_to_fit(payload: Payload) -> Tuple[List[Request], int]:
     """Requests that each fit the server's size limits, split by key; and items dropped.
 
-    A key that cannot fit even alone is dropped and counted.
+    A key that cannot fit even alone, or cannot be encoded at all (an int with
+    more digits than ``str()`` allows), is dropped and counted.
     """
-    request, raw_size = encode_request(payload)
-    if len(request.body) <= MAX_BODY_BYTES and raw_size <= MAX_RAW_BYTES:
-        return [request], 0
+    try:
+        request, raw_size = encode_request(payload)
+    except ValueError as exc:
+        problem = f"cannot be encoded ({exc})"
+    else:
+        if len(request.body) <= MAX_BODY_BYTES and raw_size <= MAX_RAW_BYTES:
+            return [request], 0
+        problem = "is too large to send even alone"
     keys = list(payload.data)
     if len(keys) <= 1:
         logger.warning(
-            "telemetry: payload key %r is too large to send even alone; dropped",
-            keys[0] if keys else "(none)",
+            "telemetry: payload key %r %s; dropped", keys[0] if keys else "(none)", problem
         )
         return [], payload.items + payload.dropped
     half = len(keys) // 2
@@ -466,8 +471,16 @@ class Emitter:
         for entry in leftovers:
             if entry.on_return is not None:
                 entry.on_return()  # a claimed spool file goes back as it was
-            elif entry.payload.data or entry.payload.dropped:  # an empty check-in can go
-                to_spool.append(entry.payload)
+            elif not (entry.payload.data or entry.payload.dropped):
+                continue  # an empty check-in can go
+            elif entry.request is not None:
+                to_spool.append(entry.payload)  # encoded once already: it encodes
+            else:
+                # Never encoded yet: what cannot be encoded must not reach the spool.
+                parts, dropped = split_to_fit(entry.payload)
+                if dropped:
+                    self._count_dropped(dropped)
+                to_spool += [part.payload for part in parts]
         if not to_spool:
             return
         if self._spool is None:
