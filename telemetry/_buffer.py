@@ -8,9 +8,11 @@ Warnings are logged after the lock is released: logging may do I/O.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import threading
+import time
 from collections.abc import Hashable, Iterable, Mapping
 from typing import (
     TYPE_CHECKING,
@@ -37,6 +39,8 @@ MAX_DEPTH = 32
 DEFAULT_MAX_ITEMS = 100_000
 DEFAULT_MAX_VALUES_PER_KEY = 10_000
 _MAX_WARNED_KEYS = 1024
+# Items put in wire form between two GIL hand-offs (see ``_Store.to_wire``).
+_WIRE_ITEMS_PER_PAUSE = 1000
 
 VALUE, NESTED, COUNTER, LIST, COUNTING_SET = "value", "mapping", "counter", "list", "counting set"
 
@@ -193,17 +197,46 @@ class _Store:
         return 0
 
     def to_wire(self) -> Dict[str, JSONValue]:
-        """The data in wire form (SPEC §3 encodings)."""
-        data: Dict[str, JSONValue] = {}
-        data.update(self.values)
-        data.update(self.nested)
-        data.update(self.counters)
-        data.update(self.lists)
+        """The data in wire form (SPEC §3 encodings). Call once, on a swapped-out store.
+
+        Runs off the lock, in the emitter's thread. The largest table becomes the
+        result instead of being copied, and the GIL is handed back every
+        ``_WIRE_ITEMS_PER_PAUSE`` items copied or converted (counting-set members
+        are converted in Python): a buffer of 100,000 items must not stall the
+        application's threads.
+        """
+        tables: List[Dict[str, Any]] = [self.values, self.nested, self.counters, self.lists]
+        data: Dict[str, Any] = max(tables, key=len)
+        budget = _WIRE_ITEMS_PER_PAUSE
+        for table in tables:
+            if table is not data and table:
+                data.update(table)
+                budget -= len(table)
+                if budget <= 0:
+                    _hand_over_gil()
+                    budget = _WIRE_ITEMS_PER_PAUSE
         for key, counts in self.sets.items():
-            data[key] = [
-                {"value": _member_value(member), "count": count} for member, count in counts.items()
-            ]
+            members = iter(counts.items())
+            remaining = len(counts)
+            wire: List[JSONValue] = []
+            while remaining:
+                size = min(remaining, budget)
+                wire += [
+                    {"value": _member_value(member), "count": count}
+                    for member, count in itertools.islice(members, size)
+                ]
+                remaining -= size
+                budget -= size
+                if not budget:
+                    _hand_over_gil()
+                    budget = _WIRE_ITEMS_PER_PAUSE
+            data[key] = wire
         return data
+
+
+def _hand_over_gil() -> None:
+    # Not a clock: a zero sleep lets another thread waiting for the GIL take it.
+    time.sleep(0)
 
 
 class Snapshot(NamedTuple):
@@ -294,8 +327,11 @@ class Buffer:
         """Store ``value`` under ``key`` → ``subkey``."""
         try:
             normalized, problem = checked_value(value)
-            subname, subkey_problem = normalize_key(subkey)
-            problem = (subkey_problem and "sub" + subkey_problem) or problem
+            if type(subkey) is str and 0 < len(subkey) <= MAX_KEY_LENGTH:
+                subname = subkey  # ``normalize_key``'s common case, inlined
+            else:
+                subname, subkey_problem = normalize_key(subkey)
+                problem = (subkey_problem and "sub" + subkey_problem) or problem
             if problem is None and type(key) is str:
                 with self._lock:
                     mapping = self._store.nested.get(key)
@@ -323,6 +359,10 @@ class Buffer:
                 with self._lock:
                     values = self._store.lists.get(key)
                     if values is not None:
+                        if len(values) < self.max_values_per_key and self._items < self.max_items:
+                            self._items += 1  # ``_admit_member``, inlined for the common case
+                            values.append(normalized)
+                            return
                         problem = self._admit_member(len(values))
                         if problem is None:
                             values.append(normalized)
@@ -338,16 +378,25 @@ class Buffer:
     def append_unique(self, key: object, value: object) -> None:
         """Add ``value`` to the counting set ``key``, counting repeats."""
         try:
-            normalized, problem = checked_value(value)
-            if problem is None and isinstance(normalized, (list, dict)):
-                problem = "append_unique() takes a scalar (hashable) value"
-            member = _member_key(normalized)
+            member: Hashable
+            if type(value) is int or (type(value) is str and len(value) <= MAX_STRING_LENGTH):
+                member, problem = value, None  # valid, and its own member key
+            else:
+                normalized, problem = checked_value(value)
+                if problem is None and isinstance(normalized, (list, dict)):
+                    problem = "append_unique() takes a scalar (hashable) value"
+                member = _member_key(normalized)
             if problem is None and type(key) is str:
                 with self._lock:
                     counts = self._store.sets.get(key)
                     if counts is not None:
-                        if member in counts:
-                            counts[member] += 1
+                        count = counts.get(member)
+                        if count is not None:
+                            counts[member] = count + 1
+                            return
+                        if len(counts) < self.max_values_per_key and self._items < self.max_items:
+                            self._items += 1  # ``_admit_member``, inlined for the common case
+                            counts[member] = 1
                             return
                         problem = self._admit_member(len(counts))
                         if problem is None:

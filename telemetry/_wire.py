@@ -40,8 +40,10 @@ _TIMESTAMP = re.compile(
 )
 _DELTA_SECONDS = re.compile(r"[0-9]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-# Keys encoded per chunk when encoding incrementally (see ``iter_encoded_payload``).
+# Keys, and elements of list and mapping values, encoded per piece when encoding
+# incrementally (see ``iter_encoded_payload``).
 ENCODE_CHUNK_KEYS = 512
+ENCODE_CHUNK_ELEMENTS = 1024
 
 
 def new_payload_id() -> str:
@@ -160,21 +162,63 @@ def _loads(body: Union[bytes, str]) -> Any:
         raise ValueError("JSON is nested too deeply") from None
 
 
-def iter_encoded_payload(payload: Payload, chunk_keys: int = ENCODE_CHUNK_KEYS) -> Iterator[str]:
-    """Encode ``payload`` as JSON text in pieces of at most ``chunk_keys`` data keys.
+def iter_encoded_payload(
+    payload: Payload,
+    chunk_keys: int = ENCODE_CHUNK_KEYS,
+    chunk_elements: int = ENCODE_CHUNK_ELEMENTS,
+) -> Iterator[str]:
+    """Encode ``payload`` as JSON text in pieces that each take little time.
 
-    The C encoder holds the GIL for a whole ``json.dumps`` call; encoding in
-    pieces lets a caller hand the GIL back between them so a big payload does
-    not stall the application's threads.
+    A piece holds at most ``chunk_keys`` data keys, and ends once its list and
+    mapping values hold ``chunk_elements`` elements; a value with more elements
+    than that is encoded alone, in slices of ``chunk_elements``. The C encoder
+    holds the GIL for a whole ``json.dumps`` call; encoding in pieces lets a
+    caller hand the GIL back between them so a big payload does not stall the
+    application's threads.
     """
     head = _dumps(payload_header(payload))
     yield head[:-1] + ',"data":{'
-    data = payload.data
-    keys = list(data)
-    for start in range(0, len(keys), chunk_keys):
-        piece = _dumps({key: data[key] for key in keys[start : start + chunk_keys]})
-        yield ("," if start else "") + piece[1:-1]
+    separator = ""
+    batch: Dict[str, Any] = {}
+    elements = 0
+    for key, value in payload.data.items():
+        container = value if isinstance(value, (list, tuple, dict)) else ()
+        if len(container) > chunk_elements:
+            if batch:
+                yield separator + _dumps(batch)[1:-1]
+                separator, batch, elements = ",", {}, 0
+            yield from _iter_encoded_slices(
+                separator + _dumps(key) + ":", container, chunk_elements
+            )
+            separator = ","
+            continue
+        batch[key] = value
+        elements += len(container)
+        if len(batch) >= chunk_keys or elements >= chunk_elements:
+            yield separator + _dumps(batch)[1:-1]
+            separator, batch, elements = ",", {}, 0
+    if batch:
+        yield separator + _dumps(batch)[1:-1]
     yield "}}"
+
+
+def _iter_encoded_slices(
+    prefix: str, value: Union[List[Any], Tuple[Any, ...], Dict[str, Any]], size: int
+) -> Iterator[str]:
+    """``prefix`` and one big list or mapping, encoded ``size`` elements at a time."""
+    size = max(size, 1)
+    if isinstance(value, dict):
+        items = list(value.items())
+        opening, closing = "{", "}"
+        pieces = (_dumps(dict(items[start : start + size])) for start in range(0, len(items), size))
+    else:
+        opening, closing = "[", "]"
+        pieces = (_dumps(value[start : start + size]) for start in range(0, len(value), size))
+    separator = prefix + opening
+    for piece in pieces:
+        yield separator + piece[1:-1]
+        separator = ","
+    yield closing
 
 
 def encode_payload(payload: Payload) -> bytes:

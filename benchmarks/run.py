@@ -1,0 +1,221 @@
+"""Run every benchmark, print the table, write ``benchmarks/results.json``.
+
+Usage: ``python benchmarks/run.py [--output PATH]`` (or ``python -m benchmarks``).
+Takes about a minute. Every figure is measured beside its baseline in the same
+process and run; ratios are what the targets (issue 6) are about.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
+
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import bench_client
+from benchmarks.bench_server import ingest
+
+RESULTS_PATH = Path(__file__).resolve().parent / "results.json"
+
+# Whatever the machine says, the benchmark measures telemetry switched on.
+_ENV_THAT_TURNS_TELEMETRY_OFF = ("CI", "DO_NOT_TRACK", "BENCH_TELEMETRY")
+
+
+class Sizes(NamedTuple):
+    """How big each benchmark runs: ``FULL`` for the figures, ``TINY`` for the smoke test."""
+
+    calls_number: int = 200_000
+    calls_rounds: int = 5
+    contended_calls_per_thread: int = 50_000
+    contended_rounds: int = 3
+    import_runs: int = 15
+    buffer_items: int = 100_000
+    encode_rounds: int = 5
+    stall_items: int = 100_000
+    stall_baseline_s: float = 1.0
+    ingest_payloads: int = 3_000
+    ingest_threads: int = 4
+
+
+FULL = Sizes()
+TINY = Sizes(
+    calls_number=200,
+    calls_rounds=1,
+    contended_calls_per_thread=200,
+    contended_rounds=1,
+    import_runs=1,
+    buffer_items=2_000,
+    encode_rounds=1,
+    stall_items=2_000,
+    stall_baseline_s=0.05,
+    ingest_payloads=40,
+    ingest_threads=2,
+)
+
+
+def run_all(sizes: Sizes = FULL, log: Callable[[str], object] = print) -> Dict[str, Any]:
+    """Every benchmark once, at ``sizes``; returns the raw results (JSON-ready)."""
+    for name in _ENV_THAT_TURNS_TELEMETRY_OFF:
+        os.environ.pop(name, None)
+    results: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as state_dir:
+        bench_client.init_default_client(state_dir)
+        log("collection calls (telemetry on) ...")
+        results["calls_on"] = bench_client.collection_calls(sizes.calls_number, sizes.calls_rounds)
+        log("collection calls (telemetry off) ...")
+        with bench_client.consent_off():
+            results["calls_off"] = bench_client.collection_calls(
+                sizes.calls_number, sizes.calls_rounds
+            )
+        log("4-thread contention ...")
+        results["contended"] = bench_client.contended(
+            4, sizes.contended_calls_per_thread, sizes.contended_rounds
+        )
+    log("import time ...")
+    results["import"] = bench_client.import_time(sizes.import_runs)
+    log("buffer memory ...")
+    results["memory"] = bench_client.buffer_memory(sizes.buffer_items)
+    log("snapshot + encode ...")
+    results["snapshot_encode"] = bench_client.snapshot_encode(
+        sizes.buffer_items, sizes.encode_rounds
+    )
+    log("stall test ...")
+    results["stall"] = bench_client.stall(sizes.stall_items, sizes.stall_baseline_s)
+    log("server ingest ...")
+    results["server"] = ingest(sizes.ingest_payloads, sizes.ingest_threads)
+    return results
+
+
+class Row(NamedTuple):
+    """One line of the table: a figure, its baseline, their ratio, the target and the verdict."""
+
+    figure: str
+    value: str
+    baseline: str
+    ratio: str
+    target: str
+    met: Optional[bool]
+
+
+def _ratio_row(figure: str, value: float, baseline: float, unit: str, limit: float) -> Row:
+    ratio = value / baseline
+    return Row(figure, f"{value:,.1f} {unit}", f"{baseline:,.1f} {unit}", f"{ratio:.2f}x",
+               f"<= {limit:g}x", ratio <= limit)
+
+
+def table_rows(results: Dict[str, Any]) -> List[Row]:
+    """The figures against their targets, ratios computed from the raw numbers."""
+    rows: List[Row] = []
+    for name, call in results["calls_on"].items():
+        limit = 1.5 if name == "increment" else 3.0
+        rows.append(_ratio_row(f"{name} (ns/call)", call["ns"], call["floor_ns"], "ns", limit))
+    for name, call in results["calls_off"].items():
+        rows.append(_ratio_row(f"{name}, off (ns/call)", call["ns"], call["floor_ns"], "ns", 0.5))
+
+    contended = results["contended"]
+    ratio = contended["floor_calls_per_s"] / contended["calls_per_s"]
+    rows.append(Row(
+        f"increment, {contended['threads']} threads (calls/s)",
+        f"{contended['calls_per_s']:,}", f"{contended['floor_calls_per_s']:,}",
+        f"{ratio:.2f}x", "", None,  # no target of its own: time per call over the floor's
+    ))
+
+    imported = results["import"]
+    added = imported["import_ms"] - imported["baseline_ms"]
+    rows.append(Row(
+        "import telemetry (ms, median)", f"{imported['import_ms']:.1f} ms",
+        f"{imported['baseline_ms']:.1f} ms", f"+{added:.1f} ms", "<= +30 ms", added <= 30,
+    ))
+
+    for name, memory in results["memory"].items():
+        rows.append(Row(
+            f"buffer, {memory['items']:,} items, {name} (MB)", f"{memory['mb']:.1f} MB",
+            "", f"{memory['bytes_per_item']:.0f} B/item", "<= 30 MB", memory["mb"] <= 30,
+        ))
+    for name, encoded in results["snapshot_encode"].items():
+        rows.append(Row(
+            f"snapshot+encode, {encoded['items']:,} items, {name}", f"{encoded['ms']:.1f} ms",
+            "", "", "<= 150 ms", encoded["ms"] <= 150,
+        ))
+
+    stall = results["stall"]
+    during, alone = stall["during_emission"], stall["uncontended"]
+    p99_ratio = during["p99_us"] / alone["p50_us"]
+    rows.append(Row(
+        f"increment p50 while emitting {stall['items']:,} items", f"{during['p50_us']:.2f} us",
+        f"{alone['p50_us']:.2f} us", f"{during['p50_us'] / alone['p50_us']:.2f}x", "", None,
+    ))
+    rows.append(Row(
+        "increment p99 while emitting (vs uncontended p50)", f"{during['p99_us']:.2f} us",
+        f"{alone['p50_us']:.2f} us", f"{p99_ratio:.2f}x", "<= 10x", p99_ratio <= 10,
+    ))
+    rows.append(Row(
+        "increment max while emitting (stall)", f"{during['max_us'] / 1000:.2f} ms",
+        f"{alone['max_us'] / 1000:.2f} ms", "", "<= 5 ms",
+        during["max_us"] <= 5000 and stall["delivered"],
+    ))
+    rows.append(Row(
+        "  calls over 5 ms while emitting", f"{during['over_5ms']}", f"{alone['over_5ms']}",
+        "", "", None,
+    ))
+    rows.append(Row(
+        "  most emitter CPU inside one call", f"{during['max_emitter_cpu_us'] / 1000:.2f} ms",
+        "", "", "", None,
+    ))
+
+    server = results["server"]
+    rows.append(Row(
+        f"server ingest, 10-key payloads, {server['threads']} threads",
+        f"{server['payloads_per_s']:,.0f} /s", "", "", ">= 1,000 /s",
+        server["payloads_per_s"] >= 1000 and server["stored"] == server["payloads"],
+    ))
+    return rows
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """The rows as an aligned text table."""
+    header = Row("figure", "value", "baseline", "ratio", "target", None)
+    cells = [[*row[:5], "met?" if row is header else _verdict(row.met)] for row in [header, *rows]]
+    widths = [max(len(line[column]) for line in cells) for column in range(6)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip()
+             for line in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _verdict(met: Optional[bool]) -> str:
+    return "" if met is None else ("yes" if met else "NO")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=RESULTS_PATH, help="where to write JSON")
+    arguments = parser.parse_args(argv)
+    began = time.perf_counter()
+    results = run_all(FULL, log=lambda message: print(message, file=sys.stderr, flush=True))
+    rows = table_rows(results)
+    print(format_table(rows))
+    elapsed = time.perf_counter() - began
+    print(f"\n{sum(row.met is False for row in rows)} target(s) missed; took {elapsed:.0f} s")
+    document = {
+        "command": "python benchmarks/run.py",
+        "python": sys.version.split()[0],
+        "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs",
+        "seconds": round(elapsed, 1),
+        "table": [row._asdict() for row in rows],
+        "results": results,
+    }
+    arguments.output.write_text(json.dumps(document, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Smoke test of ``benchmarks/``: every benchmark runs once, tiny, so none can rot.
+
+The figures themselves come from ``python benchmarks/run.py``, never from CI.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Dict
+
+import pytest
+
+import telemetry
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # ``benchmarks`` is not installed: it lives next to ``tests``
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_client, run  # noqa: E402
+
+TINY = run.TINY
+
+
+@pytest.fixture
+def results(default_client: telemetry.Client) -> Dict[str, Any]:
+    """Every benchmark once at tiny sizes, on a default client of this test's own."""
+    return run.run_all(TINY, log=lambda message: None)
+
+
+def _assert_beside_floor(calls: Dict[str, Dict[str, float]]) -> None:
+    assert set(calls) == set(bench_client.CALLS)
+    for figures in calls.values():
+        assert figures["ns"] > 0
+        assert figures["floor_ns"] > 0
+        assert figures["ratio"] == pytest.approx(figures["ns"] / figures["floor_ns"], abs=0.01)
+
+
+def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -> None:
+    assert set(results) == {
+        "calls_on", "calls_off", "contended", "import", "memory", "snapshot_encode", "stall",
+        "server",
+    }
+    _assert_beside_floor(results["calls_on"])
+    _assert_beside_floor(results["calls_off"])
+
+    contended = results["contended"]
+    assert contended["threads"] == 4
+    assert contended["calls_per_s"] > 0
+    assert contended["floor_calls_per_s"] > 0
+    assert contended["ratio"] == pytest.approx(
+        contended["floor_calls_per_s"] / contended["calls_per_s"], abs=0.01
+    )
+
+    imported = results["import"]
+    assert imported["runs"] == TINY.import_runs
+    assert imported["import_ms"] > 0
+    assert imported["baseline_ms"] > 0
+    assert imported["added_ms"] == pytest.approx(
+        imported["import_ms"] - imported["baseline_ms"], abs=0.11
+    )
+
+    # The fills hold exactly the items asked for, of every kind.
+    assert set(results["memory"]) == set(bench_client.FILLS)
+    for memory in results["memory"].values():
+        assert memory["items"] == TINY.buffer_items
+        assert memory["bytes"] > 0
+        assert memory["mb"] == pytest.approx(memory["bytes"] / 1e6, abs=0.01)
+        assert memory["bytes_per_item"] == pytest.approx(memory["bytes"] / memory["items"], 0.01)
+    for encoded in results["snapshot_encode"].values():
+        assert encoded["items"] == TINY.buffer_items
+        assert encoded["ms"] > 0
+        assert 0 < encoded["body_bytes"] < encoded["raw_bytes"]  # gzipped
+
+    stall = results["stall"]
+    assert stall["delivered"] is True
+    assert stall["items"] == TINY.stall_items
+    assert stall["request_body_bytes"]
+    for phase in ("uncontended", "during_emission"):
+        figures = stall[phase]
+        assert figures["calls"] > 0
+        assert 0 < figures["p50_us"] <= figures["p99_us"] <= figures["max_us"]
+        assert figures["over_5ms"] <= figures["over_1ms"] <= figures["calls"]
+    phases = stall["client_work"]["seconds"] + stall["sending"]["seconds"]
+    assert 0 < phases <= stall["emission_s"] + 0.002  # each figure is rounded to 1 ms
+
+    server = results["server"]
+    assert server["payloads"] == server["stored"] == TINY.ingest_payloads
+    assert server["failures"] == 0
+    assert server["payloads_per_s"] > 0
+
+    rows = run.table_rows(results)
+    by_figure = {row.figure: row for row in rows}
+    increment = results["calls_on"]["increment"]
+    row = by_figure["increment (ns/call)"]
+    assert row.ratio == f"{increment['ns'] / increment['floor_ns']:.2f}x"
+    assert row.met == (increment["ns"] / increment["floor_ns"] <= 1.5)
+    assert all(row.met in (True, False) for row in rows if row.target)
+    assert all(row.met is None for row in rows if not row.target)
+    table = run.format_table(rows)
+    assert table.splitlines()[0].split() == ["figure", "value", "baseline", "ratio", "target",
+                                             "met?"]
+    assert all(row.figure.strip() in table for row in rows)
+
+
+def test_the_buffer_fills_hold_exactly_the_items_asked_for(tmp_path: Path) -> None:
+    for fill in bench_client.FILLS.values():
+        for items in (0, 1, 2, 37, 1_000):
+            client = bench_client.isolated_client(str(tmp_path))
+            fill(client, items)
+            payload = client.take_payload()
+            assert payload is not None
+            assert payload.items == items
+            assert payload.dropped == 0
