@@ -490,4 +490,6 @@ class Emitter:
             return
         dropped = self._spool.spool(to_spool)
         if dropped:
-            logger.warning("telemetry: spool full; %d items were dropped", dropped)
+            # The spool's bounds, or a disk error it has logged: say what, not why.
+            logger.warning("telemetry: %d undelivered items could not be kept in the spool; "
+                           "they were dropped", dropped)
