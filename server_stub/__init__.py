@@ -1,26 +1,31 @@
-"""Reference collection server for the ``telemetry`` client (standard library only).
+"""Reference collection server for the ``telemetry`` client (standard library only with SQLite).
 
 - ``create_app(...)``: the WSGI application (``gunicorn 'server_stub:create_app(db="t.db")'``).
 - ``serve(port=0)``: the app on a background thread, for tests (a ``Server``).
 - ``python -m server_stub``: the app under the standard library's threading WSGI server.
+- ``db="postgresql://..."``: ``PostgresStore`` (the ``postgres`` extra), for several workers.
 """
 
 from ._app import App, create_app
 from ._harness import RecordedRequest, ScriptedResponse, Server, serve
 from ._policy import Policy, PolicyRules, RateLimit
-from ._store import PayloadRecord, SQLiteStore, Store
+from ._postgres import PostgresStore
+from ._store import PayloadRecord, SQLiteStore, Store, UnstorablePayload, open_store
 
 __all__ = [
     "App",
     "PayloadRecord",
     "Policy",
     "PolicyRules",
+    "PostgresStore",
     "RateLimit",
     "RecordedRequest",
     "SQLiteStore",
     "ScriptedResponse",
     "Server",
     "Store",
+    "UnstorablePayload",
     "create_app",
+    "open_store",
     "serve",
 ]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import sqlite3
 import sys
 from types import FrameType
 from typing import List, Optional
@@ -13,7 +12,8 @@ from typing import List, Optional
 from ._app import App
 from ._harness import make_server
 from ._policy import Policy
-from ._store import SQLiteStore
+from ._postgres import redact_url
+from ._store import open_store
 
 logger = logging.getLogger("server_stub")
 
@@ -24,7 +24,11 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8080, help="port (0: any free port)")
-    parser.add_argument("--db", default=":memory:", help="SQLite database file")
+    parser.add_argument(
+        "--db",
+        default=":memory:",
+        help="SQLite database file, or a postgresql:// URL (needs the 'postgres' extra)",
+    )
     parser.add_argument("--policy", metavar="FILE", help="policy JSON file (re-read on change)")
     return parser.parse_args(argv)
 
@@ -42,9 +46,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"server_stub: bad policy file {args.policy}: {exc}", file=sys.stderr)
         return 2
     try:
-        store = SQLiteStore(args.db)
-    except sqlite3.Error as exc:
-        print(f"server_stub: cannot open database {args.db}: {exc}", file=sys.stderr)
+        store = open_store(args.db)
+    except Exception as exc:  # sqlite3, psycopg or a missing driver: all mean "cannot start"
+        print(f"server_stub: cannot open database {redact_url(args.db)}: {exc}", file=sys.stderr)
         return 2
     try:
         httpd = make_server(args.host, args.port, App(store, policy))

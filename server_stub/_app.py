@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 from urllib.parse import parse_qs
 
 from ._policy import Policy
-from ._store import PayloadRecord, SQLiteStore, Store
+from ._store import PayloadRecord, Store, UnstorablePayload, open_store
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -466,8 +466,11 @@ class App:
                     {"error": "rate limit exceeded", "next_update": retry_after * 1_000_000_000},
                     [("Retry-After", str(retry_after))],
                 )
-        if not self.store.add(record):
-            logger.debug("payload %s already stored; acknowledged again", record.payload_id)
+        try:
+            if not self.store.add(record):
+                logger.debug("payload %s already stored; acknowledged again", record.payload_id)
+        except UnstorablePayload as exc:
+            raise HTTPError(400, f"payload cannot be stored: {exc}") from None
         return Response(200, rules.response_fields(instance_id))
 
     def instance(self, environ: WSGIEnvironment, instance_id: str) -> Response:
@@ -506,13 +509,15 @@ def create_app(
 ) -> App:
     """The WSGI application; e.g. ``gunicorn 'server_stub:create_app(db="telemetry.db")'``.
 
-    ``store`` defaults to ``SQLiteStore(db)``; ``policy`` to one loaded from
-    ``policy_file`` (re-read when it changes), or the default policy.
+    ``store`` defaults to the one ``db`` names: a SQLite file (or ``":memory:"``),
+    or a ``postgresql://`` URL (``PostgresStore``: several workers can share it).
+    ``policy`` defaults to one loaded from ``policy_file`` (re-read when it
+    changes, by every worker), or the default policy.
     """
     if policy is not None and policy_file is not None:
         raise ValueError("pass either policy or policy_file, not both")
     if policy is None:
         policy = Policy(policy_file)
     if store is None:
-        store = SQLiteStore(os.fspath(db))
+        store = open_store(os.fspath(db))
     return App(store, policy, clock=clock)

@@ -22,7 +22,7 @@ from wsgiref.util import is_hop_by_hop
 
 from ._app import App, HTTPError, Response, body_fully_read, request_body
 from ._policy import Policy
-from ._store import SQLiteStore
+from ._store import open_store
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -298,7 +298,7 @@ class Server:
         db: str = ":memory:",
         policy: Optional[Policy] = None,
     ) -> None:
-        self.store = SQLiteStore(db)
+        self.store = open_store(db)
         self.app = App(self.store, policy if policy is not None else Policy())
         self._closing = threading.Event()
         self._closed = False
@@ -557,5 +557,8 @@ def serve(
     db: str = ":memory:",
     policy: Optional[Policy] = None,
 ) -> Server:
-    """Start the server on a background thread (``port=0``: any free port)."""
+    """Start the server on a background thread (``port=0``: any free port).
+
+    ``db``: a SQLite file, ``":memory:"``, or a ``postgresql://`` URL.
+    """
     return Server(host, port, db=db, policy=policy)

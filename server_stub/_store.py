@@ -15,9 +15,19 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Mapping, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Protocol, Union
 
-__all__ = ["PayloadRecord", "SQLiteStore", "Store", "aggregate_keys"]
+if TYPE_CHECKING:
+    from ._postgres import PostgresStore
+
+__all__ = [
+    "PayloadRecord",
+    "SQLiteStore",
+    "Store",
+    "UnstorablePayload",
+    "aggregate_keys",
+    "open_store",
+]
 
 logger = logging.getLogger("server_stub")
 
@@ -41,11 +51,18 @@ class PayloadRecord:
         return dropped if isinstance(dropped, int) else 0
 
 
+class UnstorablePayload(ValueError):
+    """The store cannot represent this (valid) payload, e.g. ``\\u0000`` in PostgreSQL's jsonb."""
+
+
 class Store(Protocol):
     """Where payloads go. Implementations must be safe to call from many threads."""
 
     def add(self, record: PayloadRecord) -> bool:
-        """Store ``record``; False when its ``payload_id`` was already stored (nothing changes)."""
+        """Store ``record``; False when its ``payload_id`` was already stored (nothing changes).
+
+        Raises ``UnstorablePayload`` when the backend cannot hold its content.
+        """
         ...
 
     def stats(self) -> dict[str, Any]:
@@ -121,6 +138,16 @@ def aggregate_keys(datas: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     for key, merged in counting_sets.items():
         totals[key] = [{"value": merged[k][0], "count": merged[k][1]} for k in sorted(merged)]
     return dict(sorted(totals.items()))
+
+
+def open_store(db: str) -> Union[SQLiteStore, PostgresStore]:
+    """The store ``db`` names: a ``postgresql://`` (or ``postgres://``) URL is PostgreSQL
+    (psycopg 3, imported now), anything else a SQLite file, or ``":memory:"``."""
+    from ._postgres import PostgresStore, is_postgres_url  # noqa: PLC0415 - it imports this module
+
+    if is_postgres_url(db):
+        return PostgresStore(db)
+    return SQLiteStore(db)
 
 
 _SCHEMA = """

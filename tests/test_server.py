@@ -1,4 +1,8 @@
-"""The reference server over real loopback HTTP: protocol, validation, storage, harness, CLI."""
+"""The reference server over real loopback HTTP: protocol, validation, storage, harness, CLI.
+
+Every test that uses ``telemetry_server`` (or ``backend_db``) runs twice: on
+in-memory SQLite and on a fresh schema of the session's real PostgreSQL.
+"""
 
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server_stub import Policy, Server, SQLiteStore, create_app, serve
+from server_stub import Policy, Server, create_app, open_store, serve
 
 NS = 1_000_000_000
 MIB = 1 << 20
@@ -100,6 +104,22 @@ def assert_healthy(server: Server) -> None:
     response = get(server, "/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend_db(request: pytest.FixtureRequest) -> str:
+    """``db`` for the server under test: in-memory SQLite, or an empty PostgreSQL schema."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return ":memory:"
+
+
+@pytest.fixture
+def telemetry_server(backend_db: str) -> Iterator[Server]:
+    """The plugin's fixture, on each storage backend."""
+    with serve(port=0, db=backend_db) as server:
+        yield server
 
 
 def assert_error(response: requests.Response, status: int) -> None:
@@ -790,9 +810,9 @@ def test_rate_limit_answers_429_with_retry_after(telemetry_server: Server) -> No
     assert post(telemetry_server, make_payload(limited)).status_code == 200
 
 
-def test_rate_limit_window_restarts() -> None:
+def test_rate_limit_window_restarts(backend_db: str) -> None:
     clock = [1000.0]
-    store = SQLiteStore()
+    store = open_store(backend_db)
     try:
         assert store.check_rate("a", 2, 10.0, clock[0]) is None
         assert store.check_rate("a", 2, 10.0, clock[0] + 1) is None
@@ -897,15 +917,15 @@ def test_concurrent_clients_give_exact_totals(telemetry_server: Server) -> None:
     }
 
 
-def test_file_database_survives_a_restart(tmp_path: Path) -> None:
-    db = str(tmp_path / "telemetry.db")
+def test_file_database_survives_a_restart(tmp_path: Path, backend_db: str) -> None:
+    db = str(tmp_path / "telemetry.db") if backend_db == ":memory:" else backend_db
     payload = make_payload(data={"n": 7})
     with serve(db=db) as server:
         assert post(server, payload).status_code == 200
     with serve(db=db) as server:
         assert post(server, payload).status_code == 200  # still a duplicate
         assert server.stats() == {"instances": 1, "payloads": 1, "dropped": 0, "keys": {"n": 7}}
-    assert (tmp_path / "telemetry.db").exists()
+    assert (tmp_path / "telemetry.db").exists() == (db != backend_db)
 
 
 def test_create_app_is_a_plain_wsgi_application(tmp_path: Path) -> None:

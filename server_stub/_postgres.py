@@ -1,0 +1,401 @@
+"""PostgreSQL storage, for several worker processes (or machines) sharing one database.
+
+``PostgresStore`` implements the ``Store`` seam with psycopg 3 and a
+``psycopg_pool.ConnectionPool``; both are imported only when one is created, so
+the server still runs on the standard library alone with SQLite. Install them
+with the ``postgres`` extra.
+
+- The schema is created or migrated when a store is created, under a
+  transaction-scoped advisory lock, so several workers starting at once
+  migrate it exactly once; ``schema_version`` holds the version.
+- Everything the workers must share lives in the database: payloads
+  (deduplicated by ``payload_id`` with ``ON CONFLICT DO NOTHING``) and the
+  per-instance rate-limit windows (one atomic upsert per accepted payload).
+- ``stats()`` is computed by PostgreSQL with jsonb functions and gives exactly
+  what ``aggregate_keys`` gives over the same payloads (one difference that
+  jsonb imposes: it has no negative zero, so ``-0.0`` is stored as ``0.0``).
+- jsonb cannot hold ``\\u0000`` or an unpaired surrogate; a payload containing
+  one is refused with ``UnstorablePayload``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from contextlib import contextmanager
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
+from urllib.parse import urlsplit, urlunsplit
+
+from ._store import PayloadRecord, UnstorablePayload
+
+if TYPE_CHECKING:
+    import psycopg
+    import psycopg_pool
+
+__all__ = ["SCHEMA_VERSION", "PostgresStore", "is_postgres_url", "migrate", "redact_url"]
+
+# pg_advisory_xact_lock key for migrations: any constant unlikely to be used by
+# another application on the same database ("telemetry" in ASCII).
+_MIGRATION_LOCK = 0x74656C656D657472
+
+_MIGRATIONS: Tuple[str, ...] = (
+    # 1: payloads and rate-limit windows.
+    """
+    CREATE TABLE payloads (
+        seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- received order
+        payload_id  text NOT NULL UNIQUE,
+        instance_id text NOT NULL,
+        sent_at     text NOT NULL,         -- the client's RFC 3339 timestamp, as sent
+        received_at timestamptz NOT NULL,
+        data        jsonb NOT NULL,
+        client      jsonb,
+        dropped     bigint NOT NULL DEFAULT 0
+    );
+    -- /v1/instances/<uuid> (newest first, paged) and COUNT(DISTINCT instance_id).
+    CREATE INDEX payloads_by_instance ON payloads (instance_id, seq);
+    CREATE TABLE rate_windows (
+        instance_id  text PRIMARY KEY,
+        window_start double precision NOT NULL,
+        count        bigint NOT NULL       -- payloads accepted in this window
+    );
+    """,
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+"""The schema version this code creates and expects."""
+
+_INSERT = """
+INSERT INTO payloads (payload_id, instance_id, sent_at, received_at, data, client, dropped)
+VALUES (%s, %s, %s, %s::timestamptz, %s::jsonb, %s::jsonb, %s)
+ON CONFLICT (payload_id) DO NOTHING
+"""
+
+# How aggregate_keys totals the value e.value: 'c' an integer counter (summed),
+# 's' a counting set (merged), 'v' anything else (the latest wins). Integers are
+# numbers written without a point: floats always have one (see _encode). Written
+# out in the query rather than as an SQL function, which PostgreSQL would not
+# inline (a call per value costs 5x the whole scan).
+_VALUE_KIND = """CASE
+    WHEN jsonb_typeof(e.value) = 'number' AND e.value::text ~ '^-?[0-9]+$' THEN 'c'
+    WHEN jsonb_typeof(e.value) = 'array' AND jsonb_array_length(e.value) > 0
+         AND NOT EXISTS (
+             SELECT FROM jsonb_array_elements(e.value) AS item
+             WHERE CASE WHEN jsonb_typeof(item) = 'object' THEN
+                 item - 'value' - 'count' = '{}'::jsonb
+                 AND item ? 'value' AND item ? 'count'
+                 AND jsonb_typeof(item -> 'count') = 'number'
+                 AND (item -> 'count')::text ~ '^-?[0-9]+$'
+             ELSE false END IS NOT TRUE
+         ) THEN 's'
+    ELSE 'v'
+END"""
+
+# One row per key, or per distinct value of a counting-set key, in the shape of
+# aggregate_keys: a key's total is made of its run, the payloads since it last
+# changed kind. Only `latest` and `bounds` (a row per key and kind) are sorted.
+_KEY_TOTALS = f"""
+WITH entries AS (
+    SELECT p.seq, e.key, e.value, {_VALUE_KIND} AS kind
+    FROM payloads AS p CROSS JOIN LATERAL jsonb_each(p.data) AS e
+),
+latest AS (
+    SELECT key, kind, max(seq) AS seq FROM entries GROUP BY key, kind
+),
+bounds AS (  -- per key: its last kind, when, and when it last had another kind
+    SELECT key, kind, seq AS last_seq, COALESCE(since, 0) AS since
+    FROM (
+        SELECT key, kind, seq, row_number() OVER w AS rank, lead(seq) OVER w AS since
+        FROM latest WINDOW w AS (PARTITION BY key ORDER BY seq DESC)
+    ) AS ranked
+    WHERE rank = 1
+),
+run AS (
+    SELECT e.key, e.kind, e.value
+    FROM entries AS e JOIN bounds AS b ON b.key = e.key AND b.kind = e.kind
+    WHERE b.kind <> 'v' AND e.seq > b.since
+)
+SELECT e.key, e.kind, e.value::text, NULL
+FROM entries AS e JOIN bounds AS b ON b.key = e.key AND b.last_seq = e.seq
+WHERE b.kind = 'v'
+UNION ALL
+SELECT key, kind, NULL, sum(value::numeric)::text FROM run WHERE kind = 'c' GROUP BY key, kind
+UNION ALL
+SELECT key, kind, (item -> 'value')::text, sum((item -> 'count')::numeric)::text
+FROM run CROSS JOIN LATERAL jsonb_array_elements(run.value) AS item
+WHERE kind = 's'
+GROUP BY key, kind, (item -> 'value')::text
+"""  # noqa: S608 - built from constants only
+
+# A fixed window per instance, as SQLiteStore keeps it, counted in one atomic
+# statement: it returns a row only when this payload is allowed (and counted).
+_EXPIRED = (
+    "(excluded.window_start >= w.window_start + %(window)s"
+    " OR excluded.window_start < w.window_start)"
+)
+_CHECK_RATE = f"""
+INSERT INTO rate_windows AS w (instance_id, window_start, count)
+VALUES (%(instance_id)s, %(now)s, 1)
+ON CONFLICT (instance_id) DO UPDATE SET
+    window_start = CASE WHEN {_EXPIRED} THEN excluded.window_start ELSE w.window_start END,
+    count = CASE WHEN {_EXPIRED} THEN 1 ELSE w.count + 1 END
+WHERE {_EXPIRED} OR w.count < %(limit)s
+RETURNING count
+"""  # noqa: S608 - built from constants only
+
+_ROW_COLUMNS = (
+    "payload_id, sent_at,"
+    """ to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), data, client"""
+)
+
+# A JSON string (skipped), or a number Python wrote with a positive exponent.
+_STRING_OR_EXPONENT = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(-?[0-9]+(?:\.[0-9]+)?e\+[0-9]+)')
+
+
+def is_postgres_url(db: str) -> bool:
+    """Whether ``--db``/``create_app(db=...)`` names a PostgreSQL database."""
+    return db.startswith(("postgresql://", "postgres://"))
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (for logs and messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
+
+
+def _encode(value: object) -> str:
+    """JSON for a jsonb column, keeping floats floats.
+
+    jsonb keeps numbers as ``numeric``: ``1e+16`` (how Python writes floats from
+    1e16 up) would come back as the integer 10000000000000000 and be summed as a
+    counter. Such numbers are written out in full with a ``.0``.
+    """
+    text = json.dumps(value, separators=(",", ":"))
+    if "e+" in text:
+        text = _STRING_OR_EXPONENT.sub(_positional, text)
+    return text
+
+
+def _positional(match: re.Match[str]) -> str:
+    number = match.group(1)
+    if number is None:
+        return match.group(0)
+    return format(Decimal(number), "f") + ".0"
+
+
+def _identity(value: object) -> str:
+    return json.dumps(value, sort_keys=True)
+
+
+def _import_driver() -> Tuple[Any, Any]:
+    try:
+        import psycopg  # noqa: PLC0415 - only PostgreSQL deployments need the driver
+        import psycopg_pool  # noqa: PLC0415
+    except ImportError as exc:
+        raise ImportError(
+            "PostgreSQL storage needs psycopg 3 and psycopg_pool: pip install 'telemetry[postgres]'"
+        ) from exc
+    return psycopg, psycopg_pool
+
+
+def migrate(connection: psycopg.Connection[Any]) -> int:
+    """Bring the schema on ``connection`` (its search path) to ``SCHEMA_VERSION``.
+
+    Idempotent and safe to run from many processes at once: the whole check and
+    migration is one transaction holding an advisory lock. Returns the version
+    found before migrating (0 for an empty database). Raises ``RuntimeError``
+    when the database was migrated by newer code.
+    """
+    with connection.transaction():
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
+        connection.execute("CREATE TABLE IF NOT EXISTS schema_version (version integer NOT NULL)")
+        row = connection.execute("SELECT max(version) FROM schema_version").fetchone()
+        found = int(row[0]) if row is not None and row[0] is not None else 0
+        if found > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema version {found} is newer than this server's ({SCHEMA_VERSION})"
+            )
+        for ddl in _MIGRATIONS[found:]:
+            connection.execute(ddl)
+        if found < SCHEMA_VERSION:
+            connection.execute("DELETE FROM schema_version")
+            connection.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
+    return found
+
+
+class PostgresStore:
+    """PostgreSQL storage through a connection pool, shared by threads of one process.
+
+    The pool is created on first use in each process: a server that forks its
+    workers after ``create_app()`` (``gunicorn --preload``) gives each worker
+    its own connections. ``url`` is a libpq URL (``postgresql://user@host/db``;
+    ``?options=-csearch_path%3Dname`` selects a schema).
+    """
+
+    def __init__(
+        self, url: str, *, min_size: int = 1, max_size: int = 8, timeout: float = 10.0
+    ) -> None:
+        """Connect once to create or migrate the schema (errors surface here, at start)."""
+        self.url = url
+        self._min_size = min_size
+        self._max_size = max(min_size, max_size)
+        self._timeout = timeout
+        self._psycopg, self._psycopg_pool = _import_driver()
+        self._lock = threading.Lock()
+        self._pool: Optional[psycopg_pool.ConnectionPool[Any]] = None
+        self._pool_pid = 0
+        self._closed = False
+        with self._psycopg.connect(
+            url, autocommit=True, connect_timeout=max(1, round(timeout))
+        ) as connection:
+            migrate(connection)
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({redact_url(self.url)!r})"
+
+    def _get_pool(self) -> psycopg_pool.ConnectionPool[Any]:
+        pid = os.getpid()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("store is closed")
+            if self._pool is None or self._pool_pid != pid:
+                # A pool inherited through fork() is the parent's: its connections
+                # and threads are not this process's to use (nor to close).
+                self._pool = self._psycopg_pool.ConnectionPool(
+                    self.url,
+                    min_size=self._min_size,
+                    max_size=self._max_size,
+                    kwargs={"autocommit": True},
+                    timeout=self._timeout,
+                    name="server_stub",
+                    open=True,
+                )
+                self._pool_pid = pid
+            return self._pool
+
+    @contextmanager
+    def _connection(self) -> Iterator[psycopg.Connection[Any]]:
+        with self._get_pool().connection() as connection:
+            yield connection
+
+    def add(self, record: PayloadRecord) -> bool:
+        row = (
+            record.payload_id,
+            record.instance_id,
+            record.timestamp,
+            record.received_at,
+            _encode(record.data),
+            _encode(record.client) if record.client is not None else None,
+            record.dropped,
+        )
+        try:
+            with self._connection() as connection:
+                cursor = connection.execute(_INSERT, row)
+        except self._psycopg.DataError as exc:
+            # \u0000 or an unpaired surrogate: jsonb cannot hold them.
+            raise UnstorablePayload(str(exc).splitlines()[0]) from None
+        return cursor.rowcount == 1
+
+    def stats(self) -> dict[str, Any]:
+        with self._connection() as connection, connection.transaction():
+            # One snapshot, so that the counts and the key totals agree.
+            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            # jsonb_each's row estimates make the planner expect a huge query and
+            # compile it (JIT): half a second lost on every call.
+            connection.execute("SET LOCAL jit = off")
+            row = connection.execute(
+                "SELECT count(DISTINCT instance_id), count(*), COALESCE(sum(dropped), 0)"
+                " FROM payloads"
+            ).fetchone()
+            assert row is not None
+            instances, payloads, dropped = row
+            key_rows = connection.execute(_KEY_TOTALS).fetchall()
+        return {
+            "instances": instances,
+            "payloads": payloads,
+            "dropped": int(dropped),
+            "keys": _key_totals(key_rows),
+        }
+
+    def instance_payloads(self, instance_id: str, limit: int, offset: int) -> list[dict[str, Any]]:
+        with self._connection() as connection:
+            rows = connection.execute(
+                f"SELECT {_ROW_COLUMNS} FROM payloads"  # noqa: S608 - constants only
+                " WHERE instance_id = %s ORDER BY seq DESC LIMIT %s OFFSET %s",
+                (instance_id, limit, offset),
+            ).fetchall()
+        return [
+            {
+                "payload_id": payload_id,
+                "timestamp": sent_at,
+                "received_at": received_at,
+                "data": data,
+                "client": client,
+            }
+            for payload_id, sent_at, received_at, data, client in rows
+        ]
+
+    def all_payloads(self) -> list[dict[str, Any]]:
+        """Every stored payload in received order (with ``instance_id``); for tests and tools."""
+        with self._connection() as connection:
+            rows = connection.execute(
+                f"SELECT instance_id, {_ROW_COLUMNS} FROM payloads ORDER BY seq"  # noqa: S608
+            ).fetchall()
+        return [
+            {
+                "payload_id": payload_id,
+                "instance_id": instance_id,
+                "timestamp": sent_at,
+                "received_at": received_at,
+                "data": data,
+                "client": client,
+            }
+            for instance_id, payload_id, sent_at, received_at, data, client in rows
+        ]
+
+    def check_rate(
+        self, instance_id: str, limit: int, window_s: float, now: float
+    ) -> Optional[float]:
+        parameters = {"instance_id": instance_id, "now": now, "window": window_s, "limit": limit}
+        with self._connection() as connection:
+            if connection.execute(_CHECK_RATE, parameters).fetchone() is not None:
+                return None
+            # Refused: the only case that needs a second statement.
+            row = connection.execute(
+                "SELECT window_start FROM rate_windows WHERE instance_id = %s", (instance_id,)
+            ).fetchone()
+        window_start = float(row[0]) if row is not None else now
+        return max(0.0, window_start + window_s - now)
+
+    def close(self) -> None:
+        """Close this process's pool (connections in use are closed when handed back)."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None and self._pool_pid == os.getpid():
+            pool.close()
+
+
+def _key_totals(rows: list[Tuple[str, str, Optional[str], Optional[str]]]) -> dict[str, Any]:
+    """``aggregate_keys``'s result from the rows of ``_KEY_TOTALS``."""
+    totals: dict[str, Any] = {}
+    counting_sets: dict[str, list[Tuple[str, Any, int]]] = {}
+    for key, kind, value, total in rows:
+        if kind == "c":
+            assert total is not None
+            totals[key] = int(total)
+        elif kind == "s":
+            assert value is not None and total is not None
+            item = json.loads(value)
+            counting_sets.setdefault(key, []).append((_identity(item), item, int(total)))
+        else:
+            assert value is not None
+            totals[key] = json.loads(value)
+    for key, items in counting_sets.items():
+        items.sort(key=lambda entry: entry[0])
+        totals[key] = [{"value": item, "count": count} for _, item, count in items]
+    return dict(sorted(totals.items()))

@@ -1,0 +1,550 @@
+"""PostgreSQL storage: the same answers as SQLite, migrations, and 4 gunicorn workers sharing it.
+
+The HTTP-level tests of ``test_server.py`` run on PostgreSQL too; these are the
+ones only PostgreSQL needs. They use the plugin's session-wide real PostgreSQL
+(``postgres_cluster``/``postgres_url``): when it cannot start they fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import psycopg
+import pytest
+import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from server_stub import PayloadRecord, PostgresStore, SQLiteStore, open_store, serve
+from server_stub._postgres import SCHEMA_VERSION, redact_url
+
+REPO = Path(__file__).resolve().parents[1]
+RECEIVED_AT = "2026-11-23T10:00:00.123456Z"
+
+
+def canonical(value: Any) -> str:
+    """A JSON text that tells 1, 1.0 and true apart (``==`` does not)."""
+    return json.dumps(value, sort_keys=True)
+
+
+def record(
+    data: Dict[str, Any], *, instance_id: str = "i-1", payload_id: Optional[str] = None
+) -> PayloadRecord:
+    return PayloadRecord(
+        payload_id=payload_id or uuid.uuid4().hex,
+        instance_id=instance_id,
+        timestamp="2026-11-23T10:00:00.123456789+01:00",
+        received_at=RECEIVED_AT,
+        data=data,
+        client={"name": "telemetry-python", "dropped": 1},
+    )
+
+
+@pytest.fixture
+def pg_store(postgres_url: str) -> Iterator[PostgresStore]:
+    store = PostgresStore(postgres_url)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def _truncate(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as connection:
+        connection.execute("TRUNCATE payloads, rate_windows")
+
+
+# -- the same answers as SQLite ---------------------------------------------------------------
+
+# jsonb has no \u0000 and no unpaired surrogates (refused, tested below), and no -0.0.
+_TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"))
+_FLOATS = st.floats(allow_nan=False, allow_infinity=False).filter(
+    lambda x: x != 0 or str(x) == "0.0"
+)
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.integers(min_value=-(10**40), max_value=10**40)
+    | _FLOATS
+    | st.sampled_from([1, 1.0, 1e16, 1.5e300, 1e-7, 2**63, "1", True])
+    | _TEXT
+)
+_JSON = st.recursive(
+    _SCALARS,
+    lambda children: (
+        st.lists(children, max_size=3)
+        | st.dictionaries(st.sampled_from(["a", "z", "bb", "é", "value", "count"]), children)
+    ),
+    max_leaves=8,
+)
+_COUNTING_SET = st.lists(
+    st.fixed_dictionaries(
+        {
+            "value": _JSON | st.sampled_from([1, 1.0, "x", {"a": 1, "z": 2}, {"z": 2, "a": 1}]),
+            "count": st.integers() | st.sampled_from([1, 2, 10**20]),
+        }
+    ),
+    max_size=4,
+)
+_VALUES = (
+    st.integers()
+    | st.sampled_from([0, 1, -3, 10**30])
+    | _COUNTING_SET
+    | _JSON
+    # Nearly a counting set: an extra key, a float or bool count, or not all items.
+    | st.sampled_from(
+        [
+            [{"value": "x", "count": 1, "extra": 0}],
+            [{"value": "x", "count": 1.0}],
+            [{"value": "x", "count": True}],
+            [{"value": "x", "count": 1}, 5],
+            [{"count": 1}],
+            [{"value": None}],
+            [{"value": "x", "count": None}],
+            [{"value": "x", "count": "1"}],
+            [{"value": "x", "count": 1}, {"value": "y"}],
+        ]
+    )
+)
+# Few keys, so that they repeat across payloads and change kind.
+_DATAS = st.lists(
+    st.dictionaries(st.sampled_from(["k", "n", "set", "flag", "Z", "ключ", "a b"]), _VALUES),
+    max_size=8,
+)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(datas=_DATAS)
+def test_stats_equal_sqlite_stats(
+    pg_store: PostgresStore, postgres_url: str, datas: List[Dict[str, Any]]
+) -> None:
+    _truncate(postgres_url)
+    sqlite = SQLiteStore()
+    try:
+        for index, data in enumerate(datas):
+            item = record(data, instance_id=f"i-{index % 3}")
+            assert sqlite.add(item) is True
+            assert pg_store.add(item) is True
+
+        expected = sqlite.stats()
+        got = pg_store.stats()
+    finally:
+        sqlite.close()
+
+    assert canonical(got) == canonical(expected)
+    assert list(got["keys"]) == list(expected["keys"])
+
+
+def test_stats_follow_kind_changes_and_merge_counting_sets(pg_store: PostgresStore) -> None:
+    datas: List[Dict[str, Any]] = [
+        {"k": 5, "flag": True, "set": [{"value": "a", "count": 1}], "empty": 3, "big": 10**30},
+        {"k": "text", "flag": True, "set": 7, "empty": [], "big": 10**30},
+        {"k": 2, "set": [{"value": {"z": 1, "a": 2}, "count": 2}, {"value": "a", "count": 1}]},
+        {"k": 3, "set": [{"value": {"a": 2, "z": 1}, "count": 3}, {"value": 1, "count": 1}]},
+        {"set": [{"value": 1.0, "count": 4}], "float": 1e16, "f": 2.5},
+        {"almost": [{"value": None}]},  # no count: a plain value, not a counting set
+    ]
+    for data in datas:
+        assert pg_store.add(record(data))
+
+    keys = pg_store.stats()["keys"]
+
+    assert canonical(keys) == canonical(
+        {
+            "almost": [{"value": None}],
+            "big": 2 * 10**30,
+            "empty": [],
+            "f": 2.5,
+            "flag": True,
+            "float": 1e16,
+            "k": 5,
+            "set": [
+                {"value": "a", "count": 1},
+                {"value": 1, "count": 1},
+                {"value": 1.0, "count": 4},
+                {"value": {"a": 2, "z": 1}, "count": 5},
+            ],
+        }
+    )
+
+
+def test_payloads_come_back_as_they_were_sent(pg_store: PostgresStore) -> None:
+    data = {
+        "float": 1e16,
+        "huge": 1.5e300,
+        "tiny": 5e-324,
+        "int": 2**70,
+        "text": 'é 😀 "quoted" e+5 \\u0000',
+        "nested": {"z": [1, 1.0, True, None], "a": {}},
+    }
+    sent = record(data, payload_id="ab" * 16)
+
+    assert pg_store.add(sent) is True
+    assert pg_store.add(sent) is False
+
+    [stored] = pg_store.instance_payloads("i-1", 10, 0)
+    assert canonical(stored["data"]) == canonical(data)
+    assert stored == {
+        "payload_id": "ab" * 16,
+        "timestamp": "2026-11-23T10:00:00.123456789+01:00",
+        "received_at": RECEIVED_AT,
+        "data": data,
+        "client": {"name": "telemetry-python", "dropped": 1},
+    }
+    assert pg_store.all_payloads() == [{**stored, "instance_id": "i-1"}]
+
+
+@pytest.mark.parametrize("text", ["nul \x00 inside", "lone \ud800 surrogate"])
+def test_what_jsonb_cannot_hold_is_refused_with_400(postgres_url: str, text: str) -> None:
+    payload = {
+        "instance_id": str(uuid.uuid4()),
+        "timestamp": "2026-11-23T10:00:00Z",
+        "payload_id": uuid.uuid4().hex,
+        "data": {"key": text},
+    }
+    with serve(db=postgres_url) as server:
+        response = requests.post(
+            f"{server.url}/v1/update/{payload['instance_id']}", json=payload, timeout=10
+        )
+
+        assert response.status_code == 400
+        assert "cannot be stored" in response.json()["error"]
+        assert server.stats()["payloads"] == 0
+    with serve() as server:  # SQLite stores it
+        response = requests.post(
+            f"{server.url}/v1/update/{payload['instance_id']}", json=payload, timeout=10
+        )
+        assert response.status_code == 200
+
+
+def test_rate_limit_decisions_equal_sqlite_ones(pg_store: PostgresStore) -> None:
+    rng = random.Random(9)
+    sqlite = SQLiteStore()
+    now = 1000.0
+    try:
+        for _ in range(300):
+            now += rng.choice([0.0, 0.5, 3.0, 11.0, -20.0])  # backwards too: a new window
+            instance_id, limit = rng.choice("ab"), rng.choice([1, 2, 3, 5])  # limits change
+
+            expected = sqlite.check_rate(instance_id, limit, 10.0, now)
+            got = pg_store.check_rate(instance_id, limit, 10.0, now)
+
+            assert got == (None if expected is None else pytest.approx(expected))
+    finally:
+        sqlite.close()
+
+
+# -- schema and configuration -----------------------------------------------------------------
+
+
+def test_schema_is_created_once_when_workers_start_together(postgres_url: str) -> None:
+    start = threading.Barrier(6)
+
+    def open_one() -> PostgresStore:
+        start.wait()
+        return PostgresStore(postgres_url)
+
+    with ThreadPoolExecutor(6) as pool:
+        stores = list(pool.map(lambda _: open_one(), range(6)))
+    for store in stores:
+        store.close()
+
+    with psycopg.connect(postgres_url) as connection:
+        versions = connection.execute("SELECT version FROM schema_version").fetchall()
+        indexes = connection.execute(
+            "SELECT indexdef FROM pg_indexes WHERE tablename = 'payloads' ORDER BY indexname"
+        ).fetchall()
+    assert versions == [(SCHEMA_VERSION,)]
+    assert any("(instance_id, seq)" in definition for (definition,) in indexes)
+
+
+def test_a_database_from_newer_code_is_refused(postgres_url: str) -> None:
+    PostgresStore(postgres_url).close()
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        connection.execute("UPDATE schema_version SET version = version + 1")
+
+    with pytest.raises(RuntimeError, match="newer"):
+        PostgresStore(postgres_url)
+
+
+def test_db_selects_the_backend(postgres_url: str, tmp_path: Path) -> None:
+    for url in (postgres_url, postgres_url.replace("postgresql://", "postgres://", 1)):
+        store = open_store(url)
+        assert isinstance(store, PostgresStore)
+        store.close()
+    sqlite = open_store(str(tmp_path / "t.db"))
+    assert isinstance(sqlite, SQLiteStore)
+    sqlite.close()
+    assert redact_url("postgresql://u:secret@h/db") == "postgresql://u:***@h/db"
+    assert redact_url("postgresql://u@h/db") == "postgresql://u@h/db"
+
+
+def test_the_pool_is_not_shared_with_a_forked_child(pg_store: PostgresStore) -> None:
+    assert pg_store.add(record({"n": 1}))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: a new pool of its own, while the parent's stays usable
+        try:
+            ok = pg_store.add(record({"n": 2})) and pg_store.stats()["payloads"] == 2
+            pg_store.close()
+            os.write(write, b"1" if ok else b"0")
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        assert answer.read() == b"1"
+    os.waitpid(pid, 0)
+    assert pg_store.stats()["keys"] == {"n": 3}
+
+
+def test_command_line_server_on_postgres(postgres_url: str) -> None:
+    command = [sys.executable, "-m", "server_stub", "--port", "0", "--db", postgres_url]
+    with subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    ) as process:
+        try:
+            assert process.stdout is not None
+            url = process.stdout.readline().split()[-1]
+            payload = {"instance_id": str(uuid.uuid4()), "timestamp": "2026-11-23T10:00:00Z"}
+            response = requests.post(
+                f"{url}/v1/update/{payload['instance_id']}", json=payload, timeout=10
+            )
+            assert response.status_code == 200
+            assert requests.get(f"{url}/v1/stats", timeout=10).json()["payloads"] == 1
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+def test_command_line_refuses_an_unreachable_database() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"postgresql://me:secret@127.0.0.1:{port}/telemetry"
+
+    result = subprocess.run(
+        [sys.executable, "-m", "server_stub", "--port", "0", "--db", url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+
+    assert result.returncode == 2
+    assert "cannot open database postgresql://me:***@127.0.0.1" in result.stderr
+    assert "secret" not in result.stderr
+
+
+# -- four gunicorn workers --------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+def gunicorn_server(postgres_url: str, tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
+    """``gunicorn -w 4`` serving ``create_app(db=<postgres>, policy_file=...)``, all workers up.
+
+    Yields the base URL, the policy file and the access log (``<pid> <request> <status>``).
+    """
+    policy_file = tmp_path / "policy.json"
+    policy_file.write_text("{}")
+    access_log = tmp_path / "access.log"
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    config = tmp_path / "gunicorn.conf.py"
+    config.write_text(
+        "import pathlib\n"
+        "def post_worker_init(worker):\n"
+        f"    (pathlib.Path({str(ready)!r}) / str(worker.pid)).touch()\n"
+    )
+    port = _free_port()
+    app = f"server_stub:create_app(db={postgres_url!r}, policy_file={str(policy_file)!r})"
+    command = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--workers",
+        "4",
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--access-logfile",
+        str(access_log),
+        "--access-logformat",
+        "%(p)s %(r)s %(s)s",
+        "--graceful-timeout",
+        "5",
+        "--config",
+        str(config),
+        app,
+    ]
+    with (tmp_path / "gunicorn.log").open("w") as output:
+        process = subprocess.Popen(
+            command, cwd=REPO, stdout=output, stderr=output, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # Every worker has loaded the app (so none of them is still starting when
+        # the test needs all four), and the server answers.
+        deadline = time.monotonic() + 30
+        while len(list(ready.iterdir())) < 4:
+            assert process.poll() is None, (tmp_path / "gunicorn.log").read_text()
+            assert time.monotonic() < deadline, "gunicorn's workers did not start within 30 s"
+            time.sleep(0.02)
+        assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
+        yield url, policy_file, access_log
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # the session we started: master and workers
+            process.wait(10)
+
+
+def _post(url: str, payload: Dict[str, Any]) -> requests.Response:
+    # No session: a new connection each time, so that the workers take turns.
+    response: requests.Response = requests.post(
+        f"{url}/v1/update/{payload['instance_id']}",
+        json=payload,
+        headers={"Connection": "close"},
+        timeout=10,
+    )
+    return response
+
+
+def _payload(
+    instance_id: str, data: Dict[str, Any], payload_id: Optional[str] = None
+) -> Dict[str, Any]:
+    return {
+        "instance_id": instance_id,
+        "timestamp": "2026-11-23T10:00:00.123456Z",
+        "payload_id": payload_id or uuid.uuid4().hex,
+        "data": data,
+        "client": {"name": "telemetry-python", "version": "0.1.0", "dropped": 1},
+    }
+
+
+def _post_on_several_workers(url: str, payloads: List[Dict[str, Any]]) -> List[int]:
+    """Post each payload on its own connection at once; the statuses, in order.
+
+    Every request is sent but for its last byte until all of them are: a sync
+    worker busy reading one request cannot take another, so the requests are
+    held by different workers (spread, not serialised by one fast worker).
+    """
+    host, port = url.rsplit("/", 1)[1].split(":")
+    connections = []
+    for payload in payloads:
+        body = json.dumps(payload).encode()
+        head = (
+            f"POST /v1/update/{payload['instance_id']} HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        connection = socket.create_connection((host, int(port)), timeout=10)
+        connection.sendall(head + body[:-1])
+        connections.append((connection, body[-1:]))
+    # Time for the other workers to accept theirs (only the spreading depends on it).
+    time.sleep(0.2)
+    statuses = []
+    for connection, last_byte in connections:
+        with connection:
+            connection.sendall(last_byte)
+            answer = b""
+            while chunk := connection.recv(65536):
+                answer += chunk
+        statuses.append(int(answer.split(b" ", 2)[1]))
+    return statuses
+
+
+def _workers_that_served(access_log: Path, instance_id: str, status: int) -> Counter[str]:
+    """Worker pid -> how many ``status`` answers to ``instance_id`` it gave."""
+    lines = access_log.read_text().splitlines()
+    return Counter(
+        line.split()[0]
+        for line in lines
+        if f"/v1/update/{instance_id} " in line and line.endswith(f" {status}")
+    )
+
+
+def test_four_gunicorn_workers_share_dedup_totals_policy_and_rate_limit(
+    gunicorn_server: tuple[str, Path, Path],
+) -> None:
+    url, policy_file, access_log = gunicorn_server
+
+    # One payload posted to four workers at once, then 16 more times: stored once.
+    duplicate = _payload(str(uuid.uuid4()), {"dup": 1, "set": [{"value": "d", "count": 2}]})
+    assert _post_on_several_workers(url, [duplicate] * 4) == [200] * 4
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: _post(url, duplicate), range(16)))
+    assert [answer.status_code for answer in answers] == [200] * 16
+    listing = requests.get(f"{url}/v1/instances/{duplicate['instance_id']}", timeout=10).json()
+    assert [item["payload_id"] for item in listing["payloads"]] == [duplicate["payload_id"]]
+
+    # 8 concurrent posters: the totals are exact.
+    posters, per_poster = 8, 15
+
+    def poster(number: int) -> None:
+        instance_id = str(uuid.uuid4())
+        for n in range(per_poster):
+            data = {"hits": n, "posters": [{"value": number, "count": 1}], "last": "x"}
+            assert _post(url, _payload(instance_id, data)).status_code == 200
+
+    with ThreadPoolExecutor(posters) as pool:
+        for future in [pool.submit(poster, number) for number in range(posters)]:
+            future.result()
+    stats = requests.get(f"{url}/v1/stats", timeout=10).json()
+    assert stats == {
+        "instances": posters + 1,
+        "payloads": posters * per_poster + 1,
+        "dropped": posters * per_poster + 1,
+        "keys": {
+            "dup": 1,
+            "hits": posters * sum(range(per_poster)),
+            "last": "x",
+            "posters": [{"value": number, "count": per_poster} for number in range(posters)],
+            "set": [{"value": "d", "count": 2}],
+        },
+    }
+
+    # A policy change reaches every worker (each re-reads the file when it changes),
+    # and the rate limit is one limit across them: 6 accepted, by several workers,
+    # then every worker refuses the 7th.
+    policy_file.write_text(json.dumps({"rate_limit": {"payloads": 6, "window": 600}}))
+    limited = str(uuid.uuid4())
+    accepted = _post_on_several_workers(url, [_payload(limited, {"n": 1}) for _ in range(4)])
+    accepted += [_post(url, _payload(limited, {"n": 1})).status_code for _ in range(2)]
+    refused = _post_on_several_workers(url, [_payload(limited, {"n": 1}) for _ in range(4)])
+    assert accepted == [200] * 6
+    assert refused == [429] * 4
+    assert _post(url, _payload(str(uuid.uuid4()), {})).status_code == 200  # another instance
+    stats = requests.get(f"{url}/v1/stats", timeout=10).json()
+    assert stats["payloads"] == posters * per_poster + 1 + 6 + 1
+
+    # The requests really were spread over several workers.
+    assert len(_workers_that_served(access_log, duplicate["instance_id"], 200)) >= 2
+    assert len(_workers_that_served(access_log, limited, 200)) >= 2
+    assert len(_workers_that_served(access_log, limited, 429)) >= 2
