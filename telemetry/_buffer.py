@@ -48,7 +48,9 @@ VALUE, NESTED, COUNTER, LIST, COUNTING_SET = "value", "mapping", "counter", "lis
 _DISABLED = "<disabled>"
 _FULL = "<full>"
 _MISSING = object()
-_PLAIN_SCALARS = frozenset({int, bool, type(None)})
+_PLAIN_SCALARS = frozenset({bool, type(None)})
+# Python's int-to-str conversion (so JSON) refuses ints of more than 4300 digits.
+_INT_LIMIT = 10**4300
 
 
 class _InvalidValue(Exception):
@@ -81,7 +83,12 @@ def _normalize(value: object, depth: int, budget: List[int]) -> JSONValue:
     part's encoded size, so a huge value (or one that shares a sub-list many
     times over) is refused after O(cap) work instead of being copied whole.
     """
-    if value is None or type(value) is bool or type(value) is int:
+    if type(value) is int:
+        if not -_INT_LIMIT < value < _INT_LIMIT:
+            raise _InvalidValue("int has too many digits to encode")
+        _spend(budget, 1)
+        return value
+    if value is None or type(value) is bool:
         _spend(budget, 1)
         return value
     if type(value) is str:
@@ -138,7 +145,11 @@ def normalize_value(value: object) -> Tuple[JSONValue, Optional[str]]:
 def checked_value(value: object) -> Tuple[JSONValue, Optional[str]]:
     """``normalize_value`` with a quick exit for the common scalars."""
     kind = type(value)
-    if (kind is str and len(value) <= MAX_STRING_LENGTH) or kind in _PLAIN_SCALARS:  # type: ignore[arg-type]
+    if (
+        (kind is str and len(value) <= MAX_STRING_LENGTH)  # type: ignore[arg-type]
+        or (kind is int and -_INT_LIMIT < value < _INT_LIMIT)  # type: ignore[operator]
+        or kind in _PLAIN_SCALARS
+    ):
         return value, None  # type: ignore[return-value]
     return normalize_value(value)
 
@@ -276,7 +287,7 @@ class Buffer:
     def add(self, key: object, amount: object) -> None:
         """Add ``amount`` (an int) to the counter ``key``; a new key starts at ``amount``."""
         try:
-            if type(amount) is int:
+            if type(amount) is int and -_INT_LIMIT < amount < _INT_LIMIT:
                 try:
                     with self._lock:
                         counters = self._store.counters
@@ -287,6 +298,8 @@ class Buffer:
                 except Exception:  # noqa: S110 - unhashable or odd key: the slow path reports it
                     pass
                 problem = None
+            elif type(amount) is int:
+                problem = "add() amount has too many digits to encode"
             else:
                 problem = f"add() takes an int amount, not {type(amount).__name__}"
             self._write_new(key, COUNTER, problem, self._new_count, amount)
