@@ -51,6 +51,7 @@ _MISSING = object()
 _PLAIN_SCALARS = frozenset({bool, type(None)})
 # Python's int-to-str conversion (so JSON) refuses ints of more than 4300 digits.
 _INT_LIMIT = 10**4300
+_INT_FLOOR = -_INT_LIMIT  # a constant: negating the limit per call would copy 4300 digits
 
 
 class _InvalidValue(Exception):
@@ -84,7 +85,7 @@ def _normalize(value: object, depth: int, budget: List[int]) -> JSONValue:
     times over) is refused after O(cap) work instead of being copied whole.
     """
     if type(value) is int:
-        if not -_INT_LIMIT < value < _INT_LIMIT:
+        if not _INT_FLOOR < value < _INT_LIMIT:
             raise _InvalidValue("int has too many digits to encode")
         _spend(budget, 1)
         return value
@@ -147,7 +148,7 @@ def checked_value(value: object) -> Tuple[JSONValue, Optional[str]]:
     kind = type(value)
     if (
         (kind is str and len(value) <= MAX_STRING_LENGTH)  # type: ignore[arg-type]
-        or (kind is int and -_INT_LIMIT < value < _INT_LIMIT)  # type: ignore[operator]
+        or (kind is int and _INT_FLOOR < value < _INT_LIMIT)  # type: ignore[operator]
         or kind in _PLAIN_SCALARS
     ):
         return value, None  # type: ignore[return-value]
@@ -287,7 +288,7 @@ class Buffer:
     def add(self, key: object, amount: object) -> None:
         """Add ``amount`` (an int) to the counter ``key``; a new key starts at ``amount``."""
         try:
-            if type(amount) is int and -_INT_LIMIT < amount < _INT_LIMIT:
+            if type(amount) is int and _INT_FLOOR < amount < _INT_LIMIT:
                 try:
                     with self._lock:
                         counters = self._store.counters
