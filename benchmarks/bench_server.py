@@ -1,21 +1,25 @@
 """Ingest throughput of ``server_stub``: 10-key payloads from client threads into a SQLite file.
 
+The server runs as ``python -m server_stub`` in a process of its own, so the
+load generator's CPU does not share the server's GIL.
+
 Run: ``python benchmarks/bench_server.py [N_PAYLOADS] [THREADS]``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import resource
+import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import requests
-
-from server_stub import serve
 
 __all__ = ["ingest"]
 
@@ -46,20 +50,42 @@ def _percentile(sorted_values: List[float], fraction: float) -> float:
     return sorted_values[index]
 
 
+@contextlib.contextmanager
+def _server_process(db: str) -> Iterator[str]:
+    """``python -m server_stub`` on a free port, as in production: its own process."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "server_stub", "--port", "0", "--db", db],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    ) as process:
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            if "listening on" not in line:
+                raise RuntimeError(f"server_stub did not start: {line!r}")
+            yield line.strip().rsplit(" ", 1)[-1]
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
 def ingest(
     n_payloads: int = 5000, threads: int = 4, db_path: Optional[str] = None
 ) -> Dict[str, Any]:
-    """Post ``n_payloads`` payloads from ``threads`` threads to ``serve()`` on a SQLite file.
+    """Post ``n_payloads`` payloads from ``threads`` threads to ``python -m server_stub``.
 
-    Returns payloads/s, request latency percentiles (ms), and the CPU time per
-    payload spent by the server and by the clients. Each thread uses its own
-    ``requests.Session`` (kept-alive connections). Clients and server share this
-    process and its GIL, so the client's CPU cost limits the figure too: the
-    server's own capacity is about ``1000 / server_cpu_ms_per_payload`` per core.
+    The server runs in its own process on a SQLite file, as it would in
+    production; the client threads share this one. Returns payloads/s, request
+    latency percentiles (ms), and the CPU time per payload spent by the server
+    process and by the clients. Each thread uses its own ``requests.Session``
+    (kept-alive connections).
     """
     with tempfile.TemporaryDirectory() as tmp:
         db = db_path or str(Path(tmp) / "bench.db")
-        with serve(db=db) as server:
+        server_cpu_before = _children_cpu()
+        with _server_process(db) as url:
             per_thread = [
                 n_payloads // threads + (i < n_payloads % threads) for i in range(threads)
             ]
@@ -75,15 +101,14 @@ def ingest(
 
             def client(worker: int) -> None:
                 with requests.Session() as session:
-                    # Loopback: no proxy to look up in the environment on every request
-                    # (the client's own cost would otherwise dominate this process's GIL).
+                    # Loopback: no proxy to look up in the environment on every request.
                     session.trust_env = False
-                    url = f"{server.url}/v1/update/{instances[worker]}"
+                    endpoint = f"{url}/v1/update/{instances[worker]}"
                     start.wait()
                     cpu_began = time.thread_time()
                     for body in bodies[worker]:
                         sent = time.perf_counter()
-                        response = session.post(url, json=body, timeout=30)
+                        response = session.post(endpoint, json=body, timeout=30)
                         latencies[worker].append(time.perf_counter() - sent)
                         failures[worker] += response.status_code != 200
                     client_cpu[worker] = time.thread_time() - cpu_began
@@ -92,13 +117,13 @@ def ingest(
             for worker in workers:
                 worker.start()
             start.wait()
-            began, cpu_began = time.perf_counter(), time.process_time()
+            began = time.perf_counter()
             for worker in workers:
                 worker.join()
             elapsed = time.perf_counter() - began
-            # Everything this process spent that the client threads did not: the server.
-            server_cpu = time.process_time() - cpu_began - sum(client_cpu)
-            stored = server.stats()["payloads"]
+            stored = requests.get(f"{url}/v1/stats", timeout=30).json()["payloads"]
+        # The server process has been waited for: its CPU time is now counted.
+        server_cpu = _children_cpu() - server_cpu_before
     all_latencies = sorted(latency for per_worker in latencies for latency in per_worker)
     return {
         "payloads": n_payloads,
@@ -112,6 +137,11 @@ def ingest(
         "server_cpu_ms_per_payload": round(server_cpu / n_payloads * 1000, 3),
         "client_cpu_ms_per_payload": round(sum(client_cpu) / n_payloads * 1000, 3),
     }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 if __name__ == "__main__":
