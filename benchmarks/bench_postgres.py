@@ -34,6 +34,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.bench_server import ten_key_payload
 from server_stub._pgtemp import BENCHMARK_SETTINGS, TemporaryPostgres
 
 __all__ = ["main", "run_load"]
@@ -44,27 +48,7 @@ _WARM_UP = 40
 
 
 def _payload(instance_id: str, n: int) -> bytes:
-    # The same 10 keys as bench_server.py.
-    return json.dumps(
-        {
-            "instance_id": instance_id,
-            "timestamp": "2026-11-23T10:00:00.123456Z",
-            "payload_id": uuid.uuid4().hex,
-            "data": {
-                "requests": n,
-                "errors": n % 7,
-                "bytes_out": n * 1024,
-                "version": "1.4.2",
-                "os": "linux",
-                "tls": True,
-                "latency_ms": 12.5,
-                "memory": {"heap": 160112, "sys": 12958736},
-                "modules": ["http", "tls", "cache"],
-                "user_agents": [{"value": "curl", "count": 3}, {"value": "firefox", "count": 1}],
-            },
-            "client": {"name": "telemetry-python", "version": "0.1.0", "dropped": 0},
-        }
-    ).encode()
+    return json.dumps(ten_key_payload(instance_id, n)).encode()
 
 
 # -- the load generator (runs in its own processes) -------------------------------------------

@@ -21,10 +21,11 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import requests
 
-__all__ = ["ingest"]
+__all__ = ["ingest", "ten_key_payload"]
 
 
-def _payload(instance_id: str, n: int) -> Dict[str, Any]:
+def ten_key_payload(instance_id: str, n: int) -> Dict[str, Any]:
+    """The benchmarks' payload: 10 keys of every kind, a fresh ``payload_id``."""
     return {
         "instance_id": instance_id,
         "timestamp": "2026-11-23T10:00:00.123456Z",
@@ -91,7 +92,7 @@ def ingest(
             ]
             instances = [str(uuid.uuid4()) for _ in range(threads)]
             bodies = [
-                [_payload(instance_id, n) for n in range(count)]
+                [ten_key_payload(instance_id, n) for n in range(count)]
                 for instance_id, count in zip(instances, per_thread)
             ]
             latencies: List[List[float]] = [[] for _ in range(threads)]
