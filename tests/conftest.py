@@ -151,3 +151,12 @@ def dead_endpoint() -> str:
 def update_requests(server: Server) -> List[RecordedRequest]:
     """The ``POST /v1/update`` requests the server saw, in order."""
     return [r for r in server.requests if r.path.startswith("/v1/update/")]
+
+
+def typed(value: Any) -> Any:
+    """``value`` with every scalar tagged by its type, so 1, 1.0 and True compare unequal."""
+    if isinstance(value, dict):
+        return {name: typed(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [typed(item) for item in value]
+    return (type(value).__name__, value)

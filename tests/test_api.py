@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import xxhash
+from conftest import typed
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,6 +24,7 @@ from telemetry._wire import decode_payload, encode_payload
 
 INSTANCE = uuid.UUID("3f0c2f5e-8a7b-4c1d-9e2f-0123456789ab")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
 
 
 def collect_one_of_each() -> None:
@@ -563,15 +565,6 @@ class Model:
             )
             for key, value in self.data.items()
         }
-
-
-def typed(value: Any) -> Any:
-    """``value`` with every scalar tagged by its type, so 1, 1.0 and True compare unequal."""
-    if isinstance(value, dict):
-        return {name: typed(item) for name, item in value.items()}
-    if isinstance(value, list):
-        return [typed(item) for item in value]
-    return (type(value).__name__, value)
 
 
 def nest(levels: int) -> Any:

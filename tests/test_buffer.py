@@ -10,6 +10,7 @@ from collections import Counter
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
+from conftest import typed
 
 from telemetry._buffer import Buffer, Snapshot
 
@@ -29,6 +30,7 @@ KINDS = sorted(CALLS)
 KIND_OF = {name: ("counter" if name in ("add", "increment") else name) for name in CALLS}
 
 
+
 def call(name: str, buffer: Buffer, key: Any) -> None:
     CALLS[name][0](buffer, key)
 
@@ -41,15 +43,6 @@ def warnings_about(caplog: pytest.LogCaptureFixture, key: str) -> List[str]:
         and record.levelno == logging.WARNING
         and repr(key) in record.getMessage()
     ]
-
-
-def typed(value: Any) -> Any:
-    """``value`` with every scalar tagged by its type, so 1, 1.0 and True compare unequal."""
-    if isinstance(value, dict):
-        return {name: typed(item) for name, item in value.items()}
-    if isinstance(value, list):
-        return [typed(item) for item in value]
-    return (type(value).__name__, value)
 
 
 class StrKey(str):
