@@ -23,6 +23,8 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import parse_qs
 
+from ._access import Access
+from ._console import Console, is_console_path
 from ._policy import Policy
 from ._store import PayloadRecord, Store, UnstorablePayload, open_store
 
@@ -396,11 +398,20 @@ class App:
     """The WSGI application (``create_app`` builds one)."""
 
     def __init__(
-        self, store: Store, policy: Policy, *, clock: Callable[[], float] = time.time
+        self,
+        store: Store,
+        policy: Policy,
+        *,
+        clock: Callable[[], float] = time.time,
+        access: Optional[Access] = None,
     ) -> None:
         self.store = store
         self.policy = policy
         self._clock = clock
+        self.access = access if access is not None else Access()
+        self.console = Console(
+            self, self.access, read_body=lambda environ: request_body(environ).read(), clock=clock
+        )
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> List[bytes]:
         try:
@@ -433,6 +444,9 @@ class App:
             if path == "/healthz":
                 _allow(method, "GET")
                 return Response(200, {"status": "ok"})
+            if is_console_path(path):
+                status, headers, body = self.console.handle(environ)
+                return Response(status, body, headers)
             raise HTTPError(404, f"no such endpoint: {path}")
         except HTTPError as exc:
             return _error(exc.status, exc.message, exc.headers)
@@ -506,6 +520,8 @@ def create_app(
     db: Union[str, os.PathLike[str]] = ":memory:",
     policy_file: Union[str, os.PathLike[str], None] = None,
     clock: Callable[[], float] = time.time,
+    read_token: Optional[str] = None,
+    admin_token: Optional[str] = None,
 ) -> App:
     """The WSGI application; e.g. ``gunicorn 'server_stub:create_app(db="telemetry.db")'``.
 
@@ -520,4 +536,5 @@ def create_app(
         policy = Policy(policy_file)
     if store is None:
         store = open_store(os.fspath(db))
-    return App(store, policy, clock=clock)
+    access = Access(read_token=read_token, admin_token=admin_token)
+    return App(store, policy, clock=clock, access=access)
