@@ -779,23 +779,21 @@ def policy_page(
             "<code>--admin-token</code>.</p>"
         )
     if history.ok:
-        changes = [
-            c
-            for c in history.body.get("changes") or []
-            if isinstance(c, dict)
-        ]
+        changes = [c for c in history.body.get("changes") or [] if isinstance(c, dict)]
         rows = (
             [
                 f"<td><time>{escape(str(c.get('time', '')))}</time></td>",
                 f"<td>{escape(str(c.get('source', '')))}</td>",
                 f"<td>{escape(', '.join(str(n) for n in c.get('changed') or []))}</td>",
-                f"<td><code>{escape(_short(value_label(c.get('policy')), 400))}"
-                "</code></td>",
+                f"<td><code>{escape(_short(value_label(c.get('policy')), 400))}</code></td>",
             ]
             for c in changes
         )
         table = _table(
-            "Changes, newest first", ["Time (UTC)", "Source", "Changed", "Policy"], rows, numeric_from=99
+            "Changes, newest first",
+            ["Time (UTC)", "Source", "Changed", "Policy"],
+            rows,
+            numeric_from=99,
         )
         parts.append(
             '<section class="panel" aria-labelledby="history-h"><h2 id="history-h">History</h2>'
