@@ -247,10 +247,10 @@ def _page(frame: Frame, content: str) -> str:
             "(UTC, end excluded).</p>"
         )
     parts.append(content)
-    parts.append(
-        "</main><footer><p>Served by server_stub. Every value shown was sent by clients "
-        "and is shown as text.</p></footer></body></html>"
-    )
+    parts.append("</main><footer><p>Served by server_stub.")
+    if frame.data:
+        parts.append(" Every value on this page was sent by clients and is shown as text.")
+    parts.append("</p></footer></body></html>")
     return "".join(parts)
 
 
