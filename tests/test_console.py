@@ -271,7 +271,12 @@ def test_data_links_answer_what_the_json_api_answers(server: RunningServer) -> N
         f"{server.url}/data/v1/stats", params={**window, "format": "csv"}, timeout=10
     )
     assert as_csv.headers["Content-Type"].startswith("text/csv")
-    for path in ("/data/v1/update/x", "/data/healthz", "/data/v1/stats/../policy"):
+    for path in (
+        "/data/v1/update/x",
+        "/data/healthz",
+        "/data/v1/stats%2F..%2Fpolicy",
+        "/data/v1/instances/x",
+    ):
         assert session.get(f"{server.url}{path}", timeout=10).status_code == 404
 
 
