@@ -391,7 +391,7 @@ class Console:
             offset=offset if offset.isdigit() else None,
         )
         events = self._get(caller, "/v1/events", instance=instance_id.lower(), limit=_EVENTS_SHOWN)
-        frame = replace(frame, title=f"Instance {instance_id.lower()}")
+        frame = replace(frame, title=f"Instance {instance_id.lower()}", windowed=False)
         return _html(200, _pages.instance_page(frame, payloads, events), caller)
 
     def _policy(
@@ -408,7 +408,7 @@ class Console:
         if form is None and policy.ok:
             form = PolicyForm.from_policy(policy.body)
         can_change = not self._access.tokens_configured or self._access.admin_token is not None
-        frame = replace(frame, title="Policy", section="policy")
+        frame = replace(frame, title="Policy", section="policy", windowed=False)
         html = _pages.policy_page(
             frame,
             policy,

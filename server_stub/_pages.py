@@ -79,6 +79,8 @@ class Frame:
     """A session exists: show the sign-out button."""
     data: bool = True
     """False on pages that show no collected data (login, refusals): no navigation."""
+    windowed: bool = True
+    """The page's data depends on the window (say which one)."""
 
 
 # -- small helpers ------------------------------------------------------------------------
@@ -145,16 +147,17 @@ class _Ids:
         return stem if count == 1 else f"{stem}-{count}"
 
 
+_CSV_QUERIES = ("/v1/stats", "/v1/series", "/v1/breakdown", "/v1/active")
+
+
 def _sources(query: str) -> str:
-    """Links to the JSON and CSV a chart or table came from, and the API query itself."""
-    separator = "&" if "?" in query else "?"
-    json_link = f"/data{query}"
-    csv_link = f"/data{query}{separator}format=csv"
-    return (
-        '<p class="sources">Data: '
-        f'<a href="{escape(json_link)}">JSON</a> · <a href="{escape(csv_link)}">CSV</a> '
-        f"<code>GET {escape(query)}</code></p>"
-    )
+    """Links to the JSON (and CSV, where the API has it) that a page part came from, and
+    the API query itself."""
+    links = f'<a href="{escape("/data" + query)}">JSON</a>'
+    if query.split("?", 1)[0] in _CSV_QUERIES:
+        separator = "&" if "?" in query else "?"
+        links += f' · <a href="{escape(f"/data{query}{separator}format=csv")}">CSV</a>'
+    return f'<p class="sources">Data: {links} <code>GET {escape(query)}</code></p>'
 
 
 def _problem(answer: Answer, what: str) -> str:
@@ -165,7 +168,12 @@ def _problem(answer: Answer, what: str) -> str:
 
 
 def _table(
-    caption: str, headers: Sequence[str], rows: Iterable[Sequence[str]], *, numeric_from: int = 1
+    caption: str,
+    headers: Sequence[str],
+    rows: Iterable[Sequence[str]],
+    *,
+    numeric_from: int = 1,
+    empty: str = "Nothing in this window.",
 ) -> str:
     """A table; ``rows`` hold ready (escaped) cell markup, ``<td>`` included."""
     head = "".join(
@@ -175,7 +183,7 @@ def _table(
     )
     body = "".join(f"<tr>{''.join(cells)}</tr>" for cells in rows)
     if not body:
-        body = f'<tr><td colspan="{len(headers)}" class="empty">Nothing in this window.</td></tr>'
+        body = f'<tr><td colspan="{len(headers)}" class="empty">{escape(empty)}</td></tr>'
     return (
         f"<table><caption>{escape(caption)}</caption>"
         f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
@@ -239,7 +247,7 @@ def _page(frame: Frame, content: str) -> str:
             '<button type="submit">Sign out</button></form>'
         )
     parts.append(f'</header><main id="main"><h1>{escape(frame.title)}</h1>')
-    if frame.data and frame.since:
+    if frame.data and frame.windowed:
         parts.append(
             f'<p class="window-note">{frame.days} days: '
             f'<time datetime="{escape(frame.since)}">{escape(frame.since)}</time> to '
@@ -332,9 +340,9 @@ def _time_panel(
             f'<th scope="row"><time>{escape(_day(p.get("t")))}</time></th>',
             _number_cell(p.get(field_name)),
         ]
-        for p in points
+        for p in reversed(points)
     )
-    table = _table(heading, ["Day", column], rows)
+    table = _table(f"{heading}, newest first", ["Day", column], rows)
     return _panel(ids, heading, chart, table, answer.query)
 
 
@@ -517,7 +525,11 @@ def _events_table(frame: Frame, events: Sequence[Mapping[str, Any]], caption: st
             ]
         )
     return _table(
-        caption, ["Time (UTC)", "Type", "Name", "Instance", "Attributes"], rows, numeric_from=99
+        caption,
+        ["Time (UTC)", "Type", "Name", "Instance", "Attributes"],
+        rows,
+        numeric_from=99,
+        empty="No events.",
     )
 
 
@@ -794,6 +806,7 @@ def policy_page(
             ["Time (UTC)", "Source", "Changed", "Policy"],
             rows,
             numeric_from=99,
+            empty="No change yet.",
         )
         parts.append(
             '<section class="panel" aria-labelledby="history-h"><h2 id="history-h">History</h2>'

@@ -72,6 +72,7 @@ class Fleet:
     instance_ids: List[str] = field(default_factory=list)
     payloads: int = 0
     days: int = 0
+    dropped: int = 0
 
 
 def send_fleet(url: str, state_root: Path, *, instances: int = 3, days: int = 4) -> Fleet:
@@ -94,6 +95,7 @@ def send_fleet(url: str, state_root: Path, *, instances: int = 3, days: int = 4)
             state_dir=state_root / f"client{number}",
             wall_clock=wall,
             min_interval=1.0,
+            max_values_per_key=1 if number == 2 else 10_000,  # this one drops a value a day
         )
         client.start_emitting()
         try:
@@ -104,6 +106,7 @@ def send_fleet(url: str, state_root: Path, *, instances: int = 3, days: int = 4)
                 client.append_unique("features", "tls")
                 if number % 2 == 0:
                     client.append_unique("features", "gzip")
+                    fleet.dropped += number == 2
                 if number == 0:
                     client.increment(HOSTILE_KEY)
                     _record_event(client, day)

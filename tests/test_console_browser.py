@@ -230,17 +230,18 @@ def test_the_numbers_shown_are_the_json_apis(
         ("Payloads per day", "payloads"),
         ("Dropped items per day", "dropped"),
     ):
-        shown = table_rows(page, heading)
-        assert shown == [[p["t"][:10], format_number(p[name])] for p in active]
+        shown = table_rows(page, heading)  # newest first
+        assert shown == [[p["t"][:10], format_number(p[name])] for p in reversed(active)]
     assert sum(1 for p in active if p["payloads"]) == fleet.days
+    assert stats["dropped"] == sum(p["dropped"] for p in active) == fleet.dropped > 0
 
     page.goto(f"{server.url}/key?name=requests")
     series = server.api("/v1/series", key="requests", bucket="day", **window)["points"]
     assert table_rows(page, "Total per day") == [
-        [p["t"][:10], format_number(p["value"])] for p in series
+        [p["t"][:10], format_number(p["value"])] for p in reversed(series)
     ]
     assert table_rows(page, "Instances reporting per day") == [
-        [p["t"][:10], format_number(p["instances"])] for p in series
+        [p["t"][:10], format_number(p["instances"])] for p in reversed(series)
     ]
     assert (
         sum(p["value"] for p in series) == sum(range(1, len(fleet.instance_ids) + 1)) * fleet.days
