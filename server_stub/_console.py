@@ -371,6 +371,7 @@ class Console:
             type=event_type or None,
             name=event_name or None,
             limit=_EVENTS_SHOWN,
+            **self._window(frame),
         )
         frame = replace(frame, title="Events", section="events")
         html = _pages.events_page(

@@ -490,14 +490,10 @@ def _breakdown_panel(ids: _Ids, answer: Answer) -> str:
 
 # -- events -------------------------------------------------------------------------------
 
-_EVENT_FIELDS = ("event_id", "event_time", "event_type", "event_name", "instance_id")
-
 
 def _event_attributes(event: Mapping[str, Any]) -> List[Tuple[str, object]]:
-    nested = event.get("attrs", event.get("attributes"))
-    if isinstance(nested, dict):
-        return sorted(nested.items())
-    return sorted((k, v) for k, v in event.items() if k not in _EVENT_FIELDS)
+    attributes = event.get("attrs")
+    return sorted(attributes.items()) if isinstance(attributes, dict) else []
 
 
 def _events_table(frame: Frame, events: Sequence[Mapping[str, Any]], caption: str) -> str:

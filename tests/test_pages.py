@@ -132,8 +132,8 @@ def test_events_page_shows_attributes_as_text() -> None:
         "event_time": "2026-12-01T10:00:00.000000Z",
         "event_type": HOSTILE,
         "event_name": SCRIPT_END,
-        "note": SCRIPT_END,
-        HOSTILE: 1,
+        "attrs": {"note": SCRIPT_END, HOSTILE: 1},
+        "received_at": "2026-12-01T10:00:01.000000Z",
     }
     events = Answer("/v1/events?limit=50", 200, {"events": [event], "next_offset": None})
     html = events_page(FRAME, stats_answer(), events)
