@@ -506,8 +506,9 @@ def _events_table(frame: Frame, events: Sequence[Mapping[str, Any]], caption: st
         )
         instance = str(event.get("instance_id", ""))
         instance_cell = (
-            f'<a href="{escape(_href("/instance/" + instance, days=frame.days))}">'
-            f"{escape(instance[:8])}</a>"
+            f'<a href="{escape(_href("/instance/" + instance, days=frame.days))}" '
+            f'aria-label="Instance {escape(instance)}" title="{escape(instance)}">'
+            f"{escape(instance[:8])}…</a>"
             if instance
             else ""
         )
