@@ -27,7 +27,7 @@ _BOTTOM = 28  # room for the x-axis labels
 _X_LABELS = 7  # at most this many x-axis labels, evenly spread
 _RANK_ROW = 24
 _RANK_LABEL = 180
-_RANK_LABEL_CHARS = 26
+_RANK_LABEL_CHARS = 20
 
 
 @dataclass(frozen=True)
