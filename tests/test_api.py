@@ -26,6 +26,7 @@ INSTANCE = uuid.UUID("3f0c2f5e-8a7b-4c1d-9e2f-0123456789ab")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+
 def collect_one_of_each() -> None:
     telemetry.set("version", "1.4.2")
     telemetry.set_nested("memory", "heap", 1024)
@@ -133,7 +134,9 @@ def test_init_refuses_a_nil_or_garbage_id(
     assert default_client.mode == "on"
 
 
-@pytest.mark.parametrize("disabled_keys", [[1], ["ok", None], "tls", [b"tls"], None, [["tls"]], 5])
+@pytest.mark.parametrize(
+    "disabled_keys", [[1], ["ok", None], "tls", [b"tls"], None, [["tls"]], 5]
+)
 def test_init_refuses_disabled_keys_that_are_not_str(
     default_client: telemetry.Client, disabled_keys: Any
 ) -> None:
@@ -297,15 +300,9 @@ def test_fast_hash_of_empty_input_is_the_known_vector() -> None:
 
 @pytest.mark.parametrize(
     "options",
-    [
-        {"max_items": "10"},
-        {"max_items": True},
-        {"max_values_per_key": -1},
-        {"max_pending": 0},
-        {"min_interval": 0},
-        {"min_interval": 10, "max_interval": 5},
-        {"send_timeout": "soon"},
-    ],
+    [{"max_items": "10"}, {"max_items": True}, {"max_values_per_key": -1},
+     {"max_pending": 0}, {"min_interval": 0}, {"min_interval": 10, "max_interval": 5},
+     {"send_timeout": "soon"}],
 )
 def test_init_refuses_bad_limits_with_value_error(
     default_client: telemetry.Client, options: Dict[str, Any]
@@ -316,9 +313,8 @@ def test_init_refuses_bad_limits_with_value_error(
 
 
 def test_fast_hash_never_raises_for_odd_input() -> None:
-    assert telemetry.fast_hash("\ud800") == reference_xxh32(
-        "\ud800".encode("utf-8", "surrogatepass")
-    )
+    assert telemetry.fast_hash("\ud800") == reference_xxh32("\ud800".encode("utf-8",
+                                                                          "surrogatepass"))
     assert telemetry.fast_hash(None) == reference_xxh32(b"None")  # type: ignore[arg-type]
     assert telemetry.fast_hash(bytearray(b"ua")) == reference_xxh32(b"ua")
 

@@ -38,13 +38,7 @@ def _assert_beside_floor(calls: Dict[str, Dict[str, float]]) -> None:
 
 def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -> None:
     assert set(results) == {
-        "calls_on",
-        "calls_off",
-        "contended",
-        "import",
-        "memory",
-        "snapshot_encode",
-        "stall",
+        "calls_on", "calls_off", "contended", "import", "memory", "snapshot_encode", "stall",
         "server",
     }
     _assert_beside_floor(results["calls_on"])
@@ -104,14 +98,8 @@ def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -
     assert all(row.met in (True, False) for row in rows if row.target)
     assert all(row.met is None for row in rows if not row.target)
     table = run.format_table(rows)
-    assert table.splitlines()[0].split() == [
-        "figure",
-        "value",
-        "baseline",
-        "ratio",
-        "target",
-        "met?",
-    ]
+    assert table.splitlines()[0].split() == ["figure", "value", "baseline", "ratio", "target",
+                                             "met?"]
     assert all(row.figure.strip() in table for row in rows)
 
 

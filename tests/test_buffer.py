@@ -30,6 +30,7 @@ KINDS = sorted(CALLS)
 KIND_OF = {name: ("counter" if name in ("add", "increment") else name) for name in CALLS}
 
 
+
 def call(name: str, buffer: Buffer, key: Any) -> None:
     CALLS[name][0](buffer, key)
 

@@ -29,10 +29,7 @@ def run(
     options = ["--state-dir", str(root)] + (["--app", app] if app is not None else [])
     return subprocess.run(
         [sys.executable, "-m", "telemetry", *options, *args],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+        capture_output=True, text=True, timeout=30, check=False,
         env={**os.environ, **(env or {})},
     )
 
@@ -52,9 +49,8 @@ def status(root: Path, env: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 def payload(seconds: int, **data: JSONValue) -> Payload:
-    return Payload(
-        instance_id=str(uuid.uuid4()), timestamp=T0 + timedelta(seconds=seconds), data=data
-    )
+    return Payload(instance_id=str(uuid.uuid4()), timestamp=T0 + timedelta(seconds=seconds),
+                   data=data)
 
 
 @pytest.fixture
@@ -96,14 +92,11 @@ def test_status_shows_id_endpoint_and_spool(root: Path, state: State) -> None:
     assert fields["spool"] == f"2 payloads, {size} bytes in {state.spool_dir}"
 
 
-@pytest.mark.parametrize(
-    ("env", "mode", "rule"),
-    [
-        ({"DO_NOT_TRACK": "1"}, "off", 1),
-        ({"MY_APP_TELEMETRY": "local"}, "local", 2),
-        ({"CI": "true"}, "off", 4),
-    ],
-)
+@pytest.mark.parametrize(("env", "mode", "rule"), [
+    ({"DO_NOT_TRACK": "1"}, "off", 1),
+    ({"MY_APP_TELEMETRY": "local"}, "local", 2),
+    ({"CI": "true"}, "off", 4),
+])
 def test_status_tells_which_rule_decided(
     root: Path, env: Dict[str, str], mode: str, rule: int
 ) -> None:
@@ -168,8 +161,7 @@ def test_show_prints_spooled_payloads_without_sending(root: Path, state: State) 
     assert shown[0]["instance_id"] == first.instance_id
     assert "\n  " in done.stdout  # pretty
     assert sorted(p.name for p in state.spool_dir.iterdir()) == sorted(
-        f"{p.payload_id}.json" for p in (first, second)
-    )  # nothing was claimed
+        f"{p.payload_id}.json" for p in (first, second))  # nothing was claimed
 
 
 def test_show_with_an_empty_spool(root: Path) -> None:
@@ -197,10 +189,7 @@ def test_reset_id_while_off_creates_nothing(root: Path) -> None:
 def test_options_also_after_the_command(root: Path, state: State) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "telemetry", "local", "--app", APP, "--state-dir", str(root)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+        capture_output=True, text=True, timeout=30, check=False,
     )
     assert done.returncode == 0, done.stderr
     assert state.read_consent() == "local"
@@ -208,29 +197,21 @@ def test_options_also_after_the_command(root: Path, state: State) -> None:
 
 def test_default_app_and_state_dir_from_the_environment(tmp_path: Path) -> None:
     # conftest sets TELEMETRY_STATE_DIR; the default app is "telemetry".
-    done = subprocess.run(
-        [sys.executable, "-m", "telemetry", "on"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
-    )
+    done = subprocess.run([sys.executable, "-m", "telemetry", "on"], capture_output=True,
+                          text=True, timeout=30, check=False)
     assert done.returncode == 0, done.stderr
     assert State("telemetry").read_consent() == "on"
     assert str(tmp_path / "state" / "telemetry" / "config") in done.stdout
 
 
-@pytest.mark.parametrize(
-    ("args", "message"),
-    [
-        ([], "the following arguments are required: COMMAND"),
-        (["bogus"], "invalid choice: 'bogus'"),
-        (["status", "extra"], "unrecognized arguments: extra"),
-        (["--frobnicate", "status"], "unrecognized arguments: --frobnicate"),
-        (["--app", "../escape", "status"], "app must be usable as a directory name"),
-        (["--app", "", "status"], "app must be a non-empty name"),
-    ],
-)
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "the following arguments are required: COMMAND"),
+    (["bogus"], "invalid choice: 'bogus'"),
+    (["status", "extra"], "unrecognized arguments: extra"),
+    (["--frobnicate", "status"], "unrecognized arguments: --frobnicate"),
+    (["--app", "../escape", "status"], "app must be usable as a directory name"),
+    (["--app", "", "status"], "app must be a non-empty name"),
+])
 def test_bad_usage_exits_2_with_a_message(root: Path, args: List[str], message: str) -> None:
     done = run(root, *args, app=None)
     assert done.returncode == 2
@@ -256,17 +237,11 @@ def test_unwritable_state_fails_with_a_clear_message(tmp_path: Path) -> None:
 
 def test_the_cli_never_imports_the_network(root: Path) -> None:
     done = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from telemetry.__main__ import main; "
-            f"main(['--state-dir', {str(root)!r}, 'status']); main(['--state-dir', {str(root)!r}, "
-            "'show']); print('requests' in sys.modules, 'platformdirs' in sys.modules)",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=False,
+        [sys.executable, "-c",
+         "import sys; from telemetry.__main__ import main; "
+         f"main(['--state-dir', {str(root)!r}, 'status']); main(['--state-dir', {str(root)!r}, "
+         "'show']); print('requests' in sys.modules, 'platformdirs' in sys.modules)"],
+        capture_output=True, text=True, timeout=30, check=False,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "False False"

@@ -36,13 +36,8 @@ def files_under(root: Path) -> List[str]:
     ],
 )
 def test_off_sends_nothing_and_writes_nothing(
-    make_client: MakeClient,
-    telemetry_server: Server,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    env: dict[str, str],
-    consent: Any,
-    rule: int,
+    make_client: MakeClient, telemetry_server: Server, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], consent: Any, rule: int,
 ) -> None:
     for name, value in env.items():
         monkeypatch.setenv(name, value)
@@ -63,20 +58,9 @@ def test_cli_off_beats_consent_true_in_a_later_run(
 ) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "DO_NOT_TRACK")}
     subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "telemetry",
-            "--app",
-            "testapp",
-            "--state-dir",
-            str(tmp_path / "state"),
-            "off",
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        timeout=30,
+        [sys.executable, "-m", "telemetry", "--app", "testapp", "--state-dir",
+         str(tmp_path / "state"), "off"],
+        check=True, env=env, capture_output=True, timeout=30,
     )
     client = make_client(consent=True)
     assert client.status().mode == "off"
@@ -252,18 +236,9 @@ def test_spool_hands_over_between_processes_exactly_once(
 
     def run(endpoint: str, key: str) -> str:
         done = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                SPOOL_APP.format(instance=instance, key=key),
-                endpoint,
-                state_root,
-            ],
-            check=True,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
+            [sys.executable, "-c", SPOOL_APP.format(instance=instance, key=key), endpoint,
+             state_root],
+            check=True, env=env, capture_output=True, text=True, timeout=60,
         )
         return done.stdout
 

@@ -105,11 +105,7 @@ def test_every_combination_matches_the_table() -> None:
         }
         decision = decide(env, consent, persisted)
         assert (decision.mode, decision.number) == reference(env, consent, persisted), (
-            env,
-            consent,
-            persisted,
-            decision,
-        )
+            env, consent, persisted, decision)
 
 
 # -- anyone can say no -------------------------------------------------------------------
@@ -141,8 +137,7 @@ def test_do_not_track_set(value: str) -> None:
 @pytest.mark.parametrize("value", NOT_SET)
 def test_do_not_track_not_set(value: str) -> None:
     assert decide({"DO_NOT_TRACK": value}, ON) == Decision(
-        ON, "the application passed consent='on'", 6
-    )
+        ON, "the application passed consent='on'", 6)
 
 
 @pytest.mark.parametrize("value", SET)
@@ -184,16 +179,9 @@ def test_env_var_name_mangling(app: str, name: str) -> None:
     assert decide({name: "local"}, app=app) == Decision(LOCAL, f"{name}=local", 2)
 
 
-@pytest.mark.parametrize(
-    ("value", "mode"),
-    [
-        ("on", ON),
-        ("ON", ON),
-        ("Off", OFF),
-        ("LOCAL", LOCAL),
-        (" local ", LOCAL),
-    ],
-)
+@pytest.mark.parametrize(("value", "mode"), [
+    ("on", ON), ("ON", ON), ("Off", OFF), ("LOCAL", LOCAL), (" local ", LOCAL),
+])
 def test_app_variable_is_case_insensitive(value: str, mode: str) -> None:
     assert decide({APP_VAR: value}, OFF).mode == mode
 
@@ -212,18 +200,10 @@ def test_only_the_mangled_name_counts() -> None:
 # -- arguments ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("argument", "mode"),
-    [
-        (None, None),
-        (True, ON),
-        (False, OFF),
-        ("on", ON),
-        ("off", OFF),
-        ("local", LOCAL),
-        ("LOCAL", LOCAL),
-    ],
-)
+@pytest.mark.parametrize(("argument", "mode"), [
+    (None, None), (True, ON), (False, OFF), ("on", ON), ("off", OFF), ("local", LOCAL),
+    ("LOCAL", LOCAL),
+])
 def test_normalize_consent(argument: _consent.ConsentArgument, mode: Optional[str]) -> None:
     assert _consent.normalize_consent(argument) == mode
 

@@ -42,9 +42,8 @@ def first_jitter(seed: int = 7) -> float:
     return 1 + random.Random(seed).uniform(-0.1, 0.1)
 
 
-def test_first_send_happens_at_once(
-    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime
-) -> None:
+def test_first_send_happens_at_once(make_client: MakeClient, telemetry_server: Server,
+                                    virtual_time: VirtualTime) -> None:
     client = make_client()
     client.set("version", "1.4.2")
     client.increment("starts")
@@ -67,11 +66,8 @@ def test_first_send_happens_at_once(
     ],
 )
 def test_next_update_is_honoured_clamped_and_jittered(
-    make_client: MakeClient,
-    telemetry_server: Server,
-    virtual_time: VirtualTime,
-    policy_seconds: float,
-    expected: float,
+    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime,
+    policy_seconds: float, expected: float,
 ) -> None:
     telemetry_server.policy.update(next_update=policy_seconds)
     client = make_client()
@@ -151,9 +147,8 @@ def test_disable_and_enable_keys(make_client: MakeClient, telemetry_server: Serv
     client.increment("tls:handshakes")
     client.increment("tls")
     client.increment("kept")
-    telemetry_server.script(
-        status=200, body={"enable_keys": ["tls", "secret"], "disable_keys": ["secret"]}
-    )
+    telemetry_server.script(status=200, body={"enable_keys": ["tls", "secret"],
+                                                "disable_keys": ["secret"]})
     assert client.flush(timeout=5)
     assert telemetry_server.payloads[-1]["data"] == {"kept": 1}
     # tls is enabled again; "secret" was disabled by the application and stays so.
@@ -182,13 +177,8 @@ def test_enable_keys_cannot_enable_what_the_app_disabled(
 def test_429_waits_retry_after_and_keeps_the_payload(
     make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime, form: str
 ) -> None:
-    retry_after = (
-        "120"
-        if form == "seconds"
-        else format_datetime(
-            datetime.fromtimestamp(WALL_CLOCK_START + 120, timezone.utc), usegmt=True
-        )
-    )
+    retry_after = "120" if form == "seconds" else format_datetime(
+        datetime.fromtimestamp(WALL_CLOCK_START + 120, timezone.utc), usegmt=True)
     telemetry_server.script(status=429, headers={"Retry-After": retry_after})
     client = make_client()
     client.increment("hits")
@@ -289,9 +279,8 @@ def test_400_drops_only_that_payload_and_counts_it(
     assert last["client"]["dropped"] == 3  # "lost" (1) + "list" with its element (2)
 
 
-def test_redirects_are_not_followed(
-    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime
-) -> None:
+def test_redirects_are_not_followed(make_client: MakeClient, telemetry_server: Server,
+                                    virtual_time: VirtualTime) -> None:
     with serve(port=0) as elsewhere:
         location = f"{elsewhere.url}/v1/update/x"
         for _ in range(4):
@@ -339,13 +328,8 @@ def test_flush_semantics(make_client: MakeClient, telemetry_server: Server) -> N
 def test_pending_is_bounded_and_overflow_counted(
     make_client: MakeClient, virtual_time: VirtualTime
 ) -> None:
-    client = make_client(
-        max_pending=2,
-        endpoint=dead_endpoint(),
-        default_interval=1000.0,
-        min_interval=1000.0,
-        max_interval=1000.0,
-    )
+    client = make_client(max_pending=2, endpoint=dead_endpoint(), default_interval=1000.0,
+                         min_interval=1000.0, max_interval=1000.0)
     virtual_time.advance(100)  # backoffs pass, cycles wait for a flush
     client.start_emitting()
     assert virtual_time.wait_for_waits(4)  # the first cycle failed: 3 backoffs and a wait
@@ -430,13 +414,12 @@ def test_local_mode_logs_payloads_instead_of_sending(
         assert client.flush(timeout=5)
         client.stop_emitting(timeout=1)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[telemetry]")]
-    assert any("hits=1" in line and 'name="two words"' in line for line in lines)
+    assert any('hits=1' in line and 'name="two words"' in line for line in lines)
     assert update_requests(telemetry_server) == []
 
 
-def test_oversized_payload_is_split_by_key(
-    make_client: MakeClient, telemetry_server: Server, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_oversized_payload_is_split_by_key(make_client: MakeClient, telemetry_server: Server,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_emitter, "MAX_RAW_BYTES", 4000)
     client = make_client()
     for index in range(10):
@@ -455,14 +438,8 @@ def test_end_to_end_totals_are_exact(telemetry_server: Server, tmp_path: Path) -
     """4 threads collect while the client emits every few ms; totals match exactly."""
     telemetry_server.policy.update(next_update=0.005)
     client = telemetry.Client()
-    client.init(
-        uuid.uuid4(),
-        app="e2e",
-        endpoint=telemetry_server.url,
-        consent=True,
-        min_interval=0.001,
-        state_dir=tmp_path / "state",
-    )
+    client.init(uuid.uuid4(), app="e2e", endpoint=telemetry_server.url, consent=True,
+                min_interval=0.001, state_dir=tmp_path / "state")
     client.start_emitting()
     per_thread = 25_000
 
@@ -509,16 +486,9 @@ def test_atexit_delivers_or_spools_and_exits_promptly(
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "DO_NOT_TRACK")}
     started = time.monotonic()
     subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            AT_EXIT_APP.format(instance=instance),
-            endpoint,
-            str(tmp_path / "state"),
-        ],
-        check=True,
-        env=env,
-        timeout=30,
+        [sys.executable, "-c", AT_EXIT_APP.format(instance=instance), endpoint,
+         str(tmp_path / "state")],
+        check=True, env=env, timeout=30,
     )
     elapsed = time.monotonic() - started
     assert elapsed < 10  # interpreter start-up plus at most the 1 s at-exit bound
@@ -558,16 +528,9 @@ def test_fork_child_sends_only_its_own_data(telemetry_server: Server, tmp_path: 
     instance = uuid.uuid4()
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "DO_NOT_TRACK")}
     subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            FORK_APP.format(instance=instance),
-            telemetry_server.url,
-            str(tmp_path / "state"),
-        ],
-        check=True,
-        env=env,
-        timeout=60,
+        [sys.executable, "-c", FORK_APP.format(instance=instance), telemetry_server.url,
+         str(tmp_path / "state")],
+        check=True, env=env, timeout=60,
     )
     datas: List[Dict[str, Any]] = [p["data"] for p in telemetry_server.payloads]
     assert {"child": 1} in datas
@@ -575,9 +538,8 @@ def test_fork_child_sends_only_its_own_data(telemetry_server: Server, tmp_path: 
     assert stats(telemetry_server)["keys"] == {"parent": 1, "child": 1}
 
 
-def test_a_raising_sink_is_a_failed_attempt(
-    make_client: MakeClient, virtual_time: VirtualTime
-) -> None:
+def test_a_raising_sink_is_a_failed_attempt(make_client: MakeClient,
+                                            virtual_time: VirtualTime) -> None:
     from telemetry._sinks import DELIVERED, Request, SendResult
 
     sent: List[Payload] = []

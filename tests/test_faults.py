@@ -64,17 +64,8 @@ SEND_TIMEOUT = 0.2
 def random_faults(rng: random.Random, count: int) -> List[Fault]:
     """``count`` scripted answers drawn from every fault class (``500-burst`` gives several)."""
     kinds = [
-        "ok",
-        "500-burst",
-        "503-retry-after",
-        "429",
-        "408",
-        "slow",
-        "drop",
-        "drop-after-store",
-        "html-200",
-        "wrong-shape",
-        "odd-next-update",
+        "ok", "500-burst", "503-retry-after", "429", "408", "slow", "drop",
+        "drop-after-store", "html-200", "wrong-shape", "odd-next-update",
     ]
     faults: List[Fault] = []
     while len(faults) < count:
@@ -86,16 +77,8 @@ def random_faults(rng: random.Random, count: int) -> List[Fault]:
             for _ in range(rng.randint(2, 6)):
                 faults.append(Fault(kind, {"status": 500, "store": rng.random() < 0.3}))
         elif kind == "503-retry-after":
-            faults.append(
-                Fault(
-                    kind,
-                    {
-                        "status": 503,
-                        "store": rng.random() < 0.3,
-                        "headers": {"Retry-After": str(rng.randint(0, 3))},
-                    },
-                )
-            )
+            faults.append(Fault(kind, {"status": 503, "store": rng.random() < 0.3,
+                                       "headers": {"Retry-After": str(rng.randint(0, 3))}}))
         elif kind == "429":
             form = rng.choice(["seconds", "next_update", "none"])
             seconds = rng.randint(0, RETRY_AFTER_MAX)
@@ -110,55 +93,28 @@ def random_faults(rng: random.Random, count: int) -> List[Fault]:
         elif kind == "slow":
             # Answered (and, without a status, stored) after the client gave up.
             status = rng.choice([None, 200, 500])
-            faults.append(
-                Fault(kind, {"status": status, "delay": SLOW_DELAY, "store": status == 200})
-            )
+            faults.append(Fault(kind, {"status": status, "delay": SLOW_DELAY,
+                                       "store": status == 200}))
         elif kind == "drop":
             faults.append(Fault(kind, {"drop": True}))
         elif kind == "drop-after-store":
             faults.append(Fault(kind, {"drop_after_store": True}))
         elif kind == "html-200":
             # Not a JSON object: a failed attempt, whether or not the server stored it.
-            faults.append(
-                Fault(
-                    kind,
-                    {
-                        "status": 200,
-                        "body": b"<html>",
-                        "headers": {"Content-Type": "text/html"},
-                        "store": rng.random() < 0.5,
-                    },
-                )
-            )
+            faults.append(Fault(kind, {"status": 200, "body": b"<html>",
+                                       "headers": {"Content-Type": "text/html"},
+                                       "store": rng.random() < 0.5}))
         elif kind == "wrong-shape":
-            body = rng.choice(
-                [
-                    [1, 2],
-                    {"stop": "yes"},
-                    {"disable_keys": 5},
-                    {"enable_keys": [1]},
-                    {"error": 7},
-                    "text",
-                    None,
-                    3,
-                ]
-            )
+            body = rng.choice([[1, 2], {"stop": "yes"}, {"disable_keys": 5},
+                               {"enable_keys": [1]}, {"error": 7}, "text", None, 3])
             # A JSON object (its bad fields ignored) or an empty body is a delivery: the
             # server must have stored it. Anything else is retried, stored or not.
             store = body is None or isinstance(body, dict) or rng.random() < 0.5
             faults.append(Fault(kind, {"status": 200, "body": body, "store": store}))
         else:  # odd-next-update: a delivery whose schedule hint is useless
             value = rng.choice([0, -5 * NS, 10**18, "soon", 1.5, 10**30, 10**400, None])
-            faults.append(
-                Fault(
-                    kind,
-                    {
-                        "status": rng.choice([200, 201, 202]),
-                        "body": {"next_update": value},
-                        "store": True,
-                    },
-                )
-            )
+            faults.append(Fault(kind, {"status": rng.choice([200, 201, 202]),
+                                       "body": {"next_update": value}, "store": True}))
     return faults[:count]
 
 
@@ -356,17 +312,8 @@ def test_the_seeds_cover_every_fault_class() -> None:
         for fault in random_faults(random.Random(seed), FAULTS_PER_SEED)
     )
     assert set(kinds) == {
-        "ok",
-        "500-burst",
-        "503-retry-after",
-        "429",
-        "408",
-        "slow",
-        "drop",
-        "drop-after-store",
-        "html-200",
-        "wrong-shape",
-        "odd-next-update",
+        "ok", "500-burst", "503-retry-after", "429", "408", "slow", "drop",
+        "drop-after-store", "html-200", "wrong-shape", "odd-next-update",
     }, kinds
 
 
@@ -375,9 +322,8 @@ def test_the_seeds_cover_every_fault_class() -> None:
 
 _JSON = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
+    lambda children: st.lists(children, max_size=4)
+    | st.dictionaries(st.text(max_size=8), children, max_size=4),
     max_leaves=12,
 )
 _ANY_INT = st.integers() | st.sampled_from([0, -1, 10**18, 2**63, 2**64, 10**30, 10**400])
@@ -399,38 +345,18 @@ _BODIES = (
     | _JSON
     | _RESPONSE_LIKE
     | _RESPONSE_LIKE.map(lambda value: json.dumps(value).encode())
-    | st.sampled_from(
-        [
-            b"<html>",
-            b"{",
-            b"null",
-            b'{"next_update": 1e999}',
-            b"[" * 5000,
-            b'{"next_update": ' + b"9" * 5000 + b"}",
-            b"\xff\xfe",
-            b" " * 10,
-        ]
-    )
+    | st.sampled_from([b"<html>", b"{", b"null", b'{"next_update": 1e999}', b"[" * 5000,
+                       b'{"next_update": ' + b"9" * 5000 + b"}", b"\xff\xfe", b" " * 10])
 )
-_HEADER_TEXT = st.text(
-    st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"), max_size=40
-)
+_HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF,
+                                     blacklist_characters="\x7f"), max_size=40)
 _HEADERS = st.fixed_dictionaries(
     {},
     optional={
         "Retry-After": _HEADER_TEXT
         | st.integers(-5, 10**30).map(str)
-        | st.sampled_from(
-            [
-                "Wed, 21 Oct 2015 07:28:00 GMT",
-                "Fri, 31 Dec 9999 23:59:59 GMT",
-                "Mon, 01 Jan 0001 00:00:00 +2359",
-                "1e9",
-                "0x10",
-                "-1",
-                "",
-            ]
-        ),
+        | st.sampled_from(["Wed, 21 Oct 2015 07:28:00 GMT", "Fri, 31 Dec 9999 23:59:59 GMT",
+                           "Mon, 01 Jan 0001 00:00:00 +2359", "1e9", "0x10", "-1", ""]),
         "Content-Type": _HEADER_TEXT | st.sampled_from(["application/json", "text/html"]),
         "Content-Encoding": st.sampled_from(["gzip", "deflate", "br", "identity", "x"]),
         "Location": _HEADER_TEXT,
@@ -438,34 +364,8 @@ _HEADERS = st.fixed_dictionaries(
     },
 )
 _STATUSES = st.sampled_from(
-    [
-        200,
-        201,
-        202,
-        204,
-        299,
-        301,
-        302,
-        304,
-        307,
-        308,
-        400,
-        401,
-        404,
-        408,
-        410,
-        413,
-        415,
-        422,
-        429,
-        451,
-        499,
-        500,
-        502,
-        503,
-        504,
-        599,
-    ]
+    [200, 201, 202, 204, 299, 301, 302, 304, 307, 308, 400, 401, 404, 408, 410, 413, 415,
+     422, 429, 451, 499, 500, 502, 503, 504, 599]
 )
 STOPPING = (410, 451)
 
@@ -476,47 +376,34 @@ def _stores(status: int) -> bool:
     return 200 <= status < 300
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@settings(max_examples=60, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(answers=st.lists(st.tuples(_STATUSES, _BODIES, _HEADERS), min_size=1, max_size=2))
 def test_any_server_answer_never_raises_nor_kills_the_emitter(
-    make_client: MakeClient,
-    tmp_path: Path,
-    fail_on_internal_errors: List[BaseException],
+    make_client: MakeClient, tmp_path: Path, fail_on_internal_errors: List[BaseException],
     answers: List[Tuple[int, Any, Dict[str, str]]],
 ) -> None:
     # A server and state of its own: an example cut short by a stop leaves neither
     # scripted answers nor a remembered stop to the next.
     with serve() as server:
-        check_any_answer(
-            make_client, server, tmp_path / uuid.uuid4().hex, fail_on_internal_errors, answers
-        )
+        check_any_answer(make_client, server, tmp_path / uuid.uuid4().hex,
+                         fail_on_internal_errors, answers)
 
 
 def check_any_answer(
-    make_client: MakeClient,
-    telemetry_server: Server,
-    state_dir: Path,
+    make_client: MakeClient, telemetry_server: Server, state_dir: Path,
     fail_on_internal_errors: List[BaseException],
     answers: List[Tuple[int, Any, Dict[str, str]]],
 ) -> None:
     clock = SteppedTime()
     client = make_client(
-        endpoint=telemetry_server.url,
-        state_dir=state_dir,
-        default_interval=1000.0,
-        min_interval=1000.0,
-        max_interval=1000.0,
-        clock=clock.clock,
-        wait=clock.wait,
+        endpoint=telemetry_server.url, state_dir=state_dir,
+        default_interval=1000.0, min_interval=1000.0, max_interval=1000.0,
+        clock=clock.clock, wait=clock.wait,
     )
     for status, body, headers in answers:
-        telemetry_server.script(status=status, body=body, headers=headers, store=_stores(status))
+        telemetry_server.script(status=status, body=body, headers=headers,
+                                store=_stores(status))
     calls = 0
 
     def collect() -> None:
@@ -532,10 +419,8 @@ def check_any_answer(
         run_cycle(client, clock)
     assert fail_on_internal_errors == []
     if client.status().server_stopped:  # only JSON true or 410/451 may stop it
-        assert any(
-            status in STOPPING or (200 <= status < 300 and _says_stop(body))
-            for status, body, _ in answers
-        ), answers
+        assert any(status in STOPPING or (200 <= status < 300 and _says_stop(body))
+                   for status, body, _ in answers), answers
         client.stop_emitting(timeout=1)
         return
     emitter = client._emitter
@@ -544,9 +429,8 @@ def check_any_answer(
     client.increment("probe")
     assert run_cycle(client, clock) or run_cycle(client, clock)
     client.stop_emitting(timeout=1)
-    mine = [
-        p for p in telemetry_server.stored_payloads() if p["instance_id"] == str(client.instance_id)
-    ]
+    mine = [p for p in telemetry_server.stored_payloads()
+            if p["instance_id"] == str(client.instance_id)]
     stored = Counter(key for p in mine for key in p["data"])
     assert stored["probe"] == 1
     assert all(count == 1 for count in stored.values()), stored  # nothing twice
@@ -594,40 +478,18 @@ _KEYS: st.SearchStrategy[Any] = (
     | st.sampled_from([None, 5, 1.5, b"k", ("k",), frozenset()])
 )
 _SCALARS = (
-    st.none()
-    | st.booleans()
-    | st.integers()
-    | st.floats()
-    | st.text(max_size=8)
-    | st.sampled_from(
-        [
-            2**64,
-            -(2**63),
-            -0.0,
-            5e-324,
-            1.7976931348623157e308,
-            "\ud800",
-            "\x00",
-            "x" * 1025,
-            "\u2028",
-        ]
-    )
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+    | st.sampled_from([2**64, -(2**63), -0.0, 5e-324, 1.7976931348623157e308,
+                       "\ud800", "\x00", "x" * 1025, "\u2028"])
 )
 # More digits than str(int) allows: accepted by the buffer as a scalar, unencodable.
 _HUGE_INTS = st.sampled_from([10**5000, -(10**4400)]).map(_HugeInt)
-_VALUES = (
-    st.recursive(
-        _SCALARS,
-        lambda children: (
-            st.lists(children, max_size=3)
-            | st.tuples(children)
-            | st.dictionaries(st.text(max_size=4) | st.integers(), children, max_size=3)
-        ),
-        max_leaves=8,
-    )
-    | st.sampled_from([object(), {1, 2}, b"bytes", 1j, _nested(33), _nested(31)])
-    | _HUGE_INTS
-)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda children: st.lists(children, max_size=3) | st.tuples(children)
+    | st.dictionaries(st.text(max_size=4) | st.integers(), children, max_size=3),
+    max_leaves=8,
+) | st.sampled_from([object(), {1, 2}, b"bytes", 1j, _nested(33), _nested(31)]) | _HUGE_INTS
 _CALLS = st.lists(
     st.one_of(
         st.tuples(st.just("set"), _KEYS, _VALUES),
@@ -643,19 +505,12 @@ _CALLS = st.lists(
 )
 
 
-@settings(
-    max_examples=80,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(calls=_CALLS)
 def test_any_collection_call_is_delivered_intact(
-    make_client: MakeClient,
-    telemetry_server: Server,
-    fail_on_internal_errors: List[BaseException],
-    calls: List[Tuple[Any, ...]],
+    make_client: MakeClient, telemetry_server: Server,
+    fail_on_internal_errors: List[BaseException], calls: List[Tuple[Any, ...]],
 ) -> None:
     client = make_client(max_items=50, max_values_per_key=5)
     client.start_emitting()
@@ -800,8 +655,7 @@ def test_killed_mid_send_the_spooled_data_is_delivered_exactly_once(
     assert telemetry_server.wait_for_requests(2, timeout=10)
     held_status = 200 if held == "then-stored" else None  # None: dropped, unanswered
     assert sorted(r.status or 0 for r in telemetry_server.requests) == sorted(
-        [held_status or 0, 200]
-    )
+        [held_status or 0, 200])
     stats = telemetry_server.stats()
     assert stats["keys"] == {"from": [{"value": "first", "count": 1}], "spooled": 7}
     assert stats["payloads"] == 1
@@ -850,7 +704,6 @@ def break_disk(monkeypatch: pytest.MonkeyPatch, root: Path, code: int) -> None:
             if under(path) and code == errno.EROFS:
                 refuse(path)
             return real(path, *args, **kwargs)
-
         return change
 
     monkeypatch.setattr(os, "open", open_)
@@ -865,12 +718,8 @@ DISK_FAULTS = {"disk-full": errno.ENOSPC, "read-only": errno.EROFS}
 
 @pytest.mark.parametrize("code", list(DISK_FAULTS.values()), ids=list(DISK_FAULTS))
 def test_a_broken_disk_never_stops_collection_nor_raises(
-    make_client: MakeClient,
-    telemetry_server: Server,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    code: int,
+    make_client: MakeClient, telemetry_server: Server, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, code: int,
 ) -> None:
     state_dir = tmp_path / "state"
     break_disk(monkeypatch, state_dir, code)
@@ -903,11 +752,8 @@ def test_a_broken_disk_never_stops_collection_nor_raises(
 
 @pytest.mark.parametrize("code", list(DISK_FAULTS.values()), ids=list(DISK_FAULTS))
 def test_a_spool_on_a_broken_disk_is_delivered_once_when_it_heals(
-    make_client: MakeClient,
-    telemetry_server: Server,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    code: int,
+    make_client: MakeClient, telemetry_server: Server, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, code: int,
 ) -> None:
     instance, state_dir = uuid.uuid4(), tmp_path / "state"
     offline = make_client(instance_id=instance, endpoint=dead_endpoint(), state_dir=state_dir)
@@ -955,17 +801,12 @@ def raw_http(server: Server, request: bytes) -> Tuple[int, Dict[str, str], bytes
     return int(status_line.split()[1]), headers, body
 
 
-def post_path(
-    server: Server, path: str, body: bytes = b"{}", content_type: str = "application/json"
-) -> Tuple[int, Dict[str, str], bytes]:
-    return raw_http(
-        server,
-        (
-            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        ).encode("latin-1")
-        + body,
-    )
+def post_path(server: Server, path: str, body: bytes = b"{}",
+              content_type: str = "application/json") -> Tuple[int, Dict[str, str], bytes]:
+    return raw_http(server, (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode("latin-1") + body)
 
 
 def assert_json_error(status: int, headers: Dict[str, str], body: bytes, allowed: Any) -> None:
@@ -975,43 +816,34 @@ def assert_json_error(status: int, headers: Dict[str, str], body: bytes, allowed
 
 
 def valid_body(instance: str = INSTANCE) -> bytes:
-    return json.dumps(
-        {
-            "instance_id": instance,
-            "timestamp": "2026-11-23T10:00:00Z",
-            "payload_id": uuid.uuid4().hex,
-            "data": {"k": 1},
-        }
-    ).encode()
+    return json.dumps({"instance_id": instance, "timestamp": "2026-11-23T10:00:00Z",
+                       "payload_id": uuid.uuid4().hex, "data": {"k": 1}}).encode()
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        "/v1/update/../../etc/passwd",
-        "/v1/update/..",
-        "/v1/update/%2e%2e",
-        "/v1/update/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
-        "/v1/update/..%2f..%2fv1%2fstats",
-        "/v1/update/" + INSTANCE + "/../" + INSTANCE,
-        "/v1/update/%2F" + INSTANCE,
-        "/v1/update/" + INSTANCE + "%2F..",
-        "/v1/update/" + INSTANCE + "junk",
-        "/v1/update/" + INSTANCE + "%00",
-        "/v1/update/" + INSTANCE + "%0a",
-        "/v1/update/" + INSTANCE + ";x",
-        "/v1/update/" + INSTANCE[:-1],
-        "/v1/update/{" + INSTANCE + "}",
-        "/v1/update/urn:uuid:" + INSTANCE,
-        "/v1/update/" + INSTANCE.replace("-", ""),
-        "/v1/update/" + INSTANCE.replace("3", "\u0663"),  # an Arabic-Indic digit
-        "/v1/update/%EF%BC%93" + INSTANCE[1:],  # a fullwidth digit, percent-encoded
-        "/v1/instances/../../etc/passwd",
-        "/v1/instances/%2e%2e",
-        "/v1//update/" + INSTANCE,
-        "/V1/UPDATE/" + INSTANCE,
-    ],
-)
+@pytest.mark.parametrize("path", [
+    "/v1/update/../../etc/passwd",
+    "/v1/update/..",
+    "/v1/update/%2e%2e",
+    "/v1/update/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "/v1/update/..%2f..%2fv1%2fstats",
+    "/v1/update/" + INSTANCE + "/../" + INSTANCE,
+    "/v1/update/%2F" + INSTANCE,
+    "/v1/update/" + INSTANCE + "%2F..",
+    "/v1/update/" + INSTANCE + "junk",
+    "/v1/update/" + INSTANCE + "%00",
+    "/v1/update/" + INSTANCE + "%0a",
+    "/v1/update/" + INSTANCE + ";x",
+    "/v1/update/" + INSTANCE[:-1],
+    "/v1/update/{" + INSTANCE + "}",
+    "/v1/update/urn:uuid:" + INSTANCE,
+    "/v1/update/" + INSTANCE.replace("-", ""),
+    "/v1/update/" + INSTANCE.replace("3", "\u0663"),  # an Arabic-Indic digit
+    "/v1/update/%EF%BC%93" + INSTANCE[1:],  # a fullwidth digit, percent-encoded
+    "/v1/instances/../../etc/passwd",
+    "/v1/instances/%2e%2e",
+    "/v1//update/" + INSTANCE,
+    "/V1/UPDATE/" + INSTANCE,
+])
 def test_the_server_refuses_traversal_and_non_uuid_instance_ids(
     telemetry_server: Server, path: str
 ) -> None:
@@ -1024,68 +856,28 @@ def test_the_server_refuses_traversal_and_non_uuid_instance_ids(
 
 
 _PATH_PIECES = st.sampled_from(
-    [
-        "/",
-        "..",
-        ".",
-        "%2e",
-        "%2f",
-        "%00",
-        "%0a",
-        "%ff",
-        "%",
-        "v1",
-        "update",
-        "instances",
-        "stats",
-        "healthz",
-        INSTANCE,
-        INSTANCE.upper(),
-        "?",
-        "?limit=-1",
-        "#",
-        ";",
-        "~",
-        "\\",
-    ]
+    ["/", "..", ".", "%2e", "%2f", "%00", "%0a", "%ff", "%", "v1", "update", "instances",
+     "stats", "healthz", INSTANCE, INSTANCE.upper(), "?", "?limit=-1", "#", ";", "~", "\\"]
 )
 _PATHS = st.lists(_PATH_PIECES | st.text("abcdef0123456789-/.%", max_size=12), max_size=8).map(
     lambda pieces: "/" + "".join(pieces)
 ) | st.sampled_from([f"/v1/update/{INSTANCE}", "*", f"http://evil.example/v1/update/{INSTANCE}"])
 
 
-@settings(
-    max_examples=80,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
+@settings(max_examples=80, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     method=st.sampled_from(["POST", "GET", "PUT", "DELETE", "OPTIONS", "PATCH", "FOO"]),
     path=_PATHS,
-    content_type=st.sampled_from(
-        [
-            "application/json",
-            "application/json; charset=utf-8",
-            "text/plain",
-            "",
-            "application/json;;;",
-            "*/*",
-        ]
-    ),
+    content_type=st.sampled_from(["application/json", "application/json; charset=utf-8",
+                                  "text/plain", "", "application/json;;;", "*/*"]),
     encoding=st.sampled_from([None, "gzip", "identity", "br", "gzip, gzip", ""]),
     body=st.binary(max_size=256) | st.builds(valid_body),
     declared=st.sampled_from(["exact", "short", "none", "junk"]),
 )
 def test_any_request_line_and_headers_get_a_json_answer(
-    telemetry_server: Server,
-    method: str,
-    path: str,
-    content_type: str,
-    encoding: Optional[str],
-    body: bytes,
-    declared: str,
+    telemetry_server: Server, method: str, path: str, content_type: str,
+    encoding: Optional[str], body: bytes, declared: str,
 ) -> None:
     """Extends the body fuzz in tests/test_server.py to methods, paths and headers."""
     lines = [f"{method} {path} HTTP/1.1", "Host: x", "Connection: close"]
@@ -1113,9 +905,8 @@ def test_any_request_line_and_headers_get_a_json_answer(
         assert 200 <= status < 300 or 400 <= status < 500, (status, answer)
         assert headers.get("content-type") == "application/json", (status, answer)
         assert isinstance(json.loads(answer), dict)
-    status, _, _ = raw_http(
-        telemetry_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
+    status, _, _ = raw_http(telemetry_server, b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+                                              b"Connection: close\r\n\r\n")
     assert status == 200
 
 
@@ -1133,11 +924,8 @@ SECRETS = {
 
 
 def test_nothing_but_what_the_app_set_leaves_the_machine(
-    make_client: MakeClient,
-    telemetry_server: Server,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    make_client: MakeClient, telemetry_server: Server, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
     for name, value in SECRETS.items():
         monkeypatch.setenv(name, value)
@@ -1156,16 +944,8 @@ def test_nothing_but_what_the_app_set_leaves_the_machine(
 
     requests_sent = [r for r in telemetry_server.requests if r.path.startswith("/v1/update/")]
     assert len(requests_sent) >= 2
-    allowed_headers = {
-        "Host",
-        "User-Agent",
-        "Accept-Encoding",
-        "Accept",
-        "Connection",
-        "Content-Type",
-        "Content-Length",
-        "Content-Encoding",
-    }
+    allowed_headers = {"Host", "User-Agent", "Accept-Encoding", "Accept", "Connection",
+                       "Content-Type", "Content-Length", "Content-Encoding"}
     state = client._state
     assert state is not None
     spooled = list(state.spool_dir.iterdir())
@@ -1175,14 +955,8 @@ def test_nothing_but_what_the_app_set_leaves_the_machine(
         assert request.json is not None
         assert set(request.json) == {"instance_id", "timestamp", "payload_id", "data", "client"}
         assert set(request.json["data"]) <= {"version", "hits", "agent", "late"}
-        everything = b" ".join(
-            [
-                request.path.encode(),
-                request.query.encode(),
-                json.dumps(request.headers).encode(),
-                request.decoded_body or b"",
-            ]
-        )
+        everything = b" ".join([request.path.encode(), request.query.encode(),
+                                json.dumps(request.headers).encode(), request.decoded_body or b""])
         for secret in sentinels:
             assert secret not in everything
     for path in spooled:

@@ -59,8 +59,7 @@ def warnings(caplog: pytest.LogCaptureFixture) -> Callable[[], List[str]]:
 
     def messages() -> List[str]:
         return [
-            record.getMessage()
-            for record in caplog.records
+            record.getMessage() for record in caplog.records
             if record.name == "telemetry" and record.levelno >= logging.WARNING
         ]
 
@@ -74,12 +73,8 @@ def files_under(path: Path) -> List[str]:
 def run_python(code: str, *, stdin: str = "", timeout: float = 30) -> str:
     """Run ``code`` in a fresh interpreter (inherits the test's environment)."""
     done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
+        [sys.executable, "-c", textwrap.dedent(code)], input=stdin, capture_output=True,
+        text=True, timeout=timeout, check=False,
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -87,11 +82,8 @@ def run_python(code: str, *, stdin: str = "", timeout: float = 30) -> str:
 
 def start_python(code: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-c", textwrap.dedent(code)], stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
 
 
@@ -221,10 +213,7 @@ def fresh(state: State) -> State:
 
 @pytest.mark.parametrize("kind", list(WRITERS))
 def test_failed_rename_leaves_the_old_file(
-    state: State,
-    root: Path,
-    kind: str,
-    monkeypatch: pytest.MonkeyPatch,
+    state: State, root: Path, kind: str, monkeypatch: pytest.MonkeyPatch,
     warnings: Callable[[], List[str]],
 ) -> None:
     WRITERS[kind](state, 0)
@@ -342,26 +331,16 @@ def test_good_files_read_back(state: State, kind: str) -> None:
     path = path_of(state, kind)
     path.parent.mkdir(parents=True)
     path.write_bytes(good_content(kind))
-    assert (
-        READERS[kind](state)
-        == {
-            "consent": "local",
-            "instance id": uuid.UUID("3f0c8e6e-8a7b-4c1d-9e2f-0a1b2c3d4e5f"),
-            "policy": ServerPolicy(frozenset({"a"}), 12.5),
-        }[kind]
-    )
+    assert READERS[kind](state) == {
+        "consent": "local",
+        "instance id": uuid.UUID("3f0c8e6e-8a7b-4c1d-9e2f-0a1b2c3d4e5f"),
+        "policy": ServerPolicy(frozenset({"a"}), 12.5),
+    }[kind]
 
 
-@pytest.mark.parametrize(
-    "content",
-    [
-        b'{"mode": "maybe"}',
-        b'{"mode": 1}',
-        b'{"other": "on"}',
-        b'"on"',
-        b"on",
-    ],
-)
+@pytest.mark.parametrize("content", [
+    b'{"mode": "maybe"}', b'{"mode": 1}', b'{"other": "on"}', b'"on"', b"on",
+])
 def test_consent_file_with_unknown_content(
     state: State, content: bytes, warnings: Callable[[], List[str]]
 ) -> None:
@@ -371,17 +350,14 @@ def test_consent_file_with_unknown_content(
     assert warnings()
 
 
-@pytest.mark.parametrize(
-    "content",
-    [
-        b'{"disabled_keys": "tls", "stop_until": null}',
-        b'{"disabled_keys": [1], "stop_until": null}',
-        b'{"disabled_keys": [], "stop_until": true}',
-        b'{"disabled_keys": [], "stop_until": "soon"}',
-        b'{"disabled_keys": [], "stop_until": NaN}',
-        b'{"disabled_keys": []}',
-    ],
-)
+@pytest.mark.parametrize("content", [
+    b'{"disabled_keys": "tls", "stop_until": null}',
+    b'{"disabled_keys": [1], "stop_until": null}',
+    b'{"disabled_keys": [], "stop_until": true}',
+    b'{"disabled_keys": [], "stop_until": "soon"}',
+    b'{"disabled_keys": [], "stop_until": NaN}',
+    b'{"disabled_keys": []}',
+])
 def test_policy_file_with_bad_fields(
     state: State, content: bytes, warnings: Callable[[], List[str]]
 ) -> None:
@@ -416,9 +392,8 @@ def test_corrupt_spool_files_are_deleted_on_claim_and_skipped_by_show(
     good = payload(1)
     state.spool([good])
     truncated = encode_payload(payload(2))
-    for index, content in enumerate(
-        [b"", b"garbage", truncated[: len(truncated) // 2], b'{"instance_id": 1}']
-    ):
+    for index, content in enumerate([b"", b"garbage", truncated[: len(truncated) // 2],
+                                     b'{"instance_id": 1}']):
         (state.spool_dir / f"{index:032x}.json").write_bytes(content)
     assert state.spooled() == [good]
     assert len(warnings()) == 4
@@ -447,20 +422,14 @@ def refusing(code: int) -> Callable[..., Any]:
     return refuse
 
 
-@pytest.mark.parametrize(
-    ("target", "code"),
-    [
-        ("open", errno.EROFS),  # a read-only file system
-        ("open", errno.EACCES),  # a directory we may not write
-        ("write", errno.ENOSPC),  # a full disk
-        ("fsync", errno.EIO),
-    ],
-)
+@pytest.mark.parametrize(("target", "code"), [
+    ("open", errno.EROFS),  # a read-only file system
+    ("open", errno.EACCES),  # a directory we may not write
+    ("write", errno.ENOSPC),  # a full disk
+    ("fsync", errno.EIO),
+])
 def test_disk_errors_are_warnings_not_exceptions(
-    state: State,
-    target: str,
-    code: int,
-    monkeypatch: pytest.MonkeyPatch,
+    state: State, target: str, code: int, monkeypatch: pytest.MonkeyPatch,
     warnings: Callable[[], List[str]],
 ) -> None:
     assert state.write_consent("on")
@@ -508,10 +477,8 @@ def test_root_that_is_a_file(tmp_path: Path, warnings: Callable[[], List[str]]) 
     assert len(warnings()) == 3  # the three writes; reads find nothing, quietly
 
 
-@pytest.mark.skipif(
-    os.name != "posix" or os.geteuid() == 0,
-    reason="needs a non-root POSIX user for permissions to bite",
-)
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="needs a non-root POSIX user for permissions to bite")
 def test_read_only_directory(state: State, warnings: Callable[[], List[str]]) -> None:
     populate(state)
     os.chmod(state.config_dir, 0o500)
@@ -624,17 +591,13 @@ def test_spool_round_trip_keeps_payload_ids(state: State, root: Path) -> None:
     payloads = [payload(2, dropped=5), payload(0, {"empty": {}}), payload(1)]
     assert state.spool(payloads) == 0
     assert sorted(os.listdir(state.spool_dir)) == sorted(
-        f"{item.payload_id}.json" for item in payloads
-    )
+        f"{item.payload_id}.json" for item in payloads)
     assert state.spool_size().files == 3
     assert state.spool_size().size == sum(len(encode_payload(item)) for item in payloads)
     claimed = State(APP, root).claim()  # the next process
     assert [item.payload for item in claimed] == [payloads[1], payloads[2], payloads[0]]
     assert [item.payload.payload_id for item in claimed] == [
-        payloads[1].payload_id,
-        payloads[2].payload_id,
-        payloads[0].payload_id,
-    ]
+        payloads[1].payload_id, payloads[2].payload_id, payloads[0].payload_id]
     assert claimed[0].payload.items == payloads[1].items
 
 
@@ -661,8 +624,7 @@ def test_spool_drops_oldest_beyond_the_file_bound(root: Path) -> None:
     # 4 files over a bound of 3: the oldest (t=1) goes, with its items and its drop count.
     assert state.spool(newer) == payload(1).items + 7
     assert [item.timestamp for item in state.spooled()] == [
-        T0 + timedelta(seconds=s) for s in (4, 5, 6)
-    ]
+        T0 + timedelta(seconds=s) for s in (4, 5, 6)]
     # An older payload than everything spooled is itself the one dropped.
     old = payload(0, {"a": 1, "b": [1, 2]})
     assert state.spool([old]) == 4
@@ -674,9 +636,7 @@ def test_spool_drops_oldest_beyond_the_byte_bound(root: Path) -> None:
     state = State(APP, root, max_spool_bytes=2 * size + size // 2)
     assert state.spool([payload(3), payload(1), payload(2)]) == payload(1).items
     assert [item.timestamp for item in state.spooled()] == [
-        T0 + timedelta(seconds=2),
-        T0 + timedelta(seconds=3),
-    ]
+        T0 + timedelta(seconds=2), T0 + timedelta(seconds=3)]
     assert state.spool_size() == SpoolSize(2, 2 * size)
 
 
@@ -718,8 +678,7 @@ def test_claims_of_a_killed_process_come_back(state: State, root: Path) -> None:
     _, err = killed.communicate(timeout=30)
     assert killed.returncode == -signal.SIGKILL, err
     assert sorted(os.listdir(state.spool_dir)) == sorted(
-        f"{p.payload_id}.json.claimed-{killed.pid}" for p in payloads
-    )
+        f"{p.payload_id}.json.claimed-{killed.pid}" for p in payloads)
     claimed = state.claim()
     assert [item.payload for item in claimed] == payloads
     for item in claimed:
