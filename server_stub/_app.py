@@ -23,8 +23,9 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import parse_qs
 
+from ._backends import open_store
 from ._policy import Policy
-from ._store import PayloadRecord, Store, UnstorablePayload, open_store
+from ._storage import PayloadRecord, Store, UnstorablePayload
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment

@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server_stub import PayloadRecord, PostgresStore, SQLiteStore, open_store, serve
-from server_stub._postgres import SCHEMA_VERSION, redact_url
+from server_stub._postgres import SCHEMA_VERSION
+from server_stub._storage import redact_url
 
 REPO = Path(__file__).resolve().parents[1]
 RECEIVED_AT = "2026-11-23T10:00:00.123456Z"
