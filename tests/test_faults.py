@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, NoReturn, Optional, Tuple
 
 import pytest
+from _net import RawAnswer, raw_http
 from conftest import VirtualTime, dead_endpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -783,24 +784,8 @@ def test_a_spool_on_a_broken_disk_is_delivered_once_when_it_heals(
 INSTANCE = "3f0c5b0e-6b35-4f1e-9c55-1b2a8e5c0d11"
 
 
-def raw_http(server: Server, request: bytes) -> Tuple[int, Dict[str, str], bytes]:
-    """Send ``request`` as it is (no URL normalisation); the status, headers and body."""
-    with socket.create_connection((server.host, server.port), timeout=10) as sock:
-        sock.sendall(request)
-        chunks: List[bytes] = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, body
-
-
 def post_path(server: Server, path: str, body: bytes = b"{}",
-              content_type: str = "application/json") -> Tuple[int, Dict[str, str], bytes]:
+              content_type: str = "application/json") -> RawAnswer:
     return raw_http(server, (
         f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"

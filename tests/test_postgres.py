@@ -25,6 +25,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import psycopg
 import pytest
 import requests
+from _net import free_port
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -336,10 +337,7 @@ def test_command_line_server_on_postgres(postgres_url: str) -> None:
 
 
 def test_command_line_refuses_an_unreachable_database() -> None:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    url = f"postgresql://me:secret@127.0.0.1:{port}/telemetry"
+    url = f"postgresql://me:secret@127.0.0.1:{free_port()}/telemetry"
 
     result = subprocess.run(
         [sys.executable, "-m", "server_stub", "--port", "0", "--db", url],
@@ -356,13 +354,6 @@ def test_command_line_refuses_an_unreachable_database() -> None:
 
 
 # -- four gunicorn workers --------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 @pytest.fixture
@@ -382,7 +373,7 @@ def gunicorn_server(postgres_url: str, tmp_path: Path) -> Iterator[tuple[str, Pa
         "def post_worker_init(worker):\n"
         f"    (pathlib.Path({str(ready)!r}) / str(worker.pid)).touch()\n"
     )
-    port = _free_port()
+    port = free_port()
     app = f"server_stub:create_app(db={postgres_url!r}, policy_file={str(policy_file)!r})"
     command = [
         sys.executable,
