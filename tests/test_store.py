@@ -14,7 +14,7 @@ import pytest
 import requests
 from _server_api import get, make_payload, post
 
-from server_stub import Server, open_store, serve
+from server_stub import PayloadRecord, Server, Store, open_store, serve
 
 
 def test_stats_totals_match_independently_computed_totals(backend_server: Server) -> None:
@@ -148,5 +148,38 @@ def test_rate_limit_window_restarts(backend_db: str) -> None:
         assert store.check_rate("a", 2, 10.0, clock[0] + 4) == pytest.approx(6.0)
         assert store.check_rate("b", 2, 10.0, clock[0] + 4) is None
         assert store.check_rate("a", 2, 10.0, clock[0] + 10) is None
+    finally:
+        store.close()
+
+
+def test_each_backend_is_a_whole_store(backend_db: str) -> None:
+    """Through the ``Store`` protocol only (mypy checks that each backend satisfies it)."""
+    store: Store = open_store(backend_db)
+    try:
+        first = make_payload(data={"n": 1})
+        record = PayloadRecord(
+            payload_id=first["payload_id"],
+            instance_id=first["instance_id"],
+            timestamp=first["timestamp"],
+            received_at="2026-11-23T10:00:01.000000Z",
+            data=first["data"],
+            client=first["client"],
+        )
+        assert store.add(record) is True
+        assert store.add(record) is False
+        assert store.check_rate(record.instance_id, 1, 60.0, 1000.0) is None
+        assert store.check_rate(record.instance_id, 1, 60.0, 1001.0) == pytest.approx(59.0)
+        listed = store.instance_payloads(record.instance_id, 10, 0)
+        assert store.all_payloads() == [{**listed[0], "instance_id": record.instance_id}]
+        assert listed == [
+            {
+                "payload_id": record.payload_id,
+                "timestamp": record.timestamp,
+                "received_at": record.received_at,
+                "data": {"n": 1},
+                "client": first["client"],
+            }
+        ]
+        assert store.stats() == {"instances": 1, "payloads": 1, "dropped": 0, "keys": {"n": 1}}
     finally:
         store.close()
