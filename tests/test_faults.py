@@ -778,7 +778,7 @@ def test_a_spool_on_a_broken_disk_is_delivered_once_when_it_heals(
 
 # -- security ------------------------------------------------------------------------------
 # Covered elsewhere, so not repeated here: bodies over 1 MiB / 10 MiB decompressed and gzip
-# bombs with bounded memory (tests/test_server.py), 0600 files in 0700 directories
+# bombs with bounded memory (tests/test_app_validation.py), 0600 files in 0700 directories
 # (tests/test_state.py::test_directories_0700_and_files_0600).
 
 INSTANCE = "3f0c5b0e-6b35-4f1e-9c55-1b2a8e5c0d11"
@@ -862,7 +862,7 @@ def test_any_request_line_and_headers_get_a_json_answer(
     telemetry_server: Server, method: str, path: str, content_type: str,
     encoding: Optional[str], body: bytes, declared: str,
 ) -> None:
-    """Extends the body fuzz in tests/test_server.py to methods, paths and headers."""
+    """Extends the body fuzz in tests/test_app_validation.py to methods, paths and headers."""
     lines = [f"{method} {path} HTTP/1.1", "Host: x", "Connection: close"]
     if content_type:
         lines.append(f"Content-Type: {content_type}")

@@ -1,6 +1,6 @@
 """PostgreSQL storage: the same answers as SQLite, migrations, and 4 gunicorn workers sharing it.
 
-The HTTP-level tests of ``test_server.py`` run on PostgreSQL too; these are the
+The server tests that use ``backend_server`` run on PostgreSQL too; these are the
 ones only PostgreSQL needs. They use the plugin's session-wide real PostgreSQL
 (``postgres_cluster``/``postgres_url``): when it cannot start they fail.
 """
