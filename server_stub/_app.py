@@ -1,5 +1,7 @@
 """The WSGI application: routing, request validation, and the protocol's answers.
 
+The protocol, as a client sees it, is ``docs/protocol.md``.
+
 Every request gets a JSON answer; nothing raises out of the WSGI callable (an
 unexpected error is logged and answered with 500). Bodies are read in bounded
 chunks and gzip is inflated with a bounded output, so a hostile request costs
