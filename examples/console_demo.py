@@ -26,7 +26,7 @@ from pathlib import Path
 
 import telemetry
 from server_stub import create_app
-from server_stub._harness import make_server
+from server_stub._http import make_server
 
 DAY = 86_400.0
 DAYS = 30

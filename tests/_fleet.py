@@ -22,7 +22,7 @@ import requests
 
 import telemetry
 from server_stub import Policy, create_app
-from server_stub._harness import make_server
+from server_stub._http import make_server
 
 READ_TOKEN = "read-token-0123456789"
 ADMIN_TOKEN = "admin-token-9876543210"
