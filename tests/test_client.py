@@ -243,11 +243,11 @@ def test_spool_hands_over_between_processes_exactly_once(
         return done.stdout
 
     assert "flushed False" in run(dead_endpoint(), "first")
-    (spooled,) = State("spoolapp", root=state_root).spooled()
+    (spooled,) = State("spoolapp", root=state_root).spool.payloads()
     assert spooled.data == {"first": 1}
     assert "flushed True" in run(telemetry_server.url, "second")
     stored = telemetry_server.stored_payloads()
     ids = [p["payload_id"] for p in stored]
     assert ids.count(spooled.payload_id) == 1
     assert telemetry_server.stats()["keys"] == {"first": 1, "second": 1}
-    assert State("spoolapp", root=state_root).spooled() == []
+    assert State("spoolapp", root=state_root).spool.payloads() == []

@@ -24,7 +24,7 @@ from conftest import WALL_CLOCK_START, VirtualTime, dead_endpoint, update_reques
 import telemetry
 from server_stub import Server, serve
 from telemetry import _emitter
-from telemetry._wire import Payload
+from telemetry._wire import Payload, WireLimits
 
 MakeClient = Callable[..., telemetry.Client]
 NS = 1_000_000_000
@@ -363,7 +363,7 @@ def test_stop_emitting_is_bounded(
     # Nothing was lost: the undelivered payload is in the spool.
     state = client._state
     assert state is not None
-    spooled = state.spooled()
+    spooled = state.spool.payloads()
     assert sum(p.data.get("hits", 0) for p in spooled) == 1  # type: ignore[misc]
 
 
@@ -379,7 +379,7 @@ def test_spooled_payload_is_sent_by_the_next_start(
     alive.start_emitting()
     assert alive.flush(timeout=5)
     assert stats(telemetry_server)["keys"] == {"hits": 1}
-    assert alive._state is not None and alive._state.spooled() == []
+    assert alive._state is not None and alive._state.spool.payloads() == []
 
 
 def test_stop_emitting_twice_or_without_start_is_harmless(make_client: MakeClient) -> None:
@@ -420,7 +420,7 @@ def test_local_mode_logs_payloads_instead_of_sending(
 
 def test_oversized_payload_is_split_by_key(make_client: MakeClient, telemetry_server: Server,
                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_emitter, "MAX_RAW_BYTES", 4000)
+    monkeypatch.setattr(_emitter, "SERVER_LIMITS", WireLimits(max_raw_bytes=4000))
     client = make_client()
     for index in range(10):
         client.set(f"k{index}", "v" * 900)
@@ -494,7 +494,7 @@ def test_atexit_delivers_or_spools_and_exits_promptly(
     assert elapsed < 10  # interpreter start-up plus at most the 1 s at-exit bound
     from telemetry._state import State
 
-    spooled = State("exitapp", root=tmp_path / "state").spooled()
+    spooled = State("exitapp", root=tmp_path / "state").spool.payloads()
     if server_up:
         assert stats(telemetry_server)["keys"] == {"after_last_cycle": 1}
         assert spooled == []
@@ -540,7 +540,8 @@ def test_fork_child_sends_only_its_own_data(telemetry_server: Server, tmp_path: 
 
 def test_a_raising_sink_is_a_failed_attempt(make_client: MakeClient,
                                             virtual_time: VirtualTime) -> None:
-    from telemetry._sinks import DELIVERED, Request, SendResult
+    from telemetry._sinks import Outcome, SendResult
+    from telemetry._wire import Request
 
     sent: List[Payload] = []
 
@@ -548,7 +549,7 @@ def test_a_raising_sink_is_a_failed_attempt(make_client: MakeClient,
         sent.append(request.payload)
         if len(sent) == 1:
             raise OSError("disk on fire")
-        return SendResult(DELIVERED)
+        return SendResult(Outcome.DELIVERED)
 
     virtual_time.advance(8)  # room for a backoff, not for the next cycle
     client = make_client(sink=sink)

@@ -283,7 +283,7 @@ def test_random_server_faults_lose_nothing_and_count_nothing_twice(
     assert stats["keys"] == dict(sorted(expected.items())), f"seed {seed}; plan {dict(plan)}"
     assert stats["dropped"] == 0
     state = client._state
-    assert state is not None and state.spooled() == []
+    assert state is not None and state.spool.payloads() == []
 
 
 @pytest.mark.parametrize("status", [200, 429])
@@ -562,7 +562,7 @@ def test_an_int_too_long_to_encode_never_reaches_the_spool(
     client.stop_emitting(timeout=0.5)  # the last data was never encoded: now it is
     state = client._state
     assert state is not None
-    spooled = state.spooled()
+    spooled = state.spool.payloads()
     assert [key for payload in spooled for key in payload.data] == ["kept"]
     # The drop is counted: on the spooled payload, or carried by the next one.
     assert sum(payload.dropped for payload in spooled) + client._buffer.dropped == 1
@@ -772,7 +772,7 @@ def test_a_spool_on_a_broken_disk_is_delivered_once_when_it_heals(
     after.flush(timeout=5)
     after.stop_emitting(timeout=2)
     assert telemetry_server.stats()["keys"] == {"during": 1, "spooled": 1}
-    assert after._state is not None and after._state.spooled() == []
+    assert after._state is not None and after._state.spool.payloads() == []
 
 
 # -- security ------------------------------------------------------------------------------
@@ -938,7 +938,7 @@ def test_nothing_but_what_the_app_set_leaves_the_machine(
                        "Content-Type", "Content-Length", "Content-Encoding"}
     state = client._state
     assert state is not None
-    spooled = list(state.spool_dir.iterdir())
+    spooled = list(state.spool.directory.iterdir())
     assert spooled
     for request in requests_sent:
         assert set(request.headers) <= allowed_headers, request.headers

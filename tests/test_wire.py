@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
+from conftest import taken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -98,7 +99,7 @@ def test_counting_sets_go_on_the_wire_as_value_count_objects() -> None:
     buffer.set_nested("memory", "heap", 1024)
     buffer.append("list", "x")
     buffer.set("version", "1.4.2")
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     payload = make_payload(data=snapshot.data, dropped=snapshot.dropped, items=snapshot.items)
     wire = json.loads(encode_payload(payload))["data"]
     assert wire == {
