@@ -1,4 +1,4 @@
-"""The module-level API (SPEC §1-§2) on a fresh default client, and its properties."""
+"""The module-level API (README.md, "Usage" and "API") on a fresh default client, and its properties."""
 
 from __future__ import annotations
 
@@ -428,7 +428,7 @@ def model_key(key: object) -> Optional[str]:
 
 
 def model_json(value: object, depth: int = 0) -> Any:
-    """SPEC §2's JSON value, written independently of the buffer; raises Invalid."""
+    """The README's JSON value, written independently of the buffer; raises Invalid."""
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
@@ -461,7 +461,7 @@ def model_value(value: object) -> Any:
 
 
 class Model:
-    """What the buffer must hold after a sequence of calls (SPEC §2, as written)."""
+    """What the buffer must hold after a sequence of calls (README.md "API" rules, as written)."""
 
     def __init__(self) -> None:
         self.kinds: Dict[str, str] = {}

@@ -1,4 +1,4 @@
-"""``Buffer``: every rule of SPEC §2, on the buffer directly."""
+"""``Buffer``: every rule of README.md "API", on the buffer directly."""
 
 from __future__ import annotations
 

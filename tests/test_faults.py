@@ -228,7 +228,7 @@ def test_random_server_faults_lose_nothing_and_count_nothing_twice(
         default_interval=1000.0,
         min_interval=1000.0,  # cycles run on flush() only: each round is one cycle
         max_interval=1000.0,
-        max_pending=64,  # beyond SPEC's default of 8: losing the oldest is counted, not lost
+        max_pending=64,  # beyond the default of 8: losing the oldest is counted, not lost
         rng=random.Random(seed),
         clock=clock.clock,
         wait=clock.wait,

@@ -1,4 +1,4 @@
-"""Wire types and codec: ``Payload``/``Response`` encode and decode per SPEC §3."""
+"""Wire types and codec: ``Payload``/``Response`` encode and decode per docs/protocol.md."""
 
 from __future__ import annotations
 
