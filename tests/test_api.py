@@ -1,4 +1,4 @@
-"""The module-level API (README.md, "Usage" and "API") on a fresh default client, and its properties."""
+"""The module-level API (README.md "Usage", "API") on a fresh default client, and its properties."""
 
 from __future__ import annotations
 

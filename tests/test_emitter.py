@@ -323,3 +323,45 @@ def _returns_in_another_thread(call: Any) -> bool:
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
     return done.wait(5)
+
+
+class FixedJitter(random.Random):
+    """A random source whose ``uniform`` always answers ``fraction`` of its range."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(0)
+        self.fraction = fraction
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.fraction
+
+
+SCHEDULE = Schedule(default_interval=3600, min_interval=60, max_interval=86400)
+
+
+@pytest.mark.parametrize(
+    ("next_update", "fraction", "expected"),
+    [
+        (None, 0.5, 3600.0),  # no instruction: the default interval
+        (0, 0.5, 3600.0),  # not positive: the default
+        (-5 * NS, 0.5, 3600.0),
+        (120 * NS, 0.5, 120.0),  # honoured
+        (1 * NS, 0.5, 60.0),  # raised to min_interval
+        (10**6 * NS, 0.5, 86400.0),  # lowered to max_interval
+        (10**400, 0.5, 86400.0),  # too big for a float: the longest wait
+        (120 * NS, 0.0, 108.0),  # -10 % jitter
+        (120 * NS, 1.0, 132.0),  # +10 %
+    ],
+)
+def test_interval_table(next_update: Optional[int], fraction: float, expected: float) -> None:
+    assert SCHEDULE.interval(next_update, FixedJitter(fraction)) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("attempt", "fraction", "expected"),
+    [(0, 1.0, 1.0), (1, 1.0, 2.0), (3, 1.0, 8.0), (5, 1.0, 30.0), (40, 1.0, 30.0),
+     (2, 0.0, 0.0), (2, 0.5, 2.0)],
+)
+def test_backoff_table(attempt: int, fraction: float, expected: float) -> None:
+    """Full jitter: uniform between 0 and min(cap, base * 2**attempt)."""
+    assert SCHEDULE.backoff(attempt, FixedJitter(fraction)) == pytest.approx(expected)
