@@ -14,7 +14,7 @@ from typing import Dict, Optional
 import pytest
 
 from telemetry._sinks import LogSink, NoOpSink, Outcome, result_for_status
-from telemetry._wire import Payload, Response, encode_request
+from telemetry._wire import JSONValue, Payload, Response, encode_request
 
 NOW = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
 NS = 1_000_000_000
@@ -71,7 +71,7 @@ def test_a_redirect_says_it_was_not_followed() -> None:
     assert "redirect not followed" in result_for_status(302, b"", {}, NOW).detail
 
 
-def payload(**data: object) -> Payload:
+def payload(**data: JSONValue) -> Payload:
     return Payload(instance_id="3f0c2f5e-8a7b-4c1d-9e2f-0123456789ab",
                    timestamp=datetime(2026, 11, 23, tzinfo=timezone.utc), data=data)
 
