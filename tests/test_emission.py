@@ -19,12 +19,19 @@ from typing import Any, Callable, Dict, List
 
 import pytest
 import requests
-from conftest import WALL_CLOCK_START, VirtualTime, dead_endpoint, update_requests
+from conftest import (
+    WALL_CLOCK_START,
+    VirtualTime,
+    dead_endpoint,
+    emitter_of,
+    state_of,
+    update_requests,
+)
 
 import telemetry
 from server_stub import Server, serve
 from telemetry import _emitter
-from telemetry._wire import Payload, WireLimits
+from telemetry._wire import Payload
 
 MakeClient = Callable[..., telemetry.Client]
 NS = 1_000_000_000
@@ -292,8 +299,7 @@ def test_redirects_are_not_followed(make_client: MakeClient, telemetry_server: S
         assert telemetry_server.wait_for_requests(4)
         assert virtual_time.wait_for_waits(4)  # three backoffs, then the next cycle
         assert update_requests(elsewhere) == []
-        emitter = client._emitter
-        assert emitter is not None and len(emitter._pending) == 1  # kept for later
+        assert len(emitter_of(client).pending) == 1  # kept for later
 
 
 def test_gzip_over_one_kibibyte_and_user_agent(
@@ -325,25 +331,6 @@ def test_flush_semantics(make_client: MakeClient, telemetry_server: Server) -> N
     assert len(update_requests(telemetry_server)) == count
 
 
-def test_pending_is_bounded_and_overflow_counted(
-    make_client: MakeClient, virtual_time: VirtualTime
-) -> None:
-    client = make_client(max_pending=2, endpoint=dead_endpoint(), default_interval=1000.0,
-                         min_interval=1000.0, max_interval=1000.0)
-    virtual_time.advance(100)  # backoffs pass, cycles wait for a flush
-    client.start_emitting()
-    assert virtual_time.wait_for_waits(4)  # the first cycle failed: 3 backoffs and a wait
-    for cycle in range(4):
-        client.increment(f"k{cycle}")
-        assert client.flush(timeout=5) is False
-    emitter = client._emitter
-    assert emitter is not None
-    pending = list(emitter._pending)
-    assert [list(p.payload.data) for p in pending] == [["k2"], ["k3"]]
-    # k0 and k1 were dropped (one item each); the count rides on the next payloads.
-    assert sum(p.payload.dropped for p in pending) + client._buffer.dropped == 2
-
-
 @pytest.mark.parametrize("fault", ["unreachable", "never-answers"])
 def test_stop_emitting_is_bounded(
     make_client: MakeClient, telemetry_server: Server, tmp_path: Path, fault: str
@@ -361,14 +348,12 @@ def test_stop_emitting_is_bounded(
     elapsed = time.monotonic() - started
     assert elapsed < 1.5
     # Nothing was lost: the undelivered payload is in the spool.
-    state = client._state
-    assert state is not None
-    spooled = state.spool.payloads()
+    spooled = state_of(tmp_path).spool.payloads()
     assert sum(p.data.get("hits", 0) for p in spooled) == 1  # type: ignore[misc]
 
 
 def test_spooled_payload_is_sent_by_the_next_start(
-    make_client: MakeClient, telemetry_server: Server
+    make_client: MakeClient, telemetry_server: Server, tmp_path: Path
 ) -> None:
     instance = uuid.uuid4()
     dead = make_client(instance_id=instance, endpoint=dead_endpoint())
@@ -379,7 +364,7 @@ def test_spooled_payload_is_sent_by_the_next_start(
     alive.start_emitting()
     assert alive.flush(timeout=5)
     assert stats(telemetry_server)["keys"] == {"hits": 1}
-    assert alive._state is not None and alive._state.spool.payloads() == []
+    assert state_of(tmp_path).spool.payloads() == []
 
 
 def test_stop_emitting_twice_or_without_start_is_harmless(make_client: MakeClient) -> None:
@@ -396,10 +381,10 @@ def test_start_emitting_twice_is_logged_noop(
 ) -> None:
     client = make_client()
     client.start_emitting()
-    emitter = client._emitter
+    emitter = emitter_of(client)
     with caplog.at_level(logging.INFO, logger="telemetry"):
         client.start_emitting()
-    assert client._emitter is emitter
+    assert emitter_of(client) is emitter
     assert "already emitting" in caplog.text
 
 
@@ -416,22 +401,6 @@ def test_local_mode_logs_payloads_instead_of_sending(
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[telemetry]")]
     assert any('hits=1' in line and 'name="two words"' in line for line in lines)
     assert update_requests(telemetry_server) == []
-
-
-def test_oversized_payload_is_split_by_key(make_client: MakeClient, telemetry_server: Server,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_emitter, "SERVER_LIMITS", WireLimits(max_raw_bytes=4000))
-    client = make_client()
-    for index in range(10):
-        client.set(f"k{index}", "v" * 900)
-    client.start_emitting()
-    assert client.flush(timeout=5)
-    ids = {p["payload_id"] for p in telemetry_server.payloads}
-    assert len(ids) == len(telemetry_server.payloads) > 1
-    merged: Dict[str, Any] = {}
-    for payload in telemetry_server.payloads:
-        merged.update(payload["data"])
-    assert merged == {f"k{index}": "v" * 900 for index in range(10)}
 
 
 def test_end_to_end_totals_are_exact(telemetry_server: Server, tmp_path: Path) -> None:

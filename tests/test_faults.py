@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, NoReturn, Optional, Tuple
 
 import pytest
-from conftest import VirtualTime, dead_endpoint
+from conftest import VirtualTime, dead_endpoint, emitter_of, state_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import telemetry
 from server_stub import Server, serve
+from telemetry._state import State
 from telemetry._wire import decode_payload, encode_payload
 
 MakeClient = Callable[..., telemetry.Client]
@@ -159,9 +160,7 @@ def run_cycle(client: telemetry.Client, clock: SteppedTime) -> bool:
     Virtual time lets the cycle's backoffs pass, and a 429 wait the emitter is holding
     (which a flush never cuts short), but not the 1000 s interval after it.
     """
-    emitter = client._emitter
-    assert emitter is not None
-    rate_limited = max(0.0, emitter._not_before - clock.now)
+    rate_limited = max(0.0, emitter_of(client).not_before - clock.now)
     clock.advance(rate_limited + CYCLE_HORIZON)
     delivered = client.flush(timeout=10)
     assert settled(client, clock), f"the emitter never settled: {emitter_state(client)}"
@@ -173,15 +172,14 @@ def settled(client: telemetry.Client, clock: SteppedTime, timeout: float = 10.0)
 
     Parked in a retry's backoff is mid-cycle: time is let run until that cycle is over.
     """
-    emitter = client._emitter
-    assert emitter is not None
+    emitter = emitter_of(client)
     for _ in range(int(timeout / 0.05)):
         parked_on = clock.wait_parked(0.05)
-        if parked_on is emitter._wakeup:
+        if parked_on is emitter.wakeup:
             return True
         if parked_on is not None:  # a backoff, on the stop event
             clock.advance(CYCLE_HORIZON)
-        thread = emitter._thread
+        thread = emitter.thread
         if thread is None or not thread.is_alive():
             return True
     return False
@@ -189,8 +187,7 @@ def settled(client: telemetry.Client, clock: SteppedTime, timeout: float = 10.0)
 
 def emitter_state(client: telemetry.Client) -> str:
     """Where the emitter thread is, for a failure message."""
-    emitter = client._emitter
-    thread = emitter._thread if emitter is not None else None
+    thread = emitter_of(client).thread
     if thread is None or not thread.is_alive():
         return "no emitter thread running"
     frame = sys._current_frames().get(thread.ident or 0)
@@ -217,7 +214,7 @@ def expected_totals() -> Dict[str, Any]:
 
 @pytest.mark.parametrize("seed", SEEDS, ids=[f"seed={seed}" for seed in SEEDS])
 def test_random_server_faults_lose_nothing_and_count_nothing_twice(
-    make_client: MakeClient, telemetry_server: Server, seed: int
+    make_client: MakeClient, telemetry_server: Server, tmp_path: Path, seed: int
 ) -> None:
     clock = SteppedTime()
     faults = random_faults(random.Random(seed), FAULTS_PER_SEED)
@@ -282,8 +279,7 @@ def test_random_server_faults_lose_nothing_and_count_nothing_twice(
         expected["drain"] = cycles
     assert stats["keys"] == dict(sorted(expected.items())), f"seed {seed}; plan {dict(plan)}"
     assert stats["dropped"] == 0
-    state = client._state
-    assert state is not None and state.spool.payloads() == []
+    assert state_of(tmp_path).spool.payloads() == []
 
 
 @pytest.mark.parametrize("status", [200, 429])
@@ -299,8 +295,8 @@ def test_a_next_update_too_big_for_a_float_is_the_longest_wait(
     assert virtual_time.wait_for_waits(1)
     assert virtual_time.waits[0] == pytest.approx(600.0, rel=0.1)
     assert updates_of(telemetry_server, client.instance_id) == 1  # not retried at once
-    emitter = client._emitter
-    assert emitter is not None and emitter._thread is not None and emitter._thread.is_alive()
+    thread = emitter_of(client).thread
+    assert thread is not None and thread.is_alive()
 
 
 def test_the_seeds_cover_every_fault_class() -> None:
@@ -421,8 +417,8 @@ def check_any_answer(
                    for status, body, _ in answers), answers
         client.stop_emitting(timeout=1)
         return
-    emitter = client._emitter
-    assert emitter is not None and emitter._thread is not None and emitter._thread.is_alive()
+    thread = emitter_of(client).thread
+    assert thread is not None and thread.is_alive()
     # A normal answer is delivered again, and nothing was lost without being counted.
     client.increment("probe")
     assert run_cycle(client, clock) or run_cycle(client, clock)
@@ -517,8 +513,8 @@ def test_any_collection_call_is_delivered_intact(
         getattr(client, call[0])(*call[1:])  # never raises
     assert client.flush(timeout=10)
     assert fail_on_internal_errors == []
-    emitter = client._emitter
-    assert emitter is not None and emitter._thread is not None and emitter._thread.is_alive()
+    thread = emitter_of(client).thread
+    assert thread is not None and thread.is_alive()
     sent = [r for r in telemetry_server.requests[seen:] if r.path.startswith("/v1/update/")]
     stored = {p["payload_id"]: p for p in telemetry_server.stored_payloads()}
     for request in sent:
@@ -552,7 +548,7 @@ def test_an_int_too_long_to_encode_drops_only_its_key(
 
 
 def test_an_int_too_long_to_encode_never_reaches_the_spool(
-    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     client = make_client(endpoint=dead_endpoint())
     client.start_emitting()
@@ -560,12 +556,12 @@ def test_an_int_too_long_to_encode_never_reaches_the_spool(
         client.add("grown", 10**4299)  # each fits; the sum (4301 digits) does not
     client.increment("kept")
     client.stop_emitting(timeout=0.5)  # the last data was never encoded: now it is
-    state = client._state
-    assert state is not None
-    spooled = state.spool.payloads()
+    spooled = state_of(tmp_path).spool.payloads()
     assert [key for payload in spooled for key in payload.data] == ["kept"]
     # The drop is counted: on the spooled payload, or carried by the next one.
-    assert sum(payload.dropped for payload in spooled) + client._buffer.dropped == 1
+    carried = client.take_payload()
+    assert carried is not None
+    assert sum(payload.dropped for payload in spooled) + carried.dropped == 1
     assert "cannot be encoded" in caplog.text
 
 
@@ -772,7 +768,7 @@ def test_a_spool_on_a_broken_disk_is_delivered_once_when_it_heals(
     after.flush(timeout=5)
     after.stop_emitting(timeout=2)
     assert telemetry_server.stats()["keys"] == {"during": 1, "spooled": 1}
-    assert after._state is not None and after._state.spool.payloads() == []
+    assert State("testapp", root=state_dir).spool.payloads() == []
 
 
 # -- security ------------------------------------------------------------------------------
@@ -936,9 +932,7 @@ def test_nothing_but_what_the_app_set_leaves_the_machine(
     assert len(requests_sent) >= 2
     allowed_headers = {"Host", "User-Agent", "Accept-Encoding", "Accept", "Connection",
                        "Content-Type", "Content-Length", "Content-Encoding"}
-    state = client._state
-    assert state is not None
-    spooled = list(state.spool.directory.iterdir())
+    spooled = list(state_of(tmp_path).spool.directory.iterdir())
     assert spooled
     for request in requests_sent:
         assert set(request.headers) <= allowed_headers, request.headers
