@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import telemetry
+from telemetry._buffer import Buffer
 from telemetry._client import NULL_COLLECTOR
 from telemetry._wire import decode_payload, encode_payload
 
@@ -368,8 +369,8 @@ def test_a_forked_child_starts_with_an_empty_buffer_and_a_new_lock(
 ) -> None:
     telemetry.init(INSTANCE, consent=True)
     telemetry.increment("parent")
-    buffer = default_client._buffer
-    assert buffer is not None
+    buffer = default_client.collector  # on: the buffer itself
+    assert isinstance(buffer, Buffer)
     read_end, write_end = os.pipe()
     buffer._lock.acquire()  # as if a parent thread were inside a collection call
     try:
