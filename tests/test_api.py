@@ -763,3 +763,11 @@ def test_the_model_can_tell_a_difference() -> None:
     assert typed(model.wire()) != typed({"u": [{"value": 1, "count": 3}], "l": [1], "c": 1})
     assert model.items == 2 + 2 + 1 + 2
     assert model.dropped == 1
+
+
+def test_fast_hash_is_documented_as_not_cryptographic() -> None:
+    assert "not cryptographic" in (telemetry.fast_hash.__doc__ or "").lower()
+    assert "not cryptographic" in (telemetry.Client.fast_hash.__doc__ or "").lower()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `fast_hash(")]
+    assert "not cryptographic" in row.lower()

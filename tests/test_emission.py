@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import random
+import socket
 import subprocess
 import sys
 import textwrap
@@ -527,3 +528,58 @@ def test_a_raising_sink_is_a_failed_attempt(make_client: MakeClient,
     assert client.flush(timeout=5)
     assert len(sent) == 2 and sent[0] is sent[1]
     assert client.status().emitting
+
+
+# -- privacy: what leaves the machine ----------------------------------------------------------
+
+SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "sekrit-aws-6b35",
+    "GITHUB_TOKEN": "sekrit-ghp-9c55",
+    "DATABASE_URL": "postgres://admin:sekrit-db-1b2a@db/prod",
+    "HOME": "/home/sekrit-home-8e5c",
+    "USER": "sekrit-user-0d11",
+    "LOGNAME": "sekrit-user-0d11",
+    "HOSTNAME": "sekrit-host-3f0c",
+    "PWD": "/srv/sekrit-cwd-4f1e",
+    "HTTP_PROXY": "",  # a proxy would see the request, not change it; keep it direct
+}
+
+
+def test_nothing_but_what_the_app_set_leaves_the_machine(
+    make_client: MakeClient, telemetry_server: Server, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    sentinels = [value.encode() for value in SECRETS.values() if value]
+    sentinels += [socket.gethostname().encode()] if len(socket.gethostname()) >= 8 else []
+    client = make_client(instance_id=None)  # generated: it must not come from the machine
+    client.set("version", "1.4.2")
+    client.increment("hits")
+    client.append_unique("agent", client.fast_hash("curl/8.0"))
+    client.start_emitting()
+    assert client.flush(timeout=5)
+    # An undelivered payload goes to the spool: nothing more in it either.
+    telemetry_server.script(drop=True, times=2)
+    client.increment("late")
+    client.stop_emitting(timeout=1)
+
+    requests_sent = [r for r in telemetry_server.requests if r.path.startswith("/v1/update/")]
+    assert len(requests_sent) >= 2
+    allowed_headers = {"Host", "User-Agent", "Accept-Encoding", "Accept", "Connection",
+                       "Content-Type", "Content-Length", "Content-Encoding"}
+    spooled = list(state_of(tmp_path).spool.directory.iterdir())
+    assert spooled
+    for request in requests_sent:
+        assert set(request.headers) <= allowed_headers, request.headers
+        assert request.json is not None
+        assert set(request.json) == {"instance_id", "timestamp", "payload_id", "data", "client"}
+        assert set(request.json["data"]) <= {"version", "hits", "agent", "late"}
+        everything = b" ".join([request.path.encode(), request.query.encode(),
+                                json.dumps(request.headers).encode(), request.decoded_body or b""])
+        for secret in sentinels:
+            assert secret not in everything
+    for path in spooled:
+        for secret in sentinels:
+            assert secret not in path.read_bytes()
+    assert uuid.UUID(str(client.instance_id)).version == 4  # random, not MAC/time based
