@@ -383,19 +383,13 @@ class Client:
             wait=options.wait,
             rng=options.rng,
         )
-        if state is not None and spooling:
-            for index, claimed in enumerate(state.spool.claim()):
-                if index < emitter.max_pending:
-                    emitter.add_pending(claimed.payload, claimed.done, claimed.release)
-                else:
-                    claimed.release()  # the next process (or restart) sends these
-            if state.first_run_notice_due():
-                logger.info(
-                    "telemetry is on for %s; turn it off with `python -m telemetry --app %s off` "
-                    "or by setting DO_NOT_TRACK=1",
-                    self.app,
-                    self.app,
-                )
+        if state is not None and spooling and state.first_run_notice_due():
+            logger.info(
+                "telemetry is on for %s; turn it off with `python -m telemetry --app %s off` "
+                "or by setting DO_NOT_TRACK=1",
+                self.app,
+                self.app,
+            )
         self._emitter = emitter
         emitter.start()
         if not self._atexit_registered:
@@ -403,24 +397,9 @@ class Client:
             _register_atexit(self)
 
     def _make_sink(self) -> Sink:
-        from telemetry._sinks import HTTPSink, LogSink  # noqa: PLC0415 - see the module docstring
-
         assert self._options is not None
-        options = self._options
-        if options.sink is not None:
-            return options.sink
-        if self.decision.mode == _consent.LOCAL:
-            return LogSink()
-        if not self.endpoint:
-            logger.warning(
-                "telemetry: no endpoint configured (init(endpoint=...) or TELEMETRY_ENDPOINT); "
-                "payloads are logged instead of sent"
-            )
-            return LogSink()
-        return HTTPSink(
-            self.endpoint, verify=options.verify, proxies=options.proxies,
-            wall_clock=options.wall_clock,
-        )
+        local = self.decision.mode == _consent.LOCAL
+        return self._options.make_sink(local=local, endpoint=self.endpoint)
 
     def stop_emitting(self, timeout: float = 2.0) -> None:
         """Final send, then stop; returns within ``timeout`` whatever the network does.

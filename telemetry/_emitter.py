@@ -18,7 +18,7 @@ import logging
 import random
 import threading
 import time
-from typing import Callable, Deque, List, Optional, Protocol
+from typing import Callable, Deque, List, Optional, Protocol, Sequence
 
 import attrs
 
@@ -91,11 +91,23 @@ class Steering(Protocol):
     def apply(self, response: Response) -> None: ...
 
 
+class Spooled(Protocol):
+    """A payload taken back from the spool: ``done()`` once delivered, else ``release()``."""
+
+    payload: Payload
+
+    def done(self) -> None: ...
+    def release(self) -> None: ...
+
+
 class Spool(Protocol):
-    """Where encoded payloads go when the process stops before they were delivered."""
+    """Where encoded payloads wait when the process stops before they were delivered."""
 
     def save(self, requests: List[Request]) -> int:
         """Keep ``requests`` for a later process; returns how many items were lost."""
+
+    def claim(self) -> Sequence[Spooled]:
+        """Take back, for this process, what earlier ones left; oldest first."""
 
 
 class Phase(enum.Enum):
@@ -202,15 +214,33 @@ class Emitter:
 
     def add_pending(self, payload: Payload, on_done: Callable[[], None],
                     on_return: Callable[[], None]) -> None:
-        """Queue a payload recovered from the spool (call before ``start``, oldest first)."""
+        """Queue a payload to send after those pending; ``on_done`` once it left for good,
+        ``on_return`` if it is still undelivered at a stop (it is not spooled again)."""
         with self._lock:
             self._pending.append(_Pending(payload, on_done=on_done, on_return=on_return))
 
     def start(self) -> bool:
-        """Start the thread; False when it already runs (or has stopped for good)."""
+        """Take back what the spool holds, then start the thread.
+
+        False when it already runs (or has stopped for good). At most
+        ``max_pending`` spooled payloads are taken; the rest stay for later.
+        """
         with self._lock:
             if self.phase is not Phase.READY:
                 return False
+        claimed = list(self.spool.claim()) if self.spool is not None else []
+        for spooled in claimed[self.max_pending:]:
+            spooled.release()  # the next process (or restart) sends these
+        claimed = claimed[:self.max_pending]
+        with self._lock:
+            if not self._ready():  # discarded or started meanwhile
+                for spooled in claimed:
+                    spooled.release()
+                return False
+            self._pending.extendleft(
+                _Pending(c.payload, on_done=c.done, on_return=c.release)
+                for c in reversed(claimed)
+            )
             self.phase = Phase.RUNNING
             self._thread = threading.Thread(target=self._run, name="telemetry-emitter",
                                             daemon=True)
@@ -267,6 +297,9 @@ class Emitter:
         """The parent keeps its thread and its pending payloads; the child starts afresh."""
         self._reset_state()
         self._quiet = QuietLog()
+
+    def _ready(self) -> bool:
+        return self.phase is Phase.READY
 
     def _given_up(self) -> bool:
         """Stopped or discarded: undelivered payloads are no longer this thread's to send."""

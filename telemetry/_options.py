@@ -17,7 +17,8 @@ import attrs
 from telemetry._buffer import DEFAULT_MAX_ITEMS, DEFAULT_MAX_VALUES_PER_KEY
 from telemetry._consent import normalize_consent
 from telemetry._emitter import Schedule, Wait, event_wait
-from telemetry._sinks import Sink
+from telemetry._log import logger
+from telemetry._sinks import HTTPSink, LogSink, Sink
 
 
 def parse_disabled_keys(keys: Iterable[str]) -> FrozenSet[str]:
@@ -103,6 +104,23 @@ class Options:
             default_interval=self.default_interval,
             min_interval=self.min_interval,
             max_interval=self.max_interval,
+        )
+
+    def make_sink(self, *, local: bool, endpoint: Optional[str]) -> Sink:
+        """Where payloads go: the ``sink`` given, else logged (``local``, or no endpoint)
+        or POSTed to ``endpoint``."""
+        if self.sink is not None:
+            return self.sink
+        if local:
+            return LogSink()
+        if not endpoint:
+            logger.warning(
+                "telemetry: no endpoint configured (init(endpoint=...) or TELEMETRY_ENDPOINT); "
+                "payloads are logged instead of sent"
+            )
+            return LogSink()
+        return HTTPSink(
+            endpoint, verify=self.verify, proxies=self.proxies, wall_clock=self.wall_clock
         )
 
     def resolved_endpoint(self, environ: Any = os.environ) -> Optional[str]:

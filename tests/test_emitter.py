@@ -53,26 +53,45 @@ class RecordingSteering:
         self.responses.append(response)
 
 
+class Spooled:
+    def __init__(self, payload: Payload) -> None:
+        self.payload = payload
+        self.settled: List[str] = []
+
+    def done(self) -> None:
+        self.settled.append("done")
+
+    def release(self) -> None:
+        self.settled.append("release")
+
+
 class RecordingSpool:
-    def __init__(self) -> None:
+    """Keeps what it is given; hands out ``held`` when claimed."""
+
+    def __init__(self, *held: Payload) -> None:
         self.saved: List[Request] = []
+        self.held = [Spooled(payload) for payload in held]
 
     def save(self, requests: List[Request]) -> int:
         self.saved += requests
         return 0
 
+    def claim(self) -> List[Spooled]:
+        claimed, self.held = self.held, []
+        return claimed
+
 
 class Rig:
     """An emitter wired to fakes, in virtual time."""
 
-    def __init__(self, sink: ScriptedSink, **options: Any) -> None:
+    def __init__(self, sink: ScriptedSink, *held: Payload, **options: Any) -> None:
         self.time = VirtualTime()
         self.buffer = Buffer()
         self.source = BufferSource(self.buffer, wall_clock=lambda: 1_800_000_000.0)
         self.source.instance_id = INSTANCE
         self.sink = sink
         self.steering = RecordingSteering()
-        self.spool = RecordingSpool()
+        self.spool = RecordingSpool(*held)
         settings: Dict[str, Any] = {
             "schedule": Schedule(default_interval=60, min_interval=1, max_interval=3600),
             "clock": self.time.clock,
@@ -222,6 +241,35 @@ def test_stop_spools_what_was_undelivered_encoded_once(rigs: List[Rig]) -> None:
     assert saved[0] is tried  # the request the sink saw: not encoded a second time
     assert {key for request in saved for key in request.payload.data} == {
         "sent once", "never sent"}
+
+
+def spooled_payload(key: str) -> Payload:
+    return Payload(instance_id=INSTANCE, timestamp=datetime.now(timezone.utc), data={key: 1})
+
+
+def test_start_takes_back_the_spool_up_to_max_pending_and_sends_it_first(
+    rigs: List[Rig],
+) -> None:
+    held = [spooled_payload(f"old{index}") for index in range(3)]
+    rig = Rig(ScriptedSink(), *held, max_pending=2)
+    rigs.append(rig)
+    spooled = list(rig.spool.held)
+    assert rig.emitter.start()
+    assert rig.time.wait_for_waits(1)  # the first cycle: no check-in, the spool is the news
+    assert [p.data for p in rig.sink.payloads] == [{"old0": 1}, {"old1": 1}]
+    assert [s.settled for s in spooled] == [["done"], ["done"], ["release"]]
+
+
+def test_a_spooled_payload_undelivered_at_stop_goes_back_as_it_was(rigs: List[Rig]) -> None:
+    rig = Rig(ScriptedSink(*[RETRY] * 4), spooled_payload("old"),
+              schedule=Schedule(min_interval=1000, max_interval=1000, retries=0))
+    rigs.append(rig)
+    (spooled,) = rig.spool.held
+    assert rig.emitter.start()
+    assert rig.time.wait_for_waits(1)
+    rig.emitter.stop(timeout=1.0)
+    assert spooled.settled == ["release"]
+    assert rig.spool.saved == []  # the file is still there: nothing is saved twice
 
 
 def test_the_phase_moves_one_way(rigs: List[Rig]) -> None:
