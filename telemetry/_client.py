@@ -5,8 +5,8 @@ which the module-level functions in ``telemetry/__init__.py`` delegate to.
 
 ``import telemetry`` loads this module, the buffer and consent rules only; the
 rest of the pipeline (attrs, state files, wire types, the emitter, sinks) is
-imported by ``init()`` and ``_start()``, so an application that imports
-telemetry but never turns it on does not pay for it.
+imported by ``init()``, the one place that does so, so an application that
+imports telemetry but never initialises it does not pay for it.
 """
 
 from __future__ import annotations
@@ -366,22 +366,14 @@ class Client:
                 self._start()
 
     def _start(self) -> None:
-        from telemetry._emitter import Emitter  # noqa: PLC0415 - see the module docstring
-
         options, state = self._options, self._state
         assert options is not None and self._source is not None and self._steering is not None
         spooling = state is not None and self.decision.mode == _consent.ON
-        emitter = Emitter(
+        emitter = options.make_emitter(
             source=self._source,
             steering=self._steering,
             sink=self._make_sink(),
             spool=state.spool if state is not None and spooling else None,
-            schedule=options.schedule(),
-            max_pending=options.max_pending,
-            send_timeout=options.send_timeout,
-            clock=options.clock,
-            wait=options.wait,
-            rng=options.rng,
         )
         if state is not None and spooling and state.first_run_notice_due():
             logger.info(

@@ -16,7 +16,7 @@ import attrs
 
 from telemetry._buffer import DEFAULT_MAX_ITEMS, DEFAULT_MAX_VALUES_PER_KEY
 from telemetry._consent import normalize_consent
-from telemetry._emitter import Schedule, Wait, event_wait
+from telemetry._emitter import Emitter, PayloadSource, Schedule, Spool, Steering, Wait, event_wait
 from telemetry._log import logger
 from telemetry._sinks import HTTPSink, LogSink, Sink
 
@@ -99,11 +99,19 @@ class Options:
     rng: Optional[random.Random] = None
     wall_clock: Callable[[], float] = attrs.field(default=None, converter=_time_if_none)
 
-    def schedule(self) -> Schedule:
-        return Schedule(
+    def make_emitter(
+        self, *, source: PayloadSource, steering: Steering, sink: Sink, spool: Optional[Spool]
+    ) -> Emitter:
+        """An emitter (not started) between ``source`` and ``sink``, timed as configured."""
+        schedule = Schedule(
             default_interval=self.default_interval,
             min_interval=self.min_interval,
             max_interval=self.max_interval,
+        )
+        return Emitter(
+            source=source, steering=steering, sink=sink, spool=spool, schedule=schedule,
+            max_pending=self.max_pending, send_timeout=self.send_timeout,
+            clock=self.clock, wait=self.wait, rng=self.rng,
         )
 
     def make_sink(self, *, local: bool, endpoint: Optional[str]) -> Sink:
