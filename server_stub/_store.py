@@ -17,13 +17,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Protocol, Union
 
+from ._limits import saturate
+
 if TYPE_CHECKING:
     from ._postgres import PostgresStore
 
 __all__ = [
+    "RATE_WINDOW_PRUNE_INTERVAL",
     "PayloadRecord",
     "SQLiteStore",
     "Store",
+    "StoredPayload",
     "UnstorablePayload",
     "aggregate_keys",
     "open_store",
@@ -51,6 +55,27 @@ class PayloadRecord:
         return dropped if isinstance(dropped, int) else 0
 
 
+@dataclass(frozen=True)
+class StoredPayload:
+    """One stored payload as a page of ``/v1/instances/<id>`` serves it: JSON kept as text."""
+
+    payload_id: str
+    timestamp: str
+    received_at: str
+    data: str
+    """The ``data`` object as JSON text."""
+    client: Optional[str]
+    """The ``client`` object as JSON text, or None."""
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + len(self.client or "") + 200
+
+
+RATE_WINDOW_PRUNE_INTERVAL = 60.0
+"""Seconds between two sweeps of expired rate-limit windows (per store object)."""
+
+
 class UnstorablePayload(ValueError):
     """The store cannot represent this (valid) payload, e.g. ``\\u0000`` in PostgreSQL's jsonb."""
 
@@ -74,13 +99,28 @@ class Store(Protocol):
         ``received_at``, ``data``, ``client``."""
         ...
 
+    def instance_page(
+        self, instance_id: str, limit: int, offset: int, max_bytes: int
+    ) -> tuple[list[StoredPayload], bool]:
+        """Up to ``limit`` of that instance's payloads from ``offset``, newest first, ending
+        early once they hold ``max_bytes`` (at least one is given); and whether more follow.
+
+        Never holds more than about ``max_bytes`` (plus one payload) in memory.
+        """
+        ...
+
+    def storage_bytes(self) -> int:
+        """How much space the stored data takes in the database, in bytes (cheap to call)."""
+        ...
+
     def check_rate(
         self, instance_id: str, limit: int, window_s: float, now: float
     ) -> Optional[float]:
-        """Count one payload against ``limit`` per ``window_s`` for this instance.
+        """Count one payload against ``limit`` per ``window_s`` for ``instance_id`` (any key).
 
         Returns None when it is allowed (and counted), else the seconds until it
-        would be allowed (and nothing is counted).
+        would be allowed (and nothing is counted). Windows that ended are deleted
+        now and then, so the table holds only recent keys.
         """
         ...
 
@@ -112,7 +152,8 @@ def aggregate_keys(datas: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     Integers (not bools) are summed; counting sets are merged with their counts
     summed, sorted by the JSON encoding of the value; anything else is the
     latest value. When a key changes kind, the latest value replaces the total
-    and accumulation starts again from it.
+    and accumulation starts again from it. Sums are exact, then saturated to
+    signed 64 bits, so they always fit any JSON reader and any store.
     """
     counters: dict[str, int] = {}
     counting_sets: dict[str, dict[str, list[Any]]] = {}
@@ -134,9 +175,13 @@ def aggregate_keys(datas: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 counters.pop(key, None)
                 counting_sets.pop(key, None)
                 latest[key] = value
-    totals: dict[str, Any] = {**latest, **counters}
+    totals: dict[str, Any] = {**latest}
+    for key, total in counters.items():
+        totals[key] = saturate(total)
     for key, merged in counting_sets.items():
-        totals[key] = [{"value": merged[k][0], "count": merged[k][1]} for k in sorted(merged)]
+        totals[key] = [
+            {"value": merged[k][0], "count": saturate(merged[k][1])} for k in sorted(merged)
+        ]
     return dict(sorted(totals.items()))
 
 
@@ -193,6 +238,7 @@ class SQLiteStore:
         self._pool_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._closed = False
+        self._pruned_at: Optional[float] = None
         connection = self._connect()
         connection.executescript(_SCHEMA)
         if self._memory:
@@ -281,15 +327,29 @@ class SQLiteStore:
             # One read transaction, so the counts and the key totals agree.
             connection.execute("BEGIN")
             try:
-                instances, payloads, dropped = connection.execute(
-                    "SELECT COUNT(DISTINCT instance_id), COUNT(*), COALESCE(SUM(dropped), 0)"
-                    " FROM payloads"
+                (instances,) = connection.execute(
+                    "SELECT COUNT(DISTINCT instance_id) FROM payloads"
                 ).fetchone()
-                rows = connection.execute("SELECT data FROM payloads ORDER BY seq")
-                keys = aggregate_keys(json.loads(data) for (data,) in rows)
+                rows = connection.execute("SELECT data, dropped FROM payloads ORDER BY seq")
+                # Summed here, not by SQLite's SUM(), which fails on int64 overflow.
+                totals = [0, 0]
+
+                def datas() -> Iterator[dict[str, Any]]:
+                    for data, dropped in rows:
+                        totals[0] += 1
+                        totals[1] += dropped
+                        yield json.loads(data)
+
+                keys = aggregate_keys(datas())
             finally:
                 connection.execute("COMMIT")
-        return {"instances": instances, "payloads": payloads, "dropped": dropped, "keys": keys}
+        payloads, dropped = totals
+        return {
+            "instances": instances,
+            "payloads": payloads,
+            "dropped": saturate(dropped),
+            "keys": keys,
+        }
 
     def instance_payloads(self, instance_id: str, limit: int, offset: int) -> list[dict[str, Any]]:
         with self._connection() as connection:
@@ -308,6 +368,33 @@ class SQLiteStore:
             }
             for payload_id, sent_at, received_at, data, client in rows
         ]
+
+    def instance_page(
+        self, instance_id: str, limit: int, offset: int, max_bytes: int
+    ) -> tuple[list[StoredPayload], bool]:
+        page: list[StoredPayload] = []
+        size = 0
+        with self._connection() as connection:
+            # Rows are fetched one at a time, so a page of big payloads stops in time.
+            rows = connection.execute(
+                "SELECT payload_id, sent_at, received_at, data, client FROM payloads"
+                " WHERE instance_id = ? ORDER BY seq DESC LIMIT ? OFFSET ?",
+                (instance_id, limit + 1, offset),
+            )
+            for row in rows:
+                stored = StoredPayload(*row)
+                if len(page) == limit or (page and size + stored.size > max_bytes):
+                    return page, True
+                page.append(stored)
+                size += stored.size
+        return page, False
+
+    def storage_bytes(self) -> int:
+        with self._connection() as connection:
+            (pages,) = connection.execute("PRAGMA page_count").fetchone()
+            (page_size,) = connection.execute("PRAGMA page_size").fetchone()
+            (free,) = connection.execute("PRAGMA freelist_count").fetchone()
+        return int((pages - free) * page_size)
 
     def all_payloads(self) -> list[dict[str, Any]]:
         """Every stored payload in arrival order (with ``instance_id``); for tests and tools."""
@@ -351,6 +438,14 @@ class SQLiteStore:
                         "INSERT OR REPLACE INTO rate_windows (instance_id, window_start, count)"
                         " VALUES (?, ?, ?)",
                         (instance_id, window_start, count + 1),
+                    )
+                if self._pruned_at is None or not 0 <= now - self._pruned_at < max(
+                    window_s, RATE_WINDOW_PRUNE_INTERVAL
+                ):
+                    self._pruned_at = now
+                    connection.execute(
+                        "DELETE FROM rate_windows WHERE window_start + ? <= ? OR window_start > ?",
+                        (window_s, now, now),
                     )
             except BaseException:
                 connection.execute("ROLLBACK")

@@ -1,0 +1,229 @@
+"""What one request, one client address and the whole server may cost: the limits and their checks.
+
+Nothing here does I/O. The WSGI app applies these at ingest:
+
+- ``count_values``: how many JSON values a body holds, counted on the bytes
+  before anything is built, so a document of a million empty objects is refused
+  for the price of a few ``bytes.count`` calls.
+- ``check_document``: one walk over a parsed payload: ints in signed 64 bits,
+  finite floats, string and key lengths, nesting depth.
+- ``InFlightBudget``: how many JSON values all requests together may hold
+  parsed at once (memory is what a value costs, not what a byte costs).
+- ``Admission``: payloads per client address and in total per window, kept
+  in process memory; a window's table is dropped whole when the window ends.
+- ``saturate``: every aggregate the server answers with stays in signed 64 bits.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+__all__ = [
+    "INT64_MAX",
+    "INT64_MIN",
+    "Admission",
+    "InFlightBudget",
+    "Limits",
+    "check_document",
+    "count_values",
+    "saturate",
+]
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+# A JSON string token, escapes included (unrolled: linear, no backtracking).
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+_WHITESPACE = b" \t\r\n"
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server accepts; the defaults are what an honest ``telemetry`` client can
+    never exceed (it splits its payloads to fit the per-payload ceilings).
+
+    Per payload: ``max_body_bytes`` as sent, ``max_decoded_bytes`` once decompressed,
+    ``max_values`` JSON values (every scalar, array and object counts one),
+    ``max_depth`` levels of nesting, ``max_key_chars`` per ``data`` key,
+    ``max_string_chars`` per string value and ``max_name_chars`` per nested
+    object member name (a client's value is at most 16 KiB encoded, which bounds
+    both), every int in signed 64 bits, every float finite.
+
+    Per server: ``max_values_in_flight`` JSON values parsed at once over all
+    requests (others wait up to ``budget_wait`` seconds, then 503);
+    ``max_storage_bytes`` of database (None: no limit) before ``/v1/update``
+    answers 507; ``per_address`` payloads per client address and ``total``
+    payloads over all addresses per ``window`` seconds (0: no limit) before 429;
+    ``max_response_bytes`` per page of ``/v1/instances/<id>`` (at least one
+    payload is always served).
+    """
+
+    max_body_bytes: int = 1 << 20
+    max_decoded_bytes: int = 10 << 20
+    max_values: int = 1_000_000
+    max_depth: int = 64
+    max_key_chars: int = 256
+    max_string_chars: int = 1024
+    max_name_chars: int = 16 * 1024
+    max_values_in_flight: int = 1_000_000
+    budget_wait: float = 10.0
+    max_storage_bytes: Optional[int] = 1 << 30
+    per_address: int = 600
+    total: int = 60_000
+    window: float = 60.0
+    max_response_bytes: int = 4 << 20
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_decoded_bytes", "max_values", "max_depth",
+                     "max_key_chars", "max_string_chars", "max_name_chars",
+                     "max_values_in_flight", "max_response_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.max_values_in_flight < self.max_values:
+            raise ValueError("max_values_in_flight must be at least max_values")
+        if self.per_address < 0 or self.total < 0 or not self.window > 0:
+            raise ValueError("per_address and total must be >= 0 and window > 0")
+        if self.max_storage_bytes is not None and self.max_storage_bytes < 0:
+            raise ValueError("max_storage_bytes must be >= 0 or None")
+
+
+def count_values(document: bytes) -> int:
+    """The number of JSON values in ``document`` (exact for valid JSON), without parsing it.
+
+    Strings are blanked out first (so commas and brackets inside them do not
+    count); then every comma separates one more value, and every non-empty
+    array or object opens one more. For invalid JSON the result is only an
+    estimate, but the parser refuses such a body anyway.
+    """
+    structure = _STRING.sub(b'""', document).translate(None, _WHITESPACE)
+    containers = structure.count(b"[") + structure.count(b"{")
+    empty = structure.count(b"[]") + structure.count(b"{}")
+    return 1 + structure.count(b",") + containers - empty
+
+
+def check_document(body: object, limits: Limits) -> Optional[str]:
+    """Why the parsed payload ``body`` cannot be stored and aggregated safely, or None.
+
+    One iterative walk (no recursion limit): ints in signed 64 bits, finite
+    floats, lengths of strings, member names and top-level ``data`` keys, depth.
+    """
+    data = body.get("data") if isinstance(body, dict) else None
+    if isinstance(data, dict):
+        for key in data:
+            if len(key) > limits.max_key_chars:
+                return f"data key {key[:40]!r}… is longer than {limits.max_key_chars} characters"
+    stack: List[Tuple[object, int, str]] = [(body, 1, "")]
+    while stack:
+        value, depth, where = stack.pop()
+        kind = type(value)
+        if kind is int:
+            if not INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]
+                return f"{where or 'value'}: integer outside signed 64 bits"
+        elif kind is float:
+            if not math.isfinite(value):  # type: ignore[arg-type]
+                return f"{where or 'value'}: number is not finite"
+        elif kind is str:
+            if len(value) > limits.max_string_chars:  # type: ignore[arg-type]
+                return (
+                    f"{where or 'value'}: string longer than {limits.max_string_chars} characters"
+                )
+        elif kind is list or kind is dict:
+            if depth > limits.max_depth:
+                return f"payload nested deeper than {limits.max_depth} levels"
+            if kind is list:
+                stack.extend((item, depth + 1, where) for item in value)  # type: ignore[attr-defined]
+            else:
+                for name, item in value.items():  # type: ignore[attr-defined]
+                    if len(name) > limits.max_name_chars:
+                        return f"member name longer than {limits.max_name_chars} characters"
+                    stack.append((item, depth + 1, name if depth <= 2 else where))
+    return None
+
+
+def saturate(number: int) -> int:
+    """``number`` clamped to signed 64 bits: what every sum the server answers with becomes."""
+    return INT64_MAX if number > INT64_MAX else INT64_MIN if number < INT64_MIN else number
+
+
+class InFlightBudget:
+    """A counting semaphore over JSON values: bounds what all parsed requests hold at once."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._available = capacity
+        self._changed = threading.Condition()
+
+    @property
+    def available(self) -> int:
+        with self._changed:
+            return self._available
+
+    def acquire(self, amount: int, timeout: float) -> bool:
+        """Take ``amount`` (at most the capacity); False when it was not free within ``timeout``."""
+        amount = min(amount, self.capacity)
+        with self._changed:
+            if not self._changed.wait_for(lambda: self._available >= amount, timeout):
+                return False
+            self._available -= amount
+            return True
+
+    def release(self, amount: int) -> None:
+        amount = min(amount, self.capacity)
+        with self._changed:
+            self._available += amount
+            self._changed.notify_all()
+
+
+class Admission:
+    """Payloads admitted per client address and in total, in fixed windows (in process).
+
+    Only admitted payloads create entries, so the table holds at most ``total``
+    addresses (or one per admitted payload when ``total`` is 0), and it is
+    dropped whole when its window ends: nothing grows with the number of ids
+    or addresses ever seen.
+    """
+
+    def __init__(
+        self,
+        per_address: int,
+        total: int,
+        window: float,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_address = per_address
+        self.total = total
+        self.window = window
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._window_start = clock()
+        self._by_address: Dict[str, int] = {}
+        self._admitted = 0
+
+    @property
+    def tracked_addresses(self) -> int:
+        with self._lock:
+            return len(self._by_address)
+
+    def admit(self, address: str) -> Optional[float]:
+        """None when a payload from ``address`` is admitted (and counted), else seconds to wait."""
+        now = self._clock()
+        with self._lock:
+            if not self._window_start <= now < self._window_start + self.window:
+                self._window_start = now
+                self._by_address = {}
+                self._admitted = 0
+            wait = self._window_start + self.window - now
+            if self.total and self._admitted >= self.total:
+                return wait
+            count = self._by_address.get(address, 0)
+            if self.per_address and count >= self.per_address:
+                return wait
+            self._by_address[address] = count + 1
+            self._admitted += 1
+            return None
