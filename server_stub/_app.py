@@ -600,7 +600,7 @@ def create_app(
     db: Union[str, os.PathLike[str]] = ":memory:",
     policy_file: Union[str, os.PathLike[str], None] = None,
     clock: Callable[[], float] = time.time,
-    limits: Optional[Limits] = None,
+    limits: Union[Limits, Mapping[str, Any], None] = None,
 ) -> App:
     """The WSGI application; e.g. ``gunicorn 'server_stub:create_app(db="telemetry.db")'``.
 
@@ -608,8 +608,11 @@ def create_app(
     or a ``postgresql://`` URL (``PostgresStore``: several workers can share it).
     ``policy`` defaults to one loaded from ``policy_file`` (re-read when it
     changes, by every worker), or the default policy. ``limits``: what one
-    request, one address and the whole server may cost (``Limits()``).
+    request, one address and the whole server may cost: a ``Limits``, or its
+    fields as a dict (``limits={"per_address": 0}``, handy in a gunicorn app string).
     """
+    if limits is not None and not isinstance(limits, Limits):
+        limits = Limits(**limits)
     if policy is not None and policy_file is not None:
         raise ValueError("pass either policy or policy_file, not both")
     if policy is None:
