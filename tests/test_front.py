@@ -16,7 +16,7 @@ import time
 import uuid
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator, List
+from typing import Any, Iterator, List
 
 import pytest
 import requests
@@ -81,9 +81,9 @@ class _SourceAdapter(requests.adapters.HTTPAdapter):
         self._source = source
         super().__init__()
 
-    def init_poolmanager(self, *args: object, **kwargs: object) -> None:
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
         kwargs["source_address"] = (self._source, 0)
-        super().init_poolmanager(*args, **kwargs)  # type: ignore[no-untyped-call]
+        super().init_poolmanager(*args, **kwargs)
 
 
 @pytest.fixture
