@@ -403,7 +403,11 @@ class App:
         self._clock = clock
         self._budget = InFlightBudget(self.limits.max_values_in_flight)
         self.admission = Admission(
-            self.limits.per_address, self.limits.total, self.limits.window, clock=clock
+            self.limits.per_address,
+            self.limits.total,
+            self.limits.window,
+            per_address_bytes=self.limits.per_address_bytes,
+            clock=clock,
         )
         self._storage_lock = threading.Lock()
         self._stored_bytes = 0
@@ -460,6 +464,9 @@ class App:
             return _too_many("too many payloads from this address or in total", wait)
         request = request_body(environ, self.limits)
         decoded = request.decode()
+        wait = self.admission.charge(address, len(decoded))
+        if wait is not None:
+            return _too_many("too many bytes from this address", wait)
         values = count_values(decoded)
         if values > self.limits.max_values:
             raise HTTPError(413, f"body holds over {self.limits.max_values} JSON values")

@@ -16,6 +16,7 @@ Nothing here does I/O. The WSGI app applies these at ingest:
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import re
 import threading
@@ -29,6 +30,7 @@ __all__ = [
     "Admission",
     "InFlightBudget",
     "Limits",
+    "address_key",
     "check_document",
     "count_values",
     "saturate",
@@ -57,8 +59,9 @@ class Limits:
     Per server: ``max_values_in_flight`` JSON values parsed at once over all
     requests (others wait up to ``budget_wait`` seconds, then 503);
     ``max_storage_bytes`` of database (None: no limit) before ``/v1/update``
-    answers 507; ``per_address`` payloads per client address and ``total``
-    payloads over all addresses per ``window`` seconds (0: no limit) before 429;
+    answers 507; ``per_address`` payloads and ``per_address_bytes`` decoded
+    bytes per client address (an IPv6 address counts by its /64), and ``total``
+    payloads over all addresses, per ``window`` seconds (0: no limit) before 429;
     ``max_response_bytes`` per page of ``/v1/instances/<id>`` (at least one
     payload is always served).
     """
@@ -74,6 +77,7 @@ class Limits:
     budget_wait: float = 10.0
     max_storage_bytes: Optional[int] = 1 << 30
     per_address: int = 600
+    per_address_bytes: int = 64 << 20
     total: int = 60_000
     window: float = 60.0
     max_response_bytes: int = 4 << 20
@@ -86,8 +90,8 @@ class Limits:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_values_in_flight < self.max_values:
             raise ValueError("max_values_in_flight must be at least max_values")
-        if self.per_address < 0 or self.total < 0 or not self.window > 0:
-            raise ValueError("per_address and total must be >= 0 and window > 0")
+        if min(self.per_address, self.per_address_bytes, self.total) < 0 or not self.window > 0:
+            raise ValueError("per_address(_bytes) and total must be >= 0 and window > 0")
         if self.max_storage_bytes is not None and self.max_storage_bytes < 0:
             raise ValueError("max_storage_bytes must be >= 0 or None")
 
@@ -179,6 +183,19 @@ class InFlightBudget:
             self._changed.notify_all()
 
 
+def address_key(address: str) -> str:
+    """The unit of per-address limits: an IPv4 address, or the /64 of an IPv6 one
+    (one host commonly holds a whole /64)."""
+    if ":" not in address:
+        return address
+    try:
+        network = ipaddress.IPv6Network(f"{address.split('%', 1)[0]}/64", strict=False)
+    except ValueError:
+        return address
+    mapped = ipaddress.IPv6Address(address.split("%", 1)[0]).ipv4_mapped
+    return str(mapped) if mapped is not None else str(network)
+
+
 class Admission:
     """Payloads admitted per client address and in total, in fixed windows (in process).
 
@@ -194,15 +211,18 @@ class Admission:
         total: int,
         window: float,
         *,
+        per_address_bytes: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.per_address = per_address
+        self.per_address_bytes = per_address_bytes
         self.total = total
         self.window = window
         self._clock = clock
         self._lock = threading.Lock()
         self._window_start = clock()
         self._by_address: Dict[str, int] = {}
+        self._bytes_by_address: Dict[str, int] = {}
         self._admitted = 0
 
     @property
@@ -212,13 +232,9 @@ class Admission:
 
     def admit(self, address: str) -> Optional[float]:
         """None when a payload from ``address`` is admitted (and counted), else seconds to wait."""
-        now = self._clock()
+        address = address_key(address)
         with self._lock:
-            if not self._window_start <= now < self._window_start + self.window:
-                self._window_start = now
-                self._by_address = {}
-                self._admitted = 0
-            wait = self._window_start + self.window - now
+            wait = self._roll()
             if self.total and self._admitted >= self.total:
                 return wait
             count = self._by_address.get(address, 0)
@@ -227,3 +243,25 @@ class Admission:
             self._by_address[address] = count + 1
             self._admitted += 1
             return None
+
+    def charge(self, address: str, size: int) -> Optional[float]:
+        """Count ``size`` decoded bytes from ``address``: None while within its byte
+        allowance, else seconds to wait (the payload that goes over is refused)."""
+        if not self.per_address_bytes:
+            return None
+        address = address_key(address)
+        with self._lock:
+            wait = self._roll()
+            used = self._bytes_by_address.get(address, 0) + size
+            self._bytes_by_address[address] = used
+            return wait if used > self.per_address_bytes else None
+
+    def _roll(self) -> float:
+        """Start a new window (dropping the old tables) when this one is over; time left."""
+        now = self._clock()
+        if not self._window_start <= now < self._window_start + self.window:
+            self._window_start = now
+            self._by_address = {}
+            self._bytes_by_address = {}
+            self._admitted = 0
+        return self._window_start + self.window - now

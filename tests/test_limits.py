@@ -19,7 +19,14 @@ import pytest
 import requests
 
 from server_stub import Server, open_store, serve
-from server_stub._limits import Admission, Limits, check_document, count_values, saturate
+from server_stub._limits import (
+    Admission,
+    Limits,
+    address_key,
+    check_document,
+    count_values,
+    saturate,
+)
 from server_stub._store import PayloadRecord
 
 MIB = 1 << 20
@@ -398,3 +405,27 @@ def test_policy_rate_limit_is_still_per_instance(telemetry_server: Server) -> No
     assert post(telemetry_server, make_payload(instance_id=first))[0] == 200
     assert post(telemetry_server, make_payload(instance_id=first))[0] == 429
     assert post(telemetry_server, make_payload(instance_id=second))[0] == 200
+
+
+def test_bytes_per_address_are_limited_too(telemetry_server: Server) -> None:
+    telemetry_server.app.admission = Admission(
+        per_address=0, total=0, window=60.0, per_address_bytes=350_000
+    )
+    big = {"pad": ["x" * 1000] * 100}  # ~100 KB each
+
+    statuses = [post(telemetry_server, make_payload(big))[0] for _ in range(4)]
+    other = post(telemetry_server, make_payload(big), source="127.0.0.2")[0]
+
+    assert statuses == [200, 200, 200, 429]
+    assert other == 200
+
+
+def test_an_ipv6_host_counts_by_its_slash_64() -> None:
+    admission = Admission(per_address=2, total=0, window=60.0)
+
+    answers = [admission.admit(f"2001:db8:1:2::{n:x}") for n in range(3)]
+
+    assert answers[:2] == [None, None]
+    assert answers[2] is not None
+    assert admission.admit("2001:db8:1:3::1") is None
+    assert address_key("::ffff:10.0.0.1") == "10.0.0.1"
