@@ -24,7 +24,15 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import parse_qs
 
-from ._limits import Admission, InFlightBudget, Limits, check_document, count_values
+from ._limits import (
+    Admission,
+    InFlightBudget,
+    Limits,
+    check_data_keys,
+    check_document,
+    count_values,
+    needs_check,
+)
 from ._policy import Policy
 from ._store import PayloadRecord, Store, UnstorablePayload, open_store
 
@@ -467,7 +475,7 @@ class App:
         wait = self.admission.charge(address, len(decoded))
         if wait is not None:
             return _too_many("too many bytes from this address", wait)
-        values = count_values(decoded)
+        values = count_values(decoded, self.limits.max_values)
         if values > self.limits.max_values:
             raise HTTPError(413, f"body holds over {self.limits.max_values} JSON values")
         if not self._budget.acquire(values, self.limits.budget_wait):
@@ -479,7 +487,10 @@ class App:
 
     def _update(self, request: RequestBody, instance_id: str, address: str) -> Response:
         body = request.parse()
-        problem = check_document(body, self.limits)
+        if needs_check(request.decoded or b"", self.limits):
+            problem = check_document(body, self.limits)
+        else:
+            problem = check_data_keys(body, self.limits)
         if problem is not None:
             raise HTTPError(400, problem)
         now = self._clock()

@@ -31,8 +31,10 @@ __all__ = [
     "InFlightBudget",
     "Limits",
     "address_key",
+    "check_data_keys",
     "check_document",
     "count_values",
+    "needs_check",
     "saturate",
 ]
 
@@ -42,6 +44,7 @@ INT64_MIN = -(2**63)
 # A JSON string token, escapes included (unrolled: linear, no backtracking).
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _WHITESPACE = b" \t\r\n"
+_SUSPECT: Dict[int, re.Pattern[bytes]] = {}
 
 
 @dataclass(frozen=True)
@@ -96,18 +99,53 @@ class Limits:
             raise ValueError("max_storage_bytes must be >= 0 or None")
 
 
-def count_values(document: bytes) -> int:
+def count_values(document: bytes, limit: Optional[int] = None) -> int:
     """The number of JSON values in ``document`` (exact for valid JSON), without parsing it.
 
     Strings are blanked out first (so commas and brackets inside them do not
     count); then every comma separates one more value, and every non-empty
     array or object opens one more. For invalid JSON the result is only an
-    estimate, but the parser refuses such a body anyway.
+    estimate, but the parser refuses such a body anyway. With ``limit``, a quick
+    upper bound that is within it is returned instead of the exact count.
     """
+    if limit is not None:
+        bound = 1 + document.count(b",") + document.count(b"[") + document.count(b"{")
+        if bound <= limit:
+            return bound
     structure = _STRING.sub(b'""', document).translate(None, _WHITESPACE)
     containers = structure.count(b"[") + structure.count(b"{")
     empty = structure.count(b"[]") + structure.count(b"{}")
     return 1 + structure.count(b",") + containers - empty
+
+
+def needs_check(document: bytes, limits: Limits) -> bool:
+    """Whether the text of a payload could break a rule that ``check_document`` enforces.
+
+    False only when it certainly cannot: no run of 19 digits (an int64 has at
+    most 19), no exponent of 3 digits (floats overflow from 1e309), no 1,025
+    bytes without a quote and no escaped quote (so no string or member name
+    that long), and too few brackets to nest too deep. One scan in C instead
+    of a walk over every parsed value. (``data`` keys: ``check_data_keys``.)
+    """
+    if document.count(b"[") + document.count(b"{") > limits.max_depth:
+        return True
+    longest = min(limits.max_string_chars, limits.max_name_chars)
+    pattern = _SUSPECT.get(longest)
+    if pattern is None:
+        pattern = _SUSPECT[longest] = re.compile(
+            rb'[0-9]{19}|[eE][+-]?[0-9]{3}|[^"]{%d}|\\"' % (longest + 1)
+        )
+    return pattern.search(document) is not None
+
+
+def check_data_keys(body: object, limits: Limits) -> Optional[str]:
+    """Why a key of the payload's ``data`` is too long, or None."""
+    data = body.get("data") if isinstance(body, dict) else None
+    if isinstance(data, dict):
+        for key in data:
+            if len(key) > limits.max_key_chars:
+                return f"data key {key[:40]!r}… is longer than {limits.max_key_chars} characters"
+    return None
 
 
 def check_document(body: object, limits: Limits) -> Optional[str]:
@@ -116,11 +154,9 @@ def check_document(body: object, limits: Limits) -> Optional[str]:
     One iterative walk (no recursion limit): ints in signed 64 bits, finite
     floats, lengths of strings, member names and top-level ``data`` keys, depth.
     """
-    data = body.get("data") if isinstance(body, dict) else None
-    if isinstance(data, dict):
-        for key in data:
-            if len(key) > limits.max_key_chars:
-                return f"data key {key[:40]!r}… is longer than {limits.max_key_chars} characters"
+    problem = check_data_keys(body, limits)
+    if problem is not None:
+        return problem
     stack: List[Tuple[object, int, str]] = [(body, 1, "")]
     while stack:
         value, depth, where = stack.pop()

@@ -25,6 +25,7 @@ from server_stub._limits import (
     address_key,
     check_document,
     count_values,
+    needs_check,
     saturate,
 )
 from server_stub._store import PayloadRecord
@@ -429,3 +430,28 @@ def test_an_ipv6_host_counts_by_its_slash_64() -> None:
     assert answers[2] is not None
     assert admission.admit("2001:db8:1:3::1") is None
     assert address_key("::ffff:10.0.0.1") == "10.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"n": 10**19},
+        {"f": 1e308, "g": "1e999 in a string is fine"},
+        {"s": "x" * 1025},
+        {"s": "\\n".join(["x" * 600] * 2)},
+        {"s": '"'.join(["x" * 600] * 2)},
+        {"deep": json.loads("[" * 70 + "1" + "]" * 70)},
+    ],
+)
+def test_the_quick_scan_sends_every_doubtful_payload_to_the_full_check(data: Any) -> None:
+    document = json.dumps({"data": data}).encode()
+    parsed = json.loads(document)
+    limits = Limits()
+
+    if check_document(parsed, limits) is not None:
+        assert needs_check(document, limits)
+
+
+def test_the_quick_scan_passes_an_ordinary_payload() -> None:
+    document = json.dumps(make_payload({f"k{n}": n for n in range(50)} | {"v": "x" * 1000}))
+    assert not needs_check(document.encode(), Limits())
