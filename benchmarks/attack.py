@@ -225,13 +225,23 @@ def _flood(port: int, stop: threading.Event, counts: Counter[str], thread: int) 
         index += 1
 
 
-def _attack_process(port: int, seconds: float, slow: int, results: Any) -> None:
+ATTACKS = ("slow", "bombs", "heavy", "flood")
+
+
+def _attack_process(port: int, seconds: float, slow: int, mix: List[str], results: Any) -> None:
     stop = threading.Event()
     counts: Counter[str] = Counter()
-    threads = [threading.Thread(target=_slowloris, args=(port, slow, stop, counts))]
-    threads += [threading.Thread(target=_bombs, args=(port, stop, counts))]
-    threads += [threading.Thread(target=_heavy, args=(port, stop, counts))]
-    threads += [threading.Thread(target=_flood, args=(port, stop, counts, n)) for n in range(2)]
+    threads = []
+    if "slow" in mix:
+        threads += [threading.Thread(target=_slowloris, args=(port, slow, stop, counts))]
+    if "bombs" in mix:
+        threads += [threading.Thread(target=_bombs, args=(port, stop, counts))]
+    if "heavy" in mix:
+        threads += [threading.Thread(target=_heavy, args=(port, stop, counts))]
+    if "flood" in mix:
+        threads += [
+            threading.Thread(target=_flood, args=(port, stop, counts, n)) for n in range(2)
+        ]
     for thread in threads:
         thread.daemon = True
         thread.start()
@@ -278,6 +288,7 @@ def attack(
     slow: int = 2000,
     healthy: int = 8,
     interval: float = 0.2,
+    mix: Tuple[str, ...] = ATTACKS,
     server_args: Optional[List[str]] = None,
     log: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
 ) -> Dict[str, Any]:
@@ -292,7 +303,9 @@ def attack(
             baseline_rss = _peak_rss_mb(process.pid)
             context = multiprocessing.get_context("spawn")
             results = context.Queue()
-            attacker = context.Process(target=_attack_process, args=(port, duration, slow, results))
+            attacker = context.Process(
+                target=_attack_process, args=(port, duration, slow, list(mix), results)
+            )
             clients.phase = "attack"
             log(f"attack: attack, {duration:.0f} s")
             attacker.start()
@@ -318,6 +331,7 @@ def attack(
             "p99_ms": _percentile_ms(clients.latencies[phase], 0.99),
             "max_ms": _percentile_ms(clients.latencies[phase], 1.0),
         }
+    figures["attack_mix"] = list(mix)
     figures["attack_answers"] = dict(sorted(attack_counts.items()))
     figures["server_alive"] = alive
     figures["server_peak_rss_mb_before_attack"] = baseline_rss
@@ -335,13 +349,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--healthy", type=int, default=8, help="healthy client threads")
     parser.add_argument("--interval", type=float, default=0.2,
                         help="seconds between a client's posts")
+    parser.add_argument("--mix", default=",".join(ATTACKS),
+                        help=f"attacks to run, comma-separated (default: all of {ATTACKS})")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
     if not (0 < args.baseline <= 600 and 0 < args.duration <= 600 and 0 <= args.slow <= 10_000):
         parser.error("need 0 < --baseline, --duration <= 600 and 0 <= --slow <= 10000")
+    mix = tuple(name for name in args.mix.split(",") if name)
+    if not set(mix) <= set(ATTACKS):
+        parser.error(f"--mix takes some of {ATTACKS}")
     result = attack(
         baseline=args.baseline, duration=args.duration, slow=args.slow,
-        healthy=args.healthy, interval=args.interval,
+        healthy=args.healthy, interval=args.interval, mix=mix,
     )
     if args.json:
         print(json.dumps(result, indent=2))

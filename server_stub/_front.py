@@ -29,6 +29,7 @@ import logging
 import socket
 import sys
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import unquote
@@ -109,8 +110,6 @@ class _Connection:
         self.number = number
         self.address = address
         self.writer = writer
-        self.reading_since: Optional[float] = None
-        """When it began waiting for its current request (None while one is answered)."""
         self.evicted = False
 
     def close(self, *, abort: bool = False) -> None:
@@ -154,7 +153,7 @@ class FrontServer:
         self.access_log_level = access_log_level
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self._socket = socket.create_server(
-            (host, port), family=family, backlog=1024, reuse_port=reuse_port
+            (host, port), family=family, backlog=socket.SOMAXCONN, reuse_port=reuse_port
         )
         self.host = host
         self.port: int = self._socket.getsockname()[1]
@@ -164,6 +163,9 @@ class FrontServer:
         self._thread: Optional[threading.Thread] = None
         self._connections: Dict[int, _Connection] = {}
         self._per_address: Dict[str, int] = {}
+        # Connections waiting for a request, longest-waiting first: overall and per address.
+        self._waiting: OrderedDict[int, _Connection] = OrderedDict()
+        self._waiting_by_address: Dict[str, OrderedDict[int, _Connection]] = {}
         self._numbers = itertools.count()
         self._buffered = 0
         self._small_pool = concurrent.futures.ThreadPoolExecutor(
@@ -279,22 +281,29 @@ class FrontServer:
 
     def _evict(self, address: Optional[str]) -> bool:
         """Close the connection (of ``address``, or any) waiting longest for its request."""
-        waiting = [
-            connection
-            for connection in self._connections.values()
-            if connection.reading_since is not None
-            and (address is None or connection.address == address)
-        ]
+        waiting = self._waiting if address is None else self._waiting_by_address.get(address)
         if not waiting:
             return False
-        oldest = min(waiting, key=lambda connection: connection.reading_since or 0.0)
+        oldest = next(iter(waiting.values()))
         oldest.evicted = True
         self.refused += 1
         self._forget(oldest)
         oldest.close(abort=True)
         return True
 
+    def _set_waiting(self, connection: _Connection, waiting: bool) -> None:
+        """Mark ``connection`` as waiting for a request (newest last), or as being answered."""
+        by_address = self._waiting_by_address.setdefault(connection.address, OrderedDict())
+        self._waiting.pop(connection.number, None)
+        by_address.pop(connection.number, None)
+        if waiting:
+            self._waiting[connection.number] = connection
+            by_address[connection.number] = connection
+        elif not by_address:
+            del self._waiting_by_address[connection.address]
+
     def _forget(self, connection: _Connection) -> None:
+        self._set_waiting(connection, False)
         if self._connections.pop(connection.number, None) is None:
             return
         left = self._per_address.get(connection.address, 1) - 1
@@ -309,7 +318,7 @@ class FrontServer:
         loop = asyncio.get_running_loop()
         timeout = self.limits.request_timeout
         while not connection.evicted:
-            connection.reading_since = loop.time()
+            self._set_waiting(connection, True)
             deadline = loop.time() + timeout
             try:
                 request = await asyncio.wait_for(self._read_head(reader), timeout)
@@ -339,7 +348,7 @@ class FrontServer:
                 except asyncio.TimeoutError:
                     await self._refuse(writer, 408, "request not received in time")
                     return
-                connection.reading_since = None
+                self._set_waiting(connection, False)
                 pool = self._large_pool if large else self._small_pool
                 status, headers, body = await loop.run_in_executor(
                     pool, self._call_app, self._environ(request, connection)
