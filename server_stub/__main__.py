@@ -34,7 +34,7 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     limits = parser.add_argument_group("limits (see README: Running it in production)")
     limits.add_argument(
         "--max-connections", type=int, default=0, metavar="N",
-        help="open connections at once (default: 512, fewer under a low file limit)",
+        help="open connections at once (default: 4096, fewer under a low file limit)",
     )
     limits.add_argument(
         "--max-connections-per-address", type=int, default=64, metavar="N",
