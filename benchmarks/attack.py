@@ -330,6 +330,7 @@ def attack(
             "p50_ms": _percentile_ms(clients.latencies[phase], 0.50),
             "p99_ms": _percentile_ms(clients.latencies[phase], 0.99),
             "max_ms": _percentile_ms(clients.latencies[phase], 1.0),
+            "over_100ms": sum(1 for seconds in clients.latencies[phase] if seconds > 0.1),
         }
     figures["attack_mix"] = list(mix)
     figures["attack_answers"] = dict(sorted(attack_counts.items()))
