@@ -226,3 +226,27 @@ def test_oversized_headers_and_bodies_are_refused(front: FrontServer) -> None:
             b"Content-Length: 2000000\r\n\r\n"
         )
         assert closed_by_server(sock, 5.0).startswith(b"HTTP/1.1 413 ")
+
+
+def test_several_processes_share_a_port_with_reuse_port(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "server_stub", "--reuse-port", "--db", str(tmp_path / "t.db")]
+    with subprocess.Popen(
+        [*command, "--port", "0"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        text=True,
+    ) as first:
+        try:
+            assert first.stdout is not None
+            url = first.stdout.readline().split()[-1]
+            port = url.rsplit(":", 1)[1]
+            with subprocess.Popen(
+                [*command, "--port", port], cwd=REPO, stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL, text=True,
+            ) as second:
+                try:
+                    assert second.stdout is not None
+                    assert second.stdout.readline().split()[-1] == url
+                    assert all(healthy_post(url) == 200 for _ in range(4))
+                finally:
+                    second.kill()
+        finally:
+            first.kill()
