@@ -366,9 +366,6 @@ class FrontServer:
             finally:
                 self._buffered -= reserved
             keep_alive = request.keep_alive and not connection.evicted
-            await self._respond(
-                writer, request, status=status, headers=headers, body=body, keep_alive=keep_alive
-            )
             logger.log(
                 self.access_log_level,
                 '%s "%s %s %s" %s %d',
@@ -378,6 +375,9 @@ class FrontServer:
                 request.version,
                 status.split(" ", 1)[0],
                 len(body),
+            )
+            await self._respond(
+                writer, request, status=status, headers=headers, body=body, keep_alive=keep_alive
             )
             if not keep_alive:
                 return
