@@ -20,7 +20,8 @@ slow the healthy clients' measurements.
 
 Reported: healthy p50/p99 latency and error count (any answer but 200, or no
 answer) in each phase, what the attack got as answers, and the server's peak
-resident memory (``VmHWM``). Goals: healthy p99 ≤ 100 ms and 0 errors during
+resident memory (``VmHWM``), and that of its child process for the largest
+payloads. Goals: healthy p99 ≤ 100 ms and 0 errors during
 the attack, peak RSS ≤ 300 MB.
 """
 
@@ -271,6 +272,16 @@ def _start_server(db: str, extra: List[str]) -> Tuple[subprocess.Popen[str], int
     return process, int(line.rsplit(":", 1)[1])
 
 
+def _children(pid: int) -> List[int]:
+    found: List[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
 def _peak_rss_mb(pid: int) -> Optional[float]:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -314,6 +325,7 @@ def attack(
             clients.stop()
             alive = process.poll() is None
             peak_rss = _peak_rss_mb(process.pid)
+            children_rss = [_peak_rss_mb(child) or 0.0 for child in _children(process.pid)]
         finally:
             process.terminate()
             try:
@@ -337,6 +349,7 @@ def attack(
     figures["server_alive"] = alive
     figures["server_peak_rss_mb_before_attack"] = baseline_rss
     figures["server_peak_rss_mb"] = peak_rss
+    figures["child_processes_peak_rss_mb"] = children_rss
     figures["seconds"] = {"baseline": baseline, "attack": duration}
     return figures
 

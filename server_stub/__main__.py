@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from ._app import App
 from ._front import FrontLimits, FrontServer
+from ._heavy import HeavyLane
 from ._limits import Limits
 from ._policy import Policy
 from ._postgres import redact_url
@@ -101,9 +102,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         store.close()
         print(f"server_stub: {exc}", file=sys.stderr)
         return 2
+    # The biggest payloads are parsed in a child process (not possible for a private
+    # in-memory database, which the child could not see).
+    memory = args.db in ("", ":memory:")
+    heavy = None if memory else HeavyLane(args.db, args.policy, limits)
     try:
         httpd = FrontServer(
-            App(store, policy, limits=limits),
+            App(store, policy, limits=limits, heavy_lane=heavy.handle if heavy else None),
             args.host,
             args.port,
             limits=front_limits,
@@ -111,9 +116,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         )
     except OSError as exc:
         store.close()
+        if heavy is not None:
+            heavy.close()
         print(f"server_stub: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
-    if args.db in ("", ":memory:"):
+    if memory:
         logger.warning("storing payloads in memory only; pass --db FILE to keep them")
     signal.signal(signal.SIGTERM, _terminate)
     print(f"server_stub listening on {httpd.url}", flush=True)
@@ -123,6 +130,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         logger.info("shutting down")
     finally:
         httpd.close()
+        if heavy is not None:
+            heavy.close()
         store.close()
     return 0
 

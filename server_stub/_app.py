@@ -404,8 +404,14 @@ class App:
         *,
         clock: Callable[[], float] = time.time,
         limits: Optional[Limits] = None,
+        heavy_lane: Optional[Callable[[bytes, str, str], Response]] = None,
+        heavy_values: int = 100_000,
     ) -> None:
+        """``heavy_lane(decoded_body, instance_id, address)``, when given, answers
+        payloads of more than ``heavy_values`` JSON values (in another process)."""
         self.store = store
+        self.heavy_lane = heavy_lane
+        self.heavy_values = heavy_values
         self.policy = policy
         self.limits = limits or Limits()
         self._clock = clock
@@ -478,14 +484,17 @@ class App:
         values = count_values(decoded, self.limits.max_values)
         if values > self.limits.max_values:
             raise HTTPError(413, f"body holds over {self.limits.max_values} JSON values")
+        if self.heavy_lane is not None and values > self.heavy_values:
+            return self.heavy_lane(decoded, instance_id, address)
         if not self._budget.acquire(values, self.limits.budget_wait):
             raise HTTPError(503, "server busy; try again later", [("Retry-After", "1")])
         try:
-            return self._update(request, instance_id, address)
+            return self.store_payload(request, instance_id, address)
         finally:
             self._budget.release(values)
 
-    def _update(self, request: RequestBody, instance_id: str, address: str) -> Response:
+    def store_payload(self, request: RequestBody, instance_id: str, address: str) -> Response:
+        """Parse, check, rate-limit and store an admitted body; the answer (or HTTPError)."""
         body = request.parse()
         if needs_check(request.decoded or b"", self.limits):
             problem = check_document(body, self.limits)

@@ -7,6 +7,7 @@ stop, or drip it; every wait is on the socket (``select``) and bounded.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import select
 import socket
@@ -21,8 +22,10 @@ from typing import Any, Iterator, List
 import pytest
 import requests
 
-from server_stub import create_app
+from server_stub import App, Policy, create_app, open_store
 from server_stub._front import FrontLimits, FrontServer
+from server_stub._heavy import HeavyLane
+from server_stub._limits import Limits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -250,3 +253,32 @@ def test_several_processes_share_a_port_with_reuse_port(tmp_path: Path) -> None:
                     second.kill()
         finally:
             first.kill()
+
+
+def test_the_biggest_payloads_are_stored_by_a_child_process(tmp_path: Path) -> None:
+    db = str(tmp_path / "t.db")
+    lane = HeavyLane(db, None, Limits())
+    app = App(open_store(db), Policy(), heavy_lane=lane.handle, heavy_values=1000)
+    try:
+        with FrontServer(app).start() as server:
+            instance_id = str(uuid.uuid4())
+            big = json.loads(payload_body(instance_id))
+            big["data"] = {"list": list(range(5000)), "n": 7}
+            bad = json.loads(payload_body(instance_id))
+            bad["data"] = {"list": list(range(5000)), "n": 2**64}
+            answers = [
+                requests.post(
+                    f"{server.url}/v1/update/{instance_id}", json=payload, timeout=30
+                )
+                for payload in (big, bad)
+            ]
+            stats = requests.get(f"{server.url}/v1/stats", timeout=5).json()
+            child = lane._process
+    finally:
+        lane.close()
+        app.store.close()
+
+    assert [answer.status_code for answer in answers] == [200, 400]
+    assert "64 bits" in answers[1].json()["error"]
+    assert stats["keys"] == {"list": list(range(5000)), "n": 7}
+    assert child is not None and child.pid != os.getpid() and not child.is_alive()
