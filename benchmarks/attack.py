@@ -275,10 +275,8 @@ def _start_server(db: str, extra: List[str]) -> Tuple[subprocess.Popen[str], int
 def _children(pid: int) -> List[int]:
     found: List[int] = []
     for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
+        with contextlib.suppress(OSError):
             found += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            pass
     return found
 
 

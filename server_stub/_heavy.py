@@ -13,6 +13,7 @@ the serving process.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import multiprocessing
@@ -43,6 +44,8 @@ def _serve(connection: Connection, db: str, policy_file: Optional[str], limits: 
     """The child: answer each (decoded body, instance id, address) until the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
     app = create_app(db=db, policy_file=policy_file, limits=limits)
+    # What arrives is the body already decompressed: read it up to that limit.
+    decoded_limits = dataclasses.replace(limits, max_body_bytes=limits.max_decoded_bytes)
     try:
         while True:
             try:
@@ -51,7 +54,8 @@ def _serve(connection: Connection, db: str, policy_file: Optional[str], limits: 
                 return
             environ = {"wsgi.input": io.BytesIO(decoded), "CONTENT_LENGTH": str(len(decoded))}
             try:
-                response = app.store_payload(request_body(environ, limits), instance_id, address)
+                request = request_body(environ, decoded_limits)
+                response = app.store_payload(request, instance_id, address)
             except HTTPError as exc:
                 response = _error(exc.status, exc.message, exc.headers)
             except Exception:

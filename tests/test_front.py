@@ -6,6 +6,7 @@ stop, or drip it; every wait is on the socket (``select``) and bounded.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import resource
@@ -263,12 +264,15 @@ def test_the_biggest_payloads_are_stored_by_a_child_process(tmp_path: Path) -> N
         with FrontServer(app).start() as server:
             instance_id = str(uuid.uuid4())
             big = json.loads(payload_body(instance_id))
-            big["data"] = {"list": list(range(5000)), "n": 7}
+            big["data"] = {"list": list(range(300_000)), "n": 7}  # 2 MB, over the 1 MiB sent
             bad = json.loads(payload_body(instance_id))
             bad["data"] = {"list": list(range(5000)), "n": 2**64}
             answers = [
                 requests.post(
-                    f"{server.url}/v1/update/{instance_id}", json=payload, timeout=30
+                    f"{server.url}/v1/update/{instance_id}",
+                    data=gzip.compress(json.dumps(payload).encode()),
+                    headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+                    timeout=30,
                 )
                 for payload in (big, bad)
             ]
@@ -280,5 +284,5 @@ def test_the_biggest_payloads_are_stored_by_a_child_process(tmp_path: Path) -> N
 
     assert [answer.status_code for answer in answers] == [200, 400]
     assert "64 bits" in answers[1].json()["error"]
-    assert stats["keys"] == {"list": list(range(5000)), "n": 7}
+    assert stats["keys"] == {"list": list(range(300_000)), "n": 7}
     assert child is not None and child.pid != os.getpid() and not child.is_alive()
