@@ -32,6 +32,7 @@ from ._limits import (
     check_document,
     count_values,
     needs_check,
+    value_bound,
 )
 from ._policy import Policy
 from ._store import PayloadRecord, Store, UnstorablePayload, open_store
@@ -481,11 +482,11 @@ class App:
         wait = self.admission.charge(address, len(decoded))
         if wait is not None:
             return _too_many("too many bytes from this address", wait)
-        values = count_values(decoded, self.limits.max_values)
-        if values > self.limits.max_values:
-            raise HTTPError(413, f"body holds over {self.limits.max_values} JSON values")
-        if self.heavy_lane is not None and values > self.heavy_values:
+        if self.heavy_lane is not None and value_bound(decoded) > self.heavy_values:
+            # Counting exactly (and then parsing) would hold the GIL for long: elsewhere.
             return self.heavy_lane(decoded, instance_id, address)
+        values = count_values(decoded, self.limits.max_values)
+        check_value_count(values, self.limits)
         if not self._budget.acquire(values, self.limits.budget_wait):
             raise HTTPError(503, "server busy; try again later", [("Retry-After", "1")])
         try:
@@ -592,6 +593,12 @@ class App:
             ]
         parts += [b'],"next_offset":', _json_bytes(next_offset), b"}"]
         return Response(200, b"".join(parts), [("Content-Type", "application/json")])
+
+
+def check_value_count(values: int, limits: Limits) -> None:
+    """HTTPError 413 when a body holds more JSON values than ``limits`` allow."""
+    if values > limits.max_values:
+        raise HTTPError(413, f"body holds over {limits.max_values} JSON values")
 
 
 def _json_bytes(value: object) -> bytes:

@@ -21,8 +21,8 @@ import signal
 import threading
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
-from ._app import HTTPError, Response, _error, create_app, request_body
-from ._limits import Limits
+from ._app import HTTPError, Response, _error, check_value_count, create_app, request_body
+from ._limits import Limits, count_values
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -34,7 +34,8 @@ logger = logging.getLogger("server_stub")
 HEAVY_VALUES = 100_000
 """Payloads with more JSON values than this go to the child process."""
 _ANSWER_TIMEOUT = 60.0
-_BUSY_WAIT = 1.0
+# Short: callers hold a thread of the front while they wait.
+_BUSY_WAIT = 0.1
 
 _Request = Tuple[bytes, str, str]
 _Answer = Tuple[int, Any, List[Tuple[str, str]]]
@@ -54,6 +55,7 @@ def _serve(connection: Connection, db: str, policy_file: Optional[str], limits: 
                 return
             environ = {"wsgi.input": io.BytesIO(decoded), "CONTENT_LENGTH": str(len(decoded))}
             try:
+                check_value_count(count_values(decoded, limits.max_values), limits)
                 request = request_body(environ, decoded_limits)
                 response = app.store_payload(request, instance_id, address)
             except HTTPError as exc:
@@ -90,7 +92,7 @@ class HeavyLane:
 
     def handle(self, decoded: bytes, instance_id: str, address: str) -> Response:
         if not self._lock.acquire(timeout=_BUSY_WAIT):
-            raise HTTPError(503, "busy with another large payload; retry", [("Retry-After", "2")])
+            raise HTTPError(503, "busy with another large payload; retry", [("Retry-After", "1")])
         try:
             if self._closed:
                 raise HTTPError(503, "shutting down")

@@ -452,6 +452,21 @@ def test_the_quick_scan_sends_every_doubtful_payload_to_the_full_check(data: Any
         assert needs_check(document, limits)
 
 
+def test_the_quick_scan_sees_a_float_too_long_to_be_finite(telemetry_server: Server) -> None:
+    payload = make_payload({"f": 0})
+    body = json.dumps(payload).replace('"f": 0', '"f": 1' + "0" * 400 + ".0").encode()
+    assert needs_check(body, Limits())
+
+    status, _, answer = post_body(telemetry_server, body, payload["instance_id"])
+
+    assert status == 400
+    assert "finite" in answer["error"]
+
+
 def test_the_quick_scan_passes_an_ordinary_payload() -> None:
-    document = json.dumps(make_payload({f"k{n}": n for n in range(50)} | {"v": "x" * 1000}))
-    assert not needs_check(document.encode(), Limits())
+    payload = make_payload(
+        {f"k{n}": n for n in range(50)} | {"v": "x" * 1000, "f": 1.5e30, "big": 10**17},
+        instance_id="3e123456-1e99-4e12-8e34-1234567890ab",
+    )
+    payload["payload_id"] = "9e999123" * 4  # hex that looks like an exponent
+    assert not needs_check(json.dumps(payload).encode(), Limits())
