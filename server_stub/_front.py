@@ -115,6 +115,8 @@ class _Connection:
         self.address = address
         self.writer = writer
         self.evicted = False
+        self.has_head = False
+        """Whether its current request's head has arrived (the body is being read)."""
 
     def close(self, *, abort: bool = False) -> None:
         with contextlib.suppress(Exception):
@@ -238,11 +240,12 @@ class FrontServer:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         server = await asyncio.start_server(
-            self._handle,
-            sock=self._socket,
-            limit=self.limits.max_header_bytes,
-            backlog=socket.SOMAXCONN,  # asyncio listens again, by default with 100
+            self._handle, sock=self._socket, limit=self.limits.max_header_bytes, backlog=64
         )
+        # asyncio accepts up to `backlog` connections per turn of the loop: few, so that
+        # a burst of connections does not keep everything else waiting. The kernel's
+        # queue of connections not yet accepted stays long.
+        self._socket.listen(socket.SOMAXCONN)
         self._ready.set()
         try:
             await self._stopping.wait()
@@ -326,15 +329,20 @@ class FrontServer:
         timeout = self.limits.request_timeout
         while not connection.evicted:
             self._set_waiting(connection, True)
-            deadline = loop.time() + timeout
+            # A timer rather than asyncio.wait_for: no task per request, which counts
+            # when thousands of connections arrive at once.
+            timer = loop.call_later(timeout, self._expire, connection)
             try:
-                request = await asyncio.wait_for(self._read_head(reader), timeout)
+                request = await self._read_head(reader)
             except _BadRequest as exc:
+                timer.cancel()
                 await self._refuse(writer, exc.status, exc.message)
                 return
-            except asyncio.TimeoutError:
-                return  # idle or too slow before the headers ended: close quietly
+            except (asyncio.IncompleteReadError, ConnectionError):
+                timer.cancel()
+                return  # cut at the deadline (quietly: no request yet), or by the client
             if request is None:
+                timer.cancel()
                 return  # the client closed the connection
             reserved = 0
             try:
@@ -345,22 +353,23 @@ class FrontServer:
                         raise _BadRequest(503, "server busy; try again later")
                     reserved = length
                     self._buffered += reserved
+                if length and _expects_continue(request):
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                connection.has_head = True
                 try:
-                    if length and _expects_continue(request):
-                        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    remaining = max(0.0, deadline - loop.time())
-                    request.body = await asyncio.wait_for(
-                        self._read_body(reader, request, length), remaining
-                    )
-                except asyncio.TimeoutError:
-                    await self._refuse(writer, 408, "request not received in time")
-                    return
+                    request.body = await self._read_body(reader, request, length)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # _expire answered 408, or the client went away
+                finally:
+                    timer.cancel()
+                    connection.has_head = False
                 self._set_waiting(connection, False)
                 pool = self._large_pool if large else self._small_pool
                 status, headers, body = await loop.run_in_executor(
                     pool, self._call_app, self._environ(request, connection)
                 )
             except _BadRequest as exc:
+                timer.cancel()
                 await self._refuse(writer, exc.status, exc.message)
                 return
             finally:
@@ -381,6 +390,19 @@ class FrontServer:
             )
             if not keep_alive:
                 return
+
+    def _expire(self, connection: _Connection) -> None:
+        """The request deadline passed: 408 once its head arrived, else close quietly."""
+        if connection.has_head:
+            body = b'{"error":"request not received in time"}'
+            with contextlib.suppress(Exception):
+                connection.writer.write(
+                    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+                )
+            connection.close()
+        else:
+            connection.close(abort=True)
 
     async def _read_head(self, reader: asyncio.StreamReader) -> Optional[_Request]:
         try:
