@@ -2,18 +2,24 @@
 
 - ``create_app(...)``: the WSGI application (``gunicorn 'server_stub:create_app(db="t.db")'``).
 - ``serve(port=0)``: the app on a background thread, for tests (a ``Server``).
-- ``python -m server_stub``: the app under the standard library's threading WSGI server.
+- ``python -m server_stub``: the app behind ``FrontServer``, a buffering asyncio front
+  that slow clients cannot stall (the production setup); ``Limits``: what requests may cost.
 - ``db="postgresql://..."``: ``PostgresStore`` (the ``postgres`` extra), for several workers.
 """
 
 from ._app import App, create_app
+from ._front import FrontLimits, FrontServer
 from ._harness import RecordedRequest, ScriptedResponse, Server, serve
+from ._limits import Limits
 from ._policy import Policy, PolicyRules, RateLimit
 from ._postgres import PostgresStore
 from ._store import PayloadRecord, SQLiteStore, Store, UnstorablePayload, open_store
 
 __all__ = [
     "App",
+    "FrontLimits",
+    "FrontServer",
+    "Limits",
     "PayloadRecord",
     "Policy",
     "PolicyRules",
