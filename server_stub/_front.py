@@ -407,10 +407,8 @@ class FrontServer:
     async def _read_head(self, reader: asyncio.StreamReader) -> Optional[_Request]:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            if not exc.partial.strip():
-                return None
-            raise _BadRequest(400, "incomplete request") from None
+        except asyncio.IncompleteReadError:
+            return None  # closed by the client, or cut by the deadline: nobody to answer
         except asyncio.LimitOverrunError:
             raise _BadRequest(431, "request headers too large") from None
         lines = head[:-4].decode("latin-1").split("\r\n")
