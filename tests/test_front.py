@@ -256,8 +256,11 @@ def test_several_processes_share_a_port_with_reuse_port(tmp_path: Path) -> None:
             first.kill()
 
 
-def test_the_biggest_payloads_are_stored_by_a_child_process(tmp_path: Path) -> None:
-    db = str(tmp_path / "t.db")
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_the_biggest_payloads_are_stored_by_a_child_process(
+    tmp_path: Path, backend: str, request: pytest.FixtureRequest
+) -> None:
+    db = str(tmp_path / "t.db") if backend == "sqlite" else request.getfixturevalue("postgres_url")
     lane = HeavyLane(db, None, Limits())
     app = App(open_store(db), Policy(), heavy_lane=lane.handle, heavy_values=1000)
     try:
