@@ -8,12 +8,14 @@
 """
 
 from ._app import App, create_app
-from ._front import FrontLimits, FrontServer
+from ._backends import open_store
 from ._harness import RecordedRequest, ScriptedResponse, Server, serve
+from ._http import FrontLimits, FrontServer
 from ._limits import Limits
 from ._policy import Policy, PolicyRules, RateLimit
 from ._postgres import PostgresStore
-from ._store import PayloadRecord, SQLiteStore, Store, UnstorablePayload, open_store
+from ._sqlite import SQLiteStore
+from ._storage import PayloadRecord, Store, UnstorablePayload
 
 __all__ = [
     "App",

@@ -10,12 +10,12 @@ from types import FrameType
 from typing import List, Optional
 
 from ._app import App
-from ._front import FrontLimits, FrontServer
+from ._backends import open_store
 from ._heavy import HeavyLane
+from ._http import FrontLimits, FrontServer
 from ._limits import Limits
 from ._policy import Policy
-from ._postgres import redact_url
-from ._store import open_store
+from ._storage import redact_url
 
 logger = logging.getLogger("server_stub")
 

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
+from ._storage import INT64_MAX, INT64_MIN, saturate
+
 __all__ = [
     "INT64_MAX",
     "INT64_MIN",
@@ -39,8 +41,6 @@ __all__ = [
     "value_bound",
 ]
 
-INT64_MAX = 2**63 - 1
-INT64_MIN = -(2**63)
 
 # A JSON string token, escapes included (unrolled: linear, no backtracking).
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
@@ -194,11 +194,6 @@ def check_document(body: object, limits: Limits) -> Optional[str]:
                         return f"member name longer than {limits.max_name_chars} characters"
                     stack.append((item, depth + 1, name if depth <= 2 else where))
     return None
-
-
-def saturate(number: int) -> int:
-    """``number`` clamped to signed 64 bits: what every sum the server answers with becomes."""
-    return INT64_MAX if number > INT64_MAX else INT64_MIN if number < INT64_MIN else number
 
 
 class InFlightBudget:

@@ -27,16 +27,25 @@ import threading
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
-from urllib.parse import urlsplit, urlunsplit
 
-from ._limits import INT64_MAX, INT64_MIN, saturate
-from ._store import RATE_WINDOW_PRUNE_INTERVAL, PayloadRecord, StoredPayload, UnstorablePayload
+from ._storage import (
+    INT64_MAX,
+    INT64_MIN,
+    RATE_WINDOW_PRUNE_INTERVAL,
+    PayloadRecord,
+    StoredPayload,
+    UnstorablePayload,
+    redact_url,
+    saturate,
+    stored_payload,
+    value_identity,
+)
 
 if TYPE_CHECKING:
     import psycopg
     import psycopg_pool
 
-__all__ = ["SCHEMA_VERSION", "PostgresStore", "is_postgres_url", "migrate", "redact_url"]
+__all__ = ["SCHEMA_VERSION", "PostgresStore", "migrate"]
 
 # pg_advisory_xact_lock key for migrations: any constant unlikely to be used by
 # another application on the same database ("telemetry" in ASCII).
@@ -167,20 +176,6 @@ _TEXT_COLUMNS = (
 _STRING_OR_EXPONENT = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(-?[0-9]+(?:\.[0-9]+)?e\+[0-9]+)')
 
 
-def is_postgres_url(db: str) -> bool:
-    """Whether ``--db``/``create_app(db=...)`` names a PostgreSQL database."""
-    return db.startswith(("postgresql://", "postgres://"))
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***`` (for logs and messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
-
-
 def _encode(value: object) -> str:
     """JSON for a jsonb column, keeping floats floats.
 
@@ -199,10 +194,6 @@ def _positional(match: re.Match[str]) -> str:
     if number is None:
         return match.group(0)
     return format(Decimal(number), "f") + ".0"
-
-
-def _identity(value: object) -> str:
-    return json.dumps(value, sort_keys=True)
 
 
 def _import_driver() -> Tuple[Any, Any]:
@@ -344,13 +335,7 @@ class PostgresStore:
                 (instance_id, limit, offset),
             ).fetchall()
         return [
-            {
-                "payload_id": payload_id,
-                "timestamp": sent_at,
-                "received_at": received_at,
-                "data": data,
-                "client": client,
-            }
+            stored_payload(payload_id, sent_at, received_at, data, client)
             for payload_id, sent_at, received_at, data, client in rows
         ]
 
@@ -389,20 +374,12 @@ class PostgresStore:
         return int(row[0]) if row is not None else 0
 
     def all_payloads(self) -> list[dict[str, Any]]:
-        """Every stored payload in received order (with ``instance_id``); for tests and tools."""
         with self._connection() as connection:
             rows = connection.execute(
                 f"SELECT instance_id, {_ROW_COLUMNS} FROM payloads ORDER BY seq"  # noqa: S608
             ).fetchall()
         return [
-            {
-                "payload_id": payload_id,
-                "instance_id": instance_id,
-                "timestamp": sent_at,
-                "received_at": received_at,
-                "data": data,
-                "client": client,
-            }
+            stored_payload(payload_id, sent_at, received_at, data, client, instance_id=instance_id)
             for instance_id, payload_id, sent_at, received_at, data, client in rows
         ]
 
@@ -452,7 +429,7 @@ def _key_totals(rows: list[Tuple[str, str, Optional[str], Optional[str]]]) -> di
         elif kind == "s":
             assert value is not None and total is not None
             item = json.loads(value)
-            counting_sets.setdefault(key, []).append((_identity(item), item, int(total)))
+            counting_sets.setdefault(key, []).append((value_identity(item), item, int(total)))
         else:
             assert value is not None
             totals[key] = json.loads(value)

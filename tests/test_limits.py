@@ -13,12 +13,12 @@ import json
 import logging
 import tracemalloc
 import uuid
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
 import requests
 
-from server_stub import Server, open_store, serve
+from server_stub import PayloadRecord, Server, open_store, serve
 from server_stub._limits import (
     Admission,
     Limits,
@@ -28,7 +28,6 @@ from server_stub._limits import (
     needs_check,
     saturate,
 )
-from server_stub._store import PayloadRecord
 
 MIB = 1 << 20
 INT64_MAX = 2**63 - 1
@@ -87,20 +86,6 @@ def get_json(server: Server, path: str) -> Tuple[int, Any]:
     return response.status_code, response.json()
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend_db(request: pytest.FixtureRequest) -> str:
-    if request.param == "postgres":
-        url: str = request.getfixturevalue("postgres_url")
-        return url
-    return ":memory:"
-
-
-@pytest.fixture
-def telemetry_server(backend_db: str) -> Iterator[Server]:
-    with serve(port=0, db=backend_db) as server:
-        yield server
-
-
 # -- every stored value can be aggregated and served ------------------------------------------
 
 
@@ -116,27 +101,27 @@ def telemetry_server(backend_db: str) -> Iterator[Server]:
         {"f": [1.0, float("nan")]},
     ],
 )
-def test_numbers_a_store_cannot_aggregate_are_400(telemetry_server: Server, data: Any) -> None:
+def test_numbers_a_store_cannot_aggregate_are_400(backend_server: Server, data: Any) -> None:
     payload = make_payload(data)
     # json.dumps writes inf/nan as Infinity/NaN; a huge exponent is what a client would send.
     body = json.dumps(payload).replace("Infinity", "1e999").replace("NaN", "-1e999").encode()
 
-    status, _, answer = post_body(telemetry_server, body, payload["instance_id"])
+    status, _, answer = post_body(backend_server, body, payload["instance_id"])
 
     assert status == 400, answer
     assert "64 bits" in answer["error"] or "finite" in answer["error"]
-    assert telemetry_server.stored_payloads() == []
+    assert backend_server.stored_payloads() == []
 
 
-def test_counters_and_dropped_at_the_int64_bound_saturate(telemetry_server: Server) -> None:
+def test_counters_and_dropped_at_the_int64_bound_saturate(backend_server: Server) -> None:
     for _ in range(2):
         payload = make_payload(
             {"c": INT64_MAX, "low": INT64_MIN, "set": [{"value": "a", "count": INT64_MAX}]},
             dropped=INT64_MAX,
         )
-        assert post(telemetry_server, payload)[0] == 200
+        assert post(backend_server, payload)[0] == 200
 
-    status, stats = get_json(telemetry_server, "/v1/stats")
+    status, stats = get_json(backend_server, "/v1/stats")
 
     assert status == 200
     assert stats["dropped"] == INT64_MAX
@@ -185,7 +170,7 @@ def test_saturate_clamps_to_signed_64_bits() -> None:
 
 
 def test_a_million_empty_objects_gzipped_are_refused_before_parsing(
-    telemetry_server: Server,
+    backend_server: Server,
 ) -> None:
     instance_id = str(uuid.uuid4())
     head, tail = json.dumps(make_payload({"x": []}, instance_id=instance_id)).split("[]")
@@ -196,7 +181,7 @@ def test_a_million_empty_objects_gzipped_are_refused_before_parsing(
     tracemalloc.start()
     try:
         status, _, answer = post_body(
-            telemetry_server, bomb, instance_id, headers={"Content-Encoding": "gzip"}
+            backend_server, bomb, instance_id, headers={"Content-Encoding": "gzip"}
         )
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -206,7 +191,7 @@ def test_a_million_empty_objects_gzipped_are_refused_before_parsing(
     assert "JSON values" in answer["error"]
     # The server runs in this process; parsing it would have cost ~200 MiB.
     assert peak < 64 * MIB, f"peak {peak / MIB:.1f} MiB"
-    assert telemetry_server.stored_payloads() == []
+    assert backend_server.stored_payloads() == []
 
 
 @pytest.mark.parametrize(
@@ -219,20 +204,20 @@ def test_a_million_empty_objects_gzipped_are_refused_before_parsing(
     ],
 )
 def test_strings_and_keys_longer_than_a_client_sends_are_400(
-    telemetry_server: Server, data: Dict[str, Any], problem: str
+    backend_server: Server, data: Dict[str, Any], problem: str
 ) -> None:
     payload = make_payload(data)
 
-    status, _, answer = post(telemetry_server, payload)
+    status, _, answer = post(backend_server, payload)
 
     assert status == 400
     assert problem in answer["error"]
 
 
-def test_the_longest_strings_and_keys_a_client_sends_are_stored(telemetry_server: Server) -> None:
+def test_the_longest_strings_and_keys_a_client_sends_are_stored(backend_server: Server) -> None:
     data = {"k" * 256: "x" * 1024, "m": {"n" * 16000: ["y" * 1024]}}
-    assert post(telemetry_server, make_payload(data))[0] == 200
-    [stored] = telemetry_server.stored_payloads()
+    assert post(backend_server, make_payload(data))[0] == 200
+    [stored] = backend_server.stored_payloads()
     assert stored["data"] == data
 
 
@@ -289,12 +274,12 @@ def test_instance_pages_end_at_the_response_size_limit(backend_db: str) -> None:
     assert served[0]["data"] == {"n": 4, "pad": ["x" * 1000] * 100}
 
 
-def test_a_page_holds_at_least_one_payload(telemetry_server: Server) -> None:
+def test_a_page_holds_at_least_one_payload(backend_server: Server) -> None:
     payload = make_payload({"pad": ["x" * 1000] * 10})
-    assert post(telemetry_server, payload)[0] == 200
-    telemetry_server.app.limits = Limits(max_response_bytes=1)
+    assert post(backend_server, payload)[0] == 200
+    backend_server.app.limits = Limits(max_response_bytes=1)
 
-    status, page = get_json(telemetry_server, f"/v1/instances/{payload['instance_id']}")
+    status, page = get_json(backend_server, f"/v1/instances/{payload['instance_id']}")
 
     assert status == 200
     assert [stored["payload_id"] for stored in page["payloads"]] == [payload["payload_id"]]
@@ -326,26 +311,26 @@ def test_storage_budget_answers_507_and_logs(
 # -- admission: per address, in total, per instance and address ----------------------------------
 
 
-def test_fresh_ids_from_one_address_hit_the_address_limit(telemetry_server: Server) -> None:
-    telemetry_server.app.admission = Admission(per_address=3, total=0, window=60.0)
+def test_fresh_ids_from_one_address_hit_the_address_limit(backend_server: Server) -> None:
+    backend_server.app.admission = Admission(per_address=3, total=0, window=60.0)
 
-    statuses = [post(telemetry_server, make_payload())[0] for _ in range(5)]
-    status, headers, answer = post(telemetry_server, make_payload())
-    other = post(telemetry_server, make_payload(), source="127.0.0.2")[0]
+    statuses = [post(backend_server, make_payload())[0] for _ in range(5)]
+    status, headers, answer = post(backend_server, make_payload())
+    other = post(backend_server, make_payload(), source="127.0.0.2")[0]
 
     assert statuses == [200, 200, 200, 429, 429]
     assert status == 429
     assert 1 <= int(headers["Retry-After"]) <= 60
     assert answer["next_update"] == int(headers["Retry-After"]) * 1_000_000_000
     assert other == 200
-    assert len(telemetry_server.stored_payloads()) == 4
+    assert len(backend_server.stored_payloads()) == 4
 
 
-def test_total_admission_limit_covers_every_address(telemetry_server: Server) -> None:
-    telemetry_server.app.admission = Admission(per_address=0, total=2, window=60.0)
+def test_total_admission_limit_covers_every_address(backend_server: Server) -> None:
+    backend_server.app.admission = Admission(per_address=0, total=2, window=60.0)
 
     statuses = [
-        post(telemetry_server, make_payload(), source=f"127.0.0.{n}")[0] for n in range(1, 5)
+        post(backend_server, make_payload(), source=f"127.0.0.{n}")[0] for n in range(1, 5)
     ]
 
     assert statuses == [200, 200, 429, 429]
@@ -365,15 +350,15 @@ def test_admission_forgets_addresses_when_the_window_ends() -> None:
     assert admission.tracked_addresses == 1
 
 
-def test_spoofed_posts_do_not_use_up_an_instances_rate_limit(telemetry_server: Server) -> None:
-    telemetry_server.policy.update(rate_limit={"payloads": 2, "window": 60})
+def test_spoofed_posts_do_not_use_up_an_instances_rate_limit(backend_server: Server) -> None:
+    backend_server.policy.update(rate_limit={"payloads": 2, "window": 60})
     victim = str(uuid.uuid4())
 
     spoofed = [
-        post(telemetry_server, make_payload(instance_id=victim), source="127.0.0.2")[0]
+        post(backend_server, make_payload(instance_id=victim), source="127.0.0.2")[0]
         for _ in range(3)
     ]
-    real = [post(telemetry_server, make_payload(instance_id=victim))[0] for _ in range(3)]
+    real = [post(backend_server, make_payload(instance_id=victim))[0] for _ in range(3)]
 
     assert spoofed == [200, 200, 429]
     assert real == [200, 200, 429]
@@ -399,23 +384,23 @@ def _rate_rows(store: Any) -> int:
     return int(row[0])
 
 
-def test_policy_rate_limit_is_still_per_instance(telemetry_server: Server) -> None:
-    telemetry_server.policy.update(rate_limit={"payloads": 1, "window": 60})
+def test_policy_rate_limit_is_still_per_instance(backend_server: Server) -> None:
+    backend_server.policy.update(rate_limit={"payloads": 1, "window": 60})
     first, second = str(uuid.uuid4()), str(uuid.uuid4())
 
-    assert post(telemetry_server, make_payload(instance_id=first))[0] == 200
-    assert post(telemetry_server, make_payload(instance_id=first))[0] == 429
-    assert post(telemetry_server, make_payload(instance_id=second))[0] == 200
+    assert post(backend_server, make_payload(instance_id=first))[0] == 200
+    assert post(backend_server, make_payload(instance_id=first))[0] == 429
+    assert post(backend_server, make_payload(instance_id=second))[0] == 200
 
 
-def test_bytes_per_address_are_limited_too(telemetry_server: Server) -> None:
-    telemetry_server.app.admission = Admission(
+def test_bytes_per_address_are_limited_too(backend_server: Server) -> None:
+    backend_server.app.admission = Admission(
         per_address=0, total=0, window=60.0, per_address_bytes=350_000
     )
     big = {"pad": ["x" * 1000] * 100}  # ~100 KB each
 
-    statuses = [post(telemetry_server, make_payload(big))[0] for _ in range(4)]
-    other = post(telemetry_server, make_payload(big), source="127.0.0.2")[0]
+    statuses = [post(backend_server, make_payload(big))[0] for _ in range(4)]
+    other = post(backend_server, make_payload(big), source="127.0.0.2")[0]
 
     assert statuses == [200, 200, 200, 429]
     assert other == 200
@@ -452,12 +437,12 @@ def test_the_quick_scan_sends_every_doubtful_payload_to_the_full_check(data: Any
         assert needs_check(document, limits)
 
 
-def test_the_quick_scan_sees_a_float_too_long_to_be_finite(telemetry_server: Server) -> None:
+def test_the_quick_scan_sees_a_float_too_long_to_be_finite(backend_server: Server) -> None:
     payload = make_payload({"f": 0})
     body = json.dumps(payload).replace('"f": 0', '"f": 1' + "0" * 400 + ".0").encode()
     assert needs_check(body, Limits())
 
-    status, _, answer = post_body(telemetry_server, body, payload["instance_id"])
+    status, _, answer = post_body(backend_server, body, payload["instance_id"])
 
     assert status == 400
     assert "finite" in answer["error"]

@@ -24,8 +24,8 @@ import pytest
 import requests
 
 from server_stub import App, Policy, create_app, open_store
-from server_stub._front import FrontLimits, FrontServer
 from server_stub._heavy import HeavyLane
+from server_stub._http import FrontLimits, FrontServer
 from server_stub._limits import Limits
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,10 +1,11 @@
-"""The production HTTP runtime: a buffering front that slow or hostile clients cannot stall.
+"""The HTTP runtimes: ``FrontServer`` for production, the threading WSGI server for tests.
 
-One thread runs an asyncio loop that accepts connections and reads each request
-whole (request line, headers and body) under a total deadline; only a complete
-request is handed to a bounded pool of threads running the WSGI app, so a
-client that sends one byte a minute holds a socket, never a thread. What the
-front bounds:
+``FrontServer`` is what ``python -m server_stub`` runs: a buffering front that
+slow or hostile clients cannot stall. One thread runs an asyncio loop that
+accepts connections and reads each request whole (request line, headers and
+body) under a total deadline; only a complete request is handed to a bounded
+pool of threads running the WSGI app, so a client that sends one byte a minute
+holds a socket, never a thread. It bounds:
 
 - open connections, overall and per client address; when a cap is reached the
   connection that has waited longest for its request to arrive is closed
@@ -15,6 +16,12 @@ front bounds:
   large bodies in total;
 - app threads: small bodies and large bodies have separate pools, so a flood of
   big payloads cannot keep a healthy small one waiting for a thread.
+
+``make_server`` (``ThreadingWSGIServer``) is what the test harness runs on a
+background thread: ``wsgiref`` with HTTP/1.1 keep-alive, a thread per
+connection with an idle timeout, a bounded and prompt close of open
+connections, and ``drop_connection()`` for an application that must end a
+connection without answering (scripted faults). It trusts its clients.
 """
 
 from __future__ import annotations
@@ -27,25 +34,233 @@ import itertools
 import json
 import logging
 import socket
+import socketserver
 import sys
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 from urllib.parse import unquote
+from wsgiref import simple_server
 
-from ._app import status_line
+from ._app import body_fully_read, status_line
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
     from _typeshed.wsgi import WSGIApplication, WSGIEnvironment
 
-__all__ = ["FrontLimits", "FrontServer", "default_max_connections"]
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "FrontLimits",
+    "FrontServer",
+    "ThreadingWSGIServer",
+    "default_max_connections",
+    "drop_connection",
+    "make_server",
+]
 
 logger = logging.getLogger("server_stub")
 
+_CONNECTION_KEY = "server_stub.connection"
+CLOSE_TIMEOUT = 5.0
+"""Seconds ``close_connections()`` waits for request threads by default."""
+
+
+class _Connection:
+    """One request's hold on its client connection: drop it, or mark it for closing."""
+
+    def __init__(self, sock: socket.socket, *, keep_alive: bool) -> None:
+        self._socket = sock
+        self.keep_alive = keep_alive
+        self.dropped = False
+        self.answered = False
+
+    def drop(self) -> None:
+        """End the connection now, without an answer."""
+        self.dropped = True
+        self.keep_alive = False
+        with contextlib.suppress(OSError):
+            self._socket.shutdown(socket.SHUT_RDWR)
+
+
+class _ServerHandler(simple_server.ServerHandler):
+    """wsgiref's handler, speaking HTTP/1.1 with keep-alive, and able to drop the connection."""
+
+    # wsgiref would copy the whole process environment into every request's environ.
+    os_environ: Dict[str, str] = {}  # noqa: RUF012  # never mutated
+
+    def __init__(
+        self, connection: _Connection, http_version: str, *args: Any, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._connection = connection
+        self.http_version = http_version
+
+    def cleanup_headers(self) -> None:
+        super().cleanup_headers()
+        # Another request can follow on this connection only once this one's body
+        # was read to its end.
+        environ: WSGIEnvironment = getattr(self, "environ", None) or {}
+        if not body_fully_read(environ):
+            self._connection.keep_alive = False
+        if not self._connection.keep_alive:
+            self.headers["Connection"] = "close"  # type: ignore[attr-defined]
+
+    def finish_response(self) -> None:
+        if self._connection.dropped:
+            return  # nothing to write to, and nothing to log
+        super().finish_response()
+
+    def close(self) -> None:
+        try:
+            super().close()  # logs the request
+        finally:
+            self._connection.answered = True
+
+    def log_exception(self, exc_info: OptExcInfo) -> None:
+        logger.error("unhandled error in the WSGI application", exc_info=exc_info)
+
+
+class _RequestHandler(simple_server.WSGIRequestHandler):
+    protocol_version = "HTTP/1.1"
+    # An idle keep-alive connection, or a client that stops sending mid-request,
+    # frees its thread after this long.
+    timeout = 30.0
+    # Buffered, so that the status line, headers and body leave in one send.
+    wbufsize = 1 << 16
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self._handle_one()
+        while not self.close_connection:
+            self._handle_one()
+
+    def _handle_one(self) -> None:
+        # As WSGIRequestHandler.handle, plus keep-alive and the connection in the environ.
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+        except (socket.timeout, ConnectionError):
+            self.close_connection = True
+            return
+        if not self.raw_requestline:
+            self.close_connection = True
+            return
+        if len(self.raw_requestline) > 65536:
+            self.requestline = ""
+            self.request_version = ""
+            self.command = ""
+            self.send_error(414)
+            return
+        if not self.parse_request():
+            return
+        connection = _Connection(self.connection, keep_alive=not self.close_connection)
+        environ = self.get_environ()
+        environ[_CONNECTION_KEY] = connection
+        http_version = "1.1" if self.request_version == "HTTP/1.1" else "1.0"
+        handler = _ServerHandler(
+            connection,
+            http_version,
+            self.rfile,
+            self.wfile,
+            self.get_stderr(),
+            environ,
+            multithread=True,
+        )
+        handler.request_handler = self  # type: ignore[attr-defined]  # wsgiref logs through it
+        app = self.server.get_app()  # type: ignore[attr-defined]
+        handler.run(app)
+        if not (connection.answered and connection.keep_alive):
+            self.close_connection = True
+
+    def handle_expect_100(self) -> bool:
+        answer = super().handle_expect_100()
+        self.wfile.flush()  # buffered: "100 Continue" must leave now
+        return answer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        level: int = getattr(self.server, "access_log_level", logging.INFO)
+        logger.log(level, "%s %s", self.address_string(), format % args)
+
+
+class ThreadingWSGIServer(socketserver.ThreadingMixIn, simple_server.WSGIServer):
+    """wsgiref's server with a thread per connection, and a bounded, prompt close."""
+
+    daemon_threads = True
+    block_on_close = False  # close_connections() waits instead, with a bound
+    request_queue_size = 128
+
+    def __init__(
+        self, host: str, port: int, app: WSGIApplication, *, access_log_level: int = logging.INFO
+    ) -> None:
+        self.address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.access_log_level = access_log_level
+        self._active: set[Any] = set()
+        self._active_changed = threading.Condition()
+        super().__init__((host, port), _RequestHandler)
+        self.set_app(app)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind would resolve the host name (getfqdn): slow, and unused.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+        self.setup_environ()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        host = str(host)
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_changed:
+            self._active.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        try:
+            super().shutdown_request(request)
+        finally:
+            with self._active_changed:
+                self._active.discard(request)
+                self._active_changed.notify_all()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # Resets and timeouts from clients land here; the app's own errors do not.
+        logger.debug("connection from %s failed", client_address, exc_info=True)
+
+    def close_connections(self, timeout: float = CLOSE_TIMEOUT) -> bool:
+        """Cut every open connection and wait, bounded, until their threads are done."""
+        with self._active_changed:
+            for sock in self._active:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+            return self._active_changed.wait_for(lambda: not self._active, timeout)
+
+
+def make_server(
+    host: str, port: int, app: WSGIApplication, *, access_log_level: int = logging.INFO
+) -> ThreadingWSGIServer:
+    """A bound threading WSGI server for ``app``; run it with ``serve_forever()``."""
+    return ThreadingWSGIServer(host, port, app, access_log_level=access_log_level)
+
+
+def drop_connection(environ: WSGIEnvironment) -> None:
+    """End the connection ``environ``'s request came on, without an answer.
+
+    The application should then return an empty body; under another WSGI
+    server (no connection in ``environ``) this does nothing.
+    """
+    connection = environ.get(_CONNECTION_KEY)
+    if isinstance(connection, _Connection):
+        connection.drop()
+
+
+# -- the production front ------------------------------------------------------------
+
 _SMALL_BODY = 64 << 10
-_CLOSE_TIMEOUT = 5.0
+CLOSE_TIMEOUT = 5.0
 
 
 _DEFAULT_MAX_CONNECTIONS = 4096
@@ -107,7 +322,7 @@ class _BadRequest(Exception):
         self.message = message
 
 
-class _Connection:
+class _FrontConnection:
     """One client connection as the front tracks it."""
 
     def __init__(self, number: int, address: str, writer: asyncio.StreamWriter) -> None:
@@ -127,7 +342,7 @@ class _Connection:
 
 
 @dataclass
-class _Request:
+class _FrontRequest:
     method: str
     target: str
     version: str
@@ -167,11 +382,11 @@ class FrontServer:
         self._stopping: Optional[asyncio.Event] = None
         self._ready = threading.Event()
         self._thread: Optional[threading.Thread] = None
-        self._connections: Dict[int, _Connection] = {}
+        self._connections: Dict[int, _FrontConnection] = {}
         self._per_address: Dict[str, int] = {}
         # Connections waiting for a request, longest-waiting first: overall and per address.
-        self._waiting: OrderedDict[int, _Connection] = OrderedDict()
-        self._waiting_by_address: Dict[str, OrderedDict[int, _Connection]] = {}
+        self._waiting: OrderedDict[int, _FrontConnection] = OrderedDict()
+        self._waiting_by_address: Dict[str, OrderedDict[int, _FrontConnection]] = {}
         self._numbers = itertools.count()
         self._buffered = 0
         self._small_pool = concurrent.futures.ThreadPoolExecutor(
@@ -212,7 +427,7 @@ class FrontServer:
             target=self.serve_forever, name=f"server_stub {self.url}", daemon=True
         )
         self._thread.start()
-        self._ready.wait(_CLOSE_TIMEOUT)
+        self._ready.wait(CLOSE_TIMEOUT)
         return self
 
     def shutdown(self) -> None:
@@ -226,7 +441,7 @@ class FrontServer:
         """Stop serving and wait, bounded, for the serving thread to end."""
         self.shutdown()
         if self._thread is not None:
-            self._thread.join(_CLOSE_TIMEOUT)
+            self._thread.join(CLOSE_TIMEOUT)
         else:
             self._socket.close()
 
@@ -261,7 +476,7 @@ class FrontServer:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
         address = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
-        connection = _Connection(next(self._numbers), address, writer)
+        connection = _FrontConnection(next(self._numbers), address, writer)
         if not self._admit(connection):
             self.refused += 1
             await self._refuse(writer, 503, "too many connections; try again later")
@@ -276,7 +491,7 @@ class FrontServer:
             self._forget(connection)
             connection.close()
 
-    def _admit(self, connection: _Connection) -> bool:
+    def _admit(self, connection: _FrontConnection) -> bool:
         """Track ``connection``, first closing the longest-waiting reader when a cap is hit."""
         limits = self.limits
         crowded = self._per_address.get(connection.address, 0) >= limits.max_per_address
@@ -301,7 +516,7 @@ class FrontServer:
         oldest.close(abort=True)
         return True
 
-    def _set_waiting(self, connection: _Connection, waiting: bool) -> None:
+    def _set_waiting(self, connection: _FrontConnection, waiting: bool) -> None:
         """Mark ``connection`` as waiting for a request (newest last), or as being answered."""
         by_address = self._waiting_by_address.setdefault(connection.address, OrderedDict())
         self._waiting.pop(connection.number, None)
@@ -312,7 +527,7 @@ class FrontServer:
         elif not by_address:
             del self._waiting_by_address[connection.address]
 
-    def _forget(self, connection: _Connection) -> None:
+    def _forget(self, connection: _FrontConnection) -> None:
         self._set_waiting(connection, False)
         if self._connections.pop(connection.number, None) is None:
             return
@@ -323,7 +538,10 @@ class FrontServer:
             self._per_address.pop(connection.address, None)
 
     async def _serve_connection(
-        self, connection: _Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        connection: _FrontConnection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
         loop = asyncio.get_running_loop()
         timeout = self.limits.request_timeout
@@ -391,7 +609,7 @@ class FrontServer:
             if not keep_alive:
                 return
 
-    def _expire(self, connection: _Connection) -> None:
+    def _expire(self, connection: _FrontConnection) -> None:
         """The request deadline passed: 408 once its head arrived, else close quietly."""
         if connection.has_head:
             body = b'{"error":"request not received in time"}'
@@ -404,7 +622,7 @@ class FrontServer:
         else:
             connection.close(abort=True)
 
-    async def _read_head(self, reader: asyncio.StreamReader) -> Optional[_Request]:
+    async def _read_head(self, reader: asyncio.StreamReader) -> Optional[_FrontRequest]:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except asyncio.IncompleteReadError:
@@ -438,9 +656,9 @@ class FrontServer:
             keep_alive = "close" not in connection_tokens
         else:
             keep_alive = "keep-alive" in connection_tokens
-        return _Request(method, target, version, headers, b"", keep_alive)
+        return _FrontRequest(method, target, version, headers, b"", keep_alive)
 
-    def _body_length(self, request: _Request) -> int:
+    def _body_length(self, request: _FrontRequest) -> int:
         """The Content-Length to read (0 for chunked bodies, read by ``_read_body``)."""
         values = [value for name, value in request.headers if name.lower() == "content-length"]
         chunked = any(
@@ -461,7 +679,7 @@ class FrontServer:
         return length
 
     async def _read_body(
-        self, reader: asyncio.StreamReader, request: _Request, length: int
+        self, reader: asyncio.StreamReader, request: _FrontRequest, length: int
     ) -> bytes:
         chunked = any(
             name.lower() == "transfer-encoding" and "chunked" in value.lower()
@@ -494,7 +712,7 @@ class FrontServer:
         request.headers.append(("Content-Length", str(total)))
         return b"".join(pieces)
 
-    def _environ(self, request: _Request, connection: _Connection) -> WSGIEnvironment:
+    def _environ(self, request: _FrontRequest, connection: _FrontConnection) -> WSGIEnvironment:
         path, _, query = request.target.partition("?")
         environ: Dict[str, Any] = {
             "REQUEST_METHOD": request.method,
@@ -556,7 +774,7 @@ class FrontServer:
     async def _respond(
         self,
         writer: asyncio.StreamWriter,
-        request: _Request,
+        request: _FrontRequest,
         *,
         status: str,
         headers: List[Tuple[str, str]],
@@ -588,7 +806,7 @@ class FrontServer:
             writer.close()
 
 
-def _expects_continue(request: _Request) -> bool:
+def _expects_continue(request: _FrontRequest) -> bool:
     return request.version == "HTTP/1.1" and any(
         name.lower() == "expect" and value.lower() == "100-continue"
         for name, value in request.headers
