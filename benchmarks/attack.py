@@ -194,7 +194,9 @@ def _slowloris(port: int, connections: int, stop: threading.Event, counts: Count
 def _bombs(port: int, stop: threading.Event, counts: Counter[str]) -> None:
     instance_id = str(uuid.uuid4())
     head, tail = _payload(instance_id, {"x": []}).split(b"[]")
-    document = head + b"[" + b",".join([b"{}"] * (((10 << 20) - 200) // 3)) + b"]" + tail
+    # Just under the 10 MiB a body may inflate to, so that the value count refuses it.
+    objects = ((10 << 20) - len(head) - len(tail) - 1) // 3
+    document = head + b"[" + b",".join([b"{}"] * objects) + b"]" + tail
     bomb = gzip.compress(document, 9)
     index = 0
     while not stop.is_set():
