@@ -70,6 +70,10 @@ _CHUNK = 64 << 10
 _DRAIN_LIMIT = 16 << 20
 _MAX_PAGE = 1000
 _MAX_INT64 = 2**63 - 1
+# Decompressed bytes of each body that need no reservation from the shared budget
+# (bounded anyway by the number of threads), and how long to wait for the rest.
+_FREE_DECODED_BYTES = 1 << 20
+_DECODE_WAIT = 1.0
 # How often a full database is said so in the log, at most.
 _FULL_LOG_INTERVAL = 60.0
 # How long a measured database size is trusted (what was stored since is added to it).
@@ -139,8 +143,18 @@ class RequestBody:
     harness can record exactly what arrived, however the request ended.
     """
 
-    def __init__(self, environ: WSGIEnvironment, limits: Optional[Limits] = None) -> None:
+    def __init__(
+        self,
+        environ: WSGIEnvironment,
+        limits: Optional[Limits] = None,
+        budget: Optional[InFlightBudget] = None,
+    ) -> None:
+        """``budget``: decompressed bytes beyond the first MiB of each body are
+        reserved from it (503 when it stays full), and released by ``release()``."""
         limits = limits or Limits()
+        self._budget = budget
+        self._unreserved = _FREE_DECODED_BYTES
+        self._reserved = 0
         self.max_bytes = limits.max_body_bytes
         self.max_decoded_bytes = limits.max_decoded_bytes
         self._stream = environ["wsgi.input"]
@@ -200,13 +214,29 @@ class RequestBody:
         if self._encoding in ("", "identity"):
             decoded = raw
         elif self._encoding in ("gzip", "x-gzip"):
-            decoded = gunzip(raw, self.max_decoded_bytes)
+            decoded = gunzip(raw, self.max_decoded_bytes, self._reserve)
         else:
             raise HTTPError(415, f"unsupported Content-Encoding {self._encoding!r}")
         if len(decoded) > self.max_decoded_bytes:
             raise HTTPError(413, f"body over {self.max_decoded_bytes} bytes once decompressed")
         self.decoded = decoded
         return decoded
+
+    def _reserve(self, size: int) -> None:
+        free = min(size, self._unreserved)
+        self._unreserved -= free
+        size -= free
+        if not size or self._budget is None:
+            return
+        if not self._budget.acquire(size, _DECODE_WAIT):
+            raise HTTPError(503, "server busy; try again later", [("Retry-After", "1")])
+        self._reserved += size
+
+    def release(self) -> None:
+        """Give back what ``decode()`` reserved from the budget (safe to call twice)."""
+        if self._budget is not None and self._reserved:
+            self._budget.release(self._reserved)
+        self._reserved = 0
 
     def parse(self) -> object:
         """The body as JSON (HTTPError 400 when it is not JSON)."""
@@ -253,11 +283,15 @@ class RequestBody:
         return chunk
 
 
-def request_body(environ: WSGIEnvironment, limits: Optional[Limits] = None) -> RequestBody:
+def request_body(
+    environ: WSGIEnvironment,
+    limits: Optional[Limits] = None,
+    budget: Optional[InFlightBudget] = None,
+) -> RequestBody:
     """The request's ``RequestBody``, created on first use and kept in ``environ``."""
     body = environ.get(_BODY_KEY)
     if not isinstance(body, RequestBody):
-        body = environ[_BODY_KEY] = RequestBody(environ, limits)
+        body = environ[_BODY_KEY] = RequestBody(environ, limits, budget)
     return body
 
 
@@ -269,11 +303,12 @@ def body_fully_read(environ: WSGIEnvironment) -> bool:
     return body.fully_read
 
 
-def gunzip(data: bytes, limit: int) -> bytes:
+def gunzip(data: bytes, limit: int, reserve: Optional[Callable[[int], None]] = None) -> bytes:
     """Inflate gzip ``data`` (several members allowed), refusing output over ``limit``.
 
     Output is produced in bounded steps, so a gzip bomb is stopped once it has
-    produced ``limit`` bytes, never inflated in full first.
+    produced ``limit`` bytes, never inflated in full first. ``reserve(n)`` is
+    called before each step keeps ``n`` more bytes (it may raise HTTPError).
     """
     chunks: List[bytes] = []
     total = 0
@@ -287,6 +322,8 @@ def gunzip(data: bytes, limit: int) -> bytes:
                 total += len(chunk)
                 if total > limit:
                     raise HTTPError(413, f"body over {limit} bytes once decompressed")
+                if reserve is not None:
+                    reserve(2 * len(chunk))  # the chunk, and its copy when they are joined
                 chunks.append(chunk)
                 if not chunk and not pending:
                     raise HTTPError(400, "truncated gzip body")
@@ -420,6 +457,7 @@ class App:
         self.limits = limits or Limits()
         self._clock = clock
         self._budget = InFlightBudget(self.limits.max_values_in_flight)
+        self._decoded_budget = InFlightBudget(self.limits.max_decoded_bytes_in_flight)
         self.admission = Admission(
             self.limits.per_address,
             self.limits.total,
@@ -433,15 +471,17 @@ class App:
         self._full_logged_at: Optional[float] = None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> List[bytes]:
+        request = request_body(environ, self.limits, self._decoded_budget)
         try:
-            request_body(environ, self.limits)
             status, headers, body = self.handle(environ).encode()
-            request_body(environ).drain()
+            request.drain()
         except Exception:
             logger.exception(
                 "internal error on %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO")
             )
             status, headers, body = _error(500, "internal server error").encode()
+        finally:
+            request.release()
         start_response(status, headers)
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 

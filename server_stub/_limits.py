@@ -62,6 +62,8 @@ class Limits:
 
     Per server: ``max_values_in_flight`` JSON values parsed at once over all
     requests (others wait up to ``budget_wait`` seconds, then 503);
+    ``max_decoded_bytes_in_flight``: decompressed bytes held at once beyond
+    the first MiB of each body (others wait a second, then 503);
     ``max_storage_bytes`` of database (None: no limit) before ``/v1/update``
     answers 507; ``per_address`` payloads and ``per_address_bytes`` decoded
     bytes per client address (an IPv6 address counts by its /64), and ``total``
@@ -78,6 +80,7 @@ class Limits:
     max_string_chars: int = 1024
     max_name_chars: int = 16 * 1024
     max_values_in_flight: int = 1_000_000
+    max_decoded_bytes_in_flight: int = 48 << 20
     budget_wait: float = 10.0
     max_storage_bytes: Optional[int] = 1 << 30
     per_address: int = 600
@@ -94,6 +97,8 @@ class Limits:
                 raise ValueError(f"{name} must be at least 1")
         if self.max_values_in_flight < self.max_values:
             raise ValueError("max_values_in_flight must be at least max_values")
+        if self.max_decoded_bytes_in_flight < 2 * self.max_decoded_bytes:
+            raise ValueError("max_decoded_bytes_in_flight must be at least 2 * max_decoded_bytes")
         if min(self.per_address, self.per_address_bytes, self.total) < 0 or not self.window > 0:
             raise ValueError("per_address(_bytes) and total must be >= 0 and window > 0")
         if self.max_storage_bytes is not None and self.max_storage_bytes < 0:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import io
 import json
 import logging
 import tracemalloc
@@ -18,9 +19,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import pytest
 import requests
 
+import server_stub._app
 from server_stub import PayloadRecord, Server, open_store, serve
+from server_stub._app import HTTPError, RequestBody
 from server_stub._limits import (
     Admission,
+    InFlightBudget,
     Limits,
     address_key,
     check_document,
@@ -455,3 +459,36 @@ def test_the_quick_scan_passes_an_ordinary_payload() -> None:
     )
     payload["payload_id"] = "9e999123" * 4  # hex that looks like an exponent
     assert not needs_check(json.dumps(payload).encode(), Limits())
+
+
+def test_decompressed_bodies_share_a_byte_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Beyond its first MiB, a decompressed body is held only within the shared budget."""
+    monkeypatch.setattr(server_stub._app, "_DECODE_WAIT", 0.01)
+    budget = InFlightBudget(3 * MIB)
+    compressed = gzip.compress(b" " * (2 * MIB))
+
+    def body() -> RequestBody:
+        environ = {
+            "wsgi.input": io.BytesIO(compressed),
+            "CONTENT_LENGTH": str(len(compressed)),
+            "HTTP_CONTENT_ENCODING": "gzip",
+        }
+        return RequestBody(environ, Limits(), budget)
+
+    tiny = gzip.compress(b"{}")
+    small_environ = {
+        "wsgi.input": io.BytesIO(tiny),
+        "CONTENT_LENGTH": str(len(tiny)),
+        "HTTP_CONTENT_ENCODING": "gzip",
+    }
+    first, second, small = body(), body(), RequestBody(small_environ, Limits(), budget)
+    assert len(first.decode()) == 2 * MIB  # holds 2 x 2 MiB - 1 MiB free = 3 MiB
+    with pytest.raises(HTTPError) as refused:
+        second.decode()
+    assert refused.value.status == 503
+    assert small.decode() == b"{}"  # small bodies never wait for the budget
+
+    first.release()
+    second.release()
+
+    assert len(body().decode()) == 2 * MIB
