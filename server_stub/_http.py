@@ -300,7 +300,7 @@ class FrontLimits:
     request_timeout: float = 10.0
     max_header_bytes: int = 64 << 10
     max_body_bytes: int = 1 << 20
-    max_buffered_bytes: int = 32 << 20
+    max_buffered_bytes: int = 16 << 20
     workers: int = 8
     large_workers: int = 2
 

@@ -80,7 +80,7 @@ class Limits:
     max_string_chars: int = 1024
     max_name_chars: int = 16 * 1024
     max_values_in_flight: int = 1_000_000
-    max_decoded_bytes_in_flight: int = 48 << 20
+    max_decoded_bytes_in_flight: int = 24 << 20
     budget_wait: float = 10.0
     max_storage_bytes: Optional[int] = 1 << 30
     per_address: int = 600
