@@ -1,0 +1,221 @@
+"""The HTTP sink against servers that misbehave: slow drips, huge or endless answers.
+
+``server_stub`` answers whole responses; a server that drips bytes is a tiny raw
+socket server here, on 127.0.0.1, that stops as soon as the test ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from typing import Callable, List, Optional
+
+import pytest
+
+from server_stub import Server
+from telemetry._sinks import DELIVERED, MAX_ANSWER_BYTES, RETRY, HTTPSink, Request, SendResult
+from telemetry._wire import Payload, encode_payload
+
+Answer = Callable[[socket.socket, threading.Event], None]
+
+
+class RawServer:
+    """Accepts connections on 127.0.0.1, reads each request, then runs ``answer`` on it.
+
+    ``answer(connection, stop)`` writes whatever it likes; ``stop`` is set when
+    the test ends, so every dripping loop ends then at the latest.
+    """
+
+    def __init__(self, answer: Answer) -> None:
+        self._answer = answer
+        self.stop = threading.Event()
+        self.requests = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._threads: List[threading.Thread] = []
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return  # closed by ``close``
+            thread = threading.Thread(target=self._serve, args=(connection,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        with connection:
+            try:
+                _read_request(connection)
+                self.requests += 1
+                self._answer(connection, self.stop)
+            except OSError:
+                pass  # the client gave up on us: that is what the tests want
+
+    def close(self) -> None:
+        self.stop.set()
+        with socket.socket() as poke, contextlib.suppress(OSError):  # wake ``accept``
+            poke.connect(self._listener.getsockname())
+        self._listener.close()
+        self._accepting.join(5)
+        for thread in self._threads:
+            thread.join(5)
+
+
+def _read_request(connection: socket.socket) -> None:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = connection.recv(65536)
+        if not piece:
+            raise ConnectionError("client went away")
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        piece = connection.recv(65536)
+        if not piece:
+            raise ConnectionError("client went away")
+        body += piece
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[[Answer], RawServer]]:
+    servers: List[RawServer] = []
+
+    def start(answer: Answer) -> RawServer:
+        server = RawServer(answer)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def drip(data: bytes, interval: float = 0.05) -> Answer:
+    """Send ``data`` one byte at a time, ``interval`` seconds apart (until the test ends)."""
+
+    def answer(connection: socket.socket, stop: threading.Event) -> None:
+        for index in range(len(data)):
+            if stop.wait(interval):
+                return
+            connection.sendall(data[index : index + 1])
+
+    return answer
+
+
+def endless_chunks(connection: socket.socket, stop: threading.Event) -> None:
+    """A 200 whose chunked body never ends (until the client hangs up or the test ends)."""
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"4000\r\n" + b" " * 0x4000 + b"\r\n"
+    for _ in range(4096):  # 64 MiB at most
+        if stop.is_set():
+            return
+        connection.sendall(chunk)
+
+
+def request() -> Request:
+    payload = Payload(instance_id=str(uuid.uuid4()), timestamp=datetime.now(timezone.utc),
+                      data={"hits": 1})
+    return Request(payload, encode_payload(payload))
+
+
+def send_in_thread(sink: HTTPSink, timeout: float) -> Callable[[float], Optional[SendResult]]:
+    """Start one send; the returned function waits (really) for its result, or None."""
+    results: List[SendResult] = []
+    thread = threading.Thread(target=lambda: results.append(sink(request(), timeout)),
+                              daemon=True)
+    thread.start()
+
+    def result(wait: float) -> Optional[SendResult]:
+        thread.join(wait)
+        return results[0] if results else None
+
+    return result
+
+
+LONG_HEADERS = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + b"".join(b"X-Filler-%d: %s\r\n" % (n, b"y" * 40) for n in range(200))
+                + b"Content-Length: 2\r\n\r\n{}")
+
+
+@pytest.mark.parametrize("where", ["status line and headers", "body"])
+def test_a_dripping_server_cannot_hold_an_attempt_past_its_deadline(
+    raw_server: Callable[[Answer], RawServer], where: str
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9000\r\n\r\n"
+
+    def slow_body(connection: socket.socket, stop: threading.Event) -> None:
+        connection.sendall(head)
+        drip(b" " * 9000)(connection, stop)
+
+    # Each byte comes well within the per-read timeout.
+    answer = slow_body if where == "body" else drip(LONG_HEADERS)
+    server = raw_server(answer)
+    sink = HTTPSink(server.url)
+    # The drip would last minutes; the attempt ends at its 0.3 s deadline.
+    result = send_in_thread(sink, 0.3)(30)
+    assert result is not None, "the attempt outlived its deadline"
+    assert result.outcome == RETRY
+    assert "within 0.3 s" in result.detail
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_an_endless_or_huge_answer_is_a_failed_attempt(
+    raw_server: Callable[[Answer], RawServer], framing: str
+) -> None:
+    def huge(connection: socket.socket, stop: threading.Event) -> None:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1073741824\r\n\r\n")
+        block = b" " * 65536
+        for _ in range(1024):  # 64 MiB of the promised GiB, unless the client hangs up first
+            if stop.is_set():
+                return
+            connection.sendall(block)
+
+    server = raw_server(endless_chunks if framing == "chunked" else huge)
+    result = send_in_thread(HTTPSink(server.url), 10.0)(30)
+    assert result is not None, "the sink kept reading"
+    assert result.outcome == RETRY
+    assert f"larger than {MAX_ANSWER_BYTES} bytes" in result.detail
+
+
+def test_an_answer_over_the_cap_is_not_delivered_one_under_it_is(
+    telemetry_server: Server,
+) -> None:
+    sink = HTTPSink(telemetry_server.url)
+    # Padding is allowed JSON whitespace: only the size differs.
+    telemetry_server.script(status=200, body=b"{}" + b" " * MAX_ANSWER_BYTES)
+    telemetry_server.script(status=200, body=b"{}" + b" " * (MAX_ANSWER_BYTES - 2))
+    assert sink(request(), 5.0).outcome == RETRY
+    assert sink(request(), 5.0).outcome == DELIVERED
+
+
+def test_a_compressed_answer_is_held_to_the_same_cap(telemetry_server: Server) -> None:
+    sink = HTTPSink(telemetry_server.url)
+    bomb = gzip.compress(b"{}" + b" " * (10 * MAX_ANSWER_BYTES))  # ~1 KB on the wire
+    small = gzip.compress(b'{"next_update": 5}')
+    telemetry_server.script(status=200, body=bomb, headers={"Content-Encoding": "gzip"})
+    telemetry_server.script(status=200, body=small, headers={"Content-Encoding": "gzip"})
+    assert sink(request(), 5.0).outcome == RETRY
+    result = sink(request(), 5.0)
+    assert result.outcome == DELIVERED
+    assert result.response.next_update == 5
+
+
+def test_the_sink_asks_for_an_uncompressed_answer(telemetry_server: Server) -> None:
+    assert HTTPSink(telemetry_server.url)(request(), 5.0).outcome == DELIVERED
+    assert telemetry_server.requests[-1].headers["Accept-Encoding"] == "identity"
