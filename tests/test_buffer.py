@@ -477,7 +477,7 @@ def _raising(base: type, *names: str) -> type:
     def boom(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("boom")
 
-    return type(f"Bad{base.__name__}", (_Raises, base), {name: boom for name in names})
+    return type(f"Bad{base.__name__}", (_Raises, base), dict.fromkeys(names, boom))
 
 
 BAD_SUBCLASS_VALUES = [  # (value, what its base type holds)
