@@ -405,10 +405,6 @@ def test_values_are_copied_so_later_mutation_does_not_change_the_buffer() -> Non
     }
 
 
-class StrKey(str):
-    """A ``str`` subclass, as a key."""
-
-
 UNSTORABLE_STRINGS = ["a\x00b", "\x00", "\ud800", "é\udfff", "x" * 100 + "\udc80"]
 
 
