@@ -131,6 +131,7 @@ class Client:
         self._options: Dict[str, Any] = {}
         self._consent_argument: Optional[str] = None
         self._state: Optional[State] = None
+        self._state_refused: Optional[str] = None  # why the state files are not trusted
         self._emitter: Optional[Emitter] = None
         self._emitting_wanted = False
         self._server_stopped = False
@@ -224,15 +225,48 @@ class Client:
     # -- consent -----------------------------------------------------------------
 
     def _read_persisted_consent(self) -> Optional[str]:
-        return self._state.read_consent() if self._state is not None else None
+        from telemetry._state import UnsafeStateError
+
+        if self._state is None:
+            return None
+        try:
+            refusal = self._state.check()
+            if refusal is None:
+                return self._state.read_consent()
+        except UnsafeStateError as exc:
+            refusal = str(exc)
+        self._refuse_state(refusal)
+        return None
+
+    def _refuse_state(self, reason: str) -> None:
+        """Never trust these state files again in this process: telemetry stays off."""
+        if self._state_refused is None:
+            logger.warning(
+                "telemetry: refusing the state files (%s): someone else could have planted or "
+                "could change them; telemetry is off for this run. Fix the owner or mode "
+                "(only you, 0700/0600), or remove them.",
+                reason,
+            )
+        self._state_refused = reason
 
     def _resolve(self, persisted: Optional[str]) -> _consent.Decision:
+        if self._state_refused is not None:
+            return _consent.Decision(_consent.OFF, f"unsafe state files: {self._state_refused}")
         return _consent.resolve(
             app=self.app, consent=self._consent_argument, env=os.environ, persisted=persisted
         )
 
     def _apply_decision(self, decision: _consent.Decision) -> None:
         """Make the collector, emitter and files match ``decision`` (lifecycle lock held)."""
+        from telemetry._state import UnsafeStateError
+
+        try:
+            self._apply_decision_to_files(decision)
+        except UnsafeStateError as exc:  # a file turned unsafe since ``check()``
+            self._refuse_state(str(exc))
+            self._apply_decision_to_files(self._resolve(None))
+
+    def _apply_decision_to_files(self, decision: _consent.Decision) -> None:
         was_off = self.decision.mode == _consent.OFF
         self.decision = decision
         logger.debug("telemetry mode: %s (%s)", decision.mode, decision.rule)
@@ -242,7 +276,7 @@ class Client:
                 self._emitter.discard()
                 self._emitter = None
             self._buffer.take()  # data and drop counts alike: what was collected never existed
-            if self._state is not None:
+            if self._state is not None and self._state_refused is None:
                 self._state.delete_all()
             return
         if self.instance_id is None:
@@ -270,7 +304,7 @@ class Client:
                 logger.warning("telemetry.set_consent() needs init() first and a choice")
                 return
             with capture_internal_errors("set_consent"):
-                if self._state is not None:
+                if self._state is not None and self._state_refused is None:
                     self._state.write_consent(mode)
                 self._apply_decision(self._resolve(mode))
 

@@ -32,6 +32,7 @@ import math
 import os
 import re
 import secrets
+import stat
 import threading
 import uuid
 from collections.abc import Iterable, Iterator
@@ -223,20 +224,73 @@ def _link_without_replacing(source: Path, target: Path) -> bool:
     return True
 
 
+class UnsafeStateError(Exception):
+    """A state directory or file that others could have planted or can change."""
+
+
+def unsafe_reason(path: Path, info: os.stat_result, *, directory: bool) -> Optional[str]:
+    """Why ``path`` (as ``info`` describes it) must not be trusted, or None.
+
+    Refused: anything but a regular file (or a directory, when ``directory``),
+    and, where there are POSIX owners, anything not owned by this user or
+    writable by group or others.
+    """
+    mode = info.st_mode
+    if directory and not stat.S_ISDIR(mode):
+        return f"{path} is not a directory"
+    if not directory and not stat.S_ISREG(mode):
+        return f"{path} is not a regular file"
+    if not hasattr(os, "geteuid"):
+        return None  # Windows: ACLs, not owners and mode bits
+    uid = os.geteuid()
+    if info.st_uid != uid:
+        return f"{path} is owned by uid {info.st_uid}, not by this user (uid {uid})"
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(mode):04o})"
+    return None
+
+
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+
 def _read(path: Path, what: str, limit: int = _SMALL_FILE_LIMIT) -> Optional[bytes]:
-    """The file's bytes; None (with a warning unless it is simply missing) when unreadable."""
+    """The file's bytes; None (with a warning unless it is simply missing) when unreadable.
+
+    Never follows a symbolic link, never blocks on opening (a FIFO) and never
+    reads anything but a regular file of this user that nobody else may
+    change: raises ``UnsafeStateError`` for anything else.
+    """
     try:
-        with open(path, "rb") as stream:
-            data = stream.read(limit + 1)
+        fd = os.open(path, _OPEN_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return None  # missing; a write there will say why it fails
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise UnsafeStateError(f"{path} is a symbolic link") from None
         _warn(f"read the {what}", path, exc)
         return None
-    if len(data) > limit:
+    try:
+        reason = unsafe_reason(path, os.fstat(fd), directory=False)
+        if reason is not None:
+            raise UnsafeStateError(reason)
+        pieces: List[bytes] = []
+        size = 0
+        while size <= limit:
+            piece = os.read(fd, limit + 1 - size)
+            if not piece:
+                break
+            pieces.append(piece)
+            size += len(piece)
+    except OSError as exc:
+        _warn(f"read the {what}", path, exc)
+        return None
+    finally:
+        os.close(fd)
+    if size > limit:
         _warn_corrupt(what, path, f"larger than {limit} bytes")
         return None
-    return data
+    return b"".join(pieces)
 
 
 def _remove(path: Path, what: str) -> bool:
@@ -439,10 +493,39 @@ class State:
         digest = hashlib.sha256(endpoint.rstrip("/").encode("utf-8")).hexdigest()[:16]
         return self._state_dir / f"{_POLICY_PREFIX}{digest}.json"
 
+    # -- safety --------------------------------------------------------------------
+
+    def check(self) -> Optional[str]:
+        """Why these state files must not be used, or None when they may.
+
+        Looks (``lstat``, never ``open``) at the directories and at every file
+        the client reads outside the spool: each must be this user's and
+        writable by nobody else, the files regular files. Spool files are
+        checked as they are read, off the application's thread.
+        """
+        directories = [self._config_dir, self._state_dir, self.spool_dir]
+        files = [self.consent_path, self.instance_id_path, self.first_run_marker_path]
+        files += [self._state_dir / name for name in _list(self._state_dir)
+                  if name.startswith(_POLICY_PREFIX) and name.endswith(".json")]
+        for path, directory in [(d, True) for d in directories] + [(f, False) for f in files]:
+            try:
+                info = os.stat(path) if directory else os.lstat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                continue  # made later, by this process, 0700/0600
+            except OSError as exc:
+                return f"{path} cannot be examined ({exc})"
+            reason = unsafe_reason(path, info, directory=directory)
+            if reason is not None:
+                return reason
+        return None
+
     # -- consent -------------------------------------------------------------------
 
     def read_consent(self) -> Optional[str]:
-        """The saved choice (``on``/``off``/``local``), or None when there is none."""
+        """The saved choice (``on``/``off``/``local``), or None when there is none.
+
+        Raises ``UnsafeStateError`` when the file must not be trusted.
+        """
         path = self.consent_path
         data = _read(path, "consent file")
         if data is None:
@@ -610,7 +693,7 @@ class State:
         for name in _list(self.spool_dir):
             if _SPOOLED.match(name):
                 try:
-                    info = os.stat(self.spool_dir / name)
+                    info = os.lstat(self.spool_dir / name)
                 except OSError:
                     continue  # claimed or deleted meanwhile
                 entries.append((info.st_mtime_ns, name, info.st_size))
@@ -679,7 +762,7 @@ class State:
         for name in _list(self.spool_dir):
             if _SPOOLED.match(name) or _CLAIMED.match(name):
                 try:
-                    size += os.stat(self.spool_dir / name).st_size
+                    size += os.lstat(self.spool_dir / name).st_size
                 except OSError:
                     continue
                 files += 1
@@ -712,7 +795,12 @@ class State:
         return target
 
     def _decode_spool_file(self, path: Path, *, warn: bool) -> Optional[Payload]:
-        data = _read(path, "spool file", limit=max(self.max_spool_bytes, _SMALL_FILE_LIMIT))
+        try:
+            data = _read(path, "spool file", limit=max(self.max_spool_bytes, _SMALL_FILE_LIMIT))
+        except UnsafeStateError as exc:
+            if warn:
+                logger.warning("telemetry: refusing the spool file %s (%s)", path, exc)
+            return None
         if data is None:
             return None
         try:
