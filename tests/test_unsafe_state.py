@@ -55,6 +55,17 @@ def make_fifo(path: Path) -> None:
     os.mkfifo(path, 0o600)
 
 
+def make_symlink(path: Path) -> None:
+    elsewhere = path.with_name("elsewhere")
+    path.rename(elsewhere)
+    path.symlink_to(elsewhere)
+
+
+def make_directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir(mode=0o700)
+
+
 FAULTS: Dict[str, Callable[[Dict[str, Path]], None]] = {
     "state dir writable by others": lambda p: p["state dir"].chmod(0o777),
     "config dir writable by group": lambda p: p["config dir"].chmod(0o770),
@@ -62,13 +73,9 @@ FAULTS: Dict[str, Callable[[Dict[str, Path]], None]] = {
     "spool dir owned by another user": lambda p: os.chown(p["spool dir"], OTHER_UID, -1),
     "instance id owned by another user": lambda p: os.chown(p["instance id file"], OTHER_UID, -1),
     "consent file writable by others": lambda p: p["consent file"].chmod(0o606),
-    "consent file is a symlink": lambda p: (
-        p["consent file"].rename(p["consent file"].with_name("elsewhere")),
-        p["consent file"].symlink_to(p["consent file"].with_name("elsewhere")),
-    ),
+    "consent file is a symlink": lambda p: make_symlink(p["consent file"]),
     "instance id is a FIFO": lambda p: make_fifo(p["instance id file"]),
-    "consent file is a directory": lambda p: (
-        p["consent file"].unlink(), p["consent file"].mkdir(mode=0o700)),
+    "consent file is a directory": lambda p: make_directory(p["consent file"]),
 }
 
 
