@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Prot
 
 from telemetry import _consent
 from telemetry._buffer import DEFAULT_MAX_ITEMS, DEFAULT_MAX_VALUES_PER_KEY, Buffer
-from telemetry._log import capture_internal_errors, logger, report_internal_error
+from telemetry._log import capture_internal_errors, logger, printable, report_internal_error
 
 # Emission, state files and wire types (with attrs) load on first use, not on
 # `import telemetry`: an application with telemetry off never pays for them.
@@ -491,7 +491,7 @@ class Client:
         from telemetry._state import ServerPolicy
 
         if response.error:
-            logger.warning("telemetry server says: %s", response.error[:500])
+            logger.warning("telemetry server says: %s", printable(response.error))
         if response.stop:
             self._stop_by_server()
             return False
