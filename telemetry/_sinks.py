@@ -315,10 +315,6 @@ class HTTPSink:
             session.headers["Accept-Encoding"] = "identity"
             for prefix in ("http://", "https://"):
                 session.mount(prefix, _deadline_adapter())
-            if self._verify is not None:
-                session.verify = self._verify
-            if self._proxies is not None:
-                session.proxies.update(self._proxies)
             self._session = session
         return self._session
 
@@ -342,6 +338,9 @@ class HTTPSink:
                 timeout=(timeout, timeout),  # per connect and per read; the watchdog: in all
                 allow_redirects=False,
                 stream=True,
+                # Per request: requests lets the environment override a session's settings.
+                verify=self._verify,
+                proxies=self._proxies,
             )
             try:
                 body = _read_answer(answer)

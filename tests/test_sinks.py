@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable, List, Optional
 
 import pytest
@@ -31,10 +35,11 @@ class RawServer:
     the test ends, so every dripping loop ends then at the latest.
     """
 
-    def __init__(self, answer: Answer) -> None:
+    def __init__(self, answer: Answer, tls: Optional[ssl.SSLContext] = None) -> None:
         self._answer = answer
+        self._tls = tls
         self.stop = threading.Event()
-        self.requests = 0
+        self.request_lines: List[bytes] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._threads: List[threading.Thread] = []
@@ -52,13 +57,14 @@ class RawServer:
             thread.start()
 
     def _serve(self, connection: socket.socket) -> None:
-        with connection:
-            try:
-                _read_request(connection)
-                self.requests += 1
+        try:
+            if self._tls is not None:
+                connection = self._tls.wrap_socket(connection, server_side=True)
+            with connection:
+                self.request_lines.append(_read_request(connection))
                 self._answer(connection, self.stop)
-            except OSError:
-                pass  # the client gave up on us: that is what the tests want
+        except OSError:
+            connection.close()  # the client gave up on us: that is what the tests want
 
     def close(self) -> None:
         self.stop.set()
@@ -70,7 +76,8 @@ class RawServer:
             thread.join(5)
 
 
-def _read_request(connection: socket.socket) -> None:
+def _read_request(connection: socket.socket) -> bytes:
+    """Read one request; returns its request line."""
     data = b""
     while b"\r\n\r\n" not in data:
         piece = connection.recv(65536)
@@ -88,14 +95,15 @@ def _read_request(connection: socket.socket) -> None:
         if not piece:
             raise ConnectionError("client went away")
         body += piece
+    return head.split(b"\r\n", 1)[0]
 
 
 @pytest.fixture
-def raw_server() -> Iterator[Callable[[Answer], RawServer]]:
+def raw_server() -> Iterator[Callable[..., RawServer]]:
     servers: List[RawServer] = []
 
-    def start(answer: Answer) -> RawServer:
-        server = RawServer(answer)
+    def start(answer: Answer, tls: Optional[ssl.SSLContext] = None) -> RawServer:
+        server = RawServer(answer, tls)
         servers.append(server)
         return server
 
@@ -154,7 +162,7 @@ LONG_HEADERS = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
 
 @pytest.mark.parametrize("where", ["status line and headers", "body"])
 def test_a_dripping_server_cannot_hold_an_attempt_past_its_deadline(
-    raw_server: Callable[[Answer], RawServer], where: str
+    raw_server: Callable[..., RawServer], where: str
 ) -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9000\r\n\r\n"
 
@@ -175,7 +183,7 @@ def test_a_dripping_server_cannot_hold_an_attempt_past_its_deadline(
 
 @pytest.mark.parametrize("framing", ["chunked", "content-length"])
 def test_an_endless_or_huge_answer_is_a_failed_attempt(
-    raw_server: Callable[[Answer], RawServer], framing: str
+    raw_server: Callable[..., RawServer], framing: str
 ) -> None:
     def huge(connection: socket.socket, stop: threading.Event) -> None:
         connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
@@ -219,3 +227,75 @@ def test_a_compressed_answer_is_held_to_the_same_cap(telemetry_server: Server) -
 def test_the_sink_asks_for_an_uncompressed_answer(telemetry_server: Server) -> None:
     assert HTTPSink(telemetry_server.url)(request(), 5.0).outcome == DELIVERED
     assert telemetry_server.requests[-1].headers["Accept-Encoding"] == "identity"
+
+
+def answer_ok(connection: socket.socket, stop: threading.Event) -> None:
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 2\r\n\r\n{}")
+
+
+@pytest.mark.parametrize("configured", ["environment", "argument"])
+def test_proxies_are_honoured_and_held_to_the_deadline(
+    raw_server: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch, configured: str
+) -> None:
+    proxy = raw_server(answer_ok)
+    target = "http://telemetry.example.invalid"  # never resolved: the proxy is asked instead
+    if configured == "environment":
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        sink = HTTPSink(target)
+    else:
+        sink = HTTPSink(target, proxies={"http": proxy.url})
+    assert sink(request(), 5.0).outcome == DELIVERED
+    (line,) = proxy.request_lines
+    assert line.startswith(b"POST " + target.encode() + b"/v1/update/")
+    dripping = raw_server(drip(LONG_HEADERS))
+    result = send_in_thread(HTTPSink(target, proxies={"http": dripping.url}), 0.3)(30)
+    assert result is not None and result.outcome == RETRY
+    assert "within 0.3 s" in result.detail
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A self-signed certificate (and its key, same file) for 127.0.0.1."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command")
+    directory = tmp_path_factory.mktemp("tls")
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    both = directory / "both.pem"
+    both.write_bytes(cert.read_bytes() + key.read_bytes())
+    return both
+
+
+@pytest.mark.parametrize("configured", ["argument", "environment", "none"])
+def test_ca_bundles_are_honoured(
+    raw_server: Callable[..., RawServer], certificate: Path, monkeypatch: pytest.MonkeyPatch,
+    configured: str,
+) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certificate)
+    server = raw_server(answer_ok, tls=context)
+    https = server.url.replace("http://", "https://")
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    if configured == "environment":
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate))
+        sink = HTTPSink(https)
+    else:
+        # A bundle given as an argument wins over one in the environment.
+        system_bundle = ssl.get_default_verify_paths().openssl_cafile
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", system_bundle)
+        sink = HTTPSink(https, verify=str(certificate) if configured == "argument" else None)
+    result = sink(request(), 10.0)
+    if configured == "none":
+        assert result.outcome == RETRY
+        assert "CERTIFICATE_VERIFY_FAILED" in result.detail
+    else:
+        assert result.outcome == DELIVERED, result.detail
