@@ -1,13 +1,17 @@
-"""The HTTP sink against servers that misbehave: slow drips, huge or endless answers.
+"""Sinks: the status policy as a table, the log and no-op sinks, and the HTTP sink
+against servers that misbehave: slow drips, huge or endless answers, proxies, CA bundles.
 
-``server_stub`` answers whole responses; a server that drips bytes is a tiny raw
-socket server here, on 127.0.0.1, that stops as soon as the test ends.
+``result_for_status`` is pure, so every row of the protocol's status table
+(``docs/protocol.md``, "Statuses") is checked here without a server. A server
+that drips bytes is a tiny raw socket server here, on 127.0.0.1, that stops as
+soon as the test ends (``server_stub`` answers whole responses).
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import logging
 import shutil
 import socket
 import ssl
@@ -17,13 +21,98 @@ import uuid
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import pytest
 
 from server_stub import Server
-from telemetry._sinks import DELIVERED, MAX_ANSWER_BYTES, RETRY, HTTPSink, Request, SendResult
-from telemetry._wire import Payload, encode_payload
+from telemetry._sinks import (
+    MAX_ANSWER_BYTES,
+    HTTPSink,
+    LogSink,
+    NoOpSink,
+    Outcome,
+    SendResult,
+    result_for_status,
+)
+from telemetry._wire import JSONValue, Payload, Request, Response, encode_request
+
+NOW = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
+NS = 1_000_000_000
+
+D, R, L, X = Outcome.DELIVERED, Outcome.RETRY, Outcome.RATE_LIMITED, Outcome.REJECTED
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "headers", "outcome", "response", "retry_after"),
+    [
+        (200, b'{"next_update": 5}', {}, D, Response(next_update=5), None),
+        (200, b"", {}, D, Response(), None),
+        (204, b"", {}, D, Response(), None),
+        (202, b'{"stop": true}', {}, D, Response(stop=True), None),
+        (200, b"not json", {}, R, Response(), None),
+        (200, b"[1, 2]", {}, R, Response(), None),
+        (410, b"", {}, D, Response(stop=True), None),
+        (451, b"{}", {}, D, Response(stop=True), None),
+        (429, b"", {"Retry-After": "30"}, L, Response(), 30.0),
+        (429, b"", {"Retry-After": "Fri, 15 Jan 2027 08:00:10 GMT"}, L, Response(), 10.0),
+        (429, b"", {"Retry-After": "Thu, 01 Jan 2026 08:00:00 GMT"}, L, Response(), 0.0),
+        (429, b'{"next_update": 7000000000}', {}, L, Response(), 7.0),
+        (429, b'{"next_update": ' + str(10**400).encode() + b"}", {}, L, Response(),
+         (2**63 - 1) / 1e9),
+        (429, b"", {"Retry-After": "soon"}, L, Response(), None),
+        (429, b"", {}, L, Response(), None),
+        (408, b"", {}, R, Response(), None),
+        (500, b"", {}, R, Response(), None),
+        (503, b"", {"Retry-After": "5"}, R, Response(), None),
+        (301, b"", {"Location": "http://elsewhere/"}, R, Response(), None),
+        (307, b"", {}, R, Response(), None),
+        (400, b'{"error": "bad"}', {}, X, Response(), None),
+        (413, b"", {}, X, Response(), None),
+        (415, b"", {}, X, Response(), None),
+        (422, b"", {}, X, Response(), None),
+        (404, b"", {}, X, Response(), None),
+        (100, b"", {}, R, Response(), None),
+        (600, b"", {}, R, Response(), None),
+    ],
+)
+def test_every_status_has_its_outcome(
+    status: int, body: bytes, headers: Dict[str, str], outcome: Outcome,
+    response: Response, retry_after: Optional[float],
+) -> None:
+    result = result_for_status(status, body, headers, NOW)
+    assert result.outcome is outcome
+    assert result.response == response
+    assert result.retry_after == (None if retry_after is None else pytest.approx(retry_after))
+    if outcome is not D:
+        assert str(status) in result.detail
+
+
+def test_a_redirect_says_it_was_not_followed() -> None:
+    assert "redirect not followed" in result_for_status(302, b"", {}, NOW).detail
+
+
+def payload(**data: JSONValue) -> Payload:
+    return Payload(instance_id="3f0c2f5e-8a7b-4c1d-9e2f-0123456789ab",
+                   timestamp=datetime(2026, 11, 23, tzinfo=timezone.utc), data=data)
+
+
+def test_the_log_sink_writes_one_line_per_payload(caplog: pytest.LogCaptureFixture) -> None:
+    sent = payload(hits=1, name="two words", empty="", agents=[{"value": "a", "count": 2}])
+    with caplog.at_level(logging.INFO, logger="telemetry"):
+        result = LogSink()(encode_request(sent)[0], 1.0)
+    assert result.outcome is D
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line == (f"[telemetry] payload_id={sent.payload_id} dropped=0 hits=1 "
+                    'name="two words" empty="" agents=[{"value":"a","count":2}]')
+
+
+def test_the_no_op_sink_accepts_everything() -> None:
+    assert NoOpSink()(encode_request(payload(x=1))[0], 0.0).outcome is D
+
+
+# -- the HTTP sink against misbehaving servers ---------------------------------------
+
 
 Answer = Callable[[socket.socket, threading.Event], None]
 
@@ -135,16 +224,15 @@ def endless_chunks(connection: socket.socket, stop: threading.Event) -> None:
         connection.sendall(chunk)
 
 
-def request() -> Request:
-    payload = Payload(instance_id=str(uuid.uuid4()), timestamp=datetime.now(timezone.utc),
-                      data={"hits": 1})
-    return Request(payload, encode_payload(payload))
+def send_request() -> Request:
+    return encode_request(Payload(instance_id=str(uuid.uuid4()),
+                                  timestamp=datetime.now(timezone.utc), data={"hits": 1}))[0]
 
 
 def send_in_thread(sink: HTTPSink, timeout: float) -> Callable[[float], Optional[SendResult]]:
     """Start one send; the returned function waits (really) for its result, or None."""
     results: List[SendResult] = []
-    thread = threading.Thread(target=lambda: results.append(sink(request(), timeout)),
+    thread = threading.Thread(target=lambda: results.append(sink(send_request(), timeout)),
                               daemon=True)
     thread.start()
 
@@ -177,7 +265,7 @@ def test_a_dripping_server_cannot_hold_an_attempt_past_its_deadline(
     # The drip would last minutes; the attempt ends at its 0.3 s deadline.
     result = send_in_thread(sink, 0.3)(30)
     assert result is not None, "the attempt outlived its deadline"
-    assert result.outcome == RETRY
+    assert result.outcome is R
     assert "within 0.3 s" in result.detail
 
 
@@ -197,7 +285,7 @@ def test_an_endless_or_huge_answer_is_a_failed_attempt(
     server = raw_server(endless_chunks if framing == "chunked" else huge)
     result = send_in_thread(HTTPSink(server.url), 10.0)(30)
     assert result is not None, "the sink kept reading"
-    assert result.outcome == RETRY
+    assert result.outcome is R
     assert f"larger than {MAX_ANSWER_BYTES} bytes" in result.detail
 
 
@@ -208,8 +296,8 @@ def test_an_answer_over_the_cap_is_not_delivered_one_under_it_is(
     # Padding is allowed JSON whitespace: only the size differs.
     telemetry_server.script(status=200, body=b"{}" + b" " * MAX_ANSWER_BYTES)
     telemetry_server.script(status=200, body=b"{}" + b" " * (MAX_ANSWER_BYTES - 2))
-    assert sink(request(), 5.0).outcome == RETRY
-    assert sink(request(), 5.0).outcome == DELIVERED
+    assert sink(send_request(), 5.0).outcome is R
+    assert sink(send_request(), 5.0).outcome is D
 
 
 def test_a_compressed_answer_is_held_to_the_same_cap(telemetry_server: Server) -> None:
@@ -218,14 +306,14 @@ def test_a_compressed_answer_is_held_to_the_same_cap(telemetry_server: Server) -
     small = gzip.compress(b'{"next_update": 5}')
     telemetry_server.script(status=200, body=bomb, headers={"Content-Encoding": "gzip"})
     telemetry_server.script(status=200, body=small, headers={"Content-Encoding": "gzip"})
-    assert sink(request(), 5.0).outcome == RETRY
-    result = sink(request(), 5.0)
-    assert result.outcome == DELIVERED
+    assert sink(send_request(), 5.0).outcome is R
+    result = sink(send_request(), 5.0)
+    assert result.outcome is D
     assert result.response.next_update == 5
 
 
 def test_the_sink_asks_for_an_uncompressed_answer(telemetry_server: Server) -> None:
-    assert HTTPSink(telemetry_server.url)(request(), 5.0).outcome == DELIVERED
+    assert HTTPSink(telemetry_server.url)(send_request(), 5.0).outcome is D
     assert telemetry_server.requests[-1].headers["Accept-Encoding"] == "identity"
 
 
@@ -247,12 +335,12 @@ def test_proxies_are_honoured_and_held_to_the_deadline(
         sink = HTTPSink(target)
     else:
         sink = HTTPSink(target, proxies={"http": proxy.url})
-    assert sink(request(), 5.0).outcome == DELIVERED
+    assert sink(send_request(), 5.0).outcome is D
     (line,) = proxy.request_lines
     assert line.startswith(b"POST " + target.encode() + b"/v1/update/")
     dripping = raw_server(drip(LONG_HEADERS))
     result = send_in_thread(HTTPSink(target, proxies={"http": dripping.url}), 0.3)(30)
-    assert result is not None and result.outcome == RETRY
+    assert result is not None and result.outcome is R
     assert "within 0.3 s" in result.detail
 
 
@@ -293,9 +381,9 @@ def test_ca_bundles_are_honoured(
         system_bundle = ssl.get_default_verify_paths().openssl_cafile
         monkeypatch.setenv("REQUESTS_CA_BUNDLE", system_bundle)
         sink = HTTPSink(https, verify=str(certificate) if configured == "argument" else None)
-    result = sink(request(), 10.0)
+    result = sink(send_request(), 10.0)
     if configured == "none":
-        assert result.outcome == RETRY
+        assert result.outcome is R
         assert "CERTIFICATE_VERIFY_FAILED" in result.detail
     else:
-        assert result.outcome == DELIVERED, result.detail
+        assert result.outcome is D, result.detail

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable, Dict
 
 import pytest
-from conftest import update_requests
+from conftest import encoded, update_requests
 
 import telemetry
 from server_stub import Server
@@ -40,13 +40,13 @@ def plant(root: Path, app: str = "testapp") -> Dict[str, Path]:
     state.instance_id_path.write_text(f"{PLANTED_ID}\n")
     payload = Payload(instance_id=str(PLANTED_ID), timestamp=datetime.now(timezone.utc),
                       data={"planted": 1})
-    assert state.spool([payload]) == 0
+    assert state.spool.save(encoded([payload])) == 0
     return {
         "config dir": state.config_dir,
         "state dir": state.state_dir,
         "consent file": state.consent_path,
         "instance id file": state.instance_id_path,
-        "spool dir": state.spool_dir,
+        "spool dir": state.spool.directory,
     }
 
 
@@ -125,8 +125,8 @@ def test_a_foreign_spool_file_is_not_sent(
     state = State("testapp", root=tmp_path / "state")
     mine = Payload(instance_id=str(PLANTED_ID), timestamp=datetime.now(timezone.utc),
                    data={"mine": 1})
-    assert state.spool([mine]) == 0
-    foreign = state.spool_dir / f"{uuid.uuid4().hex}.json"
+    assert state.spool.save(encoded([mine])) == 0
+    foreign = state.spool.directory / f"{uuid.uuid4().hex}.json"
     foreign.write_bytes(encode_payload(Payload(
         instance_id=str(uuid.uuid4()), timestamp=datetime.now(timezone.utc),
         data={"foreign": 1})))
