@@ -73,7 +73,9 @@ def _optional_finite(
 ) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if value is not None and not (number and math.isfinite(value)):
-        raise ValueError(f"stop_until must be a finite number of epoch seconds, not {value!r}")
+        raise ValueError(
+            f"{attribute.name} must be a finite number of epoch seconds, not {value!r}"
+        )
 
 
 def _frozen_keys(keys: Iterable[str]) -> FrozenSet[str]:
@@ -87,6 +89,8 @@ class ServerPolicy:
     disabled_keys: FrozenSet[str] = attrs.field(default=frozenset(), converter=_frozen_keys)
     stop_until: Optional[float] = attrs.field(default=None, validator=_optional_finite)
     """Epoch seconds until which the server's ``stop`` holds; None: no stop."""
+    not_before: Optional[float] = attrs.field(default=None, validator=_optional_finite)
+    """Epoch seconds before which the server asked not to send again (a 429); None: none."""
 
     def stopped(self, now: float) -> bool:
         """Whether a remembered ``stop`` still holds at ``now`` (epoch seconds)."""
@@ -285,11 +289,12 @@ class State:
         try:
             obj = json.loads(data)
             keys, stop_until = obj["disabled_keys"], obj["stop_until"]
+            not_before = obj.get("not_before")  # absent in files written before it existed
             if not (isinstance(keys, list) and all(isinstance(key, str) for key in keys)):
                 raise ValueError("disabled_keys is not a list of strings")
-            if isinstance(stop_until, bool):
-                raise ValueError("stop_until is not a number")
-            return ServerPolicy(disabled_keys=keys, stop_until=stop_until)
+            if isinstance(stop_until, bool) or isinstance(not_before, bool):
+                raise ValueError("stop_until or not_before is not a number")
+            return ServerPolicy(disabled_keys=keys, stop_until=stop_until, not_before=not_before)
         except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
             warn_corrupt("server policy file", path, str(exc) or type(exc).__name__)
             return ServerPolicy()
@@ -300,6 +305,7 @@ class State:
             "endpoint": endpoint,
             "disabled_keys": sorted(policy.disabled_keys),
             "stop_until": policy.stop_until,
+            "not_before": policy.not_before,
         })
         return self._save("server policy", self.policy_path(endpoint), text + "\n")
 

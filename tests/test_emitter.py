@@ -46,11 +46,19 @@ class ScriptedSink:
 
 
 class RecordingSteering:
-    def __init__(self) -> None:
+    def __init__(self, resume_after: float = 0.0) -> None:
         self.responses: List[Response] = []
+        self.rate_limits: List[float] = []
+        self._resume_after = resume_after
 
     def apply(self, response: Response) -> None:
         self.responses.append(response)
+
+    def rate_limited(self, seconds: float) -> None:
+        self.rate_limits.append(seconds)
+
+    def resume_after(self) -> float:
+        return self._resume_after
 
 
 class Spooled:
@@ -76,8 +84,11 @@ class RecordingSpool:
         self.saved += requests
         return 0
 
-    def claim(self) -> List[Spooled]:
-        claimed, self.held = self.held, []
+    def trim(self) -> int:
+        return 0
+
+    def claim(self, limit: int) -> List[Spooled]:
+        claimed, self.held = self.held[:limit], self.held[limit:]
         return claimed
 
 
@@ -137,16 +148,28 @@ def test_a_delivered_payload_leaves_pending_and_its_response_is_applied(
 def test_retries_keep_the_payload_and_its_id_then_the_next_cycle_resends(
     rigs: List[Rig],
 ) -> None:
-    rig = started(rigs, RETRY, RETRY, RETRY, RETRY)
-    rig.time.advance(100)  # room for the backoffs, not for the next cycle
+    rig = started(rigs, *[RETRY] * 200)
+    rig.time.advance(100)  # room for some cycles' backoffs, then time stands still
     rig.buffer.increment("hits")
-    assert rig.emitter.flush(timeout=5) is False  # four attempts failed
-    assert len(rig.sink.requests) == 4
+    assert rig.emitter.flush(timeout=0.3) is False  # every attempt failed, until its timeout
+    assert len(rig.sink.requests) > 4  # a waiting flush tries again after each failed cycle
     assert len({p.payload_id for p in rig.sink.payloads}) == 1
     (kept,) = rig.emitter.pending
     assert kept.data == {"hits": 1}
+    rig.sink.script.clear()  # the server is back
+    rig.time.advance(1000)
     assert rig.emitter.flush(timeout=5)  # delivered at last, with the same id
     assert rig.sink.payloads[-1].payload_id == kept.payload_id
+
+
+def test_a_waiting_flush_retries_failed_cycles_until_delivered(rigs: List[Rig]) -> None:
+    rig = started(rigs, RETRY, RETRY, RETRY, RETRY)
+    rig.time.advance(100)
+    rig.buffer.increment("hits")
+    assert rig.emitter.flush(timeout=5)  # the cycle failed; the next try after a backoff
+    assert len(rig.sink.requests) == 5
+    assert len({p.payload_id for p in rig.sink.payloads}) == 1
+    assert rig.emitter.pending == []
 
 
 def test_backoffs_follow_the_schedule_and_its_random_source(rigs: List[Rig]) -> None:
@@ -206,10 +229,12 @@ def test_a_stop_applies_steering_then_discards_everything(rigs: List[Rig]) -> No
 
 def test_pending_is_bounded_and_the_overflow_is_counted(rigs: List[Rig]) -> None:
     rig = started(rigs, *[RETRY] * 12, max_pending=2,
-                  schedule=Schedule(min_interval=1000, max_interval=1000, retries=0))
+                  schedule=Schedule(min_interval=1000, max_interval=1000, retries=0, jitter=0))
     for cycle in range(4):
         rig.buffer.increment(f"k{cycle}")
-        assert rig.emitter.flush(timeout=5) is False
+        waits = len(rig.time.waits)
+        rig.time.advance(1000)  # exactly one more (failing) cycle
+        assert rig.time.wait_for_waits(waits + 1)
     assert [list(p.data) for p in rig.emitter.pending] == [["k2"], ["k3"]]
     assert sum(p.dropped for p in rig.emitter.pending) + rig.buffer.dropped == 2
 
@@ -257,7 +282,8 @@ def test_start_takes_back_the_spool_up_to_max_pending_and_sends_it_first(
     assert rig.emitter.start()
     assert rig.time.wait_for_waits(1)  # the first cycle: no check-in, the spool is the news
     assert [p.data for p in rig.sink.payloads] == [{"old0": 1}, {"old1": 1}]
-    assert [s.settled for s in spooled] == [["done"], ["done"], ["release"]]
+    assert [s.settled for s in spooled] == [["done"], ["done"], []]
+    assert rig.spool.held == spooled[2:]  # never claimed: it stays for a later process
 
 
 def test_a_spooled_payload_undelivered_at_stop_goes_back_as_it_was(rigs: List[Rig]) -> None:
