@@ -1,9 +1,10 @@
 """Shared fixtures.
 
 The real loopback server comes from ``server_stub``'s pytest plugin
-(``telemetry_server``). Every test runs with a clean environment (no CI,
-DO_NOT_TRACK or *_TELEMETRY variables), its own state directory, and an
-internal-error hook that turns errors swallowed by telemetry's boundary
+(``telemetry_server``); ``backend_server`` is the same on each storage backend
+(in-memory SQLite, then an empty schema of a real PostgreSQL). Every test runs
+with a clean environment (no CI, DO_NOT_TRACK or *_TELEMETRY variables), its
+own state directory, and an internal-error hook that turns errors swallowed by telemetry's boundary
 into test failures.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple
 
 import pytest
+from _net import free_port
 
 import telemetry
-from server_stub import RecordedRequest, Server
+from server_stub import RecordedRequest, Server, serve
 from telemetry import _log
 from telemetry._buffer import Buffer, member_value
 from telemetry._emitter import Emitter
@@ -146,10 +147,7 @@ def make_client(
 
 def dead_endpoint() -> str:
     """An endpoint on a loopback port nobody listens on (connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def update_requests(server: Server) -> List[RecordedRequest]:
@@ -200,3 +198,17 @@ def emitter_of(client: telemetry.Client) -> Emitter:
 def state_of(tmp_path: Path, app: str = "testapp") -> State:
     """The state files ``make_client`` clients keep (their default ``state_dir``)."""
     return State(app, root=tmp_path / "state")
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend_db(request: pytest.FixtureRequest) -> str:
+    """``db`` for a server under test: in-memory SQLite, or an empty PostgreSQL schema."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return ":memory:"
+
+
+@pytest.fixture
+def backend_server(backend_db: str) -> Iterator[Server]:
+    """The plugin's ``telemetry_server``, on each storage backend (the test runs twice)."""
+    with serve(port=0, db=backend_db) as server:
+        yield server
