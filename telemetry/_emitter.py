@@ -245,8 +245,8 @@ class Emitter:
         """Start the thread; False when it already runs (or has stopped for good).
 
         The thread first takes back what the spool holds (at most
-        ``max_pending`` payloads; the rest stay for later), so however much the
-        spool holds costs the caller nothing.
+        ``max_pending - 1`` payloads; the rest stay for later), so however much
+        the spool holds costs the caller nothing.
         """
         with self._lock:
             if self.phase is not Phase.READY:
@@ -389,7 +389,9 @@ class Emitter:
                 self.source.count_dropped(lost)
                 logger.warning("telemetry: the spool held more than its bounds; the oldest "
                                "payloads (%d items) were dropped", lost)
-            claimed = list(spool.claim(self.max_pending))
+            # Room is left for the first cycle's own payload, or it would push the
+            # oldest spooled one out of ``pending`` again at once.
+            claimed = list(spool.claim(max(1, self.max_pending - 1)))
         finally:
             with self._lock:
                 self._claiming = False
