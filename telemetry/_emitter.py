@@ -54,7 +54,7 @@ def event_wait(event: threading.Event, seconds: float) -> object:
 
 @attrs.frozen
 class Schedule:
-    """Timing of cycles and retries, in seconds (``docs/protocol.md``, "Retries")."""
+    """Timing of cycles and retries, in seconds (``docs/protocol.md``, "Timing and retries")."""
 
     default_interval: float = 3600.0
     min_interval: float = 60.0

@@ -1,7 +1,9 @@
 """``Options``: the settings ``init()`` takes, checked once, typed for the rest of the run.
 
 A bad setting raises ``ValueError`` naming it (misuse is the one thing
-``init()`` raises for). Loaded by ``init()``, not on ``import telemetry``.
+``init()`` raises for). What is made from the settings alone is made here: the
+sink and the emitter (the client wires them to its buffer and steering).
+Loaded by ``init()``, not on ``import telemetry``.
 """
 
 from __future__ import annotations

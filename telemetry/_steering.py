@@ -1,7 +1,7 @@
 """``Steering``: what the server's answers do to the client, and what is remembered.
 
 The server can disable and re-enable keys and tell the client to stop
-(``docs/protocol.md``, "Response"). A stop silences collection at once and is
+(``docs/protocol.md``, "The response"). A stop silences collection at once and is
 remembered for 30 days, so restarts stay quiet; disabled keys are remembered
 too, per endpoint. Steering runs on the emitter's thread, under the client's
 lifecycle lock, so it never interleaves with a consent change.

@@ -4,8 +4,8 @@ The real loopback server comes from ``server_stub``'s pytest plugin
 (``telemetry_server``); ``backend_server`` is the same on each storage backend
 (in-memory SQLite, then an empty schema of a real PostgreSQL). Every test runs
 with a clean environment (no CI, DO_NOT_TRACK or *_TELEMETRY variables), its
-own state directory, and an internal-error hook that turns errors swallowed by telemetry's boundary
-into test failures.
+own state directory, and an internal-error hook that turns errors swallowed by
+telemetry's boundary into test failures.
 """
 
 from __future__ import annotations
@@ -198,6 +198,8 @@ def emitter_of(client: telemetry.Client) -> Emitter:
 def state_of(tmp_path: Path, app: str = "testapp") -> State:
     """The state files ``make_client`` clients keep (their default ``state_dir``)."""
     return State(app, root=tmp_path / "state")
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def backend_db(request: pytest.FixtureRequest) -> str:
     """``db`` for a server under test: in-memory SQLite, or an empty PostgreSQL schema."""

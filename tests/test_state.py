@@ -399,7 +399,7 @@ def test_corrupt_spool_files_are_deleted_on_claim_and_skipped_by_show(
         (state.spool.directory / f"{index:032x}.json").write_bytes(content)
     assert state.spool.payloads() == [good]
     assert len(warnings()) == 4
-    assert state.spool.size().files == 5  # spooled() changed nothing
+    assert state.spool.size().files == 5  # payloads() changed nothing
     claimed = state.spool.claim()
     assert [item.payload for item in claimed] == [good]
     assert len(warnings()) == 8
