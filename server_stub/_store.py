@@ -13,9 +13,13 @@ import logging
 import queue
 import sqlite3
 import threading
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Protocol, Union
+
+from ._policy import POLICY_SCHEMA_SQLITE
+from ._rollups import add_rollups, backfill, rollup_schema
+from ._sql import Runner, SQLiteRunner
 
 if TYPE_CHECKING:
     from ._postgres import PostgresStore
@@ -82,6 +86,14 @@ class Store(Protocol):
         Returns None when it is allowed (and counted), else the seconds until it
         would be allowed (and nothing is counted).
         """
+        ...
+
+    def reading(self) -> AbstractContextManager[Runner]:
+        """A read-only transaction on one snapshot (queries, the stored policy)."""
+        ...
+
+    def writing(self) -> AbstractContextManager[Runner]:
+        """A write transaction, serialised with every other one (across processes too)."""
         ...
 
     def close(self) -> None: ...
@@ -168,7 +180,58 @@ CREATE TABLE IF NOT EXISTS rate_windows (
     window_start REAL NOT NULL,
     count        INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
+# 1: payloads and rate-limit windows (a database without schema_version is one);
+# 2: the stored policy and the rollups, backfilled from the stored payloads.
+SQLITE_SCHEMA_VERSION = 2
+_BACKFILL_BATCH = 1000
+
+
+def _migrate(connection: sqlite3.Connection) -> int:
+    """Bring a SQLite database to ``SQLITE_SCHEMA_VERSION``; the version found before."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        row = connection.execute("SELECT max(version) FROM schema_version").fetchone()
+        found = int(row[0]) if row[0] is not None else 1
+        if found > SQLITE_SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema version {found} is newer than this server's"
+                f" ({SQLITE_SCHEMA_VERSION})"
+            )
+        if found < 2:
+            connection.execute(POLICY_SCHEMA_SQLITE)
+            for statement in rollup_schema(sqlite=True):
+                connection.execute(statement)
+            count = backfill(SQLiteRunner(connection), _stored_payloads(connection))
+            if count:
+                logger.info("rollups built for %d stored payloads", count)
+        if found < SQLITE_SCHEMA_VERSION:
+            connection.execute("DELETE FROM schema_version")
+            connection.execute("INSERT INTO schema_version VALUES (?)", (SQLITE_SCHEMA_VERSION,))
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+    return found
+
+
+def _stored_payloads(
+    connection: sqlite3.Connection,
+) -> Iterator[tuple[int, str, str, str, Any, int]]:
+    """Every stored payload in arrival order, read in batches (for the backfill)."""
+    last = 0
+    while True:
+        rows = connection.execute(
+            "SELECT seq, instance_id, sent_at, received_at, data, dropped FROM payloads"
+            " WHERE seq > ? ORDER BY seq LIMIT ?",
+            (last, _BACKFILL_BATCH),
+        ).fetchall()
+        for seq, instance_id, sent_at, received_at, data, dropped in rows:
+            yield seq, instance_id, sent_at, received_at, json.loads(data), dropped
+        if len(rows) < _BACKFILL_BATCH:
+            return
+        last = rows[-1][0]
 
 
 class SQLiteStore:
@@ -195,6 +258,7 @@ class SQLiteStore:
         self._closed = False
         connection = self._connect()
         connection.executescript(_SCHEMA)
+        _migrate(connection)
         if self._memory:
             self._idle.put(connection)
             self._opened = 1
@@ -265,14 +329,49 @@ class SQLiteStore:
             json.dumps(record.client, separators=(",", ":")) if record.client is not None else None,
             record.dropped,
         )
-        with self._writing() as connection:
+        with self.writing() as run:
+            connection = run.connection
             cursor = connection.execute(
                 "INSERT OR IGNORE INTO payloads"
                 " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
-            return cursor.rowcount == 1
+            if cursor.rowcount != 1:
+                return False
+            assert cursor.lastrowid is not None
+            add_rollups(
+                run,
+                seq=cursor.lastrowid,
+                instance_id=record.instance_id,
+                timestamp=record.timestamp,
+                received_at=record.received_at,
+                data=record.data,
+                dropped=record.dropped,
+            )
+            return True
+
+    @contextmanager
+    def writing(self) -> Iterator[SQLiteRunner]:
+        """A write transaction (``BEGIN IMMEDIATE``), one at a time in this process."""
+        with self._writing() as connection:
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                yield SQLiteRunner(connection)
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+
+    @contextmanager
+    def reading(self) -> Iterator[SQLiteRunner]:
+        """A read transaction: every statement in it sees one snapshot."""
+        with self._connection() as connection:
+            connection.execute("BEGIN")
+            try:
+                yield SQLiteRunner(connection)
+            finally:
+                connection.execute("COMMIT")
 
     def stats(self) -> dict[str, Any]:
         # Computed from every stored payload on each call: exact and simple, and
