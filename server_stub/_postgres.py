@@ -29,6 +29,9 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
+from ._policy import POLICY_SCHEMA_POSTGRES
+from ._rollups import add_rollups, backfill, rollup_schema
+from ._sql import PostgresRunner
 from ._store import PayloadRecord, UnstorablePayload
 
 if TYPE_CHECKING:
@@ -62,7 +65,10 @@ _MIGRATIONS: Tuple[str, ...] = (
         count        bigint NOT NULL       -- payloads accepted in this window
     );
     """,
+    # 2: the stored policy and the rollups (backfilled from stored payloads by migrate()).
+    POLICY_SCHEMA_POSTGRES + ";\n" + ";\n".join(rollup_schema(sqlite=False)),
 )
+_ROLLUPS_SINCE = 2
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code creates and expects."""
 
@@ -70,7 +76,11 @@ _INSERT = """
 INSERT INTO payloads (payload_id, instance_id, sent_at, received_at, data, client, dropped)
 VALUES (%s, %s, %s, %s::timestamptz, %s::jsonb, %s::jsonb, %s)
 ON CONFLICT (payload_id) DO NOTHING
+RETURNING seq
 """
+# pg_advisory_xact_lock key serialising writing() transactions (policy changes).
+_WRITE_LOCK = _MIGRATION_LOCK + 1
+_BACKFILL_BATCH = 1000
 
 # How aggregate_keys totals the value e.value: 'c' an integer counter (summed),
 # 's' a counting set (merged), 'v' anything else (the latest wins). Integers are
@@ -221,10 +231,32 @@ def migrate(connection: psycopg.Connection[Any]) -> int:
             )
         for ddl in _MIGRATIONS[found:]:
             connection.execute(ddl)
+        if 0 < found < _ROLLUPS_SINCE:
+            _backfill(connection)
         if found < SCHEMA_VERSION:
             connection.execute("DELETE FROM schema_version")
             connection.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
     return found
+
+
+def _backfill(connection: psycopg.Connection[Any]) -> None:
+    """Add the payloads stored before the rollups existed to them (inside migrate())."""
+
+    def payloads() -> Iterator[Tuple[int, str, str, str, Any, int]]:
+        last = 0
+        while True:
+            rows = connection.execute(
+                "SELECT seq, instance_id, sent_at,"
+                """ to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),"""
+                " data, dropped FROM payloads WHERE seq > %s ORDER BY seq LIMIT %s",
+                (last, _BACKFILL_BATCH),
+            ).fetchall()
+            yield from rows
+            if len(rows) < _BACKFILL_BATCH:
+                return
+            last = rows[-1][0]
+
+    backfill(PostgresRunner(connection), payloads())
 
 
 class PostgresStore:
@@ -293,12 +325,38 @@ class PostgresStore:
             record.dropped,
         )
         try:
-            with self._connection() as connection:
-                cursor = connection.execute(_INSERT, row)
+            with self._connection() as connection, connection.transaction():
+                stored = connection.execute(_INSERT, row).fetchone()
+                if stored is None:
+                    return False
+                add_rollups(
+                    PostgresRunner(connection),
+                    seq=stored[0],
+                    instance_id=record.instance_id,
+                    timestamp=record.timestamp,
+                    received_at=record.received_at,
+                    data=record.data,
+                    dropped=record.dropped,
+                )
         except self._psycopg.DataError as exc:
             # \u0000 or an unpaired surrogate: jsonb cannot hold them.
             raise UnstorablePayload(str(exc).splitlines()[0]) from None
-        return cursor.rowcount == 1
+        return True
+
+    @contextmanager
+    def writing(self) -> Iterator[PostgresRunner]:
+        """A write transaction, one at a time across every process (an advisory lock)."""
+        with self._connection() as connection, connection.transaction():
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+            yield PostgresRunner(connection)
+
+    @contextmanager
+    def reading(self) -> Iterator[PostgresRunner]:
+        """A read-only transaction on one snapshot."""
+        with self._connection() as connection, connection.transaction():
+            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            connection.execute("SET LOCAL jit = off")
+            yield PostgresRunner(connection)
 
     def stats(self) -> dict[str, Any]:
         with self._connection() as connection, connection.transaction():
