@@ -29,12 +29,12 @@ if TYPE_CHECKING:
 
 __all__ = ["Access", "Grant", "Refusal", "bearer_token", "is_loopback"]
 
-_NO_TOKEN_HINT = (
+_LOOPBACK_ONLY = (
     "reading collected data needs a token when the client is not on this machine: "
     "start the server with --read-token TOKEN (or TELEMETRY_READ_TOKEN) and send "
     "'Authorization: Bearer TOKEN'"
 )
-_NO_ADMIN_HINT = (
+_ADMIN_NOT_CONFIGURED = (
     "changing the policy needs the admin token: start the server with --admin-token TOKEN "
     "(or TELEMETRY_ADMIN_TOKEN) and send 'Authorization: Bearer TOKEN'"
 )
@@ -150,9 +150,9 @@ class Access:
         if granted >= needed:
             return None
         if not self.tokens_configured:
-            return Refusal(403, _NO_TOKEN_HINT)
+            return Refusal(403, _LOOPBACK_ONLY)
         if needed is Grant.ADMIN and self.admin_token is None:
-            return Refusal(403, _NO_ADMIN_HINT)  # no token could do it
+            return Refusal(403, _ADMIN_NOT_CONFIGURED)  # no token could do it
         if needed is Grant.ADMIN and granted is Grant.READ:
             return Refusal(403, "this token may read but not change the policy")
         return _UNAUTHORIZED

@@ -1,7 +1,7 @@
 """Time-window queries answered from the rollups: stats, series, breakdown, active.
 
 Each query reads a bounded number of rollup rows: about (buckets or days in
-the window) × (keys asked), plus, for distinct instances over a whole window,
+the window) times (keys asked), plus, for distinct instances over a whole window,
 one row per instance that reported in it. None of them reads a payload.
 
 Windows: ``since`` (inclusive) and ``until`` (exclusive), RFC 3339 or
@@ -203,7 +203,8 @@ def active(run: Runner, bucket: str, window: Window) -> Dict[str, Any]:
     start_hour, end_hour = _first_hour(bucket, first), _first_hour(bucket, end)
     instances = dict(
         run.fetchall(
-            "SELECT bucket, instances FROM rollup_active WHERE res = ? AND bucket >= ? AND bucket < ?",
+            "SELECT bucket, instances FROM rollup_active"
+            " WHERE res = ? AND bucket >= ? AND bucket < ?",
             (bucket[0], first, end),
         )
     )
@@ -339,7 +340,8 @@ def breakdown(run: Runner, key: str, limit: int, window: Window) -> Dict[str, An
     """
     first_day, end_day = window.days()
     rows = run.fetchall(
-        "SELECT kind, last_ts, last_seq FROM rollup_key_days WHERE key = ? AND day >= ? AND day < ?",
+        "SELECT kind, last_ts, last_seq FROM rollup_key_days"
+        " WHERE key = ? AND day >= ? AND day < ?",
         (key, first_day, end_day),
     )
     kind = _latest_kind(rows)
@@ -350,7 +352,8 @@ def breakdown(run: Runner, key: str, limit: int, window: Window) -> Dict[str, An
         )
         counted.sort(key=lambda row: (-int(row[1]), row[0]))
         values = [
-            {"value": json.loads(value), "instances": int(count)} for value, count in counted[:limit]
+            {"value": json.loads(value), "instances": int(count)}
+            for value, count in counted[:limit]
         ]
     elif kind == "s":
         totals = sorted(
@@ -392,16 +395,20 @@ def to_csv(kind: str, answer: Mapping[str, Any]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     if kind in ("series", "active"):
-        columns = ["t", "value", "instances"] if kind == "series" else [
-            "t", "instances", "payloads", "dropped"
-        ]
+        columns = (
+            ["t", "value", "instances"]
+            if kind == "series"
+            else ["t", "instances", "payloads", "dropped"]
+        )
         writer.writerow(columns)
         for point in answer["points"]:
             writer.writerow([csv_cell(point[column]) for column in columns])
     elif kind == "breakdown":
-        columns = ["value", "count", "instances"] if answer["kind"] == "counting_set" else [
-            "value", "instances"
-        ]
+        columns = (
+            ["value", "count", "instances"]
+            if answer["kind"] == "counting_set"
+            else ["value", "instances"]
+        )
         writer.writerow(columns)
         for item in answer["values"]:
             writer.writerow([csv_cell(item[column]) for column in columns])
@@ -415,4 +422,3 @@ def to_csv(kind: str, answer: Mapping[str, Any]) -> str:
             for event_name, count in names.items():
                 writer.writerow([f"events.{event_type}.{event_name}", count])
     return buffer.getvalue()
-

@@ -1,4 +1,4 @@
-"""Hourly, daily and weekly aggregates kept up to date at ingest, so that queries never scan payloads.
+"""Hourly, daily and weekly aggregates kept up to date at ingest: queries never scan payloads.
 
 Both stores call ``add_rollups`` in the transaction that inserts a payload, and
 only when the insert stored it (a repeated ``payload_id`` adds nothing), and
@@ -146,31 +146,71 @@ def kind_of(value: object) -> str:
 
 _TABLES: Tuple[Tuple[str, str, str], ...] = (
     # (name, columns, primary key)
-    ("rollup_hours", "hour bigint NOT NULL, payloads bigint NOT NULL, dropped bigint NOT NULL",
-     "hour"),
-    ("rollup_members", "instance_id text NOT NULL, res text NOT NULL, bucket bigint NOT NULL,"
-     " keys text NOT NULL", "instance_id, res, bucket"),
-    ("rollup_active", "res text NOT NULL, bucket bigint NOT NULL, instances bigint NOT NULL",
-     "res, bucket"),
-    ("rollup_key_instances", "key text NOT NULL, res text NOT NULL, bucket bigint NOT NULL,"
-     " instances bigint NOT NULL", "key, res, bucket"),
-    ("rollup_key_hours", "key text NOT NULL, hour bigint NOT NULL, total bigint NOT NULL",
-     "key, hour"),
-    ("rollup_key_days", "key text NOT NULL, day bigint NOT NULL, kind text NOT NULL,"
-     " last_ts bigint NOT NULL, last_seq bigint NOT NULL, total bigint NOT NULL,"
-     " value text, value_ts bigint, value_seq bigint", "key, day"),
-    ("rollup_instances", "instance_id text NOT NULL, first_day bigint NOT NULL,"
-     " last_day bigint NOT NULL", "instance_id"),
-    ("rollup_latest", "key text NOT NULL, instance_id text NOT NULL, day bigint NOT NULL,"
-     " ts bigint NOT NULL, seq bigint NOT NULL, value text NOT NULL", "key, instance_id"),
-    ("rollup_day_values", "key text NOT NULL, instance_id text NOT NULL, day bigint NOT NULL,"
-     " ts bigint NOT NULL, seq bigint NOT NULL, value text NOT NULL", "key, instance_id, day"),
-    ("rollup_cset_days", "key text NOT NULL, day bigint NOT NULL, value text NOT NULL,"
-     " count bigint NOT NULL", "key, day, value"),
-    ("rollup_cset_spans", "key text NOT NULL, value text NOT NULL, instance_id text NOT NULL,"
-     " first_day bigint NOT NULL, last_day bigint NOT NULL", "key, value, instance_id"),
-    ("rollup_cset_members", "key text NOT NULL, value text NOT NULL, instance_id text NOT NULL,"
-     " day bigint NOT NULL", "key, value, instance_id, day"),
+    (
+        "rollup_hours",
+        "hour bigint NOT NULL, payloads bigint NOT NULL, dropped bigint NOT NULL",
+        "hour",
+    ),
+    (
+        "rollup_members",
+        "instance_id text NOT NULL, res text NOT NULL, bucket bigint NOT NULL, keys text NOT NULL",
+        "instance_id, res, bucket",
+    ),
+    (
+        "rollup_active",
+        "res text NOT NULL, bucket bigint NOT NULL, instances bigint NOT NULL",
+        "res, bucket",
+    ),
+    (
+        "rollup_key_instances",
+        "key text NOT NULL, res text NOT NULL, bucket bigint NOT NULL, instances bigint NOT NULL",
+        "key, res, bucket",
+    ),
+    (
+        "rollup_key_hours",
+        "key text NOT NULL, hour bigint NOT NULL, total bigint NOT NULL",
+        "key, hour",
+    ),
+    (
+        "rollup_key_days",
+        "key text NOT NULL, day bigint NOT NULL, kind text NOT NULL,"
+        " last_ts bigint NOT NULL, last_seq bigint NOT NULL, total bigint NOT NULL,"
+        " value text, value_ts bigint, value_seq bigint",
+        "key, day",
+    ),
+    (
+        "rollup_instances",
+        "instance_id text NOT NULL, first_day bigint NOT NULL, last_day bigint NOT NULL",
+        "instance_id",
+    ),
+    (
+        "rollup_latest",
+        "key text NOT NULL, instance_id text NOT NULL, day bigint NOT NULL,"
+        " ts bigint NOT NULL, seq bigint NOT NULL, value text NOT NULL",
+        "key, instance_id",
+    ),
+    (
+        "rollup_day_values",
+        "key text NOT NULL, instance_id text NOT NULL, day bigint NOT NULL,"
+        " ts bigint NOT NULL, seq bigint NOT NULL, value text NOT NULL",
+        "key, instance_id, day",
+    ),
+    (
+        "rollup_cset_days",
+        "key text NOT NULL, day bigint NOT NULL, value text NOT NULL, count bigint NOT NULL",
+        "key, day, value",
+    ),
+    (
+        "rollup_cset_spans",
+        "key text NOT NULL, value text NOT NULL, instance_id text NOT NULL,"
+        " first_day bigint NOT NULL, last_day bigint NOT NULL",
+        "key, value, instance_id",
+    ),
+    (
+        "rollup_cset_members",
+        "key text NOT NULL, value text NOT NULL, instance_id text NOT NULL, day bigint NOT NULL",
+        "key, value, instance_id, day",
+    ),
 )
 ROLLUP_TABLES = tuple(name for name, _, _ in _TABLES)
 
@@ -182,9 +222,7 @@ def rollup_schema(*, sqlite: bool) -> List[str]:
         f"CREATE TABLE IF NOT EXISTS {name} ({columns}, PRIMARY KEY ({key})){suffix}"
         for name, columns, key in _TABLES
     ]
-    statements.append(
-        "CREATE INDEX IF NOT EXISTS rollup_latest_by_day ON rollup_latest (key, day)"
-    )
+    statements.append("CREATE INDEX IF NOT EXISTS rollup_latest_by_day ON rollup_latest (key, day)")
     statements.append(
         "CREATE INDEX IF NOT EXISTS rollup_instances_by_last ON rollup_instances (last_day)"
     )
@@ -208,13 +246,15 @@ _UPSERT_HOUR = f"""
 INSERT INTO rollup_hours AS r (hour, payloads, dropped) VALUES (?, 1, ?)
 ON CONFLICT (hour) DO UPDATE SET
     payloads = r.payloads + 1, dropped = {_saturating_sum("r.dropped", "excluded.dropped")}
-"""
+"""  # noqa: S608 - constants only
 _INSERT_MEMBER = (
     "INSERT INTO rollup_members (instance_id, res, bucket, keys) VALUES (?, ?, ?, ?)"
     " ON CONFLICT DO NOTHING"
 )
 _SELECT_MEMBER = "SELECT keys FROM rollup_members WHERE instance_id = ? AND res = ? AND bucket = ?"
-_UPDATE_MEMBER = "UPDATE rollup_members SET keys = ? WHERE instance_id = ? AND res = ? AND bucket = ?"
+_UPDATE_MEMBER = (
+    "UPDATE rollup_members SET keys = ? WHERE instance_id = ? AND res = ? AND bucket = ?"
+)
 _UPSERT_ACTIVE = """
 INSERT INTO rollup_active AS r (res, bucket, instances) VALUES (?, ?, 1)
 ON CONFLICT (res, bucket) DO UPDATE SET instances = r.instances + 1
@@ -233,7 +273,7 @@ ON CONFLICT (instance_id) DO UPDATE SET
 _UPSERT_KEY_HOUR = f"""
 INSERT INTO rollup_key_hours AS r (key, hour, total) VALUES (?, ?, ?)
 ON CONFLICT (key, hour) DO UPDATE SET total = {_saturating_sum("r.total", "excluded.total")}
-"""
+"""  # noqa: S608 - constants only
 _UPSERT_KEY_DAY = f"""
 INSERT INTO rollup_key_days AS r
     (key, day, kind, last_ts, last_seq, total, value, value_ts, value_seq)
@@ -254,7 +294,7 @@ ON CONFLICT (key, day) DO UPDATE SET
     value_seq = CASE WHEN excluded.value_ts IS NOT NULL
                   AND (r.value_ts IS NULL OR {_later("excluded.value", "r.value")})
             THEN excluded.value_seq ELSE r.value_seq END
-"""
+"""  # noqa: S608 - constants only
 
 
 def _upsert_value(table: str, key: str) -> str:
@@ -271,7 +311,7 @@ _UPSERT_DAY_VALUE = _upsert_value("rollup_day_values", "key, instance_id, day")
 _UPSERT_CSET_DAY = f"""
 INSERT INTO rollup_cset_days AS r (key, day, value, count) VALUES (?, ?, ?, ?)
 ON CONFLICT (key, day, value) DO UPDATE SET count = {_saturating_sum("r.count", "excluded.count")}
-"""
+"""  # noqa: S608 - constants only
 _UPSERT_CSET_SPAN = """
 INSERT INTO rollup_cset_spans AS r (key, value, instance_id, first_day, last_day)
 VALUES (?, ?, ?, ?, ?)
@@ -301,7 +341,9 @@ def _new_keys(
     known = set(json.loads(rows[0][0])) if rows else set()
     new = [key for key in keys if key not in known]
     if new:
-        run.execute(_UPDATE_MEMBER, (json.dumps(sorted(known.union(new))), instance_id, res, bucket))
+        run.execute(
+            _UPDATE_MEMBER, (json.dumps(sorted(known.union(new))), instance_id, res, bucket)
+        )
     return False, new
 
 
@@ -339,7 +381,7 @@ def add_rollups(
     for key in keys:
         value = data[key]
         kind = kind_of(value)
-        total = value if kind == "c" else 0
+        total = clamp(value) if kind == "c" else 0
         if kind == "c":
             key_hours.append((key, hour, total))
         encoded: Optional[str] = None
@@ -371,7 +413,9 @@ def add_rollups(
         run.executemany(_INSERT_CSET_MEMBER, cset_members)
 
 
-def backfill(run: Runner, payloads: Iterable[Tuple[int, str, str, str, Mapping[str, Any], int]]) -> int:
+def backfill(
+    run: Runner, payloads: Iterable[Tuple[int, str, str, str, Mapping[str, Any], int]]
+) -> int:
     """Add stored payloads (``seq, instance_id, timestamp, received_at, data, dropped``, in
     arrival order) to the rollups; the number added. For a database made before rollups."""
     count = 0

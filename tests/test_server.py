@@ -148,12 +148,13 @@ def test_update_is_stored_and_answered_with_next_update_in_nanoseconds(
     assert response.status_code == 200
     assert response.headers["Content-Type"] == "application/json"
     assert response.json() == {"next_update": 3600 * NS}
-    stats = get(telemetry_server, "/v1/stats").json()
+    stats = get(telemetry_server, "/v1/stats?since=2000-01-01").json()
     assert stats == {
         "instances": 1,
         "payloads": 1,
         "dropped": 2,
         "keys": {"requests": 3, "version": "1.4.2"},
+        "events": {},
     }
     assert telemetry_server.payloads == [payload]
     [stored] = telemetry_server.stored_payloads()
@@ -323,7 +324,7 @@ def test_stats_totals_match_independently_computed_totals(telemetry_server: Serv
             )
             assert response.status_code == 200
 
-    stats = get(telemetry_server, "/v1/stats").json()
+    stats = get(telemetry_server, "/v1/stats?since=2000-01-01").json()
 
     expected_keys = {
         **latest,
@@ -336,6 +337,7 @@ def test_stats_totals_match_independently_computed_totals(telemetry_server: Serv
         "payloads": 300,
         "dropped": dropped,
         "keys": expected_keys,
+        "events": {},
     }
 
 
@@ -904,7 +906,7 @@ def test_concurrent_clients_give_exact_totals(telemetry_server: Server) -> None:
         for future in [pool.submit(client, worker) for worker in range(threads)]:
             future.result()
 
-    stats = get(telemetry_server, "/v1/stats").json()
+    stats = get(telemetry_server, "/v1/stats?since=2000-01-01").json()
     assert stats == {
         "instances": threads,
         "payloads": threads * per_thread,
@@ -914,6 +916,7 @@ def test_concurrent_clients_give_exact_totals(telemetry_server: Server) -> None:
             "shared": [{"value": "all", "count": 2 * threads * per_thread}],
             "workers": [{"value": worker, "count": per_thread} for worker in range(threads)],
         },
+        "events": {},
     }
 
 
