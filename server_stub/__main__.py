@@ -1,14 +1,19 @@
-"""``python -m server_stub``: serve the collection server until Ctrl-C or SIGTERM."""
+"""``python -m server_stub``: serve the collection server until Ctrl-C or SIGTERM.
+
+``python -m server_stub policy show|set FILE|history``: a running server's policy.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from types import FrameType
 from typing import List, Optional
 
+from ._access import Access
 from ._app import App
 from ._harness import make_server
 from ._policy import Policy
@@ -30,6 +35,16 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         help="SQLite database file, or a postgresql:// URL (needs the 'postgres' extra)",
     )
     parser.add_argument("--policy", metavar="FILE", help="policy JSON file (re-read on change)")
+    parser.add_argument(
+        "--read-token",
+        default=os.environ.get("TELEMETRY_READ_TOKEN") or None,
+        help="bearer token for reading (default: $TELEMETRY_READ_TOKEN)",
+    )
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get("TELEMETRY_ADMIN_TOKEN") or None,
+        help="bearer token for reading and changing the policy (default: $TELEMETRY_ADMIN_TOKEN)",
+    )
     return parser.parse_args(argv)
 
 
@@ -38,7 +53,17 @@ def _terminate(signum: int, frame: Optional[FrameType]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["policy"]:
+        from ._policy_cli import main as policy_main  # noqa: PLC0415 - only this command needs it
+
+        return policy_main(arguments[1:])
+    args = _parse_args(arguments)
+    try:
+        access = Access(args.read_token, args.admin_token)
+    except ValueError as exc:
+        print(f"server_stub: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         policy = Policy(args.policy)
@@ -51,7 +76,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"server_stub: cannot open database {redact_url(args.db)}: {exc}", file=sys.stderr)
         return 2
     try:
-        httpd = make_server(args.host, args.port, App(store, policy))
+        httpd = make_server(args.host, args.port, App(store, policy, access=access))
     except OSError as exc:
         store.close()
         print(f"server_stub: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)

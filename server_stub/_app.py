@@ -27,6 +27,7 @@ from . import _queries
 from ._access import Access, Grant
 from ._openapi import openapi_document
 from ._policy import Policy
+from ._sql import Runner
 from ._store import PayloadRecord, Store, UnstorablePayload, open_store
 
 if TYPE_CHECKING:
@@ -537,8 +538,7 @@ class App:
         """``GET /v1/stats?since=&until=``: totals within the window."""
         query = _query(environ)
         window = self._window(query)
-        with self.store.reading() as run:
-            answer = _queries.stats(run, window)
+        answer = self._run(lambda run: _queries.stats(run, window))
         return _answer("stats", answer, query)
 
     def series(self, environ: WSGIEnvironment) -> Response:
@@ -547,8 +547,7 @@ class App:
         key = _required(query, "key")
         window = self._window(query)
         bucket = _bucket(query)
-        with self.store.reading() as run:
-            answer = _queries.series(run, key, bucket, window)
+        answer = self._run(lambda run: _queries.series(run, key, bucket, window))
         return _answer("series", answer, query)
 
     def breakdown(self, environ: WSGIEnvironment) -> Response:
@@ -557,8 +556,7 @@ class App:
         key = _required(query, "key")
         limit = _query_int(query, "limit", 10, 1, _MAX_BREAKDOWN)
         window = self._window(query)
-        with self.store.reading() as run:
-            answer = _queries.breakdown(run, key, limit, window)
+        answer = self._run(lambda run: _queries.breakdown(run, key, limit, window))
         return _answer("breakdown", answer, query)
 
     def active(self, environ: WSGIEnvironment) -> Response:
@@ -566,9 +564,16 @@ class App:
         query = _query(environ)
         window = self._window(query)
         bucket = _bucket(query)
-        with self.store.reading() as run:
-            answer = _queries.active(run, bucket, window)
+        answer = self._run(lambda run: _queries.active(run, bucket, window))
         return _answer("active", answer, query)
+
+    def _run(self, query: Callable[[Runner], Dict[str, Any]]) -> Dict[str, Any]:
+        """``query`` in a read transaction; a ``BadQuery`` is a 400."""
+        try:
+            with self.store.reading() as run:
+                return query(run)
+        except _queries.BadQuery as exc:
+            raise HTTPError(400, str(exc)) from None
 
     def _window(self, query: Mapping[str, List[str]]) -> _queries.Window:
         try:
