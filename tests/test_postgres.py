@@ -328,7 +328,8 @@ def test_command_line_server_on_postgres(postgres_url: str) -> None:
                 f"{url}/v1/update/{payload['instance_id']}", json=payload, timeout=10
             )
             assert response.status_code == 200
-            assert requests.get(f"{url}/v1/stats?since=2000-01-01", timeout=10).json()["payloads"] == 1
+            stats = requests.get(f"{url}/v1/stats?since=2000-01-01", timeout=10).json()
+            assert stats["payloads"] == 1
         finally:
             process.terminate()
             process.wait(10)
