@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 from ._policy import POLICY_SCHEMA_POSTGRES
-from ._rollups import add_rollups, backfill, rollup_schema
+from ._rollups import ADD_PENDING, FOLD_EVERY, fold_pending, rollup_schema
 from ._sql import PostgresRunner
 from ._store import PayloadRecord, UnstorablePayload
 
@@ -78,9 +78,16 @@ VALUES (%s, %s, %s, %s::timestamptz, %s::jsonb, %s::jsonb, %s)
 ON CONFLICT (payload_id) DO NOTHING
 RETURNING seq
 """
-# pg_advisory_xact_lock key serialising writing() transactions (policy changes).
+# pg_advisory_xact_lock keys serialising writing() transactions (policy changes),
+# and folds of pending payloads into the rollups.
 _WRITE_LOCK = _MIGRATION_LOCK + 1
-_BACKFILL_BATCH = 1000
+_FOLD_LOCK = _MIGRATION_LOCK + 2
+_SELECT_PENDING = """
+SELECT p.seq, p.instance_id, p.sent_at,
+       to_char(p.received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+       p.data, p.dropped
+FROM rollup_pending AS r JOIN payloads AS p ON p.seq = r.seq ORDER BY r.seq LIMIT ?
+"""
 
 # How aggregate_keys totals the value e.value: 'c' an integer counter (summed),
 # 's' a counting set (merged), 'v' anything else (the latest wins). Integers are
@@ -241,22 +248,8 @@ def migrate(connection: psycopg.Connection[Any]) -> int:
 
 def _backfill(connection: psycopg.Connection[Any]) -> None:
     """Add the payloads stored before the rollups existed to them (inside migrate())."""
-
-    def payloads() -> Iterator[Tuple[int, str, str, str, Any, int]]:
-        last = 0
-        while True:
-            rows = connection.execute(
-                "SELECT seq, instance_id, sent_at,"
-                """ to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),"""
-                " data, dropped FROM payloads WHERE seq > %s ORDER BY seq LIMIT %s",
-                (last, _BACKFILL_BATCH),
-            ).fetchall()
-            yield from rows
-            if len(rows) < _BACKFILL_BATCH:
-                return
-            last = rows[-1][0]
-
-    backfill(PostgresRunner(connection), payloads())
+    connection.execute("INSERT INTO rollup_pending (seq) SELECT seq FROM payloads")
+    fold_pending(PostgresRunner(connection), _SELECT_PENDING)
 
 
 class PostgresStore:
@@ -329,19 +322,27 @@ class PostgresStore:
                 stored = connection.execute(_INSERT, row).fetchone()
                 if stored is None:
                     return False
-                add_rollups(
-                    PostgresRunner(connection),
-                    seq=stored[0],
-                    instance_id=record.instance_id,
-                    timestamp=record.timestamp,
-                    received_at=record.received_at,
-                    data=record.data,
-                    dropped=record.dropped,
-                )
+                seq = stored[0]
+                # The rollups take it in with the next fold (see _rollups).
+                connection.execute(ADD_PENDING.replace("?", "%s"), (seq,))
+                if seq % FOLD_EVERY == 0:
+                    self._fold(connection)
         except self._psycopg.DataError as exc:
             # \u0000 or an unpaired surrogate: jsonb cannot hold them.
             raise UnstorablePayload(str(exc).splitlines()[0]) from None
         return True
+
+    def _fold(self, connection: psycopg.Connection[Any]) -> int:
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (_FOLD_LOCK,))
+        return fold_pending(PostgresRunner(connection), _SELECT_PENDING)
+
+    def fold_rollups(self) -> int:
+        """Add the payloads stored since the last fold to the rollups; how many."""
+        with self._connection() as connection:
+            if connection.execute("SELECT 1 FROM rollup_pending LIMIT 1").fetchone() is None:
+                return 0
+            with connection.transaction():
+                return self._fold(connection)
 
     @contextmanager
     def writing(self) -> Iterator[PostgresRunner]:
@@ -352,7 +353,8 @@ class PostgresStore:
 
     @contextmanager
     def reading(self) -> Iterator[PostgresRunner]:
-        """A read-only transaction on one snapshot."""
+        """A read-only transaction on one snapshot, with the rollups folded up to date first."""
+        self.fold_rollups()
         with self._connection() as connection, connection.transaction():
             connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             connection.execute("SET LOCAL jit = off")

@@ -1,10 +1,18 @@
 """Hourly, daily and weekly aggregates kept up to date at ingest: queries never scan payloads.
 
-Both stores call ``add_rollups`` in the transaction that inserts a payload, and
-only when the insert stored it (a repeated ``payload_id`` adds nothing), and
-``backfill`` once for payloads stored before the rollups existed. The SQL is
-shared: it runs through a ``_sql.Runner`` and uses only what SQLite 3.35+ and PostgreSQL 12+ both
-understand (``INSERT ... ON CONFLICT``, row values).
+Every ingest transaction that stores a payload also records it in
+``rollup_pending`` (a repeated ``payload_id`` stores nothing, so adds
+nothing). Pending payloads are folded into the aggregates in batches: by the
+ingest transaction whose ``seq`` is a multiple of ``FOLD_EVERY``, and before
+every query (``Store.reading()``), so answers always include every payload
+stored before them. A batch is merged in memory first (payloads of one batch
+share hours, days, keys and values), then written with one statement per
+table: one upsert per payload and key would cost more than the ingest itself.
+A database made before rollups existed is backfilled by marking every stored
+payload pending. The SQL is shared by both stores through a ``_sql.Runner``
+and uses only what SQLite 3.35+ and PostgreSQL 12+ both understand (``INSERT
+... ON CONFLICT``, row values); only one fold runs at a time (SQLite's write
+lock, a PostgreSQL advisory lock).
 
 A payload counts at its *effective time*: its ``timestamp``, or its arrival
 when the timestamp is later than that (a clock running ahead cannot put data
@@ -33,21 +41,24 @@ What is kept (sizes for N payloads from I instances over D days, K keys):
 from __future__ import annotations
 
 import json
+import json.encoder
+import math
 import re
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 from ._sql import Runner
 
 __all__ = [
+    "ADD_PENDING",
+    "FOLD_EVERY",
     "MAX_INT64",
     "MIN_INT64",
     "ROLLUP_TABLES",
-    "add_rollups",
-    "backfill",
     "clamp",
     "day_of",
     "effective_micros",
+    "fold_pending",
     "hour_of",
     "identity",
     "kind_of",
@@ -60,7 +71,10 @@ MAX_INT64 = 2**63 - 1
 MIN_INT64 = -(2**63)
 MICROS_PER_HOUR = 3_600_000_000
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
+_MICROSECOND = timedelta(microseconds=1)
 
+_encode_string: Any = json.encoder.encode_basestring_ascii  # what json.dumps uses
 _RFC3339 = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
     r"(?:\.([0-9]+))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
@@ -92,11 +106,23 @@ def micros(moment: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+def _fast_micros(text: str) -> int:
+    """``parse_rfc3339`` for what the Python client sends (``...:SS.ffffffZ``), faster."""
+    if len(text) == 27 and text[-1] == "Z" and text[19] == "." and text[10] in "Tt":
+        try:
+            moment = datetime.fromisoformat(text[:-1])
+        except ValueError:
+            pass
+        else:
+            return (moment - _NAIVE_EPOCH) // _MICROSECOND
+    return micros(parse_rfc3339(text))
+
+
 def effective_micros(timestamp: str, received_at: str) -> int:
     """When a payload counts: its timestamp, or its arrival if the timestamp is later."""
-    arrival = micros(parse_rfc3339(received_at))
+    arrival = _fast_micros(received_at)
     try:
-        sent = micros(parse_rfc3339(timestamp))
+        sent = _fast_micros(timestamp)
     except ValueError:  # stored before validation was strict: count it on arrival
         return arrival
     return min(sent, arrival)
@@ -117,28 +143,38 @@ def week_of(day: int) -> int:
 
 def clamp(total: int) -> int:
     """``total`` saturated to the int64 range (sums saturate rather than overflow)."""
-    return max(MIN_INT64, min(MAX_INT64, total))
+    if MIN_INT64 <= total <= MAX_INT64:
+        return total
+    return MAX_INT64 if total > 0 else MIN_INT64
 
 
 def identity(value: object) -> str:
     """A value's canonical JSON: the same for equal values (object member order ignored)."""
+    kind = type(value)
+    if kind is str:
+        encoded: str = _encode_string(value)
+        return encoded
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return str(value)
+    if kind is float:
+        return repr(value) if math.isfinite(value) else json.dumps(value)  # type: ignore[arg-type]
+    if value is None:
+        return "null"
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
 def kind_of(value: object) -> str:
     """``"c"`` an integer counter, ``"s"`` a counting set, ``"v"`` any other value."""
-    if isinstance(value, int) and not isinstance(value, bool):
+    kind = type(value)
+    if kind is int:
         return "c"
-    if (
-        isinstance(value, list)
-        and value
-        and all(
-            isinstance(item, dict)
-            and item.keys() == {"value", "count"}
-            and isinstance(item["count"], int)
-            and not isinstance(item["count"], bool)
-            for item in value
-        )
+    if kind is not list:
+        return "c" if isinstance(value, int) and not isinstance(value, bool) else "v"
+    if value and all(
+        type(item) is dict and len(item) == 2 and "value" in item and type(item.get("count")) is int
+        for item in value  # type: ignore[attr-defined]
     ):
         return "s"
     return "v"
@@ -222,6 +258,7 @@ def rollup_schema(*, sqlite: bool) -> List[str]:
         f"CREATE TABLE IF NOT EXISTS {name} ({columns}, PRIMARY KEY ({key})){suffix}"
         for name, columns, key in _TABLES
     ]
+    statements.append(PENDING_SCHEMA)
     statements.append("CREATE INDEX IF NOT EXISTS rollup_latest_by_day ON rollup_latest (key, day)")
     statements.append(
         "CREATE INDEX IF NOT EXISTS rollup_instances_by_last ON rollup_instances (last_day)"
@@ -243,25 +280,22 @@ def _later(new: str, old: str) -> str:
 
 
 _UPSERT_HOUR = f"""
-INSERT INTO rollup_hours AS r (hour, payloads, dropped) VALUES (?, 1, ?)
+INSERT INTO rollup_hours AS r (hour, payloads, dropped) VALUES (?, ?, ?)
 ON CONFLICT (hour) DO UPDATE SET
-    payloads = r.payloads + 1, dropped = {_saturating_sum("r.dropped", "excluded.dropped")}
+    payloads = r.payloads + excluded.payloads,
+    dropped = {_saturating_sum("r.dropped", "excluded.dropped")}
 """  # noqa: S608 - constants only
-_INSERT_MEMBER = (
-    "INSERT INTO rollup_members (instance_id, res, bucket, keys) VALUES (?, ?, ?, ?)"
-    " ON CONFLICT DO NOTHING"
-)
-_SELECT_MEMBER = "SELECT keys FROM rollup_members WHERE instance_id = ? AND res = ? AND bucket = ?"
-_UPDATE_MEMBER = (
-    "UPDATE rollup_members SET keys = ? WHERE instance_id = ? AND res = ? AND bucket = ?"
-)
+_UPSERT_MEMBER = """
+INSERT INTO rollup_members AS r (instance_id, res, bucket, keys) VALUES (?, ?, ?, ?)
+ON CONFLICT (instance_id, res, bucket) DO UPDATE SET keys = excluded.keys
+"""
 _UPSERT_ACTIVE = """
-INSERT INTO rollup_active AS r (res, bucket, instances) VALUES (?, ?, 1)
-ON CONFLICT (res, bucket) DO UPDATE SET instances = r.instances + 1
+INSERT INTO rollup_active AS r (res, bucket, instances) VALUES (?, ?, ?)
+ON CONFLICT (res, bucket) DO UPDATE SET instances = r.instances + excluded.instances
 """
 _UPSERT_KEY_INSTANCES = """
-INSERT INTO rollup_key_instances AS r (key, res, bucket, instances) VALUES (?, ?, ?, 1)
-ON CONFLICT (key, res, bucket) DO UPDATE SET instances = r.instances + 1
+INSERT INTO rollup_key_instances AS r (key, res, bucket, instances) VALUES (?, ?, ?, ?)
+ON CONFLICT (key, res, bucket) DO UPDATE SET instances = r.instances + excluded.instances
 """
 _UPSERT_INSTANCE = """
 INSERT INTO rollup_instances AS r (instance_id, first_day, last_day) VALUES (?, ?, ?)
@@ -274,26 +308,23 @@ _UPSERT_KEY_HOUR = f"""
 INSERT INTO rollup_key_hours AS r (key, hour, total) VALUES (?, ?, ?)
 ON CONFLICT (key, hour) DO UPDATE SET total = {_saturating_sum("r.total", "excluded.total")}
 """  # noqa: S608 - constants only
+_LATER_LAST = _later("excluded.last", "r.last")
+_LATER_VALUE = (
+    "excluded.value_ts IS NOT NULL AND"
+    f" (r.value_ts IS NULL OR {_later('excluded.value', 'r.value')})"
+)
 _UPSERT_KEY_DAY = f"""
 INSERT INTO rollup_key_days AS r
     (key, day, kind, last_ts, last_seq, total, value, value_ts, value_seq)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (key, day) DO UPDATE SET
-    kind = CASE WHEN {_later("excluded.last", "r.last")} THEN excluded.kind ELSE r.kind END,
-    last_ts = CASE WHEN {_later("excluded.last", "r.last")} THEN excluded.last_ts
-              ELSE r.last_ts END,
-    last_seq = CASE WHEN {_later("excluded.last", "r.last")} THEN excluded.last_seq
-               ELSE r.last_seq END,
+    kind = CASE WHEN {_LATER_LAST} THEN excluded.kind ELSE r.kind END,
+    last_ts = CASE WHEN {_LATER_LAST} THEN excluded.last_ts ELSE r.last_ts END,
+    last_seq = CASE WHEN {_LATER_LAST} THEN excluded.last_seq ELSE r.last_seq END,
     total = {_saturating_sum("r.total", "excluded.total")},
-    value = CASE WHEN excluded.value_ts IS NOT NULL
-                  AND (r.value_ts IS NULL OR {_later("excluded.value", "r.value")})
-            THEN excluded.value ELSE r.value END,
-    value_ts = CASE WHEN excluded.value_ts IS NOT NULL
-                  AND (r.value_ts IS NULL OR {_later("excluded.value", "r.value")})
-            THEN excluded.value_ts ELSE r.value_ts END,
-    value_seq = CASE WHEN excluded.value_ts IS NOT NULL
-                  AND (r.value_ts IS NULL OR {_later("excluded.value", "r.value")})
-            THEN excluded.value_seq ELSE r.value_seq END
+    value = CASE WHEN {_LATER_VALUE} THEN excluded.value ELSE r.value END,
+    value_ts = CASE WHEN {_LATER_VALUE} THEN excluded.value_ts ELSE r.value_ts END,
+    value_seq = CASE WHEN {_LATER_VALUE} THEN excluded.value_seq ELSE r.value_seq END
 """  # noqa: S608 - constants only
 
 
@@ -324,110 +355,196 @@ _INSERT_CSET_MEMBER = (
     "INSERT INTO rollup_cset_members (key, value, instance_id, day) VALUES (?, ?, ?, ?)"
     " ON CONFLICT DO NOTHING"
 )
+_MEMBERS_PER_SELECT = 300
+
+PENDING_SCHEMA = "CREATE TABLE IF NOT EXISTS rollup_pending (seq bigint PRIMARY KEY)"
+"""Payloads stored but not yet added to the rollups (their ``seq``)."""
+ADD_PENDING = "INSERT INTO rollup_pending (seq) VALUES (?)"
+FOLD_EVERY = 256
+"""An ingest whose ``seq`` is a multiple of this folds every pending payload."""
+FOLD_BATCH = 2000
+
+Report = Tuple[int, int]
+"""When a report was made, for "latest" comparisons: (effective µs, seq)."""
 
 
-def _new_keys(
-    run: Runner, instance_id: str, res: str, bucket: int, keys: List[str]
-) -> Tuple[bool, List[str]]:
-    """Record that ``instance_id`` reported ``keys`` in this bucket.
+class _Batch:
+    """The rollup changes of a batch of payloads, merged in memory before one write per table.
 
-    Returns whether the instance is new to the bucket, and the keys new to it there.
+    Many payloads of a batch share hours, days and keys: merged first, they
+    cost one row each instead of one statement per payload and key.
     """
-    if run.execute(_INSERT_MEMBER, (instance_id, res, bucket, json.dumps(keys))) == 1:
-        return True, keys
-    if not keys:
-        return False, []
-    rows = run.fetchall(_SELECT_MEMBER, (instance_id, res, bucket))
-    known = set(json.loads(rows[0][0])) if rows else set()
-    new = [key for key in keys if key not in known]
-    if new:
-        run.execute(
-            _UPDATE_MEMBER, (json.dumps(sorted(known.union(new))), instance_id, res, bucket)
+
+    def __init__(self) -> None:
+        self.hours: Dict[int, List[int]] = {}
+        self.members: Dict[Tuple[str, str, int], set[str]] = {}
+        self.instances: Dict[str, List[int]] = {}
+        self.key_hours: Dict[Tuple[str, int], int] = {}
+        # (key, day) -> [kind, last_ts, last_seq, total, value, value_ts, value_seq]
+        self.key_days: Dict[Tuple[str, int], List[Any]] = {}
+        self.latest: Dict[Tuple[str, str], Tuple[int, int, int, str]] = {}
+        self.day_values: Dict[Tuple[str, str, int], Tuple[int, int, str]] = {}
+        self.cset_days: Dict[Tuple[str, int, str], int] = {}
+        self.cset_spans: Dict[Tuple[str, str, str], List[int]] = {}
+        self.cset_members: set[Tuple[str, str, str, int]] = set()
+
+    def add(
+        self,
+        seq: int,
+        instance_id: str,
+        *,
+        timestamp: str,
+        received_at: str,
+        data: Mapping[str, Any],
+        dropped: int,
+    ) -> None:
+        at = effective_micros(timestamp, received_at)
+        hour = hour_of(at)
+        day = day_of(hour)
+        hourly = self.hours.setdefault(hour, [0, 0])
+        hourly[0] += 1
+        hourly[1] = clamp(hourly[1] + dropped)
+        for bucket in (("h", hour), ("d", day), ("w", week_of(day))):
+            self.members.setdefault((instance_id, *bucket), set()).update(data)
+        span = self.instances.setdefault(instance_id, [day, day])
+        span[0], span[1] = min(span[0], day), max(span[1], day)
+        report = (at, seq)
+        for key, value in data.items():
+            kind = kind_of(value)
+            daily = self.key_days.get((key, day))
+            if daily is None:
+                daily = self.key_days[(key, day)] = [kind, at, seq, 0, None, None, None]
+            elif report > (daily[1], daily[2]):
+                daily[0], daily[1], daily[2] = kind, at, seq
+            if kind == "c":
+                total = clamp(value)
+                self.key_hours[(key, hour)] = clamp(self.key_hours.get((key, hour), 0) + total)
+                daily[3] = clamp(daily[3] + total)
+            elif kind == "v":
+                encoded = identity(value)
+                if daily[5] is None or report > (daily[5], daily[6]):
+                    daily[4], daily[5], daily[6] = encoded, at, seq
+                latest = self.latest.get((key, instance_id))
+                if latest is None or report > (latest[0], latest[1]):
+                    self.latest[(key, instance_id)] = (at, seq, day, encoded)
+                of_day = self.day_values.get((key, instance_id, day))
+                if of_day is None or report > (of_day[0], of_day[1]):
+                    self.day_values[(key, instance_id, day)] = (at, seq, encoded)
+            else:
+                for item in value:
+                    item_id = identity(item["value"])
+                    counted = (key, day, item_id)
+                    self.cset_days[counted] = clamp(self.cset_days.get(counted, 0) + item["count"])
+                    item_span = self.cset_spans.setdefault((key, item_id, instance_id), [day, day])
+                    item_span[0], item_span[1] = min(item_span[0], day), max(item_span[1], day)
+                    self.cset_members.add((key, item_id, instance_id, day))
+
+    def write(self, run: Runner) -> None:
+        """Apply the merged changes to the rollup tables (the caller holds the fold lock)."""
+        run.executemany(_UPSERT_HOUR, [(hour, n, lost) for hour, (n, lost) in self.hours.items()])
+        self._write_members(run)
+        run.executemany(
+            _UPSERT_INSTANCE, [(instance, *span) for instance, span in self.instances.items()]
         )
-    return False, new
+        if self.key_hours:
+            run.executemany(
+                _UPSERT_KEY_HOUR, [(*slot, total) for slot, total in self.key_hours.items()]
+            )
+        if self.key_days:
+            run.executemany(_UPSERT_KEY_DAY, [(*slot, *row) for slot, row in self.key_days.items()])
+        if self.latest:
+            run.executemany(
+                _UPSERT_LATEST,
+                [
+                    (key, instance, day, at, seq, value)
+                    for (key, instance), (at, seq, day, value) in self.latest.items()
+                ],
+            )
+            run.executemany(
+                _UPSERT_DAY_VALUE,
+                [
+                    (key, instance, day, at, seq, value)
+                    for (key, instance, day), (at, seq, value) in self.day_values.items()
+                ],
+            )
+        if self.cset_days:
+            run.executemany(
+                _UPSERT_CSET_DAY, [(*slot, count) for slot, count in self.cset_days.items()]
+            )
+            run.executemany(
+                _UPSERT_CSET_SPAN, [(*slot, *span) for slot, span in self.cset_spans.items()]
+            )
+            run.executemany(_INSERT_CSET_MEMBER, sorted(self.cset_members))
+
+    def _write_members(self, run: Runner) -> None:
+        """Which instances and keys are new to each bucket: counted once per bucket."""
+        slots = sorted(self.members)
+        known: Dict[Tuple[str, str, int], set[str]] = {}
+        for start in range(0, len(slots), _MEMBERS_PER_SELECT):
+            chunk = slots[start : start + _MEMBERS_PER_SELECT]
+            values = ", ".join(["(?, ?, ?)"] * len(chunk))
+            rows = run.fetchall(
+                "SELECT instance_id, res, bucket, keys FROM rollup_members"  # noqa: S608
+                f" WHERE (instance_id, res, bucket) IN (VALUES {values})",
+                [part for slot in chunk for part in slot],
+            )
+            for instance, res, bucket, keys in rows:
+                known[(instance, res, int(bucket))] = set(json.loads(keys))
+        active: Dict[Tuple[str, int], int] = {}
+        key_instances: Dict[Tuple[str, str, int], int] = {}
+        changed = []
+        for slot in slots:
+            instance, res, bucket = slot
+            before = known.get(slot)
+            if before is None:
+                active[(res, bucket)] = active.get((res, bucket), 0) + 1
+                before = set()
+            new_keys = self.members[slot] - before
+            if before and not new_keys:
+                continue
+            for key in new_keys:
+                key_instances[(key, res, bucket)] = key_instances.get((key, res, bucket), 0) + 1
+            changed.append((*slot, json.dumps(sorted(before | new_keys))))
+        if changed:
+            run.executemany(_UPSERT_MEMBER, changed)
+        if active:
+            run.executemany(_UPSERT_ACTIVE, [(*slot, n) for slot, n in active.items()])
+        if key_instances:
+            run.executemany(
+                _UPSERT_KEY_INSTANCES, [(*slot, n) for slot, n in key_instances.items()]
+            )
 
 
-def add_rollups(
-    run: Runner,
-    *,
-    seq: int,
-    instance_id: str,
-    timestamp: str,
-    received_at: str,
-    data: Mapping[str, Any],
-    dropped: int,
-) -> None:
-    """Add one newly stored payload (``seq``: its arrival order) to every rollup."""
-    at = effective_micros(timestamp, received_at)
-    hour = hour_of(at)
-    day = day_of(hour)
-    week = week_of(day)
-    run.execute(_UPSERT_HOUR, (hour, clamp(dropped)))
-    keys = sorted(data)
-    for res, bucket in (("h", hour), ("d", day), ("w", week)):
-        new_instance, new_keys = _new_keys(run, instance_id, res, bucket, keys)
-        if new_instance:
-            run.execute(_UPSERT_ACTIVE, (res, bucket))
-        if new_keys:
-            run.executemany(_UPSERT_KEY_INSTANCES, [(key, res, bucket) for key in new_keys])
-    run.execute(_UPSERT_INSTANCE, (instance_id, day, day))
-
-    key_hours: List[Tuple[Any, ...]] = []
-    key_days: List[Tuple[Any, ...]] = []
-    values: List[Tuple[Any, ...]] = []
-    cset_days: List[Tuple[Any, ...]] = []
-    cset_spans: List[Tuple[Any, ...]] = []
-    cset_members: List[Tuple[Any, ...]] = []
-    for key in keys:
-        value = data[key]
-        kind = kind_of(value)
-        total = clamp(value) if kind == "c" else 0
-        if kind == "c":
-            key_hours.append((key, hour, total))
-        encoded: Optional[str] = None
-        if kind == "v":
-            encoded = identity(value)
-            values.append((key, instance_id, day, at, seq, encoded))
-        elif kind == "s":
-            merged: Dict[str, int] = {}
-            for item in value:
-                item_id = identity(item["value"])
-                merged[item_id] = clamp(merged.get(item_id, 0) + item["count"])
-            for item_id, count in merged.items():
-                cset_days.append((key, day, item_id, count))
-                cset_spans.append((key, item_id, instance_id, day, day))
-                cset_members.append((key, item_id, instance_id, day))
-        value_ts = at if encoded is not None else None
-        value_seq = seq if encoded is not None else None
-        key_days.append((key, day, kind, at, seq, total, encoded, value_ts, value_seq))
-    if key_hours:
-        run.executemany(_UPSERT_KEY_HOUR, key_hours)
-    if key_days:
-        run.executemany(_UPSERT_KEY_DAY, key_days)
-    if values:
-        run.executemany(_UPSERT_LATEST, values)
-        run.executemany(_UPSERT_DAY_VALUE, values)
-    if cset_days:
-        run.executemany(_UPSERT_CSET_DAY, cset_days)
-        run.executemany(_UPSERT_CSET_SPAN, cset_spans)
-        run.executemany(_INSERT_CSET_MEMBER, cset_members)
+PendingPayload = Tuple[int, str, str, str, Mapping[str, Any], int]
+"""(seq, instance_id, timestamp, received_at, data, dropped) of a stored payload."""
 
 
-def backfill(
-    run: Runner, payloads: Iterable[Tuple[int, str, str, str, Mapping[str, Any], int]]
-) -> int:
-    """Add stored payloads (``seq, instance_id, timestamp, received_at, data, dropped``, in
-    arrival order) to the rollups; the number added. For a database made before rollups."""
-    count = 0
-    for seq, instance_id, timestamp, received_at, data, dropped in payloads:
-        add_rollups(
-            run,
-            seq=seq,
-            instance_id=instance_id,
-            timestamp=timestamp,
-            received_at=received_at,
-            data=data,
-            dropped=dropped,
-        )
-        count += 1
-    return count
+def fold_pending(run: Runner, select_pending: str) -> int:
+    """Add every pending payload to the rollups and clear it from ``rollup_pending``.
+
+    ``select_pending`` selects up to ``?`` pending payloads as ``PendingPayload``
+    rows (``data`` as JSON text or already decoded), oldest first. The caller
+    holds a write transaction that no other fold runs beside. Returns how many
+    payloads were added.
+    """
+    folded = 0
+    while True:
+        rows = run.fetchall(select_pending, (FOLD_BATCH,))
+        if not rows:
+            return folded
+        batch = _Batch()
+        for seq, instance_id, timestamp, received_at, stored_data, dropped in rows:
+            data = json.loads(stored_data) if isinstance(stored_data, str) else stored_data
+            batch.add(
+                int(seq),
+                instance_id,
+                timestamp=timestamp,
+                received_at=received_at,
+                data=data,
+                dropped=int(dropped),
+            )
+        batch.write(run)
+        run.executemany("DELETE FROM rollup_pending WHERE seq = ?", [(row[0],) for row in rows])
+        folded += len(rows)
+        if len(rows) < FOLD_BATCH:
+            return folded

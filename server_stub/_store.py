@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Protocol, Union
 
 from ._policy import POLICY_SCHEMA_SQLITE
-from ._rollups import add_rollups, backfill, rollup_schema
+from ._rollups import ADD_PENDING, FOLD_EVERY, fold_pending, rollup_schema
 from ._sql import Runner, SQLiteRunner
 
 if TYPE_CHECKING:
@@ -89,7 +89,8 @@ class Store(Protocol):
         ...
 
     def reading(self) -> AbstractContextManager[Runner]:
-        """A read-only transaction on one snapshot (queries, the stored policy)."""
+        """A read-only transaction on one snapshot (queries, the stored policy), with
+        every payload stored before it added to the rollups."""
         ...
 
     def writing(self) -> AbstractContextManager[Runner]:
@@ -185,7 +186,10 @@ CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 # 1: payloads and rate-limit windows (a database without schema_version is one);
 # 2: the stored policy and the rollups, backfilled from the stored payloads.
 SQLITE_SCHEMA_VERSION = 2
-_BACKFILL_BATCH = 1000
+_SELECT_PENDING = """
+SELECT p.seq, p.instance_id, p.sent_at, p.received_at, p.data, p.dropped
+FROM rollup_pending AS r JOIN payloads AS p ON p.seq = r.seq ORDER BY r.seq LIMIT ?
+"""
 
 
 def _migrate(connection: sqlite3.Connection) -> int:
@@ -203,7 +207,9 @@ def _migrate(connection: sqlite3.Connection) -> int:
             connection.execute(POLICY_SCHEMA_SQLITE)
             for statement in rollup_schema(sqlite=True):
                 connection.execute(statement)
-            count = backfill(SQLiteRunner(connection), _stored_payloads(connection))
+            # Backfill: every payload stored so far is pending, and folded now.
+            connection.execute("INSERT INTO rollup_pending (seq) SELECT seq FROM payloads")
+            count = fold_pending(SQLiteRunner(connection), _SELECT_PENDING)
             if count:
                 logger.info("rollups built for %d stored payloads", count)
         if found < SQLITE_SCHEMA_VERSION:
@@ -214,24 +220,6 @@ def _migrate(connection: sqlite3.Connection) -> int:
         raise
     connection.execute("COMMIT")
     return found
-
-
-def _stored_payloads(
-    connection: sqlite3.Connection,
-) -> Iterator[tuple[int, str, str, str, Any, int]]:
-    """Every stored payload in arrival order, read in batches (for the backfill)."""
-    last = 0
-    while True:
-        rows = connection.execute(
-            "SELECT seq, instance_id, sent_at, received_at, data, dropped FROM payloads"
-            " WHERE seq > ? ORDER BY seq LIMIT ?",
-            (last, _BACKFILL_BATCH),
-        ).fetchall()
-        for seq, instance_id, sent_at, received_at, data, dropped in rows:
-            yield seq, instance_id, sent_at, received_at, json.loads(data), dropped
-        if len(rows) < _BACKFILL_BATCH:
-            return
-        last = rows[-1][0]
 
 
 class SQLiteStore:
@@ -339,17 +327,23 @@ class SQLiteStore:
             )
             if cursor.rowcount != 1:
                 return False
-            assert cursor.lastrowid is not None
-            add_rollups(
-                run,
-                seq=cursor.lastrowid,
-                instance_id=record.instance_id,
-                timestamp=record.timestamp,
-                received_at=record.received_at,
-                data=record.data,
-                dropped=record.dropped,
-            )
+            seq = cursor.lastrowid
+            assert seq is not None
+            # The rollups take it in with the next fold: every FOLD_EVERY payloads, or
+            # before the next query (see _rollups).
+            connection.execute(ADD_PENDING, (seq,))
+            if seq % FOLD_EVERY == 0:
+                fold_pending(run, _SELECT_PENDING)
             return True
+
+    def fold_rollups(self) -> int:
+        """Add the payloads stored since the last fold to the rollups; how many."""
+        with self._connection() as connection:
+            pending = connection.execute("SELECT 1 FROM rollup_pending LIMIT 1").fetchone()
+        if pending is None:
+            return 0
+        with self.writing() as run:
+            return fold_pending(run, _SELECT_PENDING)
 
     @contextmanager
     def writing(self) -> Iterator[SQLiteRunner]:
@@ -365,7 +359,8 @@ class SQLiteStore:
 
     @contextmanager
     def reading(self) -> Iterator[SQLiteRunner]:
-        """A read transaction: every statement in it sees one snapshot."""
+        """A read transaction on one snapshot, with the rollups folded up to date first."""
+        self.fold_rollups()
         with self._connection() as connection:
             connection.execute("BEGIN")
             try:
