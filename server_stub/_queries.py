@@ -231,13 +231,32 @@ def active(run: Runner, bucket: str, window: Window) -> Dict[str, Any]:
 
 # -- whole-window answers -------------------------------------------------------------------
 
+# Instances with a payload in [first_day, end_day): those whose last or first day
+# is inside, plus those reporting before and after it that also reported inside.
+# Three disjoint counts, so that each one is a plain index range (an OR would
+# make PostgreSQL plan the EXISTS as a hash of every member row).
 _INSTANCES_IN_WINDOW = """
-SELECT count(*) FROM rollup_instances AS i
-WHERE i.last_day >= ? AND i.first_day < ? AND (
-    i.last_day < ? OR i.first_day >= ? OR EXISTS (
+SELECT
+    (SELECT count(*) FROM rollup_instances WHERE last_day >= ? AND last_day < ?),
+    (SELECT count(*) FROM rollup_instances
+     WHERE last_day >= ? AND first_day >= ? AND first_day < ?),
+    (SELECT count(*) FROM rollup_instances AS i
+     WHERE i.last_day >= ? AND i.first_day < ? AND EXISTS (
         SELECT 1 FROM rollup_members AS m
         WHERE m.instance_id = i.instance_id AND m.res = 'd' AND m.bucket >= ? AND m.bucket < ?))
 """
+
+
+def _instances_in_window(run: Runner, first_day: int, end_day: int) -> int:
+    ((inside, started, around),) = run.fetchall(
+        _INSTANCES_IN_WINDOW,
+        (
+            first_day, end_day,
+            end_day, first_day, end_day,
+            end_day, first_day, first_day, end_day,
+        ),
+    )  # fmt: skip
+    return int(inside) + int(started) + int(around)
 
 
 def _latest_kind(rows: Sequence[Tuple[Any, ...]]) -> Optional[str]:
@@ -260,9 +279,7 @@ def stats(run: Runner, window: Window) -> Dict[str, Any]:
     ):
         payloads += int(count)
         dropped += int(lost)
-    ((instances,),) = run.fetchall(
-        _INSTANCES_IN_WINDOW, (first_day, end_day, end_day, first_day, first_day, end_day)
-    )
+    instances = _instances_in_window(run, first_day, end_day)
     by_key: Dict[str, List[Tuple[Any, ...]]] = {}
     for row in run.fetchall(
         "SELECT key, kind, last_ts, last_seq, total, value, value_ts, value_seq"
@@ -318,15 +335,31 @@ SELECT value, count(*) FROM (
 ) AS latest WHERE value IS NOT NULL GROUP BY value
 """
 
+# As _INSTANCES_IN_WINDOW, for the instances that reported one counting-set value.
 _CSET_INSTANCES = """
-SELECT s.value, count(*) FROM rollup_cset_spans AS s
-WHERE s.key = ? AND s.value = ? AND s.last_day >= ? AND s.first_day < ? AND (
-    s.last_day < ? OR s.first_day >= ? OR EXISTS (
+SELECT
+    (SELECT count(*) FROM rollup_cset_spans
+     WHERE key = ? AND value = ? AND last_day >= ? AND last_day < ?),
+    (SELECT count(*) FROM rollup_cset_spans
+     WHERE key = ? AND value = ? AND last_day >= ? AND first_day >= ? AND first_day < ?),
+    (SELECT count(*) FROM rollup_cset_spans AS s
+     WHERE s.key = ? AND s.value = ? AND s.last_day >= ? AND s.first_day < ? AND EXISTS (
         SELECT 1 FROM rollup_cset_members AS m
         WHERE m.key = s.key AND m.value = s.value AND m.instance_id = s.instance_id
           AND m.day >= ? AND m.day < ?))
-GROUP BY s.value
 """
+
+
+def _cset_instances(run: Runner, key: str, value: str, first_day: int, end_day: int) -> int:
+    ((inside, started, around),) = run.fetchall(
+        _CSET_INSTANCES,
+        (
+            key, value, first_day, end_day,
+            key, value, end_day, first_day, end_day,
+            key, value, end_day, first_day, first_day, end_day,
+        ),
+    )  # fmt: skip
+    return int(inside) + int(started) + int(around)
 
 
 def breakdown(run: Runner, key: str, limit: int, window: Window) -> Dict[str, Any]:
@@ -360,15 +393,11 @@ def breakdown(run: Runner, key: str, limit: int, window: Window) -> Dict[str, An
             _cset_totals(run, key, first_day, end_day).items(), key=lambda item: (-item[1], item[0])
         )[:limit]
         for value, count in totals:
-            reported = run.fetchall(
-                _CSET_INSTANCES,
-                (key, value, first_day, end_day, end_day, first_day, first_day, end_day),
-            )
             values.append(
                 {
                     "value": json.loads(value),
                     "count": count,
-                    "instances": int(reported[0][1]) if reported else 0,
+                    "instances": _cset_instances(run, key, value, first_day, end_day),
                 }
             )
     names = {"v": "set", "s": "counting_set", "c": "counter", None: None}

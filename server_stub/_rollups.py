@@ -483,9 +483,12 @@ class _Batch:
         for start in range(0, len(slots), _MEMBERS_PER_SELECT):
             chunk = slots[start : start + _MEMBERS_PER_SELECT]
             values = ", ".join(["(?, ?, ?)"] * len(chunk))
+            # A join, not "IN (VALUES ...)": SQLite would scan the table for that.
             rows = run.fetchall(
-                "SELECT instance_id, res, bucket, keys FROM rollup_members"  # noqa: S608
-                f" WHERE (instance_id, res, bucket) IN (VALUES {values})",
+                "SELECT m.instance_id, m.res, m.bucket, m.keys"  # noqa: S608
+                f" FROM (VALUES {values}) AS wanted JOIN rollup_members AS m"
+                " ON m.instance_id = wanted.column1 AND m.res = wanted.column2"
+                " AND m.bucket = wanted.column3",
                 [part for slot in chunk for part in slot],
             )
             for instance, res, bucket, keys in rows:
