@@ -568,8 +568,9 @@ class App:
         return _answer("active", answer, query)
 
     def _run(self, query: Callable[[Runner], Dict[str, Any]]) -> Dict[str, Any]:
-        """``query`` in a read transaction; a ``BadQuery`` is a 400."""
+        """``query`` in a read transaction, on rollups up to date; a ``BadQuery`` is a 400."""
         try:
+            self.store.fold_rollups()
             with self.store.reading() as run:
                 return query(run)
         except _queries.BadQuery as exc:

@@ -353,8 +353,7 @@ class PostgresStore:
 
     @contextmanager
     def reading(self) -> Iterator[PostgresRunner]:
-        """A read-only transaction on one snapshot, with the rollups folded up to date first."""
-        self.fold_rollups()
+        """A read-only transaction on one snapshot."""
         with self._connection() as connection, connection.transaction():
             connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             connection.execute("SET LOCAL jit = off")

@@ -4,7 +4,7 @@ Every ingest transaction that stores a payload also records it in
 ``rollup_pending`` (a repeated ``payload_id`` stores nothing, so adds
 nothing). Pending payloads are folded into the aggregates in batches: by the
 ingest transaction whose ``seq`` is a multiple of ``FOLD_EVERY``, and before
-every query (``Store.reading()``), so answers always include every payload
+every query (``Store.fold_rollups()``), so answers always include every payload
 stored before them. A batch is merged in memory first (payloads of one batch
 share hours, days, keys and values), then written with one statement per
 table: one upsert per payload and key would cost more than the ingest itself.

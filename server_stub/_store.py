@@ -88,9 +88,12 @@ class Store(Protocol):
         """
         ...
 
+    def fold_rollups(self) -> int:
+        """Add every payload stored so far to the rollups (queries call it first); how many."""
+        ...
+
     def reading(self) -> AbstractContextManager[Runner]:
-        """A read-only transaction on one snapshot (queries, the stored policy), with
-        every payload stored before it added to the rollups."""
+        """A read-only transaction on one snapshot (queries, the stored policy)."""
         ...
 
     def writing(self) -> AbstractContextManager[Runner]:
@@ -359,8 +362,7 @@ class SQLiteStore:
 
     @contextmanager
     def reading(self) -> Iterator[SQLiteRunner]:
-        """A read transaction on one snapshot, with the rollups folded up to date first."""
-        self.fold_rollups()
+        """A read transaction: every statement in it sees one snapshot."""
         with self._connection() as connection:
             connection.execute("BEGIN")
             try:

@@ -303,6 +303,7 @@ def answers(store: Store, window: Tuple[datetime, datetime], limit: int) -> Dict
     since, until = window
     span = queries.Window(micros(since), micros(until))
     got: Dict[str, Any] = {}
+    store.fold_rollups()
     with store.reading() as run:
         got["stats"] = queries.stats(run, span)
         for bucket in queries.BUCKETS:
@@ -402,6 +403,7 @@ def test_a_window_ending_before_the_latest_reports_uses_the_values_then(
     )
     since, until = BASE + timedelta(days=2), BASE + timedelta(days=5)
     span = queries.Window(micros(since), micros(until))
+    backend_store.fold_rollups()
     with backend_store.reading() as run:
         got = queries.breakdown(run, "version", 10, span)
         agents = queries.breakdown(run, "agents", 10, span)
@@ -689,7 +691,31 @@ def test_huge_counters_saturate_instead_of_failing(backend_store: Store) -> None
         for n in range(3)
     ]
     store_all(backend_store, payloads)
+    backend_store.fold_rollups()
     with backend_store.reading() as run:
         since, until = micros(BASE - timedelta(days=1)), micros(BASE + timedelta(days=1))
         stats = queries.stats(run, queries.Window(since, until))
     assert stats["keys"] == {"n": 2**63 - 1}
+
+
+def test_ingest_folds_pending_payloads_every_256(backend_store: Store) -> None:
+    payloads = []
+    for n in range(300):
+        moment = BASE + timedelta(minutes=n)
+        payloads.append(
+            {
+                "payload_id": uuid.uuid4().hex,
+                "instance_id": INSTANCES[n % 4],
+                "timestamp": rfc3339(moment),
+                "received_at": rfc3339(moment),
+                "data": {"a": 1},
+                "client": {"dropped": 0},
+            }
+        )
+    store_all(backend_store, payloads)
+    with backend_store.reading() as run:
+        ((pending,),) = run.fetchall("SELECT count(*) FROM rollup_pending")
+        ((folded,),) = run.fetchall("SELECT sum(payloads) FROM rollup_hours")
+    assert (pending, folded) == (300 - 256, 256)
+    assert backend_store.fold_rollups() == 300 - 256
+    assert backend_store.fold_rollups() == 0
