@@ -44,7 +44,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 from benchmarks.bench_server import ingest
 from server_stub import PayloadRecord, PostgresStore, SQLiteStore, create_app
-from server_stub._harness import make_server
+from server_stub._http import make_server
 from server_stub._pgtemp import TEST_SETTINGS, TemporaryPostgres
 from server_stub._rollups import ROLLUP_TABLES, fold_pending
 
@@ -55,7 +55,7 @@ _BULK = 5000
 _VERSIONS = ["1.0.0", "1.1.0", "1.2.0", "1.3.0", "2.0.0"]
 _AGENTS = ["curl", "firefox", "chrome", "go-http", "python-requests", "wget"]
 _NO_FOLD_SERVER = (
-    "import sys, server_stub._store as store; store.fold_pending = lambda run, sql: 0;"
+    "import sys, server_stub._sqlite as store; store.fold_pending = lambda run, sql: 0;"
     " from server_stub.__main__ import main; sys.exit(main(sys.argv[1:]))"
 )
 _FOLD = "fold_pending"  # the store module's name for it, switched off to compare
@@ -268,7 +268,7 @@ def ingest_ratio(payloads: int, rounds: int = 2) -> Dict[str, Any]:
 
 def _store_add_rate(payloads: int, *, fold: bool) -> float:
     """``SQLiteStore.add`` one payload per transaction, as the server does; payloads/s."""
-    import server_stub._store as store_module  # noqa: PLC0415
+    import server_stub._sqlite as store_module  # noqa: PLC0415
 
     real = getattr(store_module, _FOLD)
     if not fold:

@@ -1,5 +1,7 @@
 """What the server tells clients: the policy, read from a JSON file and/or set in-process.
 
+The response fields it becomes are described in ``docs/protocol.md`` ("The response").
+
 A policy file looks like::
 
     {"next_update": 3600, "disabled_keys": ["tls"], "enabled_keys": [],
@@ -36,12 +38,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple, Union
 
-from ._sql import Runner
+from ._storage import Runner
 
 __all__ = [
     "DEFAULT_NEXT_UPDATE",
-    "POLICY_SCHEMA_POSTGRES",
-    "POLICY_SCHEMA_SQLITE",
     "Policy",
     "PolicyRules",
     "PolicyStore",
@@ -211,22 +211,7 @@ class PolicyStore(Protocol):
         ...
 
 
-POLICY_SCHEMA_SQLITE = """
-CREATE TABLE IF NOT EXISTS policy_changes (
-    seq        INTEGER PRIMARY KEY,
-    changed_at TEXT NOT NULL,   -- RFC 3339 UTC
-    source     TEXT NOT NULL,   -- http, file or api
-    policy     TEXT NOT NULL    -- the whole policy after the change, as JSON
-)
-"""
-POLICY_SCHEMA_POSTGRES = """
-CREATE TABLE policy_changes (
-    seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    changed_at text NOT NULL,   -- RFC 3339 UTC
-    source     text NOT NULL,   -- http, file or api
-    policy     text NOT NULL    -- the whole policy after the change, as JSON
-)
-"""
+# The stores create the table: policy_changes (seq, changed_at, source, policy).
 SOURCES = ("http", "file", "api")
 
 

@@ -26,19 +26,16 @@ import re
 import threading
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
-from urllib.parse import urlsplit, urlunsplit
+from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple
 
-from ._policy import POLICY_SCHEMA_POSTGRES
 from ._rollups import ADD_PENDING, FOLD_EVERY, fold_pending, rollup_schema
-from ._sql import PostgresRunner
-from ._store import PayloadRecord, UnstorablePayload
+from ._storage import PayloadRecord, UnstorablePayload, redact_url, stored_payload, value_identity
 
 if TYPE_CHECKING:
     import psycopg
     import psycopg_pool
 
-__all__ = ["SCHEMA_VERSION", "PostgresStore", "is_postgres_url", "migrate", "redact_url"]
+__all__ = ["SCHEMA_VERSION", "PostgresRunner", "PostgresStore", "migrate"]
 
 # pg_advisory_xact_lock key for migrations: any constant unlikely to be used by
 # another application on the same database ("telemetry" in ASCII).
@@ -66,7 +63,15 @@ _MIGRATIONS: Tuple[str, ...] = (
     );
     """,
     # 2: the stored policy and the rollups (backfilled from stored payloads by migrate()).
-    POLICY_SCHEMA_POSTGRES + ";\n" + ";\n".join(rollup_schema(sqlite=False)),
+    """
+    CREATE TABLE policy_changes (
+        seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        changed_at text NOT NULL,   -- RFC 3339 UTC
+        source     text NOT NULL,   -- http, file or api
+        policy     text NOT NULL    -- the whole policy after the change, as JSON
+    );
+    """
+    + ";\n".join(rollup_schema(sqlite=False)),
 )
 _ROLLUPS_SINCE = 2
 SCHEMA_VERSION = len(_MIGRATIONS)
@@ -170,20 +175,6 @@ _ROW_COLUMNS = (
 _STRING_OR_EXPONENT = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(-?[0-9]+(?:\.[0-9]+)?e\+[0-9]+)')
 
 
-def is_postgres_url(db: str) -> bool:
-    """Whether ``--db``/``create_app(db=...)`` names a PostgreSQL database."""
-    return db.startswith(("postgresql://", "postgres://"))
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***`` (for logs and messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
-
-
 def _encode(value: object) -> str:
     """JSON for a jsonb column, keeping floats floats.
 
@@ -202,10 +193,6 @@ def _positional(match: re.Match[str]) -> str:
     if number is None:
         return match.group(0)
     return format(Decimal(number), "f") + ".0"
-
-
-def _identity(value: object) -> str:
-    return json.dumps(value, sort_keys=True)
 
 
 def _import_driver() -> Tuple[Any, Any]:
@@ -250,6 +237,29 @@ def _backfill(connection: psycopg.Connection[Any]) -> None:
     """Add the payloads stored before the rollups existed to them (inside migrate())."""
     connection.execute("INSERT INTO rollup_pending (seq) SELECT seq FROM payloads")
     fold_pending(PostgresRunner(connection), _SELECT_PENDING)
+
+
+class PostgresRunner:
+    """A ``Runner`` on a psycopg 3 connection (the caller holds the transaction)."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        rowcount: int = self.connection.execute(sql.replace("?", "%s"), params).rowcount
+        return rowcount
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self.connection.cursor() as cursor:
+            cursor.executemany(sql.replace("?", "%s"), rows)
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+        # Not prepared: a generic plan chosen without the window's bounds can be
+        # far worse than planning each query (which takes about a millisecond).
+        rows: List[Tuple[Any, ...]] = self.connection.execute(
+            sql.replace("?", "%s"), params, prepare=False
+        ).fetchall()
+        return rows
 
 
 class PostgresStore:
@@ -388,31 +398,17 @@ class PostgresStore:
                 (instance_id, limit, offset),
             ).fetchall()
         return [
-            {
-                "payload_id": payload_id,
-                "timestamp": sent_at,
-                "received_at": received_at,
-                "data": data,
-                "client": client,
-            }
+            stored_payload(payload_id, sent_at, received_at, data, client)
             for payload_id, sent_at, received_at, data, client in rows
         ]
 
     def all_payloads(self) -> list[dict[str, Any]]:
-        """Every stored payload in received order (with ``instance_id``); for tests and tools."""
         with self._connection() as connection:
             rows = connection.execute(
                 f"SELECT instance_id, {_ROW_COLUMNS} FROM payloads ORDER BY seq"  # noqa: S608
             ).fetchall()
         return [
-            {
-                "payload_id": payload_id,
-                "instance_id": instance_id,
-                "timestamp": sent_at,
-                "received_at": received_at,
-                "data": data,
-                "client": client,
-            }
+            stored_payload(payload_id, sent_at, received_at, data, client, instance_id=instance_id)
             for instance_id, payload_id, sent_at, received_at, data, client in rows
         ]
 
@@ -450,7 +446,7 @@ def _key_totals(rows: list[Tuple[str, str, Optional[str], Optional[str]]]) -> di
         elif kind == "s":
             assert value is not None and total is not None
             item = json.loads(value)
-            counting_sets.setdefault(key, []).append((_identity(item), item, int(total)))
+            counting_sets.setdefault(key, []).append((value_identity(item), item, int(total)))
         else:
             assert value is not None
             totals[key] = json.loads(value)

@@ -22,7 +22,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ._rollups import clamp, day_of, hour_of, micros, parse_rfc3339, week_of
-from ._sql import Runner
+from ._storage import Runner
 
 __all__ = [
     "BUCKETS",

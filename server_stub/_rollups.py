@@ -9,7 +9,7 @@ stored before them. A batch is merged in memory first (payloads of one batch
 share hours, days, keys and values), then written with one statement per
 table: one upsert per payload and key would cost more than the ingest itself.
 A database made before rollups existed is backfilled by marking every stored
-payload pending. The SQL is shared by both stores through a ``_sql.Runner``
+payload pending. The SQL is shared by both stores through a ``_storage.Runner``
 and uses only what SQLite 3.35+ and PostgreSQL 12+ both understand (``INSERT
 ... ON CONFLICT``, row values); only one fold runs at a time (SQLite's write
 lock, a PostgreSQL advisory lock).
@@ -47,7 +47,7 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, List, Mapping, Tuple
 
-from ._sql import Runner
+from ._storage import Runner
 
 __all__ = [
     "ADD_PENDING",

@@ -19,7 +19,7 @@ import requests
 from server_stub import create_app, serve
 from server_stub._access import Access, Grant, bearer_token, is_loopback
 from server_stub._app import App
-from server_stub._harness import make_server
+from server_stub._http import make_server
 
 READ, ADMIN = "read-secret", "admin-secret"
 INSTANCE = str(uuid.uuid4())

@@ -12,7 +12,7 @@ import requests
 from _schema import SchemaError, validate
 
 from server_stub import create_app, serve
-from server_stub._harness import make_server
+from server_stub._http import make_server
 from server_stub._openapi import openapi_document
 
 INSTANCE = str(uuid.uuid4())

@@ -15,7 +15,7 @@ import requests
 
 from server_stub import Policy, Server, create_app, serve
 from server_stub.__main__ import main
-from server_stub._harness import make_server
+from server_stub._http import make_server
 
 NS = 1_000_000_000
 DEFAULTS = {
