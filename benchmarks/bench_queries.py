@@ -299,6 +299,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=15)
     parser.add_argument("--ingest", type=int, default=3000, help="payloads per ingest run")
     parser.add_argument("--no-postgres", action="store_true")
+    parser.add_argument("--ingest-only", action="store_true", help="only the ingest comparison")
     parser.add_argument("--output", help="write the results as JSON here too")
     args = parser.parse_args(argv)
     end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
@@ -310,15 +311,19 @@ def main(argv: List[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "bench.db")
-        print(f"building {args.payloads} payloads in SQLite ...", file=sys.stderr)
-        rows = payload_rows(args.payloads, args.instances, args.days, end)
-        results["sqlite_build"] = build_sqlite(path, rows)
-        print(json.dumps(results["sqlite_build"]), file=sys.stderr)
+        if args.ingest_only:
+            args.no_postgres = True
+            args.payloads = 0
         queries = query_set(end)
-        app = create_app(db=path)
-        results["sqlite_queries"] = time_queries(app, queries, args.repeat)
-        app.store.close()
-        print(json.dumps(results["sqlite_queries"], indent=1), file=sys.stderr)
+        if args.payloads:
+            print(f"building {args.payloads} payloads in SQLite ...", file=sys.stderr)
+            rows = payload_rows(args.payloads, args.instances, args.days, end)
+            results["sqlite_build"] = build_sqlite(path, rows)
+            print(json.dumps(results["sqlite_build"]), file=sys.stderr)
+            app = create_app(db=path)
+            results["sqlite_queries"] = time_queries(app, queries, args.repeat)
+            app.store.close()
+            print(json.dumps(results["sqlite_queries"], indent=1), file=sys.stderr)
         if not args.no_postgres:
             with TemporaryPostgres(settings=TEST_SETTINGS) as cluster:
                 url = cluster.url()
