@@ -551,3 +551,18 @@ def test_four_gunicorn_workers_share_dedup_totals_policy_and_rate_limit(
     assert len(_workers_that_served(access_log, duplicate["instance_id"], 200)) >= 2
     assert len(_workers_that_served(access_log, limited, 200)) >= 2
     assert len(_workers_that_served(access_log, limited, 429)) >= 2
+
+    # A PUT /v1/policy, answered by one worker, reaches every worker within a
+    # second (each re-reads the stored policy at most once a second): that
+    # documented bound is waited out, then every worker applies the new limit.
+    tighter = {"rate_limit": {"payloads": 1, "window": 600}}
+    assert requests.put(f"{url}/v1/policy", json=tighter, timeout=10).status_code == 200
+    time.sleep(1.1)
+    capped = str(uuid.uuid4())
+    assert _post(url, _payload(capped, {"n": 1})).status_code == 200
+    capped_payloads = [_payload(capped, {"n": 1}) for _ in range(4)]
+    assert _post_on_several_workers(url, capped_payloads) == [429] * 4
+    assert len(_workers_that_served(access_log, capped, 429)) >= 2
+    history = requests.get(f"{url}/v1/policy/history", timeout=10).json()["changes"]
+    # Newest first: the PUT, the file's change, the file seeding the empty store.
+    assert [change["source"] for change in history] == ["http", "file", "file"]
