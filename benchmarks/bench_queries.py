@@ -17,8 +17,9 @@ extra (psycopg) and PostgreSQL's binaries for the PostgreSQL half.
    ``/v1/series`` with day buckets over 90 days, ``/v1/breakdown`` of a set
    key and of a counting set, ``/v1/active`` over 90 days. Median, p90, max.
 4. Ingest throughput over HTTP with rollups against the same server with
-   the fold switched off (same run, alternated, ``bench_server.ingest``), and
-   in-process ``SQLiteStore.add`` the same way.
+   them switched off (nothing recorded as pending, nothing folded; same run,
+   alternated, ``bench_server.ingest``), and in-process ``SQLiteStore.add``
+   the same way.
 """
 
 from __future__ import annotations
@@ -54,11 +55,14 @@ UTC = timezone.utc
 _BULK = 5000
 _VERSIONS = ["1.0.0", "1.1.0", "1.2.0", "1.3.0", "2.0.0"]
 _AGENTS = ["curl", "firefox", "chrome", "go-http", "python-requests", "wget"]
-_NO_FOLD_SERVER = (
+# The server without rollups: nothing recorded as pending, nothing folded.
+_NO_ROLLUPS_SERVER = (
     "import sys, server_stub._sqlite as store; store.fold_pending = lambda run, sql: 0;"
+    " store.ADD_PENDING = 'SELECT ?';"
     " from server_stub.__main__ import main; sys.exit(main(sys.argv[1:]))"
 )
-_FOLD = "fold_pending"  # the store module's name for it, switched off to compare
+# The SQLite store's names for what rollups cost at ingest, switched off to compare.
+_FOLD, _PENDING = "fold_pending", "ADD_PENDING"
 _PAYLOAD_COLUMNS = "payload_id, instance_id, sent_at, received_at, data, client, dropped"
 
 
@@ -244,7 +248,7 @@ def ingest_ratio(payloads: int, rounds: int = 2) -> Dict[str, Any]:
     runs: Dict[str, List[float]] = {"with": [], "without": []}
     cpu: Dict[str, List[float]] = {"with": [], "without": []}
     for _ in range(rounds):
-        off = ingest(payloads, 4, command=[sys.executable, "-c", _NO_FOLD_SERVER])
+        off = ingest(payloads, 4, command=[sys.executable, "-c", _NO_ROLLUPS_SERVER])
         on = ingest(payloads, 4)
         for name, result in (("without", off), ("with", on)):
             runs[name].append(result["payloads_per_s"])
@@ -270,9 +274,10 @@ def _store_add_rate(payloads: int, *, fold: bool) -> float:
     """``SQLiteStore.add`` one payload per transaction, as the server does; payloads/s."""
     import server_stub._sqlite as store_module  # noqa: PLC0415
 
-    real = getattr(store_module, _FOLD)
+    real = getattr(store_module, _FOLD), getattr(store_module, _PENDING)
     if not fold:
         setattr(store_module, _FOLD, lambda run, sql: 0)
+        setattr(store_module, _PENDING, "SELECT ?")
     try:
         with tempfile.TemporaryDirectory() as tmp:
             store = SQLiteStore(str(Path(tmp) / "add.db"))
@@ -287,7 +292,8 @@ def _store_add_rate(payloads: int, *, fold: bool) -> float:
             rate = payloads / (time.perf_counter() - began)
             store.close()
     finally:
-        setattr(store_module, _FOLD, real)
+        setattr(store_module, _FOLD, real[0])
+        setattr(store_module, _PENDING, real[1])
     return round(rate)
 
 
@@ -303,6 +309,9 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--output", help="write the results as JSON here too")
     args = parser.parse_args(argv)
     end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    if args.ingest_only:
+        args.no_postgres = True
+        args.payloads = 0
     results: Dict[str, Any] = {
         "payloads": args.payloads,
         "instances": args.instances,
@@ -311,9 +320,6 @@ def main(argv: List[str] | None = None) -> int:
     }
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "bench.db")
-        if args.ingest_only:
-            args.no_postgres = True
-            args.payloads = 0
         queries = query_set(end)
         if args.payloads:
             print(f"building {args.payloads} payloads in SQLite ...", file=sys.stderr)
