@@ -307,6 +307,9 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--no-postgres", action="store_true")
     parser.add_argument("--ingest-only", action="store_true", help="only the ingest comparison")
     parser.add_argument("--output", help="write the results as JSON here too")
+    parser.add_argument(
+        "--db", help="SQLite file to build and keep (an existing one is reused, not rebuilt)"
+    )
     args = parser.parse_args(argv)
     end = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     if args.ingest_only:
@@ -319,13 +322,14 @@ def main(argv: List[str] | None = None) -> int:
         "cpus": os.cpu_count(),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "bench.db")
+        path = args.db or str(Path(tmp) / "bench.db")
         queries = query_set(end)
-        if args.payloads:
+        if args.payloads and not Path(path).exists():
             print(f"building {args.payloads} payloads in SQLite ...", file=sys.stderr)
             rows = payload_rows(args.payloads, args.instances, args.days, end)
             results["sqlite_build"] = build_sqlite(path, rows)
             print(json.dumps(results["sqlite_build"]), file=sys.stderr)
+        if args.payloads:
             app = create_app(db=path)
             results["sqlite_queries"] = time_queries(app, queries, args.repeat)
             app.store.close()

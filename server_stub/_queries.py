@@ -335,31 +335,42 @@ SELECT value, count(*) FROM (
 ) AS latest WHERE value IS NOT NULL GROUP BY value
 """
 
-# As _INSTANCES_IN_WINDOW, for the instances that reported one counting-set value.
-_CSET_INSTANCES = """
-SELECT
-    (SELECT count(*) FROM rollup_cset_spans
-     WHERE key = ? AND value = ? AND last_day >= ? AND last_day < ?),
-    (SELECT count(*) FROM rollup_cset_spans
-     WHERE key = ? AND value = ? AND last_day >= ? AND first_day >= ? AND first_day < ?),
-    (SELECT count(*) FROM rollup_cset_spans AS s
-     WHERE s.key = ? AND s.value = ? AND s.last_day >= ? AND s.first_day < ? AND EXISTS (
-        SELECT 1 FROM rollup_cset_members AS m
-        WHERE m.key = s.key AND m.value = s.value AND m.instance_id = s.instance_id
-          AND m.day >= ? AND m.day < ?))
-"""
-
-
-def _cset_instances(run: Runner, key: str, value: str, first_day: int, end_day: int) -> int:
-    ((inside, started, around),) = run.fetchall(
-        _CSET_INSTANCES,
+def _cset_instances(
+    run: Runner, key: str, values: Sequence[str], first_day: int, end_day: int
+) -> Dict[str, int]:
+    """As ``_instances_in_window``, per value of a counting set: how many instances
+    reported each of ``values`` in the window."""
+    if not values:
+        return {}
+    marks = ", ".join("?" * len(values))
+    rows = run.fetchall(
+        f"""
+        SELECT value, count(*) FROM rollup_cset_spans
+        WHERE key = ? AND value IN ({marks}) AND last_day >= ? AND last_day < ?
+        GROUP BY value
+        UNION ALL
+        SELECT value, count(*) FROM rollup_cset_spans
+        WHERE key = ? AND value IN ({marks}) AND last_day >= ? AND first_day >= ? AND first_day < ?
+        GROUP BY value
+        UNION ALL
+        SELECT s.value, count(*) FROM rollup_cset_spans AS s
+        WHERE s.key = ? AND s.value IN ({marks}) AND s.last_day >= ? AND s.first_day < ?
+          AND EXISTS (
+            SELECT 1 FROM rollup_cset_members AS m
+            WHERE m.key = s.key AND m.value = s.value AND m.instance_id = s.instance_id
+              AND m.day >= ? AND m.day < ?)
+        GROUP BY s.value
+        """,  # noqa: S608 - placeholders only
         (
-            key, value, first_day, end_day,
-            key, value, end_day, first_day, end_day,
-            key, value, end_day, first_day, first_day, end_day,
+            key, *values, first_day, end_day,
+            key, *values, end_day, first_day, end_day,
+            key, *values, end_day, first_day, first_day, end_day,
         ),
     )  # fmt: skip
-    return int(inside) + int(started) + int(around)
+    counted: Dict[str, int] = {}
+    for value, count in rows:
+        counted[value] = counted.get(value, 0) + int(count)
+    return counted
 
 
 def breakdown(run: Runner, key: str, limit: int, window: Window) -> Dict[str, Any]:
@@ -392,14 +403,11 @@ def breakdown(run: Runner, key: str, limit: int, window: Window) -> Dict[str, An
         totals = sorted(
             _cset_totals(run, key, first_day, end_day).items(), key=lambda item: (-item[1], item[0])
         )[:limit]
-        for value, count in totals:
-            values.append(
-                {
-                    "value": json.loads(value),
-                    "count": count,
-                    "instances": _cset_instances(run, key, value, first_day, end_day),
-                }
-            )
+        reporters = _cset_instances(run, key, [value for value, _ in totals], first_day, end_day)
+        values = [
+            {"value": json.loads(value), "count": count, "instances": reporters.get(value, 0)}
+            for value, count in totals
+        ]
     names = {"v": "set", "s": "counting_set", "c": "counter", None: None}
     return {"key": key, "kind": names[kind], "values": values}
 
