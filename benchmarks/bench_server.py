@@ -56,7 +56,9 @@ def _server_process(db: str, command: Optional[List[str]] = None) -> Iterator[st
     """``python -m server_stub`` (or ``command``, given the same arguments) on a free port,
     as in production: its own process."""
     with subprocess.Popen(
-        [*(command or [sys.executable, "-m", "server_stub"]), "--port", "0", "--db", db],
+        # One client address posting as fast as it can: no per-address or total limit.
+        [*(command or [sys.executable, "-m", "server_stub"]), "--port", "0", "--db", db,
+         "--per-address", "0", "--total", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     ) as process:
         try:
