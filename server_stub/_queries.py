@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ._rollups import clamp, day_of, hour_of, micros, parse_rfc3339, week_of
+from ._rollups import clamp, day_of, hour_of, identity, micros, parse_rfc3339, week_of
 from ._storage import Runner
 
 __all__ = [
@@ -259,6 +259,21 @@ def _instances_in_window(run: Runner, first_day: int, end_day: int) -> int:
     return int(inside) + int(started) + int(around)
 
 
+def _values(run: Runner, keys: Sequence[str]) -> Dict[str, Any]:
+    """The values that the rollups keep as ``keys`` (see ``_rollups.value_key``)."""
+    long_keys = sorted({key for key in keys if key.startswith("#")})
+    texts = {key: key for key in keys if not key.startswith("#")}
+    if long_keys:
+        marks = ", ".join("?" * len(long_keys))
+        texts.update(
+            run.fetchall(
+                f"SELECT value_key, value FROM rollup_long_values WHERE value_key IN ({marks})",  # noqa: S608
+                long_keys,
+            )
+        )
+    return {key: json.loads(text) for key, text in texts.items()}
+
+
 def _latest_kind(rows: Sequence[Tuple[Any, ...]]) -> Optional[str]:
     """The kind of the latest report among ``(kind, last_ts, last_seq)`` rows."""
     latest = max(rows, key=lambda row: (row[1], row[2]), default=None)
@@ -298,12 +313,15 @@ def stats(run: Runner, window: Window) -> Dict[str, Any]:
         else:
             valued = [row for row in rows if row[5] is not None]
             latest = max(valued, key=lambda row: (row[5], row[6]))
-            keys[key] = json.loads(latest[4])
+            keys[key] = _values(run, [latest[4]])[latest[4]]
     for key in counting_sets:
-        keys[key] = [
-            {"value": json.loads(value), "count": count}
-            for value, count in sorted(_cset_totals(run, key, first_day, end_day).items())
-        ]
+        totals = _cset_totals(run, key, first_day, end_day)
+        values = _values(run, list(totals))
+        # Sorted by canonical JSON, whatever the rollups keep the value as.
+        merged = sorted(
+            (identity(values[item]), values[item], count) for item, count in totals.items()
+        )
+        keys[key] = [{"value": value, "count": count} for _, value, count in merged]
     return {
         "instances": int(instances),
         "payloads": payloads,
@@ -334,6 +352,7 @@ SELECT value, count(*) FROM (
     FROM rollup_latest AS l WHERE l.key = ? AND l.day >= ?
 ) AS latest WHERE value IS NOT NULL GROUP BY value
 """
+
 
 def _cset_instances(
     run: Runner, key: str, values: Sequence[str], first_day: int, end_day: int
@@ -394,19 +413,23 @@ def breakdown(run: Runner, key: str, limit: int, window: Window) -> Dict[str, An
         counted = run.fetchall(
             _LATEST_VALUES, (key, first_day, end_day, first_day, end_day, key, end_day)
         )
-        counted.sort(key=lambda row: (-int(row[1]), row[0]))
-        values = [
-            {"value": json.loads(value), "instances": int(count)}
-            for value, count in counted[:limit]
-        ]
-    elif kind == "s":
-        totals = sorted(
-            _cset_totals(run, key, first_day, end_day).items(), key=lambda item: (-item[1], item[0])
+        found = _values(run, [row[0] for row in counted])
+        ranked = sorted(
+            ((identity(found[value]), found[value], int(count)) for value, count in counted),
+            key=lambda entry: (-entry[2], entry[0]),
         )[:limit]
-        reporters = _cset_instances(run, key, [value for value, _ in totals], first_day, end_day)
+        values = [{"value": value, "instances": count} for _, value, count in ranked]
+    elif kind == "s":
+        totals = _cset_totals(run, key, first_day, end_day)
+        found = _values(run, list(totals))
+        top = sorted(
+            ((identity(found[item]), item, count) for item, count in totals.items()),
+            key=lambda entry: (-entry[2], entry[0]),
+        )[:limit]
+        reporters = _cset_instances(run, key, [item for _, item, _ in top], first_day, end_day)
         values = [
-            {"value": json.loads(value), "count": count, "instances": reporters.get(value, 0)}
-            for value, count in totals
+            {"value": found[item], "count": count, "instances": reporters.get(item, 0)}
+            for _, item, count in top
         ]
     names = {"v": "set", "s": "counting_set", "c": "counter", None: None}
     return {"key": key, "kind": names[kind], "values": values}

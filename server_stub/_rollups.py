@@ -36,10 +36,13 @@ What is kept (sizes for N payloads from I instances over D days, K keys):
 - ``rollup_cset_days``/``rollup_cset_spans``/``rollup_cset_members``: per
   counting-set key and value, the count per day, and which instances
   reported it (first/last day, and each day).
+- ``rollup_long_values``: the text of values too long to index (see
+  ``value_key``); the other tables hold a hash of them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import json.encoder
 import math
@@ -64,6 +67,7 @@ __all__ = [
     "kind_of",
     "parse_rfc3339",
     "rollup_schema",
+    "value_key",
     "week_of",
 ]
 
@@ -165,6 +169,20 @@ def identity(value: object) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
+LONG_VALUE = 256
+"""Values whose canonical JSON is longer than this many characters are kept in the
+rollups under a hash (``value_key``), their text once in ``rollup_long_values``:
+a B-tree index row must stay small (PostgreSQL refuses one over ~2.7 kB)."""
+
+
+def value_key(canonical: str) -> str:
+    """What the rollups keep for a value: its canonical JSON, or ``#`` and a hash of it
+    when that is long (no JSON text starts with ``#``)."""
+    if len(canonical) <= LONG_VALUE:
+        return canonical
+    return "#" + hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def kind_of(value: object) -> str:
     """``"c"`` an integer counter, ``"s"`` a counting set, ``"v"`` any other value."""
     kind = type(value)
@@ -246,7 +264,7 @@ _TABLES: Tuple[Tuple[str, str, str], ...] = (
         "rollup_cset_members",
         "key text NOT NULL, value text NOT NULL, instance_id text NOT NULL, day bigint NOT NULL",
         "key, value, instance_id, day",
-    ),
+    ),    ("rollup_long_values", "value_key text NOT NULL, value text NOT NULL", "value_key"),
 )
 ROLLUP_TABLES = tuple(name for name, _, _ in _TABLES)
 
@@ -361,6 +379,9 @@ _INSERT_CSET_MEMBER = (
     "INSERT INTO rollup_cset_members (key, value, instance_id, day) VALUES (?, ?, ?, ?)"
     " ON CONFLICT DO NOTHING"
 )
+_INSERT_LONG_VALUE = (
+    "INSERT INTO rollup_long_values (value_key, value) VALUES (?, ?) ON CONFLICT DO NOTHING"
+)
 _MEMBERS_PER_SELECT = 300
 
 PENDING_SCHEMA = "CREATE TABLE IF NOT EXISTS rollup_pending (seq bigint PRIMARY KEY)"
@@ -393,6 +414,14 @@ class _Batch:
         self.cset_days: Dict[Tuple[str, int, str], int] = {}
         self.cset_spans: Dict[Tuple[str, str, str], List[int]] = {}
         self.cset_members: set[Tuple[str, str, str, int]] = set()
+        self.long_values: Dict[str, str] = {}
+
+    def _key_of(self, value: object) -> str:
+        canonical = identity(value)
+        key = value_key(canonical)
+        if key is not canonical:
+            self.long_values[key] = canonical
+        return key
 
     def add(
         self,
@@ -427,7 +456,7 @@ class _Batch:
                 self.key_hours[(key, hour)] = clamp(self.key_hours.get((key, hour), 0) + total)
                 daily[3] = clamp(daily[3] + total)
             elif kind == "v":
-                encoded = identity(value)
+                encoded = self._key_of(value)
                 if daily[5] is None or report > (daily[5], daily[6]):
                     daily[4], daily[5], daily[6] = encoded, at, seq
                 latest = self.latest.get((key, instance_id))
@@ -438,7 +467,7 @@ class _Batch:
                     self.day_values[(key, instance_id, day)] = (at, seq, encoded)
             else:
                 for item in value:
-                    item_id = identity(item["value"])
+                    item_id = self._key_of(item["value"])
                     counted = (key, day, item_id)
                     self.cset_days[counted] = clamp(self.cset_days.get(counted, 0) + item["count"])
                     item_span = self.cset_spans.setdefault((key, item_id, instance_id), [day, day])
@@ -448,6 +477,8 @@ class _Batch:
     def write(self, run: Runner) -> None:
         """Apply the merged changes to the rollup tables (the caller holds the fold lock)."""
         run.executemany(_UPSERT_HOUR, [(hour, n, lost) for hour, (n, lost) in self.hours.items()])
+        if self.long_values:
+            run.executemany(_INSERT_LONG_VALUE, sorted(self.long_values.items()))
         self._write_members(run)
         run.executemany(
             _UPSERT_INSTANCE, [(instance, *span) for instance, span in self.instances.items()]

@@ -719,3 +719,27 @@ def test_ingest_folds_pending_payloads_every_256(backend_store: Store) -> None:
     assert (pending, folded) == (300 - 256, 256)
     assert backend_store.fold_rollups() == 300 - 256
     assert backend_store.fold_rollups() == 0
+
+
+def test_values_too_long_to_index_are_kept_whole(backend_store: Store) -> None:
+    """A long value (a big object, a long counting-set item) is kept under a hash in
+    the indexed rollups and comes back whole."""
+    big = {"members": ["x" * 900] * 4, "n": 1}
+    long_item = "é" * 1024
+    payloads = [
+        {
+            "payload_id": uuid.uuid4().hex,
+            "instance_id": INSTANCES[n],
+            "timestamp": rfc3339(BASE + timedelta(hours=n)),
+            "received_at": rfc3339(BASE + timedelta(hours=n)),
+            "data": {"a": big, "c": [{"value": long_item, "count": 2}, {"value": "x", "count": 1}]},
+            "client": {"dropped": 0},
+        }
+        for n in range(2)
+    ]
+    stored = store_all(backend_store, payloads)
+    window = (BASE, BASE + timedelta(days=1))
+    got = answers(backend_store, window, 5)
+    assert got == brute_answers(stored, window, 5)
+    assert got["breakdown/a"]["values"] == [{"value": big, "instances": 2}]
+    assert got["breakdown/c"]["values"][0] == {"value": long_item, "count": 4, "instances": 2}
