@@ -516,12 +516,17 @@ def _https(environ: WSGIEnvironment) -> bool:
 
 
 def _same_origin(environ: WSGIEnvironment) -> bool:
-    """False when the browser says a form came from another origin (Origin, Sec-Fetch-Site)."""
+    """False when the browser says a form came from another site.
+
+    ``Sec-Fetch-Site`` first (every current browser sends it, and a proxy that
+    ends TLS does not change it); else the ``Origin``'s host and port against
+    ``Host`` (not the scheme: behind such a proxy the server sees plain HTTP).
+    """
     fetch_site = environ.get("HTTP_SEC_FETCH_SITE")
-    if fetch_site is not None and fetch_site not in ("same-origin", "none"):
-        return False
+    if fetch_site is not None:
+        return fetch_site in ("same-origin", "none")
     origin = environ.get("HTTP_ORIGIN")
     if origin is None:
         return True
     host = environ.get("HTTP_HOST", "")
-    return bool(host) and origin == f"{environ.get('wsgi.url_scheme', 'http')}://{host}"
+    return bool(host) and origin.partition("://")[2] == host
