@@ -34,11 +34,15 @@ from telemetry._sinks import Request, SendResult
 __all__ = [
     "CALLS",
     "FILLS",
+    "STALL_FILLS",
     "buffer_memory",
     "collection_calls",
     "consent_off",
     "contended",
     "fill_counters",
+    "fill_counting_sets",
+    "fill_lists",
+    "fill_mappings",
     "fill_mixed",
     "floor",
     "import_time",
@@ -47,6 +51,7 @@ __all__ = [
     "server_process",
     "snapshot_encode",
     "stall",
+    "stall_every_shape",
 ]
 
 # -- the floor: what a fire-and-forget call cannot beat ------------------------------
@@ -291,10 +296,54 @@ def fill_mixed(client: telemetry.Client, items: int, per_key: int = 9_999) -> No
         client.increment(f"counter:{index}")
 
 
+def fill_counting_sets(client: telemetry.Client, items: int, per_key: int = 9_990) -> None:
+    """Counting sets of ``per_key`` distinct values each (e.g. hashed user agents):
+    10 keys x 9,990 values for 100,000 items."""
+    sizes = _members_per_key(items, per_key)
+    for index, members in enumerate(sizes):
+        for member in range(members):
+            client.append_unique(f"agents:{index}", f"{member * 2654435761 % 2**32:08x}")
+    _fill_rest(client, items, sizes)
+
+
+def fill_lists(client: telemetry.Client, items: int, per_key: int = 9_999) -> None:
+    """Lists of ``per_key`` elements each."""
+    sizes = _members_per_key(items, per_key)
+    for index, members in enumerate(sizes):
+        for member in range(members):
+            client.append(f"events:{index}", f"event-{member}")
+    _fill_rest(client, items, sizes)
+
+
+def fill_mappings(client: telemetry.Client, items: int, per_key: int = 9) -> None:
+    """Nested mappings (``set_nested``) of ``per_key`` subkeys each."""
+    sizes = _members_per_key(items, per_key)
+    for index, members in enumerate(sizes):
+        for member in range(members):
+            client.set_nested(f"mapping:{index}", f"sub{member}", member)
+    _fill_rest(client, items, sizes)
+
+
+def _fill_rest(client: telemetry.Client, items: int, sizes: List[int]) -> None:
+    """The item that container keys could not hold (a key needs two): a counter."""
+    if items - sum(members + 1 for members in sizes):
+        client.increment("rest")
+
+
 FILLS: Dict[str, Callable[[telemetry.Client, int], None]] = {
     "counters": fill_counters,
     "mixed": fill_mixed,
 }
+"""The buffers measured for memory and snapshot+encode time."""
+
+STALL_FILLS: Dict[str, Callable[[telemetry.Client, int], None]] = {
+    "counters": fill_counters,
+    "counting sets": fill_counting_sets,
+    "lists": fill_lists,
+    "mappings": fill_mappings,
+    "mixed": fill_mixed,
+}
+"""Every shape of buffer the stall test emits: one kind each, and all kinds mixed."""
 
 
 def buffer_memory(items: int = 100_000) -> Dict[str, Dict[str, float]]:
@@ -493,8 +542,19 @@ class _TimedSink:
             self.sends.append((began, time.perf_counter_ns(), len(request.body)))
 
 
+def stall_every_shape(
+    items: int = 100_000, baseline_s: float = 1.0, shapes: Optional[List[str]] = None
+) -> Dict[str, Dict[str, Any]]:
+    """``stall`` for each buffer shape of ``STALL_FILLS`` (or ``shapes``), one server for all."""
+    with server_process() as url:
+        return {
+            shape: stall(items, baseline_s, shape, url=url)
+            for shape in (shapes if shapes is not None else list(STALL_FILLS))
+        }
+
+
 def stall(
-    items: int = 100_000, baseline_s: float = 1.0, fill: str = "mixed"
+    items: int = 100_000, baseline_s: float = 1.0, fill: str = "mixed", url: Optional[str] = None
 ) -> Dict[str, Any]:
     """Latency of ``increment`` on a client while its emitter sends ``items`` items.
 
@@ -505,8 +565,12 @@ def stall(
     The emission is also split in two: the client's work (snapshot, encoding,
     compression) until the request is handed to the sink, and the send itself
     (mostly waiting for the server), where this process does next to nothing.
+    ``url`` is a running ``server_stub`` in another process (one is started if None).
     """
-    with tempfile.TemporaryDirectory() as state_dir, server_process() as url:
+    if url is None:
+        with server_process() as started:
+            return stall(items, baseline_s, fill, url=started)
+    with tempfile.TemporaryDirectory() as state_dir:
         sink = _TimedSink(url)
         client = isolated_client(state_dir, endpoint=url, min_interval=3600.0, sink=sink)
         client.increment("requests")
@@ -524,7 +588,7 @@ def stall(
                 raise RuntimeError("the warm-up payload was not delivered")
 
             emitter_cpu = _thread_cpu_clock(emitter)
-            FILLS[fill](client, items - 1)  # and "requests": ``items`` in all
+            STALL_FILLS[fill](client, items - 1)  # and "requests": ``items`` in all
             sends_before = len(sink.sends)
             emitting = threading.Event()
             emitting.set()

@@ -72,17 +72,19 @@ def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -
         assert encoded["ms"] > 0
         assert 0 < encoded["body_bytes"] < encoded["raw_bytes"]  # gzipped
 
-    stall = results["stall"]
-    assert stall["delivered"] is True
-    assert stall["items"] == TINY.stall_items
-    assert stall["request_body_bytes"]
-    for phase in ("uncontended", "during_emission"):
-        figures = stall[phase]
-        assert figures["calls"] > 0
-        assert 0 < figures["p50_us"] <= figures["p99_us"] <= figures["max_us"]
-        assert figures["over_5ms"] <= figures["over_1ms"] <= figures["calls"]
-    phases = stall["client_work"]["seconds"] + stall["sending"]["seconds"]
-    assert 0 < phases <= stall["emission_s"] + 0.002  # each figure is rounded to 1 ms
+    assert set(results["stall"]) == set(bench_client.STALL_FILLS)
+    for shape, stall in results["stall"].items():
+        assert stall["fill"] == shape
+        assert stall["delivered"] is True
+        assert stall["items"] == TINY.stall_items
+        assert stall["request_body_bytes"]
+        for phase in ("uncontended", "during_emission"):
+            figures = stall[phase]
+            assert figures["calls"] > 0
+            assert 0 < figures["p50_us"] <= figures["p99_us"] <= figures["max_us"]
+            assert figures["over_5ms"] <= figures["over_1ms"] <= figures["calls"]
+        phases = stall["client_work"]["seconds"] + stall["sending"]["seconds"]
+        assert 0 < phases <= stall["emission_s"] + 0.002  # each figure is rounded to 1 ms
 
     server = results["server"]
     assert server["payloads"] == server["stored"] == TINY.ingest_payloads
@@ -104,7 +106,7 @@ def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -
 
 
 def test_the_buffer_fills_hold_exactly_the_items_asked_for(tmp_path: Path) -> None:
-    for fill in bench_client.FILLS.values():
+    for fill in {**bench_client.FILLS, **bench_client.STALL_FILLS}.values():
         for items in (0, 1, 2, 37, 1_000):
             client = bench_client.isolated_client(str(tmp_path))
             fill(client, items)
