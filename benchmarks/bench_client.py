@@ -525,6 +525,48 @@ def _slow_calls_between(times: CallTimes, start_ns: int, end_ns: int) -> Dict[st
     }
 
 
+class Collection(NamedTuple):
+    """One run of the cyclic garbage collector: its generation, how long it took (ns),
+    and whether it ran in the emitter's thread."""
+
+    generation: int
+    took: int
+    in_emitter: bool
+
+
+@contextmanager
+def _collections_watched() -> Iterator[List[Collection]]:
+    """Every garbage collection while in the block (watched with ``gc.callbacks``, which
+    leaves the collector's settings alone)."""
+    collections: List[Collection] = []
+    started: Dict[int, int] = {}
+
+    def watch(phase: str, info: Dict[str, int]) -> None:
+        if phase == "start":
+            started[threading.get_ident()] = time.perf_counter_ns()
+        else:
+            took = time.perf_counter_ns() - started.pop(threading.get_ident(), 0)
+            name = threading.current_thread().name
+            collections.append(Collection(info["generation"], took, name == "telemetry-emitter"))
+
+    gc.callbacks.append(watch)
+    try:
+        yield collections
+    finally:
+        gc.callbacks.remove(watch)
+
+
+def _collections_summary(collections: List[Collection]) -> Dict[str, float]:
+    """How many collections ran (all of them, and in the emitter's thread), how many of
+    them walked the whole heap (generation 2), and the longest one (µs)."""
+    return {
+        "collections": len(collections),
+        "in_emitter": sum(c.in_emitter for c in collections),
+        "full": sum(c.generation == 2 for c in collections),
+        "max_us": round(max((c.took for c in collections), default=0) / 1000, 3),
+    }
+
+
 class _TimedSink:
     """The HTTP sink, noting when each send began and ended (``perf_counter_ns``)."""
 
@@ -599,9 +641,10 @@ def stall(
                 )
             )
             timer.start()
-            began = time.perf_counter_ns()
-            delivered = client.flush(timeout=120)
-            ended = time.perf_counter_ns()
+            with _collections_watched() as collections:
+                began = time.perf_counter_ns()
+                delivered = client.flush(timeout=120)
+                ended = time.perf_counter_ns()
             emitting.clear()
             timer.join()
 
@@ -626,6 +669,7 @@ def stall(
         "emission_s": round((ended - began) / 1e9, 3),
         "uncontended": _summary(uncontended),
         "during_emission": _summary(during[0]),
+        "gc_during_emission": _collections_summary(collections),
         "client_work": _slow_calls_between(during[0], began, send_began),
         "sending": _slow_calls_between(during[0], send_began, send_ended),
     }

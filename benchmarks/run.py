@@ -161,6 +161,7 @@ def table_rows(results: Dict[str, Any]) -> List[Row]:
 def _stall_rows(shape: str, stall: Dict[str, Any]) -> List[Row]:
     """The stall test of one buffer shape: p50, p99 and max while emitting, beside alone."""
     during, alone = stall["during_emission"], stall["uncontended"]
+    collected = stall["gc_during_emission"]
     p99_ratio = during["p99_us"] / alone["p50_us"]
     return [
         Row(
@@ -182,6 +183,12 @@ def _stall_rows(shape: str, stall: Dict[str, Any]) -> List[Row]:
         ),
         Row(
             "  most emitter CPU inside one call", f"{during['max_emitter_cpu_us'] / 1000:.2f} ms",
+            "", "", "", None,
+        ),
+        Row(
+            "  garbage collections (full; longest)",
+            f"{collected['collections']} ({collected['full']};"
+            f" {collected['max_us'] / 1000:.2f} ms)",
             "", "", "", None,
         ),
     ]

@@ -83,6 +83,9 @@ def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -
             assert figures["calls"] > 0
             assert 0 < figures["p50_us"] <= figures["p99_us"] <= figures["max_us"]
             assert figures["over_5ms"] <= figures["over_1ms"] <= figures["calls"]
+        collected = stall["gc_during_emission"]
+        assert 0 <= collected["full"] <= collected["collections"]
+        assert 0 <= collected["in_emitter"] <= collected["collections"]
         phases = stall["client_work"]["seconds"] + stall["sending"]["seconds"]
         assert 0 < phases <= stall["emission_s"] + 0.002  # each figure is rounded to 1 ms
 
