@@ -27,15 +27,14 @@ import threading
 from contextlib import contextmanager
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
-from urllib.parse import urlsplit, urlunsplit
 
-from ._store import PayloadRecord, UnstorablePayload
+from ._storage import PayloadRecord, UnstorablePayload, redact_url, stored_payload, value_identity
 
 if TYPE_CHECKING:
     import psycopg
     import psycopg_pool
 
-__all__ = ["SCHEMA_VERSION", "PostgresStore", "is_postgres_url", "migrate", "redact_url"]
+__all__ = ["SCHEMA_VERSION", "PostgresStore", "migrate"]
 
 # pg_advisory_xact_lock key for migrations: any constant unlikely to be used by
 # another application on the same database ("telemetry" in ASCII).
@@ -153,20 +152,6 @@ _ROW_COLUMNS = (
 _STRING_OR_EXPONENT = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|(-?[0-9]+(?:\.[0-9]+)?e\+[0-9]+)')
 
 
-def is_postgres_url(db: str) -> bool:
-    """Whether ``--db``/``create_app(db=...)`` names a PostgreSQL database."""
-    return db.startswith(("postgresql://", "postgres://"))
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password, if any, replaced by ``***`` (for logs and messages)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{netloc}"))
-
-
 def _encode(value: object) -> str:
     """JSON for a jsonb column, keeping floats floats.
 
@@ -185,10 +170,6 @@ def _positional(match: re.Match[str]) -> str:
     if number is None:
         return match.group(0)
     return format(Decimal(number), "f") + ".0"
-
-
-def _identity(value: object) -> str:
-    return json.dumps(value, sort_keys=True)
 
 
 def _import_driver() -> Tuple[Any, Any]:
@@ -329,31 +310,17 @@ class PostgresStore:
                 (instance_id, limit, offset),
             ).fetchall()
         return [
-            {
-                "payload_id": payload_id,
-                "timestamp": sent_at,
-                "received_at": received_at,
-                "data": data,
-                "client": client,
-            }
+            stored_payload(payload_id, sent_at, received_at, data, client)
             for payload_id, sent_at, received_at, data, client in rows
         ]
 
     def all_payloads(self) -> list[dict[str, Any]]:
-        """Every stored payload in received order (with ``instance_id``); for tests and tools."""
         with self._connection() as connection:
             rows = connection.execute(
                 f"SELECT instance_id, {_ROW_COLUMNS} FROM payloads ORDER BY seq"  # noqa: S608
             ).fetchall()
         return [
-            {
-                "payload_id": payload_id,
-                "instance_id": instance_id,
-                "timestamp": sent_at,
-                "received_at": received_at,
-                "data": data,
-                "client": client,
-            }
+            stored_payload(payload_id, sent_at, received_at, data, client, instance_id=instance_id)
             for instance_id, payload_id, sent_at, received_at, data, client in rows
         ]
 
@@ -391,7 +358,7 @@ def _key_totals(rows: list[Tuple[str, str, Optional[str], Optional[str]]]) -> di
         elif kind == "s":
             assert value is not None and total is not None
             item = json.loads(value)
-            counting_sets.setdefault(key, []).append((_identity(item), item, int(total)))
+            counting_sets.setdefault(key, []).append((value_identity(item), item, int(total)))
         else:
             assert value is not None
             totals[key] = json.loads(value)

@@ -1,154 +1,22 @@
-"""Storage of received payloads: the ``Store`` seam and its SQLite implementation.
+"""SQLite storage (the default): WAL mode, a small connection pool, dedup by ``payload_id``.
 
-``Store`` is deliberately small and SQL-agnostic so that another backend (e.g.
-PostgreSQL for multi-worker deployments) can implement it; the WSGI app knows
-storage only through it. Rate-limit state lives in the store too, so that
-several worker processes sharing one database share one limit.
+Standard library only. Stats are computed from every stored payload on each
+call with ``aggregate_keys``; rate-limit windows live in the database, so
+several processes sharing one file share one limit.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import queue
 import sqlite3
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Protocol, Union
+from typing import Any, Iterator, Optional
 
-if TYPE_CHECKING:
-    from ._postgres import PostgresStore
+from ._storage import PayloadRecord, aggregate_keys, stored_payload
 
-__all__ = [
-    "PayloadRecord",
-    "SQLiteStore",
-    "Store",
-    "UnstorablePayload",
-    "aggregate_keys",
-    "open_store",
-]
-
-logger = logging.getLogger("server_stub")
-
-
-@dataclass(frozen=True)
-class PayloadRecord:
-    """One validated payload, as the app hands it to the store."""
-
-    payload_id: str
-    instance_id: str
-    timestamp: str
-    """The client's RFC 3339 timestamp, exactly as sent."""
-    received_at: str
-    """When the server received it, RFC 3339 UTC."""
-    data: Mapping[str, Any]
-    client: Optional[Mapping[str, Any]] = None
-
-    @property
-    def dropped(self) -> int:
-        dropped = (self.client or {}).get("dropped", 0)
-        return dropped if isinstance(dropped, int) else 0
-
-
-class UnstorablePayload(ValueError):
-    """The store cannot represent this (valid) payload, e.g. ``\\u0000`` in PostgreSQL's jsonb."""
-
-
-class Store(Protocol):
-    """Where payloads go. Implementations must be safe to call from many threads."""
-
-    def add(self, record: PayloadRecord) -> bool:
-        """Store ``record``; False when its ``payload_id`` was already stored (nothing changes).
-
-        Raises ``UnstorablePayload`` when the backend cannot hold its content.
-        """
-        ...
-
-    def stats(self) -> dict[str, Any]:
-        """``{"instances", "payloads", "dropped", "keys"}``, see ``aggregate_keys``."""
-        ...
-
-    def instance_payloads(self, instance_id: str, limit: int, offset: int) -> list[dict[str, Any]]:
-        """That instance's payloads, newest first: dicts with ``payload_id``, ``timestamp``,
-        ``received_at``, ``data``, ``client``."""
-        ...
-
-    def check_rate(
-        self, instance_id: str, limit: int, window_s: float, now: float
-    ) -> Optional[float]:
-        """Count one payload against ``limit`` per ``window_s`` for this instance.
-
-        Returns None when it is allowed (and counted), else the seconds until it
-        would be allowed (and nothing is counted).
-        """
-        ...
-
-    def close(self) -> None: ...
-
-
-def is_counting_set(value: object) -> bool:
-    """An ``append_unique`` encoding: a non-empty array of ``{"value": v, "count": int}``."""
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(
-            isinstance(item, dict)
-            and item.keys() == {"value", "count"}
-            and isinstance(item["count"], int)
-            and not isinstance(item["count"], bool)
-            for item in value
-        )
-    )
-
-
-def _is_counter(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def aggregate_keys(datas: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per-key totals over payload ``data`` objects given in arrival order.
-
-    Integers (not bools) are summed; counting sets are merged with their counts
-    summed, sorted by the JSON encoding of the value; anything else is the
-    latest value. When a key changes kind, the latest value replaces the total
-    and accumulation starts again from it.
-    """
-    counters: dict[str, int] = {}
-    counting_sets: dict[str, dict[str, list[Any]]] = {}
-    latest: dict[str, Any] = {}
-    for data in datas:
-        for key, value in data.items():
-            if _is_counter(value):
-                counting_sets.pop(key, None)
-                latest.pop(key, None)
-                counters[key] = counters.get(key, 0) + value
-            elif is_counting_set(value):
-                counters.pop(key, None)
-                latest.pop(key, None)
-                merged = counting_sets.setdefault(key, {})
-                for item in value:
-                    identity = json.dumps(item["value"], sort_keys=True)
-                    merged.setdefault(identity, [item["value"], 0])[1] += item["count"]
-            else:
-                counters.pop(key, None)
-                counting_sets.pop(key, None)
-                latest[key] = value
-    totals: dict[str, Any] = {**latest, **counters}
-    for key, merged in counting_sets.items():
-        totals[key] = [{"value": merged[k][0], "count": merged[k][1]} for k in sorted(merged)]
-    return dict(sorted(totals.items()))
-
-
-def open_store(db: str) -> Union[SQLiteStore, PostgresStore]:
-    """The store ``db`` names: a ``postgresql://`` (or ``postgres://``) URL is PostgreSQL
-    (psycopg 3, imported now), anything else a SQLite file, or ``":memory:"``."""
-    from ._postgres import PostgresStore, is_postgres_url  # noqa: PLC0415 - it imports this module
-
-    if is_postgres_url(db):
-        return PostgresStore(db)
-    return SQLiteStore(db)
-
+__all__ = ["SQLiteStore"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS payloads (
@@ -299,32 +167,27 @@ class SQLiteStore:
                 (instance_id, limit, offset),
             ).fetchall()
         return [
-            {
-                "payload_id": payload_id,
-                "timestamp": sent_at,
-                "received_at": received_at,
-                "data": json.loads(data),
-                "client": json.loads(client) if client is not None else None,
-            }
+            stored_payload(
+                payload_id, sent_at, received_at, json.loads(data), _json_or_none(client)
+            )
             for payload_id, sent_at, received_at, data, client in rows
         ]
 
     def all_payloads(self) -> list[dict[str, Any]]:
-        """Every stored payload in arrival order (with ``instance_id``); for tests and tools."""
         with self._connection() as connection:
             rows = connection.execute(
                 "SELECT payload_id, instance_id, sent_at, received_at, data, client"
                 " FROM payloads ORDER BY seq"
             ).fetchall()
         return [
-            {
-                "payload_id": payload_id,
-                "instance_id": instance_id,
-                "timestamp": sent_at,
-                "received_at": received_at,
-                "data": json.loads(data),
-                "client": json.loads(client) if client is not None else None,
-            }
+            stored_payload(
+                payload_id,
+                sent_at,
+                received_at,
+                json.loads(data),
+                _json_or_none(client),
+                instance_id=instance_id,
+            )
             for payload_id, instance_id, sent_at, received_at, data, client in rows
         ]
 
@@ -366,3 +229,7 @@ class SQLiteStore:
                 self._idle.get_nowait().close()
             except queue.Empty:
                 break
+
+
+def _json_or_none(text: Optional[str]) -> Any:
+    return json.loads(text) if text is not None else None
