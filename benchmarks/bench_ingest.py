@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import bench_postgres
+from benchmarks._shared import free_port
 from server_stub._pgtemp import BENCHMARK_SETTINGS, TemporaryPostgres
 
 __all__ = ["main", "measure_pair"]
@@ -43,7 +44,7 @@ __all__ = ["main", "measure_pair"]
 _SQLITE_SERVER = """
 import signal, sys
 from server_stub import App, Policy, SQLiteStore
-from server_stub._harness import make_server
+from server_stub._http import make_server
 
 db, port, synchronous = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
@@ -68,7 +69,7 @@ DURABLE, FAST = "durable", "fast"
 
 
 def _sqlite_server(db: str, synchronous: str) -> Tuple[subprocess.Popen[bytes], int]:
-    port = bench_postgres._free_port()
+    port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-c", _SQLITE_SERVER, db, str(port), synchronous],
         cwd=bench_postgres.REPO,
@@ -111,7 +112,7 @@ def measure_pair(
         else:
             assert cluster is not None
             db = _postgres_database(cluster, mode == DURABLE)
-            process, port = bench_postgres._start_server(db, args.workers)
+            process, port = bench_postgres._start_server(db, args.workers, args.server_threads)
             postmaster = bench_postgres._postmaster_pid(cluster)
         try:
             result = bench_postgres.measure_running(process, port, args, postmaster)
@@ -134,6 +135,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--clients", type=int, default=4, help="client processes")
     parser.add_argument("--threads", type=int, default=4, help="threads per client process")
     parser.add_argument("--workers", type=int, default=4, help="gunicorn workers (PostgreSQL)")
+    parser.add_argument(
+        "--server-threads", type=int, default=8, help="threads per gunicorn worker (PostgreSQL)"
+    )
     parser.add_argument("--repeat", type=int, default=3, help="pairs per backend (median shown)")
     parser.add_argument("--only", choices=("sqlite", "postgres"), help="one backend only")
     args = parser.parse_args(argv)
@@ -164,7 +168,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         label = (
             "SQLite, python -m server_stub"
             if backend == "sqlite"
-            else f"PostgreSQL, gunicorn -w {args.workers}"
+            else f"PostgreSQL, gunicorn -w {args.workers} --threads {args.server_threads}"
         )
         fast_rate = _median(runs[backend][FAST])["payloads_per_s"]
         for mode in (DURABLE, FAST):

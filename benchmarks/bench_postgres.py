@@ -179,8 +179,11 @@ def _wait_until_up(port: int, process: subprocess.Popen[bytes]) -> None:
             time.sleep(0.05)
 
 
-def _start_server(db: str, workers: int) -> Tuple[subprocess.Popen[bytes], int]:
-    """``python -m server_stub`` for ``workers == 0``, else ``gunicorn -w workers``."""
+def _start_server(
+    db: str, workers: int, threads: int = 1
+) -> Tuple[subprocess.Popen[bytes], int]:
+    """``python -m server_stub`` for ``workers == 0``, else ``gunicorn -w workers`` (with
+    ``--threads threads``: gunicorn's threaded workers, when ``threads > 1``)."""
     port = free_port()
     if workers == 0:
         command = [sys.executable, "-m", "server_stub", "--port", str(port), "--db", db]
@@ -195,6 +198,7 @@ def _start_server(db: str, workers: int) -> Tuple[subprocess.Popen[bytes], int]:
             f"127.0.0.1:{port}",
             "--backlog",
             "1024",
+            *(["--threads", str(threads)] if threads > 1 else []),
             f"server_stub:create_app(db={db!r})",
         ]
     process = subprocess.Popen(

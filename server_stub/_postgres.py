@@ -26,8 +26,9 @@ import re
 import threading
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ._group_commit import GroupCommit
 from ._storage import PayloadRecord, UnstorablePayload, redact_url, stored_payload, value_identity
 
 if TYPE_CHECKING:
@@ -65,10 +66,20 @@ _MIGRATIONS: Tuple[str, ...] = (
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code creates and expects."""
 
-_INSERT = """
+# Many payloads in one statement: one array per column, one row per payload, inserted
+# in the order given (sorted by payload_id: see ``_add_batch``). One statement text
+# whatever the batch size, so psycopg prepares it once.
+_INSERT_MANY = """
 INSERT INTO payloads (payload_id, instance_id, sent_at, received_at, data, client, dropped)
-VALUES (%s, %s, %s, %s::timestamptz, %s::jsonb, %s::jsonb, %s)
+SELECT payload_id, instance_id, sent_at, received_at::timestamptz, data::jsonb,
+       client::jsonb, dropped
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+            %s::bigint[])
+     WITH ORDINALITY AS rows (payload_id, instance_id, sent_at, received_at, data, client,
+                              dropped, position)
+ORDER BY position
 ON CONFLICT (payload_id) DO NOTHING
+RETURNING payload_id
 """
 
 # How aggregate_keys totals the value e.value: 'c' an integer counter (summed),
@@ -230,6 +241,7 @@ class PostgresStore:
         self._pool: Optional[psycopg_pool.ConnectionPool[Any]] = None
         self._pool_pid = 0
         self._closed = False
+        self._commits = GroupCommit(self._add_batch)
         with self._psycopg.connect(
             url, autocommit=True, connect_timeout=max(1, round(timeout))
         ) as connection:
@@ -264,22 +276,40 @@ class PostgresStore:
             yield connection
 
     def add(self, record: PayloadRecord) -> bool:
-        row = (
-            record.payload_id,
-            record.instance_id,
-            record.timestamp,
-            record.received_at,
-            _encode(record.data),
-            _encode(record.client) if record.client is not None else None,
-            record.dropped,
+        return self._commits.submit(record)
+
+    def _add_batch(self, records: Sequence[PayloadRecord]) -> List[bool]:
+        """Insert ``records`` in one transaction; whether each was new.
+
+        Rows go in sorted by ``payload_id``: two workers inserting overlapping
+        batches then take the unique index's row locks in the same order, and
+        cannot deadlock. A ``payload_id`` twice in one batch is inserted once;
+        the second is "already stored", as it would be one request later.
+        """
+        first: Dict[str, int] = {}  # payload_id -> where it first comes in ``records``
+        for position, record in enumerate(records):
+            first.setdefault(record.payload_id, position)
+        batch = sorted((records[position] for position in first.values()),
+                       key=lambda record: record.payload_id)
+        columns = (
+            [record.payload_id for record in batch],
+            [record.instance_id for record in batch],
+            [record.timestamp for record in batch],
+            [record.received_at for record in batch],
+            [_encode(record.data) for record in batch],
+            [_encode(record.client) if record.client is not None else None for record in batch],
+            [record.dropped for record in batch],
         )
         try:
             with self._connection() as connection:
-                cursor = connection.execute(_INSERT, row)
+                inserted = {row[0] for row in connection.execute(_INSERT_MANY, columns)}
         except self._psycopg.DataError as exc:
             # \u0000 or an unpaired surrogate: jsonb cannot hold them.
             raise UnstorablePayload(str(exc).splitlines()[0]) from None
-        return cursor.rowcount == 1
+        return [
+            record.payload_id in inserted and first[record.payload_id] == position
+            for position, record in enumerate(records)
+        ]
 
     def stats(self) -> dict[str, Any]:
         with self._connection() as connection, connection.transaction():

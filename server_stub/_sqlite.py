@@ -12,8 +12,9 @@ import queue
 import sqlite3
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, List, Optional, Sequence
 
+from ._group_commit import GroupCommit
 from ._storage import PayloadRecord, aggregate_keys, stored_payload
 
 __all__ = ["SQLiteStore"]
@@ -38,6 +39,12 @@ CREATE TABLE IF NOT EXISTS rate_windows (
 );
 """
 
+_INSERT = (
+    "INSERT OR IGNORE INTO payloads"
+    " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
 
 class SQLiteStore:
     """SQLite storage: WAL mode, a small pool of connections shared by request threads.
@@ -61,6 +68,7 @@ class SQLiteStore:
         self._pool_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._closed = False
+        self._commits = GroupCommit(self._add_batch)
         connection = self._connect()
         connection.executescript(_SCHEMA)
         if self._memory:
@@ -124,23 +132,35 @@ class SQLiteStore:
             yield connection
 
     def add(self, record: PayloadRecord) -> bool:
-        row = (
-            record.payload_id,
-            record.instance_id,
-            record.timestamp,
-            record.received_at,
-            json.dumps(record.data, separators=(",", ":")),
-            json.dumps(record.client, separators=(",", ":")) if record.client is not None else None,
-            record.dropped,
-        )
-        with self._writing() as connection:
-            cursor = connection.execute(
-                "INSERT OR IGNORE INTO payloads"
-                " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                row,
+        return self._commits.submit(record)
+
+    def _add_batch(self, records: Sequence[PayloadRecord]) -> List[bool]:
+        """Insert ``records`` in one transaction, in order; whether each was new."""
+        rows = [
+            (
+                record.payload_id,
+                record.instance_id,
+                record.timestamp,
+                record.received_at,
+                json.dumps(record.data, separators=(",", ":")),
+                json.dumps(record.client, separators=(",", ":"))
+                if record.client is not None
+                else None,
+                record.dropped,
             )
-            return cursor.rowcount == 1
+            for record in records
+        ]
+        with self._writing() as connection:
+            if len(rows) == 1:  # one statement is a transaction of its own
+                return [connection.execute(_INSERT, rows[0]).rowcount == 1]
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                stored = [connection.execute(_INSERT, row).rowcount == 1 for row in rows]
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+        return stored
 
     def stats(self) -> dict[str, Any]:
         # Computed from every stored payload on each call: exact and simple, and

@@ -64,5 +64,5 @@ def test_the_command_line_does_not_load_the_test_harness() -> None:
 
 
 def test_what_every_store_shares_sits_at_the_bottom() -> None:
-    assert GRAPH["_storage"] == set()
-    assert GRAPH["_sqlite"] == GRAPH["_postgres"] == {"_storage"}
+    assert GRAPH["_storage"] == GRAPH["_group_commit"] == set()
+    assert GRAPH["_sqlite"] == GRAPH["_postgres"] == {"_storage", "_group_commit"}
