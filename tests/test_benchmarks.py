@@ -39,7 +39,7 @@ def _assert_beside_floor(calls: Dict[str, Dict[str, float]]) -> None:
 def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -> None:
     assert set(results) == {
         "calls_on", "calls_off", "contended", "import", "memory", "snapshot_encode", "stall",
-        "server",
+        "server", "server_app_cpu",
     }
     _assert_beside_floor(results["calls_on"])
     _assert_beside_floor(results["calls_off"])
@@ -93,6 +93,11 @@ def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -
     assert server["payloads"] == server["stored"] == TINY.ingest_payloads
     assert server["failures"] == 0
     assert server["payloads_per_s"] > 0
+
+    app = results["server_app_cpu"]
+    assert app["payloads"] > 0 and app["threads"] == 8
+    assert app["failures"] == 0
+    assert app["cpu_ms_per_payload"] > 0
 
     rows = run.table_rows(results)
     by_figure = {row.figure: row for row in rows}
