@@ -1,0 +1,44 @@
+"""``BufferSource``: the buffer as the emitter sees it, a source of payloads.
+
+It owns what turns a buffer snapshot into a ``Payload``: the instance id, the
+wall clock for the payload's timestamp, and the conversion to the wire's data
+shapes (which runs in the emitter's thread, off every lock).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Callable, Optional
+
+from telemetry._buffer import Buffer, member_value
+from telemetry._wire import Payload, wire_data
+
+
+class BufferSource:
+    """Takes payloads out of ``buffer``; none while ``instance_id`` is None (off, stopped)."""
+
+    def __init__(self, buffer: Buffer, wall_clock: Callable[[], float]) -> None:
+        self.buffer = buffer
+        self.wall_clock = wall_clock
+        self.instance_id: Optional[str] = None
+        """Set by the client while it collects; None makes ``take`` return None."""
+
+    def take(self, now: Optional[datetime] = None) -> Optional[Payload]:
+        """Take the whole buffer out (O(1) under its lock) as a new ``Payload``."""
+        instance_id = self.instance_id
+        if instance_id is None:
+            return None
+        snapshot = self.buffer.take()
+        return Payload(
+            instance_id=instance_id,
+            timestamp=now or datetime.fromtimestamp(self.wall_clock(), timezone.utc),
+            data=wire_data(snapshot.plain_tables, snapshot.counting_sets, member_value),
+            dropped=snapshot.dropped,
+            items=snapshot.items,
+        )
+
+    def has_data(self) -> bool:
+        return self.buffer.has_data()
+
+    def count_dropped(self, items: int) -> None:
+        self.buffer.count_dropped(items)
