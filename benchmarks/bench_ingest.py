@@ -40,29 +40,23 @@ from server_stub._pgtemp import BENCHMARK_SETTINGS, TemporaryPostgres
 
 __all__ = ["main", "measure_pair"]
 
-# ``python -m server_stub``'s runtime on a SQLite store with a chosen ``synchronous``.
+# ``python -m server_stub`` itself, its SQLite connections set to the ``synchronous``
+# given first. No per-address or total limit: one address posts as fast as it can.
 _SQLITE_SERVER = """
-import signal, sys
-from server_stub import App, Policy, SQLiteStore
-from server_stub._http import make_server
+import sys
+import server_stub._sqlite
+from server_stub.__main__ import main
 
-db, port, synchronous = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+synchronous = sys.argv.pop(1)
+connect = server_stub._sqlite.SQLiteStore._connect
 
-class Store(SQLiteStore):
-    def _connect(self):
-        connection = super()._connect()
-        connection.execute(f"PRAGMA synchronous={synchronous}")
-        return connection
+def _connect(self):
+    connection = connect(self)
+    connection.execute(f"PRAGMA synchronous={synchronous}")
+    return connection
 
-def stop(signum, frame):
-    raise KeyboardInterrupt
-
-signal.signal(signal.SIGTERM, stop)
-httpd = make_server("127.0.0.1", port, App(Store(db), Policy()))
-try:
-    httpd.serve_forever()
-except KeyboardInterrupt:
-    pass
+server_stub._sqlite.SQLiteStore._connect = _connect
+sys.exit(main(sys.argv[1:]))
 """
 
 DURABLE, FAST = "durable", "fast"
@@ -71,7 +65,8 @@ DURABLE, FAST = "durable", "fast"
 def _sqlite_server(db: str, synchronous: str) -> Tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-c", _SQLITE_SERVER, db, str(port), synchronous],
+        [sys.executable, "-c", _SQLITE_SERVER, synchronous, "--port", str(port), "--db", db,
+         "--per-address", "0", "--total", "0"],
         cwd=bench_postgres.REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -186,7 +186,9 @@ def _start_server(
     ``--threads threads``: gunicorn's threaded workers, when ``threads > 1``)."""
     port = free_port()
     if workers == 0:
-        command = [sys.executable, "-m", "server_stub", "--port", str(port), "--db", db]
+        # One client address posting as fast as it can: no per-address or total limit.
+        command = [sys.executable, "-m", "server_stub", "--port", str(port), "--db", db,
+                   "--per-address", "0", "--total", "0"]
     else:
         command = [
             sys.executable,
@@ -199,7 +201,7 @@ def _start_server(
             "--backlog",
             "1024",
             *(["--threads", str(threads)] if threads > 1 else []),
-            f"server_stub:create_app(db={db!r})",
+            f"server_stub:create_app(db={db!r}, limits={{'per_address': 0, 'total': 0}})",
         ]
     process = subprocess.Popen(
         command,
