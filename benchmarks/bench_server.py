@@ -155,7 +155,10 @@ def app_cpu(payloads: int = 3000, threads: int = 1, db: Optional[str] = None) ->
     from server_stub import create_app  # noqa: PLC0415 - the benchmarks' only in-process server
 
     with tempfile.TemporaryDirectory() as tmp:
-        app = create_app(db=db or str(Path(tmp) / "bench.db"))
+        # One address posting as fast as it can: no per-address or total limit.
+        app = create_app(
+            db=db or str(Path(tmp) / "bench.db"), limits={"per_address": 0, "total": 0}
+        )
         instance_id = str(uuid.uuid4())
         path = f"/v1/update/{instance_id}"
         bodies = [json.dumps(ten_key_payload(instance_id, n)).encode() for n in range(payloads)]

@@ -74,9 +74,30 @@ def _utc(value: datetime) -> datetime:
 def estimate_items(data: Mapping[str, Any]) -> int:
     """Item count of wire data: one per key plus one per element of a container."""
     return sum(
-        1 + len(value) if isinstance(value, (list, dict, CountingSet)) else 1
-        for value in data.values()
+        1 + len(value) if _container_of(value) is not None else 1 for value in data.values()
     )
+
+
+_SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
+_CONTAINER_TYPES = frozenset({list, tuple, dict})
+
+
+def _container_of(
+    value: object,
+) -> Optional[Union[CountingSet, List[Any], Tuple[Any, ...], Dict[str, Any]]]:
+    """``value`` when it is a list, tuple, mapping or counting set, else None.
+
+    By exact type first: ``isinstance`` against ``CountingSet``, an abstract
+    ``Sequence``, costs half a microsecond, once per key of a 100,000-key payload.
+    """
+    kind = type(value)
+    if kind in _SCALAR_TYPES:
+        return None
+    if kind is CountingSet or kind in _CONTAINER_TYPES or isinstance(
+        value, (CountingSet, list, tuple, dict)
+    ):
+        return value  # type: ignore[return-value]
+    return None
 
 
 def _items_of_data(payload: Payload) -> int:
@@ -328,9 +349,9 @@ def iter_encoded_payload(
     batch: Dict[str, Any] = {}  # then its plain values, encoded together at the end
     keys = elements = 0
     for key, value in payload.data.items():
-        container = value if isinstance(value, (CountingSet, list, tuple, dict)) else None
+        container = _container_of(value)
         size = 0 if container is None else len(container)
-        if not isinstance(container, CountingSet) and size <= chunk_elements:
+        if type(container) is not CountingSet and size <= chunk_elements:
             batch[key] = value
         else:
             assert container is not None
