@@ -41,6 +41,7 @@ __all__ = [
     "contended",
     "fill_counters",
     "fill_counting_sets",
+    "fill_events",
     "fill_lists",
     "fill_mappings",
     "fill_mixed",
@@ -336,6 +337,13 @@ FILLS: Dict[str, Callable[[telemetry.Client, int], None]] = {
 }
 """The buffers measured for memory and snapshot+encode time."""
 
+def fill_events(client: telemetry.Client, items: int) -> None:
+    """``items`` events of 50 names, each with a few attributes (``max_events`` permitting)."""
+    record = client.record  # type: ignore[attr-defined]
+    for index in range(items):
+        record("behavioral", f"click-{index % 50}", page=f"/page/{index % 100}", n=index)
+
+
 STALL_FILLS: Dict[str, Callable[[telemetry.Client, int], None]] = {
     "counters": fill_counters,
     "counting sets": fill_counting_sets,
@@ -343,7 +351,10 @@ STALL_FILLS: Dict[str, Callable[[telemetry.Client, int], None]] = {
     "mappings": fill_mappings,
     "mixed": fill_mixed,
 }
-"""Every shape of buffer the stall test emits: one kind each, and all kinds mixed."""
+"""Every shape of buffer the stall test emits: one kind each, and all kinds mixed
+(and events, where the client records them)."""
+if hasattr(telemetry.Client, "record"):
+    STALL_FILLS["events"] = fill_events
 
 
 def buffer_memory(items: int = 100_000) -> Dict[str, Dict[str, float]]:
@@ -614,7 +625,10 @@ def stall(
             return stall(items, baseline_s, fill, url=started)
     with tempfile.TemporaryDirectory() as state_dir:
         sink = _TimedSink(url)
-        client = isolated_client(state_dir, endpoint=url, min_interval=3600.0, sink=sink)
+        room = {"max_events": items} if fill == "events" else {}
+        client = isolated_client(
+            state_dir, endpoint=url, min_interval=3600.0, sink=sink, **room
+        )
         client.increment("requests")
         threads_before = set(threading.enumerate())
         client.start_emitting()

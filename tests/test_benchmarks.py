@@ -114,7 +114,9 @@ def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -
 
 
 def test_the_buffer_fills_hold_exactly_the_items_asked_for(tmp_path: Path) -> None:
-    for fill in {**bench_client.FILLS, **bench_client.STALL_FILLS}.values():
+    fills = {**bench_client.FILLS, **bench_client.STALL_FILLS}
+    fills.pop("events", None)  # events are not buffer items: see the next test
+    for fill in fills.values():
         for items in (0, 1, 2, 37, 1_000):
             client = bench_client.isolated_client(str(tmp_path))
             fill(client, items)
@@ -141,3 +143,13 @@ def test_the_soak_runs_tiny_and_loses_nothing() -> None:
     assert result["left_in_spool"] == 0
     assert result["server_p99_ms"] > 0
     assert soak.main(["--instances", "2", "--cycles", "1", "--json"]) == 0
+
+
+@pytest.mark.skipif("events" not in bench_client.STALL_FILLS, reason="no events here")
+def test_the_events_fill_records_the_events_asked_for(tmp_path: Path) -> None:
+    for items in (0, 1, 37):
+        client = bench_client.isolated_client(str(tmp_path), max_events=100)
+        bench_client.fill_events(client, items)
+        payload = client.take_payload()
+        assert payload is not None
+        assert len(getattr(payload, "events", ())) == items
