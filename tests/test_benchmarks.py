@@ -39,8 +39,11 @@ def _assert_beside_floor(calls: Dict[str, Dict[str, float]]) -> None:
 def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -> None:
     assert set(results) == {
         "calls_on", "calls_off", "contended", "import", "memory", "snapshot_encode", "stall",
-        "server", "server_app_cpu",
+        "server", "server_app_cpu", "spool_start",
     }
+    spool = results["spool_start"]
+    assert spool["files"] == TINY.spool_files
+    assert spool["start_ms"] > 0 and spool["baseline_ms"] > 0
     _assert_beside_floor(results["calls_on"])
     _assert_beside_floor(results["calls_off"])
 
