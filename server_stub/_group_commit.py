@@ -6,11 +6,12 @@ each; committing them together costs one. ``GroupCommit.submit`` queues one
 item and returns only once the transaction holding it has committed, so a
 request is answered after its data is on disk, exactly as before.
 
-There is no writer thread: the first waiting request that finds no batch being
-written becomes the writer (the leader), takes everything queued (up to
-``max_batch``), writes it with ``write_batch`` and wakes the others. Requests
-that arrive while a batch is being written queue up and form the next batch,
-so a lone request is written at once and a busy server writes large batches.
+There is no writer thread: a request that finds no batch being written
+becomes the writer, takes everything queued (up to ``max_batch``), writes it
+with ``write_batch`` and wakes each submitter of the batch; then it hands the
+writing to the first request still queued, if any. Requests that arrive while
+a batch is being written queue up and form the next batch, so a lone request
+is written at once and a busy server writes large batches.
 This module imports nothing else from the package: the stores use it.
 """
 
@@ -27,13 +28,22 @@ Result = TypeVar("Result")
 
 
 class _Entry(Generic[Item, Result]):
-    __slots__ = ("done", "error", "item", "result")
+    __slots__ = ("done", "error", "item", "result", "wake", "woken")
 
     def __init__(self, item: Item) -> None:
         self.item = item
         self.done = False
         self.result: Optional[Result] = None
         self.error: Optional[BaseException] = None
+        # Held until its submitter may go on: its batch is written, or it is to write.
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.woken = False
+
+    def wake_up(self) -> None:
+        if not self.woken:
+            self.woken = True
+            self.wake.release()
 
 
 class GroupCommit(Generic[Item, Result]):
@@ -57,37 +67,41 @@ class GroupCommit(Generic[Item, Result]):
 
     def _reset(self) -> None:
         self._pid = os.getpid()
-        self._condition = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
         self._queue: List[_Entry[Item, Result]] = []
         self._writing = False
 
     def submit(self, item: Item) -> Result:
         """Write ``item`` with whatever else is queued; return its result once committed.
 
-        Raises what ``write_batch`` raised for this item.
+        Raises what ``write_batch`` raised for this item. A waiting submitter is
+        woken once, by its own lock: when its batch is written, or when the
+        writer before it hands it the writing.
         """
         if self._pid != os.getpid():
             # A fork copied the parent's state, perhaps mid-batch: this process
             # starts with an empty queue and a lock nobody holds.
             self._reset()
         entry: _Entry[Item, Result] = _Entry(item)
-        condition = self._condition
-        with condition:
+        with self._lock:
             self._queue.append(entry)
-            while not entry.done:
-                if self._writing:
-                    condition.wait()
-                    continue
-                self._writing = True
-                batch = self._queue[: self.max_batch]
-                del self._queue[: self.max_batch]
-                condition.release()
-                try:
+            leads = not self._writing
+            self._writing = True
+        if not leads:
+            entry.wake.acquire()
+        if not entry.done:  # this thread writes, until its own item is written
+            try:
+                while not entry.done:
+                    with self._lock:
+                        batch = self._queue[: self.max_batch]
+                        del self._queue[: self.max_batch]
                     self._write(batch)
-                finally:
-                    condition.acquire()
-                    self._writing = False
-                    condition.notify_all()
+            finally:
+                with self._lock:
+                    if self._queue:
+                        self._queue[0].wake_up()  # the next writer (not done: it will write)
+                    else:
+                        self._writing = False
         if entry.error is not None:
             raise entry.error
         return entry.result  # type: ignore[return-value]
@@ -104,6 +118,7 @@ class GroupCommit(Generic[Item, Result]):
             if len(batch) == 1:
                 batch[0].error = exc
                 batch[0].done = True
+                batch[0].wake_up()
                 return
             for entry in batch:  # find out which item it was: each alone
                 self._write([entry])
@@ -112,7 +127,9 @@ class GroupCommit(Generic[Item, Result]):
             for entry in batch:  # e.g. KeyboardInterrupt: the leader re-raises it
                 entry.error = RuntimeError("the batch was interrupted before it committed")
                 entry.done = True
+                entry.wake_up()
             raise
         for entry, result in zip(batch, results):
             entry.result = result
             entry.done = True
+            entry.wake_up()

@@ -77,6 +77,11 @@ _MIGRATIONS: Tuple[str, ...] = (
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code creates and expects."""
 
+_INSERT_ONE = """
+INSERT INTO payloads (payload_id, instance_id, sent_at, received_at, data, client, dropped)
+VALUES (%s, %s, %s, %s::timestamptz, %s::jsonb, %s::jsonb, %s)
+ON CONFLICT (payload_id) DO NOTHING
+"""
 # Many payloads in one statement: one array per column, one row per payload, inserted
 # in the order given (sorted by payload_id: see ``_add_batch``). One statement text
 # whatever the batch size, so psycopg prepares it once.
@@ -311,6 +316,8 @@ class PostgresStore:
         cannot deadlock. A ``payload_id`` twice in one batch is inserted once;
         the second is "already stored", as it would be one request later.
         """
+        if len(records) == 1:  # the common case on a quiet server: no arrays to build
+            return [self._add_one(records[0])]
         first: Dict[str, int] = {}  # payload_id -> where it first comes in ``records``
         for position, record in enumerate(records):
             first.setdefault(record.payload_id, position)
@@ -335,6 +342,24 @@ class PostgresStore:
             record.payload_id in inserted and first[record.payload_id] == position
             for position, record in enumerate(records)
         ]
+
+    def _add_one(self, record: PayloadRecord) -> bool:
+        row = (
+            record.payload_id,
+            record.instance_id,
+            record.timestamp,
+            record.received_at,
+            _encode(record.data),
+            _encode(record.client) if record.client is not None else None,
+            record.dropped,
+        )
+        try:
+            with self._connection() as connection:
+                cursor = connection.execute(_INSERT_ONE, row)
+        except self._psycopg.DataError as exc:
+            # \u0000 or an unpaired surrogate: jsonb cannot hold them.
+            raise UnstorablePayload(str(exc).splitlines()[0]) from None
+        return cursor.rowcount == 1
 
     def stats(self) -> dict[str, Any]:
         with self._connection() as connection, connection.transaction():

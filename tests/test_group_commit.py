@@ -129,7 +129,7 @@ def test_max_batch_must_be_positive() -> None:
 def test_after_a_fork_the_child_starts_with_an_empty_queue_and_a_free_lock() -> None:
     writes = _Batches()
     commits = GroupCommit(writes)
-    commits._condition.acquire()  # as if a thread held it when the parent forked
+    commits._lock.acquire()  # as if a thread held it when the parent forked
     commits._pid = -1  # as if this process were the fork's child
     assert commits.submit("a") == "A"
     assert writes.batches == [["a"]]
