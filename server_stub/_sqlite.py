@@ -8,13 +8,15 @@ several processes sharing one file share one limit.
 from __future__ import annotations
 
 import json
+import logging
 import queue
 import sqlite3
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator, List, Optional, Sequence
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 from ._group_commit import GroupCommit
+from ._rollups import ADD_PENDING, FOLD_EVERY, fold_pending, rollup_schema
 from ._storage import (
     RATE_WINDOW_PRUNE_INTERVAL,
     PayloadRecord,
@@ -24,7 +26,9 @@ from ._storage import (
     stored_payload,
 )
 
-__all__ = ["SQLiteStore"]
+__all__ = ["SQLiteRunner", "SQLiteStore"]
+
+logger = logging.getLogger("server_stub")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS payloads (
@@ -44,7 +48,69 @@ CREATE TABLE IF NOT EXISTS rate_windows (
     window_start REAL NOT NULL,
     count        INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
+_POLICY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS policy_changes (
+    seq        INTEGER PRIMARY KEY,
+    changed_at TEXT NOT NULL,   -- RFC 3339 UTC
+    source     TEXT NOT NULL,   -- http, file or api
+    policy     TEXT NOT NULL    -- the whole policy after the change, as JSON
+)
+"""
+# 1: payloads and rate-limit windows (a database without schema_version is one);
+# 2: the stored policy and the rollups, backfilled from the stored payloads.
+SQLITE_SCHEMA_VERSION = 2
+_SELECT_PENDING = """
+SELECT p.seq, p.instance_id, p.sent_at, p.received_at, p.data, p.dropped
+FROM rollup_pending AS r JOIN payloads AS p ON p.seq = r.seq ORDER BY r.seq LIMIT ?
+"""
+
+
+def _migrate(connection: sqlite3.Connection) -> int:
+    """Bring a SQLite database to ``SQLITE_SCHEMA_VERSION``; the version found before."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        row = connection.execute("SELECT max(version) FROM schema_version").fetchone()
+        found = int(row[0]) if row[0] is not None else 1
+        if found > SQLITE_SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema version {found} is newer than this server's"
+                f" ({SQLITE_SCHEMA_VERSION})"
+            )
+        if found < 2:
+            connection.execute(_POLICY_SCHEMA)
+            for statement in rollup_schema(sqlite=True):
+                connection.execute(statement)
+            # Backfill: every payload stored so far is pending, and folded now.
+            connection.execute("INSERT INTO rollup_pending (seq) SELECT seq FROM payloads")
+            count = fold_pending(SQLiteRunner(connection), _SELECT_PENDING)
+            if count:
+                logger.info("rollups built for %d stored payloads", count)
+        if found < SQLITE_SCHEMA_VERSION:
+            connection.execute("DELETE FROM schema_version")
+            connection.execute("INSERT INTO schema_version VALUES (?)", (SQLITE_SCHEMA_VERSION,))
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+    return found
+
+
+class SQLiteRunner:
+    """A ``Runner`` on a ``sqlite3`` connection (the caller holds the transaction)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self.connection.execute(sql, params).rowcount
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.connection.executemany(sql, rows)
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+        return self.connection.execute(sql, params).fetchall()
 
 _INSERT = (
     "INSERT OR IGNORE INTO payloads"
@@ -79,6 +145,7 @@ class SQLiteStore:
         self._commits = GroupCommit(self._add_batch)
         connection = self._connect()
         connection.executescript(_SCHEMA)
+        _migrate(connection)
         if self._memory:
             self._idle.put(connection)
             self._opened = 1
@@ -143,7 +210,11 @@ class SQLiteStore:
         return self._commits.submit(record)
 
     def _add_batch(self, records: Sequence[PayloadRecord]) -> List[bool]:
-        """Insert ``records`` in one transaction, in order; whether each was new."""
+        """Insert ``records`` in one transaction, in order; whether each was new.
+
+        Each new payload is also queued for the rollups, which take it in with the
+        next fold: every ``FOLD_EVERY`` payloads, or before the next query.
+        """
         rows = [
             (
                 record.payload_id,
@@ -158,17 +229,52 @@ class SQLiteStore:
             )
             for record in records
         ]
+        stored: List[bool] = []
+        with self.writing() as run:
+            connection = run.connection
+            fold = False
+            for row in rows:
+                cursor = connection.execute(_INSERT, row)
+                stored.append(cursor.rowcount == 1)
+                if cursor.rowcount == 1:
+                    seq = cursor.lastrowid
+                    assert seq is not None
+                    connection.execute(ADD_PENDING, (seq,))
+                    fold = fold or seq % FOLD_EVERY == 0
+            if fold:
+                fold_pending(run, _SELECT_PENDING)
+        return stored
+
+    def fold_rollups(self) -> int:
+        """Add the payloads stored since the last fold to the rollups; how many."""
+        with self._connection() as connection:
+            pending = connection.execute("SELECT 1 FROM rollup_pending LIMIT 1").fetchone()
+        if pending is None:
+            return 0
+        with self.writing() as run:
+            return fold_pending(run, _SELECT_PENDING)
+
+    @contextmanager
+    def writing(self) -> Iterator[SQLiteRunner]:
+        """A write transaction (``BEGIN IMMEDIATE``), one at a time in this process."""
         with self._writing() as connection:
-            if len(rows) == 1:  # one statement is a transaction of its own
-                return [connection.execute(_INSERT, rows[0]).rowcount == 1]
             connection.execute("BEGIN IMMEDIATE")
             try:
-                stored = [connection.execute(_INSERT, row).rowcount == 1 for row in rows]
+                yield SQLiteRunner(connection)
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
             connection.execute("COMMIT")
-        return stored
+
+    @contextmanager
+    def reading(self) -> Iterator[SQLiteRunner]:
+        """A read transaction: every statement in it sees one snapshot."""
+        with self._connection() as connection:
+            connection.execute("BEGIN")
+            try:
+                yield SQLiteRunner(connection)
+            finally:
+                connection.execute("COMMIT")
 
     def stats(self) -> dict[str, Any]:
         # Computed from every stored payload on each call: exact and simple, and

@@ -50,6 +50,7 @@ def test_a_batch_stores_each_payload_id_once_and_says_which_were_new(store: AnyS
     twin = PayloadRecord(**{**fresh[1].__dict__, "data": {"n": 99}})
     batch = [fresh[0], again, fresh[1], twin, fresh[2], fresh[3]]
     assert store._add_batch(batch) == [True, False, True, False, True, True]
+    assert store.fold_rollups() == 5  # each new payload joined the rollups' queue, once
     stored = {row["payload_id"]: row for row in store.all_payloads()}
     assert sorted(stored) == sorted(record.payload_id for record in [earlier, *fresh])
     assert stored[fresh[1].payload_id]["data"] == {"n": 3}  # the first of the twins
