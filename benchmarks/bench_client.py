@@ -34,11 +34,16 @@ from telemetry._wire import Request, encode_request
 __all__ = [
     "CALLS",
     "FILLS",
+    "STALL_FILLS",
     "buffer_memory",
     "collection_calls",
     "consent_off",
     "contended",
     "fill_counters",
+    "fill_counting_sets",
+    "fill_events",
+    "fill_lists",
+    "fill_mappings",
     "fill_mixed",
     "floor",
     "import_time",
@@ -48,6 +53,7 @@ __all__ = [
     "snapshot_encode",
     "spool_start",
     "stall",
+    "stall_every_shape",
 ]
 
 # -- the floor: what a fire-and-forget call cannot beat ------------------------------
@@ -356,10 +362,64 @@ def fill_mixed(client: telemetry.Client, items: int, per_key: int = 9_999) -> No
         client.increment(f"counter:{index}")
 
 
+def fill_counting_sets(client: telemetry.Client, items: int, per_key: int = 9_990) -> None:
+    """Counting sets of ``per_key`` distinct values each (e.g. hashed user agents):
+    10 keys x 9,990 values for 100,000 items."""
+    sizes = _members_per_key(items, per_key)
+    for index, members in enumerate(sizes):
+        for member in range(members):
+            client.append_unique(f"agents:{index}", f"{member * 2654435761 % 2**32:08x}")
+    _fill_rest(client, items, sizes)
+
+
+def fill_lists(client: telemetry.Client, items: int, per_key: int = 9_999) -> None:
+    """Lists of ``per_key`` elements each."""
+    sizes = _members_per_key(items, per_key)
+    for index, members in enumerate(sizes):
+        for member in range(members):
+            client.append(f"events:{index}", f"event-{member}")
+    _fill_rest(client, items, sizes)
+
+
+def fill_mappings(client: telemetry.Client, items: int, per_key: int = 9) -> None:
+    """Nested mappings (``set_nested``) of ``per_key`` subkeys each."""
+    sizes = _members_per_key(items, per_key)
+    for index, members in enumerate(sizes):
+        for member in range(members):
+            client.set_nested(f"mapping:{index}", f"sub{member}", member)
+    _fill_rest(client, items, sizes)
+
+
+def _fill_rest(client: telemetry.Client, items: int, sizes: List[int]) -> None:
+    """The item that container keys could not hold (a key needs two): a counter."""
+    if items - sum(members + 1 for members in sizes):
+        client.increment("rest")
+
+
 FILLS: Dict[str, Callable[[telemetry.Client, int], None]] = {
     "counters": fill_counters,
     "mixed": fill_mixed,
 }
+"""The buffers measured for memory and snapshot+encode time."""
+
+def fill_events(client: telemetry.Client, items: int) -> None:
+    """``items`` events of 50 names, each with a few attributes (``max_events`` permitting)."""
+    record = client.record  # type: ignore[attr-defined]
+    for index in range(items):
+        record("behavioral", f"click-{index % 50}", page=f"/page/{index % 100}", n=index)
+
+
+STALL_FILLS: Dict[str, Callable[[telemetry.Client, int], None]] = {
+    "counters": fill_counters,
+    "counting sets": fill_counting_sets,
+    "lists": fill_lists,
+    "mappings": fill_mappings,
+    "mixed": fill_mixed,
+}
+"""Every shape of buffer the stall test emits: one kind each, and all kinds mixed
+(and events, where the client records them)."""
+if hasattr(telemetry.Client, "record"):
+    STALL_FILLS["events"] = fill_events
 
 
 def buffer_memory(items: int = 100_000) -> Dict[str, Dict[str, float]]:
@@ -541,6 +601,48 @@ def _slow_calls_between(times: CallTimes, start_ns: int, end_ns: int) -> Dict[st
     }
 
 
+class Collection(NamedTuple):
+    """One run of the cyclic garbage collector: its generation, how long it took (ns),
+    and whether it ran in the emitter's thread."""
+
+    generation: int
+    took: int
+    in_emitter: bool
+
+
+@contextmanager
+def _collections_watched() -> Iterator[List[Collection]]:
+    """Every garbage collection while in the block (watched with ``gc.callbacks``, which
+    leaves the collector's settings alone)."""
+    collections: List[Collection] = []
+    started: Dict[int, int] = {}
+
+    def watch(phase: str, info: Dict[str, int]) -> None:
+        if phase == "start":
+            started[threading.get_ident()] = time.perf_counter_ns()
+        else:
+            took = time.perf_counter_ns() - started.pop(threading.get_ident(), 0)
+            name = threading.current_thread().name
+            collections.append(Collection(info["generation"], took, name == "telemetry-emitter"))
+
+    gc.callbacks.append(watch)
+    try:
+        yield collections
+    finally:
+        gc.callbacks.remove(watch)
+
+
+def _collections_summary(collections: List[Collection]) -> Dict[str, float]:
+    """How many collections ran (all of them, and in the emitter's thread), how many of
+    them walked the whole heap (generation 2), and the longest one (µs)."""
+    return {
+        "collections": len(collections),
+        "in_emitter": sum(c.in_emitter for c in collections),
+        "full": sum(c.generation == 2 for c in collections),
+        "max_us": round(max((c.took for c in collections), default=0) / 1000, 3),
+    }
+
+
 class _TimedSink:
     """The HTTP sink, noting when each send began and ended (``perf_counter_ns``)."""
 
@@ -558,8 +660,19 @@ class _TimedSink:
             self.sends.append((began, time.perf_counter_ns(), len(request.body)))
 
 
+def stall_every_shape(
+    items: int = 100_000, baseline_s: float = 1.0, shapes: Optional[List[str]] = None
+) -> Dict[str, Dict[str, Any]]:
+    """``stall`` for each buffer shape of ``STALL_FILLS`` (or ``shapes``), one server for all."""
+    with server_process() as url:
+        return {
+            shape: stall(items, baseline_s, shape, url=url)
+            for shape in (shapes if shapes is not None else list(STALL_FILLS))
+        }
+
+
 def stall(
-    items: int = 100_000, baseline_s: float = 1.0, fill: str = "mixed"
+    items: int = 100_000, baseline_s: float = 1.0, fill: str = "mixed", url: Optional[str] = None
 ) -> Dict[str, Any]:
     """Latency of ``increment`` on a client while its emitter sends ``items`` items.
 
@@ -570,10 +683,17 @@ def stall(
     The emission is also split in two: the client's work (snapshot, encoding,
     compression) until the request is handed to the sink, and the send itself
     (mostly waiting for the server), where this process does next to nothing.
+    ``url`` is a running ``server_stub`` in another process (one is started if None).
     """
-    with tempfile.TemporaryDirectory() as state_dir, server_process() as url:
+    if url is None:
+        with server_process() as started:
+            return stall(items, baseline_s, fill, url=started)
+    with tempfile.TemporaryDirectory() as state_dir:
         sink = _TimedSink(url)
-        client = isolated_client(state_dir, endpoint=url, min_interval=3600.0, sink=sink)
+        room = {"max_events": items} if fill == "events" else {}
+        client = isolated_client(
+            state_dir, endpoint=url, min_interval=3600.0, sink=sink, **room
+        )
         client.increment("requests")
         threads_before = set(threading.enumerate())
         client.start_emitting()
@@ -589,7 +709,7 @@ def stall(
                 raise RuntimeError("the warm-up payload was not delivered")
 
             emitter_cpu = _thread_cpu_clock(emitter)
-            FILLS[fill](client, items - 1)  # and "requests": ``items`` in all
+            STALL_FILLS[fill](client, items - 1)  # and "requests": ``items`` in all
             sends_before = len(sink.sends)
             emitting = threading.Event()
             emitting.set()
@@ -600,9 +720,10 @@ def stall(
                 )
             )
             timer.start()
-            began = time.perf_counter_ns()
-            delivered = client.flush(timeout=120)
-            ended = time.perf_counter_ns()
+            with _collections_watched() as collections:
+                began = time.perf_counter_ns()
+                delivered = client.flush(timeout=120)
+                ended = time.perf_counter_ns()
             emitting.clear()
             timer.join()
 
@@ -627,6 +748,7 @@ def stall(
         "emission_s": round((ended - began) / 1e9, 3),
         "uncontended": _summary(uncontended),
         "during_emission": _summary(during[0]),
+        "gc_during_emission": _collections_summary(collections),
         "client_work": _slow_calls_between(during[0], began, send_began),
         "sending": _slow_calls_between(during[0], send_began, send_ended),
     }

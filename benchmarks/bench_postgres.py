@@ -40,7 +40,7 @@ from benchmarks._shared import free_port, percentile
 from benchmarks.bench_server import ten_key_payload
 from server_stub._pgtemp import BENCHMARK_SETTINGS, TemporaryPostgres
 
-__all__ = ["main", "run_load"]
+__all__ = ["main", "measure_running", "run_load"]
 
 REPO = Path(__file__).resolve().parents[1]
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -179,8 +179,11 @@ def _wait_until_up(port: int, process: subprocess.Popen[bytes]) -> None:
             time.sleep(0.05)
 
 
-def _start_server(db: str, workers: int) -> Tuple[subprocess.Popen[bytes], int]:
-    """``python -m server_stub`` for ``workers == 0``, else ``gunicorn -w workers``."""
+def _start_server(
+    db: str, workers: int, threads: int = 1
+) -> Tuple[subprocess.Popen[bytes], int]:
+    """``python -m server_stub`` for ``workers == 0``, else ``gunicorn -w workers`` (with
+    ``--threads threads``: gunicorn's threaded workers, when ``threads > 1``)."""
     port = free_port()
     if workers == 0:
         # One client address posting as fast as it can: no per-address or total limit.
@@ -197,6 +200,7 @@ def _start_server(db: str, workers: int) -> Tuple[subprocess.Popen[bytes], int]:
             f"127.0.0.1:{port}",
             "--backlog",
             "1024",
+            *(["--threads", str(threads)] if threads > 1 else []),
             f"server_stub:create_app(db={db!r}, limits={{'per_address': 0, 'total': 0}})",
         ]
     process = subprocess.Popen(
@@ -236,25 +240,38 @@ def _measure(
 ) -> Dict[str, Any]:
     process, port = _start_server(db, workers)
     try:
-        # Every worker opens its pool and prepares its statements before the clock starts.
-        warm_up = str(uuid.uuid4())
-        for n in range(_WARM_UP):
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/v1/update/{warm_up}",
-                data=_payload(warm_up, n),
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=60) as answer:
-                answer.read()
-        server_cpu, db_cpu = _cpu_seconds(process.pid), _cpu_seconds(postmaster)
-        load = run_load(port, args.payloads, args.clients, args.threads)
-        server_cpu = _cpu_seconds(process.pid) - server_cpu
-        db_cpu = _cpu_seconds(postmaster) - db_cpu
-        began = time.perf_counter()
-        stored = _get(port, "/v1/stats")["payloads"] - _WARM_UP
-        stats_ms = (time.perf_counter() - began) * 1000
+        return measure_running(process, port, args, postmaster)
     finally:
         _stop(process)
+
+
+def measure_running(
+    process: subprocess.Popen[bytes],
+    port: int,
+    args: argparse.Namespace,
+    postmaster: Optional[int],
+) -> Dict[str, Any]:
+    """Warm the server on ``port`` up, then load it (``args.payloads``, ``args.clients``
+    processes of ``args.threads`` threads) and measure: ``run_load``'s figures, payloads
+    stored, CPU ms per payload of the server and of PostgreSQL, ``GET /v1/stats`` time.
+    """
+    # Every worker opens its pool and prepares its statements before the clock starts.
+    warm_up = str(uuid.uuid4())
+    for n in range(_WARM_UP):
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/update/{warm_up}",
+            data=_payload(warm_up, n),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            answer.read()
+    server_cpu, db_cpu = _cpu_seconds(process.pid), _cpu_seconds(postmaster)
+    load = run_load(port, args.payloads, args.clients, args.threads)
+    server_cpu = _cpu_seconds(process.pid) - server_cpu
+    db_cpu = _cpu_seconds(postmaster) - db_cpu
+    began = time.perf_counter()
+    stored = _get(port, "/v1/stats")["payloads"] - _WARM_UP
+    stats_ms = (time.perf_counter() - began) * 1000
     per_payload = 1000 / args.payloads
     return {
         **load,

@@ -9,6 +9,8 @@ Run: ``python benchmarks/bench_server.py [N_PAYLOADS] [THREADS]``.
 from __future__ import annotations
 
 import contextlib
+import io
+import json
 import resource
 import subprocess
 import sys
@@ -26,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
 
 from benchmarks._shared import percentile
 
-__all__ = ["ingest", "ten_key_payload"]
+__all__ = ["app_cpu", "ingest", "ten_key_payload"]
 
 
 def ten_key_payload(instance_id: str, n: int) -> Dict[str, Any]:
@@ -144,6 +146,67 @@ def ingest(
         "p99_ms": round(percentile(all_latencies, 0.99) * 1000, 2),
         "server_cpu_ms_per_payload": round(server_cpu / n_payloads * 1000, 3),
         "client_cpu_ms_per_payload": round(sum(client_cpu) / n_payloads * 1000, 3),
+    }
+
+
+def app_cpu(payloads: int = 3000, threads: int = 1, db: Optional[str] = None) -> Dict[str, Any]:
+    """CPU time (ms) per 10-key payload of the WSGI app and its store alone, no HTTP.
+
+    The app is called in this process by ``threads`` threads at once, with
+    pre-encoded bodies, on a SQLite file (or ``db``): what the server spends per
+    payload above the HTTP runtime (validation, parsing, storing, answering).
+    A first tenth warms up and is not counted.
+    """
+    from server_stub import create_app  # noqa: PLC0415 - the benchmarks' only in-process server
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # One address posting as fast as it can: no per-address or total limit.
+        app = create_app(
+            db=db or str(Path(tmp) / "bench.db"), limits={"per_address": 0, "total": 0}
+        )
+        instance_id = str(uuid.uuid4())
+        path = f"/v1/update/{instance_id}"
+        bodies = [json.dumps(ten_key_payload(instance_id, n)).encode() for n in range(payloads)]
+        statuses: List[str] = []
+
+        def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+            statuses.append(status)
+
+        def post(body: bytes) -> None:
+            environ = {
+                "REQUEST_METHOD": "POST",
+                "PATH_INFO": path,
+                "CONTENT_TYPE": "application/json",
+                "CONTENT_LENGTH": str(len(body)),
+                "wsgi.input": io.BytesIO(body),
+            }
+            app(environ, start_response)
+
+        warm_up = max(payloads // 10, 1)
+        for body in bodies[:warm_up]:
+            post(body)
+        def post_all(share: List[bytes]) -> None:
+            for body in share:
+                post(body)
+
+        workers = [
+            threading.Thread(target=post_all, args=(bodies[warm_up + index :: threads],))
+            for index in range(threads)
+        ]
+        began = time.process_time()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        cpu = time.process_time() - began
+        app.store.close()
+    counted = len(bodies) - warm_up
+    failed = sum(not status.startswith("200") for status in statuses)
+    return {
+        "payloads": counted,
+        "threads": threads,
+        "failures": failed,
+        "cpu_ms_per_payload": round(cpu / max(counted, 1) * 1000, 3),
     }
 
 

@@ -26,8 +26,9 @@ import re
 import threading
 from contextlib import contextmanager
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ._group_commit import GroupCommit
 from ._rollups import ADD_PENDING, FOLD_EVERY, fold_pending, rollup_schema
 from ._storage import (
     INT64_MAX,
@@ -88,7 +89,7 @@ _ROLLUPS_SINCE = 2
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code creates and expects."""
 
-_INSERT = """
+_INSERT_ONE = """
 INSERT INTO payloads (payload_id, instance_id, sent_at, received_at, data, client, dropped)
 VALUES (%s, %s, %s, %s::timestamptz, %s::jsonb, %s::jsonb, %s)
 ON CONFLICT (payload_id) DO NOTHING
@@ -104,6 +105,22 @@ SELECT p.seq, p.instance_id, p.sent_at,
        p.data, p.dropped
 FROM rollup_pending AS r JOIN payloads AS p ON p.seq = r.seq ORDER BY r.seq LIMIT ?
 """
+# Many payloads in one statement: one array per column, one row per payload, inserted
+# in the order given (sorted by payload_id: see ``_add_batch``). One statement text
+# whatever the batch size, so psycopg prepares it once.
+_INSERT_MANY = """
+INSERT INTO payloads (payload_id, instance_id, sent_at, received_at, data, client, dropped)
+SELECT payload_id, instance_id, sent_at, received_at::timestamptz, data::jsonb,
+       client::jsonb, dropped
+FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+            %s::bigint[])
+     WITH ORDINALITY AS rows (payload_id, instance_id, sent_at, received_at, data, client,
+                              dropped, position)
+ORDER BY position
+ON CONFLICT (payload_id) DO NOTHING
+RETURNING payload_id, seq
+"""
+_ADD_PENDING_MANY = "INSERT INTO rollup_pending (seq) SELECT unnest(%s::bigint[])"
 
 # How aggregate_keys totals the value e.value: 'c' an integer counter (summed),
 # 's' a counting set (merged), 'v' anything else (the latest wins). Integers are
@@ -309,6 +326,7 @@ class PostgresStore:
         self._pool_pid = 0
         self._closed = False
         self._pruned_at: Optional[float] = None
+        self._commits = GroupCommit(self._add_batch)
         with self._psycopg.connect(
             url, autocommit=True, connect_timeout=max(1, round(timeout))
         ) as connection:
@@ -343,6 +361,50 @@ class PostgresStore:
             yield connection
 
     def add(self, record: PayloadRecord) -> bool:
+        return self._commits.submit(record)
+
+    def _add_batch(self, records: Sequence[PayloadRecord]) -> List[bool]:
+        """Insert ``records`` in one transaction; whether each was new.
+
+        Rows go in sorted by ``payload_id``: two workers inserting overlapping
+        batches then take the unique index's row locks in the same order, and
+        cannot deadlock. A ``payload_id`` twice in one batch is inserted once;
+        the second is "already stored", as it would be one request later.
+        """
+        if len(records) == 1:  # the common case on a quiet server: no arrays to build
+            return [self._add_one(records[0])]
+        first: Dict[str, int] = {}  # payload_id -> where it first comes in ``records``
+        for position, record in enumerate(records):
+            first.setdefault(record.payload_id, position)
+        batch = sorted((records[position] for position in first.values()),
+                       key=lambda record: record.payload_id)
+        columns = (
+            [record.payload_id for record in batch],
+            [record.instance_id for record in batch],
+            [record.timestamp for record in batch],
+            [record.received_at for record in batch],
+            [_encode(record.data) for record in batch],
+            [_encode(record.client) if record.client is not None else None for record in batch],
+            [record.dropped for record in batch],
+        )
+        try:
+            with self._connection() as connection, connection.transaction():
+                inserted = dict(connection.execute(_INSERT_MANY, columns).fetchall())
+                if inserted:
+                    # The rollups take them in with the next fold (see _rollups).
+                    seqs = sorted(inserted.values())
+                    connection.execute(_ADD_PENDING_MANY, (seqs,))
+                    if any(seq % FOLD_EVERY == 0 for seq in seqs):
+                        self._fold(connection)
+        except self._psycopg.DataError as exc:
+            # \u0000 or an unpaired surrogate: jsonb cannot hold them.
+            raise UnstorablePayload(str(exc).splitlines()[0]) from None
+        return [
+            record.payload_id in inserted and first[record.payload_id] == position
+            for position, record in enumerate(records)
+        ]
+
+    def _add_one(self, record: PayloadRecord) -> bool:
         row = (
             record.payload_id,
             record.instance_id,
@@ -354,7 +416,7 @@ class PostgresStore:
         )
         try:
             with self._connection() as connection, connection.transaction():
-                stored = connection.execute(_INSERT, row).fetchone()
+                stored = connection.execute(_INSERT_ONE, row).fetchone()
                 if stored is None:
                     return False
                 seq = stored[0]

@@ -15,6 +15,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
+from ._group_commit import GroupCommit
 from ._rollups import ADD_PENDING, FOLD_EVERY, fold_pending, rollup_schema
 from ._storage import (
     RATE_WINDOW_PRUNE_INTERVAL,
@@ -111,6 +112,12 @@ class SQLiteRunner:
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
         return self.connection.execute(sql, params).fetchall()
 
+_INSERT = (
+    "INSERT OR IGNORE INTO payloads"
+    " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+
 
 class SQLiteStore:
     """SQLite storage: WAL mode, a small pool of connections shared by request threads.
@@ -135,6 +142,7 @@ class SQLiteStore:
         self._write_lock = threading.Lock()
         self._closed = False
         self._pruned_at: Optional[float] = None
+        self._commits = GroupCommit(self._add_batch)
         connection = self._connect()
         connection.executescript(_SCHEMA)
         _migrate(connection)
@@ -199,33 +207,43 @@ class SQLiteStore:
             yield connection
 
     def add(self, record: PayloadRecord) -> bool:
-        row = (
-            record.payload_id,
-            record.instance_id,
-            record.timestamp,
-            record.received_at,
-            json.dumps(record.data, separators=(",", ":")),
-            json.dumps(record.client, separators=(",", ":")) if record.client is not None else None,
-            record.dropped,
-        )
+        return self._commits.submit(record)
+
+    def _add_batch(self, records: Sequence[PayloadRecord]) -> List[bool]:
+        """Insert ``records`` in one transaction, in order; whether each was new.
+
+        Each new payload is also queued for the rollups, which take it in with the
+        next fold: every ``FOLD_EVERY`` payloads, or before the next query.
+        """
+        rows = [
+            (
+                record.payload_id,
+                record.instance_id,
+                record.timestamp,
+                record.received_at,
+                json.dumps(record.data, separators=(",", ":")),
+                json.dumps(record.client, separators=(",", ":"))
+                if record.client is not None
+                else None,
+                record.dropped,
+            )
+            for record in records
+        ]
+        stored: List[bool] = []
         with self.writing() as run:
             connection = run.connection
-            cursor = connection.execute(
-                "INSERT OR IGNORE INTO payloads"
-                " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
-            if cursor.rowcount != 1:
-                return False
-            seq = cursor.lastrowid
-            assert seq is not None
-            # The rollups take it in with the next fold: every FOLD_EVERY payloads, or
-            # before the next query (see _rollups).
-            connection.execute(ADD_PENDING, (seq,))
-            if seq % FOLD_EVERY == 0:
+            fold = False
+            for row in rows:
+                cursor = connection.execute(_INSERT, row)
+                stored.append(cursor.rowcount == 1)
+                if cursor.rowcount == 1:
+                    seq = cursor.lastrowid
+                    assert seq is not None
+                    connection.execute(ADD_PENDING, (seq,))
+                    fold = fold or seq % FOLD_EVERY == 0
+            if fold:
                 fold_pending(run, _SELECT_PENDING)
-            return True
+        return stored
 
     def fold_rollups(self) -> int:
         """Add the payloads stored since the last fold to the rollups; how many."""

@@ -368,7 +368,9 @@ class HTTPSink:
 def _format_field(value: object) -> str:
     import json  # noqa: PLC0415
 
-    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    # ``default=list``: a counting set (``_wire.CountingSet``) is written as its list.
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"),
+                                                         default=list)
     return json.dumps(text) if (" " in text or not text) else text
 
 

@@ -10,17 +10,17 @@ a big payload does not stall the application's threads.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
 import secrets
 import time
 import zlib
-from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
-from typing import Any, Dict, List, Optional, Tuple, Union
+from json.encoder import encode_basestring
+from typing import Any, Dict, List, Optional, Tuple, Union, overload
 
 import attrs
 
@@ -30,6 +30,8 @@ logger = logging.getLogger("telemetry")
 
 JSONValue = Union[None, bool, int, float, str, List["JSONValue"], Dict[str, "JSONValue"]]
 """A value that encodes to JSON as it is."""
+DataValue = Union[JSONValue, "CountingSet"]
+"""A value of a payload's ``data``: JSON, or a counting set the encoder writes itself."""
 
 CLIENT_NAME = "telemetry-python"
 NANOSECONDS_PER_SECOND = 1_000_000_000
@@ -48,7 +50,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # incrementally (see ``iter_encoded_payload``).
 ENCODE_CHUNK_KEYS = 512
 ENCODE_CHUNK_ELEMENTS = 1024
-# Counting-set members put in wire form between two GIL hand-offs (see ``wire_data``).
+# Keys of the buffer's tables merged into one between two GIL hand-offs (see ``wire_data``).
 WIRE_ITEMS_PER_PAUSE = 1000
 # Longest the encoder runs before it hands the GIL back (seconds). A hand-off costs
 # a system call, and up to the interpreter's switch interval (5 ms) before this
@@ -71,7 +73,31 @@ def _utc(value: datetime) -> datetime:
 
 def estimate_items(data: Mapping[str, Any]) -> int:
     """Item count of wire data: one per key plus one per element of a container."""
-    return sum(1 + len(value) if isinstance(value, (list, dict)) else 1 for value in data.values())
+    return sum(
+        1 + len(value) if _container_of(value) is not None else 1 for value in data.values()
+    )
+
+
+_SCALAR_TYPES = frozenset({str, int, float, bool, type(None)})
+_CONTAINER_TYPES = frozenset({list, tuple, dict})
+
+
+def _container_of(
+    value: object,
+) -> Optional[Union[CountingSet, List[Any], Tuple[Any, ...], Dict[str, Any]]]:
+    """``value`` when it is a list, tuple, mapping or counting set, else None.
+
+    By exact type first: ``isinstance`` against ``CountingSet``, an abstract
+    ``Sequence``, costs half a microsecond, once per key of a 100,000-key payload.
+    """
+    kind = type(value)
+    if kind in _SCALAR_TYPES:
+        return None
+    if kind is CountingSet or kind in _CONTAINER_TYPES or isinstance(
+        value, (CountingSet, list, tuple, dict)
+    ):
+        return value  # type: ignore[return-value]
+    return None
 
 
 def _items_of_data(payload: Payload) -> int:
@@ -91,7 +117,7 @@ class Payload:
     instance_id: str
     timestamp: datetime = attrs.field(converter=_utc)
     payload_id: str = attrs.field(factory=new_payload_id)
-    data: Mapping[str, JSONValue] = attrs.field(factory=dict)
+    data: Mapping[str, DataValue] = attrs.field(factory=dict)
     dropped: int = 0
     client_name: str = CLIENT_NAME
     client_version: str = __version__
@@ -146,20 +172,75 @@ SERVER_LIMITS = WireLimits()
 """The limits of protocol v1 (``docs/protocol.md``, "Sizes")."""
 
 
+class CountingSet(Sequence[Dict[str, JSONValue]]):
+    """A counting set in wire form, ``[{"value": v, "count": n}, ...]``, read-only.
+
+    A view of the buffer's member counts, not a copy: a snapshot allocates no
+    object per member, and the encoder writes the members straight to JSON text.
+    (A dict per member, alive until the payload is delivered, is one more object
+    for the cyclic garbage collector to count: 100,000 of them start collections
+    that walk the application's whole heap while holding the GIL, stalling its
+    threads for tens of milliseconds.) Iterating it builds each ``{"value",
+    "count"}`` object as it goes; it compares equal to a list of the same objects.
+    """
+
+    __slots__ = ("_counts", "_member_value")
+
+    def __init__(
+        self, counts: Mapping[Hashable, int], member_value: Callable[[Hashable], JSONValue]
+    ) -> None:
+        self._counts = counts
+        self._member_value = member_value
+
+    def counts(self) -> Iterator[Tuple[JSONValue, int]]:
+        """Each distinct value and how many times it was appended."""
+        member_value = self._member_value
+        for member, count in self._counts.items():
+            yield member_value(member), count
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def __iter__(self) -> Iterator[Dict[str, JSONValue]]:
+        for value, count in self.counts():
+            yield {"value": value, "count": count}
+
+    @overload
+    def __getitem__(self, index: int) -> Dict[str, JSONValue]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> List[Dict[str, JSONValue]]: ...
+
+    def __getitem__(
+        self, index: Union[int, slice]
+    ) -> Union[Dict[str, JSONValue], List[Dict[str, JSONValue]]]:
+        return list(self)[index]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, (CountingSet, list)):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment] # unhashable, like the list it stands for
+
+    def __repr__(self) -> str:
+        return f"CountingSet({list(self)!r})"
+
+
 def wire_data(
     plain_tables: Iterable[Dict[str, Any]],
     counting_sets: Mapping[str, Mapping[Hashable, int]],
     member_value: Callable[[Hashable], JSONValue],
-) -> Dict[str, JSONValue]:
+) -> Dict[str, Any]:
     """The payload's ``data`` from the buffer's tables, in the shapes of the wire.
 
     ``plain_tables`` (values, mappings, counters, lists) are in wire form
     already; they are merged, and the largest becomes the result instead of
     being copied, so call this once, on tables nobody else holds. A counting
-    set becomes a list of ``{"value": v, "count": n}`` (``member_value`` turns a
-    stored member back into its value). The GIL is handed back every
-    ``WIRE_ITEMS_PER_PAUSE`` items copied or converted: a buffer of 100,000
-    items must not stall the application's threads.
+    set becomes a ``CountingSet`` view of its member counts (``member_value``
+    turns a stored member back into its value). Nothing is allocated per item,
+    and the GIL is handed back every ``WIRE_ITEMS_PER_PAUSE`` keys merged: a
+    buffer of 100,000 items must not stall the application's threads.
     """
     tables = list(plain_tables)
     data: Dict[str, Any] = max(tables, key=len) if tables else {}
@@ -172,21 +253,7 @@ def wire_data(
                 _pause()
                 budget = WIRE_ITEMS_PER_PAUSE
     for key, counts in counting_sets.items():
-        members = iter(counts.items())
-        remaining = len(counts)
-        wire: List[JSONValue] = []
-        while remaining:
-            size = min(remaining, budget)
-            wire += [
-                {"value": member_value(member), "count": count}
-                for member, count in itertools.islice(members, size)
-            ]
-            remaining -= size
-            budget -= size
-            if not budget:
-                _pause()
-                budget = WIRE_ITEMS_PER_PAUSE
-        data[key] = wire
+        data[key] = CountingSet(counts, member_value)
     return data
 
 
@@ -231,13 +298,21 @@ def payload_header(payload: Payload) -> Dict[str, Any]:
 
 
 def _dumps(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return _no_surrogates(
+        json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    )
+
+
+def _no_surrogates(text: str) -> str:
+    """``text`` with each lone surrogate written as a ``\\u`` escape.
+
+    A lone surrogate (it can only sit inside a JSON string) has no UTF-8 form;
+    the escape decodes back to the same string.
+    """
     if not text.isascii():  # O(1) for ASCII text
         try:
             text.encode("utf-8")
         except UnicodeEncodeError:
-            # A lone surrogate (it can only sit inside a JSON string) has no UTF-8
-            # form: write it as a \u escape, which decodes back to the same string.
             text = _SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
     return text
 
@@ -261,56 +336,118 @@ def iter_encoded_payload(
 ) -> Iterator[str]:
     """Encode ``payload`` as JSON text in pieces that each take little time.
 
-    A piece holds at most ``chunk_keys`` data keys, and ends once its list and
-    mapping values hold ``chunk_elements`` elements; a value with more elements
-    than that is encoded alone, in slices of ``chunk_elements``. The C encoder
-    holds the GIL for a whole ``json.dumps`` call; encoding in pieces lets a
-    caller hand the GIL back between them so a big payload does not stall the
-    application's threads.
+    A piece holds at most ``chunk_keys`` data keys, and ends once its values
+    hold ``chunk_elements`` list, mapping or counting-set elements; a value with
+    more elements than that is encoded across pieces. The C encoder holds the
+    GIL for a whole ``json.dumps`` call; encoding in pieces lets a caller hand
+    the GIL back between them so a big payload does not stall the application's
+    threads. Counting sets are written member by member, straight to text.
     """
     head = _dumps(payload_header(payload))
     yield head[:-1] + ',"data":{'
+    chunk_keys, chunk_elements = max(chunk_keys, 1), max(chunk_elements, 1)
     separator = ""
-    batch: Dict[str, Any] = {}
-    elements = 0
+    parts: List[str] = []  # this piece's text so far
+    batch: Dict[str, Any] = {}  # then its plain values, encoded together at the end
+    keys = elements = 0
     for key, value in payload.data.items():
-        container = value if isinstance(value, (list, tuple, dict)) else ()
-        if len(container) > chunk_elements:
+        container = _container_of(value)
+        size = 0 if container is None else len(container)
+        if type(container) is not CountingSet and size <= chunk_elements:
+            batch[key] = value
+        else:
+            assert container is not None
             if batch:
-                yield separator + _dumps(batch)[1:-1]
-                separator, batch, elements = ",", {}, 0
-            yield from _iter_encoded_slices(
-                separator + _dumps(key) + ":", container, chunk_elements
+                parts.append(separator + _dumps(batch)[1:-1])
+                separator, batch = ",", {}
+            encoded = _iter_encoded_elements(
+                separator + _key_text(key) + ":", container, chunk_elements
             )
             separator = ","
-            continue
-        batch[key] = value
-        elements += len(container)
-        if len(batch) >= chunk_keys or elements >= chunk_elements:
-            yield separator + _dumps(batch)[1:-1]
-            separator, batch, elements = ",", {}, 0
+            if size > chunk_elements:  # pieces of its own
+                if parts:
+                    yield "".join(parts)
+                    parts = []
+                yield from encoded
+                keys = elements = 0
+                continue
+            parts += encoded
+        keys += 1
+        elements += size
+        if keys >= chunk_keys or elements >= chunk_elements:
+            if batch:
+                parts.append(separator + _dumps(batch)[1:-1])
+                separator, batch = ",", {}
+            yield "".join(parts)
+            parts, keys, elements = [], 0, 0
     if batch:
-        yield separator + _dumps(batch)[1:-1]
+        parts.append(separator + _dumps(batch)[1:-1])
+    if parts:
+        yield "".join(parts)
     yield "}}"
 
 
-def _iter_encoded_slices(
-    prefix: str, value: Union[List[Any], Tuple[Any, ...], Dict[str, Any]], size: int
+def _iter_encoded_elements(
+    prefix: str,
+    value: Union[CountingSet, List[Any], Tuple[Any, ...], Dict[str, Any]],
+    size: int,
 ) -> Iterator[str]:
-    """``prefix`` and one big list or mapping, encoded ``size`` elements at a time."""
-    size = max(size, 1)
-    if isinstance(value, dict):
-        items = list(value.items())
-        opening, closing = "{", "}"
-        pieces = (_dumps(dict(items[start : start + size])) for start in range(0, len(items), size))
-    else:
+    """``prefix`` and one list, mapping or counting set, ``size`` elements per piece.
+
+    Lists go to the C encoder in slices; mappings and counting sets are written
+    element by element, so that no list of their items is built first.
+    """
+    if isinstance(value, (list, tuple)):
+        separator = _no_surrogates(prefix) + "["
+        for start in range(0, len(value), size):
+            yield separator + _dumps(value[start : start + size])[1:-1]
+            separator = ","
+        yield "]"
+        return
+    if isinstance(value, CountingSet):
+        elements: Iterator[str] = (
+            f'{{"value":{_value_text(member)},"count":{_value_text(count)}}}'
+            for member, count in value.counts()
+        )
         opening, closing = "[", "]"
-        pieces = (_dumps(value[start : start + size]) for start in range(0, len(value), size))
-    separator = prefix + opening
-    for piece in pieces:
-        yield separator + piece[1:-1]
+    else:
+        elements = (f"{_key_text(name)}:{_value_text(item)}" for name, item in value.items())
+        opening, closing = "{", "}"
+    pieces = [prefix + opening]
+    separator = ""
+    for count, element in enumerate(elements, 1):
+        pieces.append(separator + element)
         separator = ","
-    yield closing
+        if not count % size:
+            yield _no_surrogates("".join(pieces))
+            pieces.clear()
+    pieces.append(closing)
+    yield _no_surrogates("".join(pieces))
+
+
+_int_text = int.__repr__
+_float_text = float.__repr__
+
+
+def _value_text(value: Any) -> str:
+    """JSON text of ``value``: plain scalars directly, anything else with ``json.dumps``."""
+    kind = type(value)
+    if kind is str:
+        return encode_basestring(value)
+    if kind is int:
+        return _int_text(value)
+    if kind is float and value - value == 0:  # finite
+        return _float_text(value)
+    if value is None:
+        return "null"
+    if kind is bool:
+        return "true" if value else "false"
+    return _dumps(value)
+
+
+def _key_text(key: Any) -> str:
+    """JSON text of an object member's name (not a ``str``: as ``json.dumps`` writes it)."""
+    return encode_basestring(key) if type(key) is str else _dumps({key: None})[1:-6]
 
 
 def encode_payload(payload: Payload) -> bytes:

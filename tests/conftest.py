@@ -27,7 +27,7 @@ from telemetry import _log
 from telemetry._buffer import Buffer, member_value
 from telemetry._emitter import Emitter
 from telemetry._state import State
-from telemetry._wire import JSONValue, Payload, Request, encode_request, wire_data
+from telemetry._wire import CountingSet, JSONValue, Payload, Request, encode_request, wire_data
 
 pytest_plugins = ["server_stub.pytest_plugin"]
 
@@ -159,7 +159,7 @@ def typed(value: Any) -> Any:
     """``value`` with every scalar tagged by its type, so 1, 1.0 and True compare unequal."""
     if isinstance(value, dict):
         return {name: typed(item) for name, item in value.items()}
-    if isinstance(value, list):
+    if isinstance(value, (list, CountingSet)):  # a counting set: the list it stands for
         return [typed(item) for item in value]
     return (type(value).__name__, value)
 
@@ -173,10 +173,18 @@ class Taken(NamedTuple):
 
 
 def taken(buffer: Buffer) -> Taken:
-    """Take everything out of ``buffer``, with the data in the wire's shapes."""
+    """Take everything out of ``buffer``, with the data in the wire's shapes as plain JSON
+    (a counting set as the list it stands for)."""
     snapshot = buffer.take()
     data = wire_data(snapshot.plain_tables, snapshot.counting_sets, member_value)
-    return Taken(data, snapshot.items, snapshot.dropped)
+    plain: Dict[str, JSONValue] = {}
+    for key, value in data.items():
+        if isinstance(value, CountingSet):
+            members: List[JSONValue] = [*value]
+            plain[key] = members
+        else:
+            plain[key] = value
+    return Taken(plain, snapshot.items, snapshot.dropped)
 
 
 def encoded(payloads: Iterable[Payload]) -> List[Request]:

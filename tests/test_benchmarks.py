@@ -39,7 +39,7 @@ def _assert_beside_floor(calls: Dict[str, Dict[str, float]]) -> None:
 def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -> None:
     assert set(results) == {
         "calls_on", "calls_off", "contended", "import", "memory", "snapshot_encode", "stall",
-        "server", "spool_start",
+        "server", "server_app_cpu", "spool_start",
     }
     spool = results["spool_start"]
     assert spool["files"] == TINY.spool_files
@@ -75,22 +75,32 @@ def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -
         assert encoded["ms"] > 0
         assert 0 < encoded["body_bytes"] < encoded["raw_bytes"]  # gzipped
 
-    stall = results["stall"]
-    assert stall["delivered"] is True
-    assert stall["items"] == TINY.stall_items
-    assert stall["request_body_bytes"]
-    for phase in ("uncontended", "during_emission"):
-        figures = stall[phase]
-        assert figures["calls"] > 0
-        assert 0 < figures["p50_us"] <= figures["p99_us"] <= figures["max_us"]
-        assert figures["over_5ms"] <= figures["over_1ms"] <= figures["calls"]
-    phases = stall["client_work"]["seconds"] + stall["sending"]["seconds"]
-    assert 0 < phases <= stall["emission_s"] + 0.002  # each figure is rounded to 1 ms
+    assert set(results["stall"]) == set(bench_client.STALL_FILLS)
+    for shape, stall in results["stall"].items():
+        assert stall["fill"] == shape
+        assert stall["delivered"] is True
+        assert stall["items"] == TINY.stall_items
+        assert stall["request_body_bytes"]
+        for phase in ("uncontended", "during_emission"):
+            figures = stall[phase]
+            assert figures["calls"] > 0
+            assert 0 < figures["p50_us"] <= figures["p99_us"] <= figures["max_us"]
+            assert figures["over_5ms"] <= figures["over_1ms"] <= figures["calls"]
+        collected = stall["gc_during_emission"]
+        assert 0 <= collected["full"] <= collected["collections"]
+        assert 0 <= collected["in_emitter"] <= collected["collections"]
+        phases = stall["client_work"]["seconds"] + stall["sending"]["seconds"]
+        assert 0 < phases <= stall["emission_s"] + 0.002  # each figure is rounded to 1 ms
 
     server = results["server"]
     assert server["payloads"] == server["stored"] == TINY.ingest_payloads
     assert server["failures"] == 0
     assert server["payloads_per_s"] > 0
+
+    app = results["server_app_cpu"]
+    assert app["payloads"] > 0 and app["threads"] == 8
+    assert app["failures"] == 0
+    assert app["cpu_ms_per_payload"] > 0
 
     rows = run.table_rows(results)
     by_figure = {row.figure: row for row in rows}
@@ -107,7 +117,9 @@ def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -
 
 
 def test_the_buffer_fills_hold_exactly_the_items_asked_for(tmp_path: Path) -> None:
-    for fill in bench_client.FILLS.values():
+    fills = {**bench_client.FILLS, **bench_client.STALL_FILLS}
+    fills.pop("events", None)  # events are not buffer items: see the next test
+    for fill in fills.values():
         for items in (0, 1, 2, 37, 1_000):
             client = bench_client.isolated_client(str(tmp_path))
             fill(client, items)
@@ -134,6 +146,16 @@ def test_the_soak_runs_tiny_and_loses_nothing() -> None:
     assert result["left_in_spool"] == 0
     assert result["server_p99_ms"] > 0
     assert soak.main(["--instances", "2", "--cycles", "1", "--json"]) == 0
+
+
+@pytest.mark.skipif("events" not in bench_client.STALL_FILLS, reason="no events here")
+def test_the_events_fill_records_the_events_asked_for(tmp_path: Path) -> None:
+    for items in (0, 1, 37):
+        client = bench_client.isolated_client(str(tmp_path), max_events=100)
+        bench_client.fill_events(client, items)
+        payload = client.take_payload()
+        assert payload is not None
+        assert len(getattr(payload, "events", ())) == items
 
 
 def test_the_query_benchmark_runs_and_its_postgres_copy_answers_alike(

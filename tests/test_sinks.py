@@ -26,6 +26,7 @@ from typing import Callable, Dict, List, Optional
 import pytest
 
 from server_stub import Server
+from telemetry._buffer import member_value
 from telemetry._sinks import (
     MAX_ANSWER_BYTES,
     HTTPSink,
@@ -35,7 +36,7 @@ from telemetry._sinks import (
     SendResult,
     result_for_status,
 )
-from telemetry._wire import JSONValue, Payload, Request, Response, encode_request
+from telemetry._wire import CountingSet, JSONValue, Payload, Request, Response, encode_request
 
 NOW = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
 NS = 1_000_000_000
@@ -105,6 +106,18 @@ def test_the_log_sink_writes_one_line_per_payload(caplog: pytest.LogCaptureFixtu
     (line,) = [r.getMessage() for r in caplog.records]
     assert line == (f"[telemetry] payload_id={sent.payload_id} dropped=0 hits=1 "
                     'name="two words" empty="" agents=[{"value":"a","count":2}]')
+
+
+def test_the_log_sink_writes_a_counting_set_taken_from_the_buffer_as_its_list(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sent = Payload(instance_id="i", timestamp=datetime(2026, 11, 23, tzinfo=timezone.utc),
+                   data={"agents": CountingSet({"curl": 2, "wget": 1}, member_value)})
+    with caplog.at_level(logging.INFO, logger="telemetry"):
+        result = LogSink()(encode_request(sent)[0], 1.0)
+    assert result.outcome is D
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.endswith(' agents=[{"value":"curl","count":2},{"value":"wget","count":1}]')
 
 
 def test_the_no_op_sink_accepts_everything() -> None:

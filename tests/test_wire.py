@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import gzip
 import json
 import logging
@@ -17,10 +18,11 @@ from conftest import taken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from telemetry._buffer import Buffer
+from telemetry._buffer import Buffer, member_value
 from telemetry._version import __version__
 from telemetry._wire import (
     CLIENT_NAME,
+    CountingSet,
     Payload,
     Response,
     WireLimits,
@@ -28,6 +30,7 @@ from telemetry._wire import (
     decode_response,
     duration_to_seconds,
     encode_payload,
+    encode_request,
     estimate_items,
     format_timestamp,
     iter_encoded_payload,
@@ -36,6 +39,7 @@ from telemetry._wire import (
     parse_timestamp,
     seconds_to_duration,
     split_to_fit,
+    wire_data,
 )
 
 CADDY_EXAMPLE = Path("/work/shared/examples/caddy_go_client_payload.json")
@@ -608,3 +612,67 @@ def test_payload_items_default_to_the_estimate_and_may_be_given() -> None:
     data = {"a": 1, "l": [1, 2, 3], "m": {"x": 1}}
     assert make_payload(data=data).items == 1 + 4 + 2
     assert make_payload(data=data, items=42).items == 42
+
+
+# -- counting sets: a view of the buffer's counts, written straight to text ----------
+
+SET_MEMBERS: Dict[Any, int] = {"curl": 3, 7: 1, ("float", 1.0): 2, ("bool", True): 1,
+                               ("NoneType", None): 4, "é\ud800": 1, 'q"\\': 2}
+
+
+def _as_list(counts: Dict[Any, int]) -> List[Dict[str, Any]]:
+    return [{"value": member_value(member), "count": count} for member, count in counts.items()]
+
+
+def test_a_counting_set_reads_and_compares_as_the_list_it_stands_for() -> None:
+    view = CountingSet(SET_MEMBERS, member_value)
+    expected = _as_list(SET_MEMBERS)
+    assert len(view) == len(expected)
+    assert list(view) == expected
+    assert view == expected and expected == view  # both ways round
+    assert view != expected[:-1] and view != "curl"
+    assert view[0] == {"value": "curl", "count": 3}
+    assert view[-2:] == expected[-2:]
+    assert list(view.counts()) == [(item["value"], item["count"]) for item in expected]
+    assert estimate_items({"agents": view, "n": 1}) == 1 + len(expected) + 1
+    with pytest.raises(TypeError):
+        hash(view)
+
+
+@pytest.mark.parametrize("chunk_elements", [1, 2, 3, 1024])
+@pytest.mark.parametrize("chunk_keys", [1, 2, 512])
+def test_a_counting_set_encodes_exactly_as_its_list(chunk_keys: int, chunk_elements: int) -> None:
+    sets = {"small": SET_MEMBERS, "big": {f"{n:04x}": n + 1 for n in range(2500)}, "one": {"x": 1}}
+    viewed: Dict[str, Any] = {"n": 1, "words": ["a", "b"]}
+    listed: Dict[str, Any] = dict(viewed)
+    for key, counts in sets.items():
+        viewed[key], listed[key] = CountingSet(counts, member_value), _as_list(counts)
+        viewed[key + ":after"] = listed[key + ":after"] = {"k": 1.5}
+    pieces = list(iter_encoded_payload(make_payload(data=viewed), chunk_keys, chunk_elements))
+    expected = list(iter_encoded_payload(make_payload(data=listed), chunk_keys, chunk_elements))
+    assert "".join(pieces) == "".join(expected)
+    assert encode_payload(make_payload(data=viewed)) == encode_payload(make_payload(data=listed))
+    assert decode_payload(encode_payload(make_payload(data=viewed))) == make_payload(data=viewed)
+    if chunk_elements < 1024:  # the big set is spread over pieces of at most chunk_elements
+        assert len(pieces) > 2500 // chunk_elements
+
+
+def test_a_snapshot_of_counting_sets_keeps_no_object_per_member() -> None:
+    buffer = Buffer()
+    for key in ("agents:0", "agents:1"):
+        for n in range(5000):
+            buffer.append_unique(key, f"{n * 2654435761 % 2**32:08x}")
+    snapshot = buffer.take()
+    # Disabled only to read the collector's allocation count: each object it tracks
+    # counts one while it lives, and enough of them start a collection.
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        data = wire_data(snapshot.plain_tables, snapshot.counting_sets, member_value)
+        request, _ = encode_request(make_payload(data=data))
+        kept = gc.get_count()[0] - before
+    finally:
+        gc.enable()
+    assert kept < 100  # a dict per member would be 10,000
+    sent = json.loads(gzip.decompress(request.body))["data"]
+    assert [len(sent[key]) for key in ("agents:0", "agents:1")] == [5000, 5000]

@@ -1,0 +1,102 @@
+"""Group commit in both stores: many payloads per transaction, each stored once, each
+request told whether its payload was new only once it is committed."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Union
+
+import pytest
+
+from server_stub import PayloadRecord, PostgresStore, SQLiteStore, UnstorablePayload, open_store
+
+AnyStore = Union[SQLiteStore, PostgresStore]
+
+
+def _record(
+    data: Optional[Dict[str, Any]] = None,
+    *,
+    payload_id: Optional[str] = None,
+    instance_id: str = "4f2b1c3d-0000-4000-8000-000000000001",
+) -> PayloadRecord:
+    return PayloadRecord(
+        payload_id=payload_id or uuid.uuid4().hex,
+        instance_id=instance_id,
+        timestamp="2026-11-23T10:00:00.123456Z",
+        received_at="2026-11-23T10:00:01.000000Z",
+        data=data if data is not None else {"n": 1},
+        client={"name": "telemetry-python", "version": "0.1.0", "dropped": 2},
+    )
+
+
+@pytest.fixture
+def store(backend_db: str, tmp_path: Path) -> Iterator[AnyStore]:
+    """Each backend, on a file for SQLite (several connections, as in production)."""
+    store = open_store(str(tmp_path / "t.db") if backend_db == ":memory:" else backend_db)
+    try:
+        yield store
+    finally:
+        store.close()
+
+
+def test_a_batch_stores_each_payload_id_once_and_says_which_were_new(store: AnyStore) -> None:
+    earlier = _record({"n": 1})
+    assert store.add(earlier) is True
+    fresh = [_record({"n": n}) for n in range(2, 6)]
+    again = PayloadRecord(**{**earlier.__dict__, "received_at": "2026-11-23T11:00:00.000000Z"})
+    twin = PayloadRecord(**{**fresh[1].__dict__, "data": {"n": 99}})
+    batch = [fresh[0], again, fresh[1], twin, fresh[2], fresh[3]]
+    assert store._add_batch(batch) == [True, False, True, False, True, True]
+    assert store.fold_rollups() == 5  # each new payload joined the rollups' queue, once
+    stored = {row["payload_id"]: row for row in store.all_payloads()}
+    assert sorted(stored) == sorted(record.payload_id for record in [earlier, *fresh])
+    assert stored[fresh[1].payload_id]["data"] == {"n": 3}  # the first of the twins
+    assert stored[earlier.payload_id]["received_at"] == earlier.received_at
+    stats = store.stats()
+    assert (stats["payloads"], stats["dropped"], stats["keys"]) == (5, 10, {"n": 15})
+
+
+def test_concurrent_adds_each_learn_once_their_payload_is_stored(store: AnyStore) -> None:
+    """Many threads at once (so batches form), some posting the same payload twice."""
+    threads, per_thread = 12, 15
+    shared = [_record({"shared": 1}) for _ in range(per_thread)]
+    start = threading.Barrier(threads)
+
+    def worker(index: int) -> List[bool]:
+        instance_id = str(uuid.UUID(int=index + 1))
+        start.wait(10)
+        results = []
+        for n in range(per_thread):
+            mine = _record({"hits": 1}, instance_id=instance_id)
+            results.append(store.add(mine))
+            # Answered only once committed: every connection sees it now.
+            assert any(row["payload_id"] == mine.payload_id
+                       for row in store.instance_payloads(instance_id, 1, 0))
+            results.append(store.add(shared[n]))
+        return results
+
+    with ThreadPoolExecutor(threads) as pool:
+        outcomes = list(pool.map(worker, range(threads)))
+    own = [result for results in outcomes for result in results[0::2]]
+    shared_outcomes = [result for results in outcomes for result in results[1::2]]
+    assert own == [True] * threads * per_thread
+    assert shared_outcomes.count(True) == per_thread  # each shared payload_id new once
+    stats = store.stats()
+    assert stats["payloads"] == threads * per_thread + per_thread
+    assert stats["keys"] == {"hits": threads * per_thread, "shared": per_thread}
+
+
+def test_a_payload_postgresql_cannot_hold_fails_alone(store: AnyStore) -> None:
+    if isinstance(store, SQLiteStore):
+        pytest.skip("SQLite stores any string")
+    good, bad = _record({"n": 1}), _record({"text": "nul \u0000"})
+    with pytest.raises(UnstorablePayload):
+        store._add_batch([good, bad])  # one transaction: nothing of it is kept
+    assert store.all_payloads() == []
+    assert store.add(good) is True
+    with pytest.raises(UnstorablePayload):
+        store.add(bad)
+    assert [row["payload_id"] for row in store.all_payloads()] == [good.payload_id]
