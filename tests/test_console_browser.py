@@ -374,7 +374,16 @@ def test_a_policy_edited_in_the_form_is_the_next_update_answer(
     context.close()
 
 
-def test_hostile_keys_and_attributes_are_text_and_run_nothing(
+def assert_nothing_ran(page: Page, url: str, paths: List[str]) -> None:
+    """No element or script came out of a client's string on these pages."""
+    for path in paths:
+        page.goto(f"{url}{path}")
+        assert page.locator("img").count() == 0, path
+        scripts = page.locator("script")
+        assert scripts.count() == 1 and scripts.get_attribute("src") == "/static/console.js"
+
+
+def test_a_hostile_key_is_text_and_runs_nothing(
     browser: Browser, fleet_server: Tuple[RunningServer, Fleet]
 ) -> None:
     server, fleet = fleet_server
@@ -386,21 +395,34 @@ def test_hostile_keys_and_attributes_are_text_and_run_nothing(
     link.click()
     page.wait_for_load_state()
     assert page.locator("main h1").inner_text() == f"Key {HOSTILE_KEY}"
-    page.goto(f"{server.url}/events")
-    assert page.get_by_text(HOSTILE_TEXT, exact=True).first.is_visible()
-    shoot(page, "desktop-events-hostile")
     page.goto(f"{server.url}/instance/{fleet.instance_ids[0]}")
     assert HOSTILE_KEY in page.locator(".payload-data").first.inner_text()
-    for path in (
-        "/keys",
-        f"/key?name={quote(HOSTILE_KEY)}",
-        "/events",
-        f"/instance/{fleet.instance_ids[0]}",
-    ):
-        page.goto(f"{server.url}{path}")
-        assert page.locator("img").count() == 0, path
-        scripts = page.locator("script")
-        assert scripts.count() == 1 and scripts.get_attribute("src") == "/static/console.js"
+    paths = ["/", "/keys", f"/key?name={quote(HOSTILE_KEY)}", f"/instance/{fleet.instance_ids[0]}"]
+    assert_nothing_ran(page, server.url, paths)
+    watch.check()  # no alert() dialog ever opened
+    context.close()
+
+
+@pytest.mark.skipif(
+    not hasattr(telemetry.Client, "record"), reason="this client cannot record events yet"
+)
+def test_events_are_counted_as_the_api_says_and_their_attributes_run_nothing(
+    browser: Browser, fleet_server: Tuple[RunningServer, Fleet]
+) -> None:
+    server, fleet = fleet_server
+    context, page, watch = new_page(browser)
+    sign_in(page, server.url, READ_TOKEN)
+    page.goto(f"{server.url}/events")
+    counts = server.api("/v1/stats", **window_of(page))["events"]
+    assert counts == {"behavioral": {"click": fleet.days}}
+    assert table_rows(page, "Events by type and name") == [["behavioral", "click", str(fleet.days)]]
+    assert marks(page, "Events by type and name") == 1
+    assert page.get_by_text(HOSTILE_TEXT, exact=True).count() == fleet.days
+    shoot(page, "desktop-events-hostile")
+    page.get_by_role("link", name="click", exact=True).click()
+    page.wait_for_url(re.compile(r".*/events\?type=behavioral&name=click.*"))
+    assert page.get_by_text(HOSTILE_TEXT, exact=True).count() == fleet.days
+    assert_nothing_ran(page, server.url, ["/events", f"/instance/{fleet.instance_ids[0]}"])
     watch.check()  # no alert() dialog ever opened
     context.close()
 
