@@ -297,7 +297,6 @@ class EventBuffer:
         self._wall_clock = wall_clock
         self._disabled: FrozenSet[str] = frozenset()
         self._lock = threading.Lock()
-        self.set_disabled_keys(disabled_keys)
         self._events: List[_Event] = []
         self._rejected = 0
         self._dropped_events = 0
@@ -308,6 +307,7 @@ class EventBuffer:
         # Types and names, and attribute names, that passed every check (see ``record``).
         self._checked_pairs: Set[Tuple[str, str]] = set()
         self._checked_names: Set[str] = set()
+        self.set_disabled_keys(disabled_keys)
 
     # -- the event calls -------------------------------------------------------
 
@@ -593,9 +593,9 @@ class Recorder:
     _client: _HasEvents
     _attrs: Dict[str, Any]
 
-    def __init__(self, client: _HasEvents, attrs: Dict[str, Any]) -> None:
+    def __init__(self, client: _HasEvents, attrs: Mapping[str, Any]) -> None:
         object.__setattr__(self, "_client", client)
-        object.__setattr__(self, "_attrs", attrs)
+        object.__setattr__(self, "_attrs", dict(attrs))
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("a Recorder is immutable; with_attrs() makes a new one")
@@ -625,4 +625,5 @@ class Recorder:
 
     def with_attrs(self, **attrs: Any) -> Recorder:
         """A recorder with these attributes added to (and winning over) the bound ones."""
-        return Recorder(self._client, {**self._attrs, **attrs})
+        attrs = {**self._attrs, **attrs}
+        return Recorder(self._client, attrs)
