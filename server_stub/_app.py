@@ -18,11 +18,13 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import parse_qs
 
+from ._events import InvalidEvent, parse_event_query, validate_events
 from ._policy import Policy
 from ._store import PayloadRecord, Store, UnstorablePayload, open_store
 
@@ -323,9 +325,10 @@ def _validate_client(client: object) -> Optional[Dict[str, Any]]:
     for name in ("name", "version"):
         if name in client and not isinstance(client[name], str):
             raise HTTPError(400, f"client.{name} must be a string")
-    dropped = client.get("dropped", 0)
-    if isinstance(dropped, bool) or not isinstance(dropped, int) or not 0 <= dropped <= _MAX_INT64:
-        raise HTTPError(400, "client.dropped must be a non-negative integer")
+    for name in ("dropped", "dropped_events"):
+        count = client.get(name, 0)
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _MAX_INT64:
+            raise HTTPError(400, f"client.{name} must be a non-negative integer")
     return client
 
 
@@ -360,6 +363,10 @@ def validate_payload(body: object, instance_id: str, received_at: str) -> Payloa
         data = {}
     if not isinstance(data, dict):
         raise HTTPError(400, "data must be an object")
+    try:
+        events = validate_events(body.get("events"), instance_id, payload_id, received_at)
+    except (InvalidEvent, ValueError) as exc:
+        raise HTTPError(400, str(exc)) from None
     return PayloadRecord(
         payload_id=payload_id,
         instance_id=instance_id,
@@ -367,6 +374,7 @@ def validate_payload(body: object, instance_id: str, received_at: str) -> Payloa
         received_at=received_at,
         data=data,
         client=_validate_client(body.get("client")),
+        events=events,
     )
 
 
@@ -430,6 +438,9 @@ class App:
             if path == "/v1/stats":
                 _allow(method, "GET")
                 return Response(200, self.store.stats())
+            if path == "/v1/events":
+                _allow(method, "GET")
+                return self.events(environ)
             if path == "/healthz":
                 _allow(method, "GET")
                 return Response(200, {"status": "ok"})
@@ -484,6 +495,24 @@ class App:
             200,
             {"instance_id": instance_id, "payloads": payloads[:limit], "next_offset": next_offset},
         )
+
+
+    def events(self, environ: WSGIEnvironment) -> Response:
+        """``GET /v1/events?type=&name=&instance=&since=&until=&limit=&offset=``: newest first."""
+        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        now = datetime.fromtimestamp(self._clock(), timezone.utc)
+        try:
+            selection = parse_event_query(query, now)
+        except ValueError as exc:
+            raise HTTPError(400, str(exc)) from None
+        page = self.store.events(dataclass_replace(selection, limit=selection.limit + 1))
+        more = len(page) > selection.limit
+        return Response(200, {
+            "since": selection.since,
+            "until": selection.until,
+            "events": page[: selection.limit],
+            "next_offset": selection.offset + selection.limit if more else None,
+        })
 
 
 def _allow(method: str, allowed: str) -> None:

@@ -29,6 +29,8 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Iterator, Optional, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
+from . import _postgres_events
+from ._events import EventQuery
 from ._store import PayloadRecord, UnstorablePayload
 
 if TYPE_CHECKING:
@@ -62,9 +64,14 @@ _MIGRATIONS: Tuple[str, ...] = (
         count        bigint NOT NULL       -- payloads accepted in this window
     );
     """,
+    # 2: events and their hourly counts.
+    _postgres_events.EVENTS_MIGRATION,
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code creates and expects."""
+
+# Every event ever counted: the window of stats() until it takes one.
+_ALL_TIME = ("0001-01-01T00:00:00.000000Z", "9999-12-31T23:59:59.999999Z")
 
 _INSERT = """
 INSERT INTO payloads (payload_id, instance_id, sent_at, received_at, data, client, dropped)
@@ -293,12 +300,14 @@ class PostgresStore:
             record.dropped,
         )
         try:
-            with self._connection() as connection:
-                cursor = connection.execute(_INSERT, row)
+            with self._connection() as connection, connection.transaction():
+                stored = connection.execute(_INSERT, row).rowcount == 1
+                if stored:
+                    _postgres_events.insert_events(connection, record.events)
         except self._psycopg.DataError as exc:
             # \u0000 or an unpaired surrogate: jsonb cannot hold them.
             raise UnstorablePayload(str(exc).splitlines()[0]) from None
-        return cursor.rowcount == 1
+        return stored
 
     def stats(self) -> dict[str, Any]:
         with self._connection() as connection, connection.transaction():
@@ -314,12 +323,22 @@ class PostgresStore:
             assert row is not None
             instances, payloads, dropped = row
             key_rows = connection.execute(_KEY_TOTALS).fetchall()
+            events = _postgres_events.event_counts(connection, *_ALL_TIME)
         return {
             "instances": instances,
             "payloads": payloads,
             "dropped": int(dropped),
             "keys": _key_totals(key_rows),
+            "events": events,
         }
+
+    def events(self, query: EventQuery) -> list[dict[str, Any]]:
+        with self._connection() as connection:
+            return _postgres_events.query_events(connection, query)
+
+    def event_counts(self, since: str, until: str) -> dict[str, dict[str, int]]:
+        with self._connection() as connection:
+            return _postgres_events.event_counts(connection, since, until)
 
     def instance_payloads(self, instance_id: str, limit: int, offset: int) -> list[dict[str, Any]]:
         with self._connection() as connection:

@@ -11,11 +11,26 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import sqlite3
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Protocol, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Iterable,
+    Iterator,
+    Mapping,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    Union,
+)
+
+from . import _sqlite_events
+from ._events import EventQuery, EventRecord
 
 if TYPE_CHECKING:
     from ._postgres import PostgresStore
@@ -44,6 +59,8 @@ class PayloadRecord:
     """When the server received it, RFC 3339 UTC."""
     data: Mapping[str, Any]
     client: Optional[Mapping[str, Any]] = None
+    events: Sequence[EventRecord] = ()
+    """Its events, validated; stored once per ``(instance_id, event_id)``."""
 
     @property
     def dropped(self) -> int:
@@ -66,7 +83,17 @@ class Store(Protocol):
         ...
 
     def stats(self) -> dict[str, Any]:
-        """``{"instances", "payloads", "dropped", "keys"}``, see ``aggregate_keys``."""
+        """``{"instances", "payloads", "dropped", "keys", "events"}``, see ``aggregate_keys``;
+        ``events`` is ``{type: {name: count}}``."""
+        ...
+
+    def events(self, query: EventQuery) -> list[dict[str, Any]]:
+        """The events ``query`` selects, newest first (``event_row`` dicts)."""
+        ...
+
+    def event_counts(self, since: str, until: str) -> dict[str, dict[str, int]]:
+        """``{type: {name: count}}`` of the events counted in ``[since, until)``
+        (``format_time`` strings), from the hourly counts kept at ingest."""
         ...
 
     def instance_payloads(self, instance_id: str, limit: int, offset: int) -> list[dict[str, Any]]:
@@ -170,6 +197,43 @@ CREATE TABLE IF NOT EXISTS rate_windows (
 );
 """
 
+_MIGRATIONS: Tuple[str, ...] = (
+    _SCHEMA,  # 1: payloads and rate-limit windows
+    _sqlite_events.EVENTS_SCHEMA,  # 2: events and their hourly counts
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+"""The schema version this code creates and expects (``PRAGMA user_version``)."""
+
+# Every event ever counted: the window of stats() until it takes one.
+_ALL_TIME = ("0001-01-01T00:00:00.000000Z", "9999-12-31T23:59:59.999999Z")
+
+
+def migrate(connection: sqlite3.Connection) -> int:
+    """Bring the schema to ``SCHEMA_VERSION``; returns the version found (0: a new
+    database, or one made before versions were kept, whose tables all exist).
+
+    One ``BEGIN IMMEDIATE`` transaction, so concurrent starts migrate once.
+    Raises ``RuntimeError`` when the database was migrated by newer code.
+    """
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        (found,) = connection.execute("PRAGMA user_version").fetchone()
+        if found > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema version {found} is newer than this server's ({SCHEMA_VERSION})"
+            )
+        for script in _MIGRATIONS[found:]:
+            for statement in re.sub(r"--[^\n]*", "", script).split(";"):
+                if statement.strip():
+                    connection.execute(statement)
+        if found < SCHEMA_VERSION:
+            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+    return int(found)
+
 
 class SQLiteStore:
     """SQLite storage: WAL mode, a small pool of connections shared by request threads.
@@ -194,7 +258,7 @@ class SQLiteStore:
         self._write_lock = threading.Lock()
         self._closed = False
         connection = self._connect()
-        connection.executescript(_SCHEMA)
+        migrate(connection)
         if self._memory:
             self._idle.put(connection)
             self._opened = 1
@@ -266,13 +330,22 @@ class SQLiteStore:
             record.dropped,
         )
         with self._writing() as connection:
-            cursor = connection.execute(
-                "INSERT OR IGNORE INTO payloads"
-                " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                row,
-            )
-            return cursor.rowcount == 1
+            connection.execute("BEGIN IMMEDIATE")
+            try:
+                cursor = connection.execute(
+                    "INSERT OR IGNORE INTO payloads"
+                    " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    row,
+                )
+                stored = cursor.rowcount == 1
+                if stored:
+                    _sqlite_events.insert_events(connection, record.events)
+            except BaseException:
+                connection.execute("ROLLBACK")
+                raise
+            connection.execute("COMMIT")
+            return stored
 
     def stats(self) -> dict[str, Any]:
         # Computed from every stored payload on each call: exact and simple, and
@@ -287,9 +360,21 @@ class SQLiteStore:
                 ).fetchone()
                 rows = connection.execute("SELECT data FROM payloads ORDER BY seq")
                 keys = aggregate_keys(json.loads(data) for (data,) in rows)
+                events = _sqlite_events.event_counts(connection, *_ALL_TIME)
             finally:
                 connection.execute("COMMIT")
-        return {"instances": instances, "payloads": payloads, "dropped": dropped, "keys": keys}
+        return {
+            "instances": instances, "payloads": payloads, "dropped": dropped, "keys": keys,
+            "events": events,
+        }
+
+    def events(self, query: EventQuery) -> list[dict[str, Any]]:
+        with self._connection() as connection:
+            return _sqlite_events.query_events(connection, query)
+
+    def event_counts(self, since: str, until: str) -> dict[str, dict[str, int]]:
+        with self._connection() as connection:
+            return _sqlite_events.event_counts(connection, since, until)
 
     def instance_payloads(self, instance_id: str, limit: int, offset: int) -> list[dict[str, Any]]:
         with self._connection() as connection:

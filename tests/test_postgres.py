@@ -528,6 +528,7 @@ def test_four_gunicorn_workers_share_dedup_totals_policy_and_rate_limit(
             "posters": [{"value": number, "count": per_poster} for number in range(posters)],
             "set": [{"value": "d", "count": 2}],
         },
+        "events": {},
     }
 
     # A policy change reaches every worker (each re-reads the file when it changes),
