@@ -234,7 +234,7 @@ def test_the_filter_sees_the_wire_form_and_a_false_answer_drops_silently() -> No
 
     def keep_logins(event: Dict[str, Any]) -> bool:
         seen.append(dict(event))
-        return event["event_name"] == "login"
+        return bool(event["event_name"] == "login")
 
     buffer = make(event_filter=keep_logins)
     record(buffer, "behavioral", "login", user="u")
@@ -349,7 +349,7 @@ RAW_OK = {"event_id": "f" * 32, "event_time": WALL_TEXT, "event_type": "t", "eve
         {**RAW_OK, "event_type": ""},
         {**RAW_OK, "event_extra": 1},
         {**RAW_OK, "nested": {"a": 1}},
-        {**RAW_OK, 7: "not a str name"},
+        {7: "not a str name", **RAW_OK},
     ],
 )
 def test_record_raw_refuses_a_bad_event(event: object, caplog: pytest.LogCaptureFixture) -> None:
@@ -386,7 +386,7 @@ def test_a_recorder_is_immutable_and_keeps_a_copy() -> None:
     chained = recorder.with_attrs(b=2)
     assert dict(recorder.attrs) == {"a": 1} and dict(chained.attrs) == {"a": 1, "b": 2}
     with pytest.raises(AttributeError):
-        recorder._attrs = {}  # type: ignore[misc]
+        recorder._attrs = {}
     with pytest.raises(TypeError):
         recorder.attrs["a"] = 3  # type: ignore[index]
 
