@@ -329,7 +329,7 @@ def test_record_raw_normalizes_uuid_ids_and_offsets() -> None:
     assert event["event_time"] == "2026-11-23T10:00:00.123456Z"
 
 
-RAW_OK = {"event_id": "f" * 32, "event_time": WALL_TEXT, "event_type": "t", "event_name": "n"}
+RAW_OK: Dict[Any, Any] = {"event_id": "f" * 32, "event_time": WALL_TEXT, "event_type": "t", "event_name": "n"}
 
 
 @pytest.mark.parametrize(
@@ -349,7 +349,7 @@ RAW_OK = {"event_id": "f" * 32, "event_time": WALL_TEXT, "event_type": "t", "eve
         {**RAW_OK, "event_type": ""},
         {**RAW_OK, "event_extra": 1},
         {**RAW_OK, "nested": {"a": 1}},
-        {7: "not a str name", **RAW_OK},
+        {**RAW_OK, "ok": 1, 7: "not a str name"},
     ],
 )
 def test_record_raw_refuses_a_bad_event(event: object, caplog: pytest.LogCaptureFixture) -> None:
