@@ -13,12 +13,25 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Protocol, Union
 
 from telemetry import _consent
 from telemetry._buffer import DEFAULT_MAX_ITEMS, DEFAULT_MAX_VALUES_PER_KEY, Buffer
+from telemetry._events import (
+    DEFAULT_LOG_LEVEL,
+    DEFAULT_MAX_EVENTS,
+    EVENT_TYPE_BEHAVIORAL,
+    EVENT_TYPE_LOG,
+    EVENT_TYPE_METRIC,
+    NULL_EVENTS,
+    EventBuffer,
+    EventFilter,
+    EventTarget,
+    Recorder,
+    parse_log_level,
+)
 from telemetry._log import capture_internal_errors, logger, report_internal_error
 
 # Emission, state files and wire types (with attrs) load on first use, not on
@@ -123,10 +136,17 @@ class Client:
     telemetry is on, so they cost next to nothing when it is off.
     """
 
+    EVENT_TYPE_LOG = EVENT_TYPE_LOG
+    EVENT_TYPE_METRIC = EVENT_TYPE_METRIC
+    EVENT_TYPE_BEHAVIORAL = EVENT_TYPE_BEHAVIORAL
+
     def __init__(self) -> None:
         self.collector: Collector = NULL_COLLECTOR
         """Where collection calls go now: the buffer, or a null object when off."""
+        self.event_target: EventTarget = NULL_EVENTS
+        """Where event calls go now: the event buffer, or a null object when off."""
         self._buffer = Buffer()
+        self._events = EventBuffer()
         self._initialized = False
         self._options: Dict[str, Any] = {}
         self._consent_argument: Optional[str] = None
@@ -153,6 +173,9 @@ class Client:
         disabled_keys: Iterable[str] = (),
         max_items: int = DEFAULT_MAX_ITEMS,
         max_values_per_key: int = DEFAULT_MAX_VALUES_PER_KEY,
+        log_level: str = DEFAULT_LOG_LEVEL,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        event_filter: Optional[EventFilter] = None,
         default_interval: float = 3600.0,
         min_interval: float = 60.0,
         max_interval: float = 86400.0,
@@ -170,7 +193,10 @@ class Client:
         """Initialise once, at start-up. Raises only for misuse.
 
         ``endpoint`` is the collection server's base URL (default: the
-        ``TELEMETRY_ENDPOINT`` environment variable). ``clock``/``wait``/``rng``
+        ``TELEMETRY_ENDPOINT`` environment variable). ``log_level`` is the least
+        severe level ``log()`` records; ``max_events`` bounds the buffered events;
+        ``event_filter(event)`` sees each event in wire form and drops it by
+        answering false (or by raising: it fails closed). ``clock``/``wait``/``rng``
         /``wall_clock`` exist so tests can drive time. Raises ``ValueError``
         for a nil or unparsable ``instance_id`` or a bad argument,
         ``RuntimeError`` when called a second time.
@@ -185,6 +211,7 @@ class Client:
                 ("max_items", max_items, 0),
                 ("max_values_per_key", max_values_per_key, 0),
                 ("max_pending", max_pending, 1),
+                ("max_events", max_events, 0),
             ):
                 if type(count) is not int or count < least:
                     raise ValueError(f"{name} must be an int >= {least}, not {count!r}")
@@ -193,6 +220,9 @@ class Client:
                 raise ValueError("intervals and send_timeout must be numbers of seconds")
             if not 0 < min_interval <= max_interval or send_timeout <= 0:
                 raise ValueError("need 0 < min_interval <= max_interval and send_timeout > 0")
+            log_level = parse_log_level(log_level)
+            if event_filter is not None and not callable(event_filter):
+                raise ValueError(f"event_filter must be callable, not {event_filter!r}")
             from telemetry._state import State
 
             state = State(app, root=state_dir)  # raises ValueError for a bad app name
@@ -218,6 +248,13 @@ class Client:
                 max_values_per_key=max_values_per_key,
                 disabled_keys=disabled,
             )
+            self._events = EventBuffer(
+                max_events=max_events,
+                log_level=log_level,
+                event_filter=event_filter,
+                wall_clock=self._options["wall_clock"],
+                disabled_keys=disabled,
+            )
             self.instance_id = parsed_id
             self._apply_decision(self._resolve(self._read_persisted_consent()))
 
@@ -238,10 +275,12 @@ class Client:
         logger.debug("telemetry mode: %s (%s)", decision.mode, decision.rule)
         if decision.mode == _consent.OFF:
             self.collector = NULL_COLLECTOR
+            self.event_target = NULL_EVENTS
             if self._emitter is not None:
                 self._emitter.discard()
                 self._emitter = None
             self._buffer.take()  # data and drop counts alike: what was collected never existed
+            self._events.take()
             if self._state is not None:
                 self._state.delete_all()
             return
@@ -251,9 +290,12 @@ class Client:
             policy = self._state.read_policy(self.endpoint)
             self._server_stopped = policy.stopped(self._options["wall_clock"]())
             self._buffer.disable_keys(policy.disabled_keys)
+            self._sync_event_keys()
         if was_off:
             self._buffer.take()  # start empty: nothing from before counts
+            self._events.take()
         self.collector = NULL_COLLECTOR if self._server_stopped else self._buffer
+        self.event_target = NULL_EVENTS if self._server_stopped else self._events
         if self._emitter is not None:
             self._emitter.sink = self._make_sink()
         elif self._emitting_wanted and not self._server_stopped:
@@ -329,6 +371,25 @@ class Client:
         """Empty the buffer."""
         self.collector.reset()
 
+    # -- events: one-line delegations to the event target ---------------------
+
+    def record(self, event_type: str, event_name: str, /, **attrs: Any) -> None:
+        """Buffer one event: what happened (type and name), when, and scalar attributes."""
+        self.event_target.record(event_type, event_name, attrs, None)
+
+    def log(self, level: str, message: Any, /, **attrs: Any) -> None:
+        """A log event at ``level`` (error, warn, info, debug, trace) with a message."""
+        self.event_target.log(level, message, attrs, None)
+
+    def record_raw(self, event: Mapping[str, Any]) -> bool:
+        """Proxy an event built elsewhere, keeping its ``event_id`` and ``event_time``;
+        False (counted as rejected, warned once) when it is not a valid event."""
+        return self.event_target.record_raw(event, None)
+
+    def with_attrs(self, **attrs: Any) -> Recorder:
+        """A ``Recorder`` whose events all carry ``attrs``."""
+        return Recorder(self, attrs)
+
     @staticmethod
     def fast_hash(data: Union[str, bytes, bytearray, memoryview]) -> str:
         """xxh32 hex digest of ``data``. Not cryptographic."""
@@ -346,12 +407,24 @@ class Client:
         if self.collector is NULL_COLLECTOR or self.instance_id is None:
             return None
         snapshot = self._buffer.take()
+        events = self._events.take()
         return Payload(
             instance_id=str(self.instance_id),
             timestamp=now or datetime.fromtimestamp(self._options["wall_clock"](), timezone.utc),
             data=snapshot.data,
-            dropped=snapshot.dropped,
-            items=snapshot.items,
+            dropped=snapshot.dropped + events.rejected,
+            items=snapshot.items + len(events.events),
+            events=events.events,
+            dropped_events=events.dropped_events,
+        )
+
+    def _has_data(self) -> bool:
+        return self._buffer.has_data() or self._events.has_events()
+
+    def _sync_event_keys(self) -> None:
+        """Give the event buffer the disabled keys now in force."""
+        self._events.set_disabled_keys(
+            self._buffer.app_disabled_keys | self._buffer.server_disabled_keys
         )
 
     def start_emitting(self) -> None:
@@ -377,7 +450,7 @@ class Client:
             take_payload=self.take_payload,
             on_response=self._apply_response,
             count_dropped=self._buffer.count_dropped,
-            has_data=self._buffer.has_data,
+            has_data=self._has_data,
             schedule=Schedule(
                 default_interval=default_interval,
                 min_interval=min_interval,
@@ -469,6 +542,8 @@ class Client:
         if disable:
             self._buffer.disable_keys(disable)
         after = self._buffer.server_disabled_keys
+        if after != before:
+            self._sync_event_keys()
         if after != before and self._state is not None and self.endpoint:
             self._state.write_policy(self.endpoint, ServerPolicy(disabled_keys=after))
         return True
@@ -479,7 +554,9 @@ class Client:
         logger.info("telemetry: the server asked this client to stop sending; stopped")
         self._server_stopped = True
         self.collector = NULL_COLLECTOR
+        self.event_target = NULL_EVENTS
         self._buffer.reset()
+        self._events.reset()
         if self._state is not None and self.endpoint:
             until = self._options["wall_clock"]() + STOP_REMEMBERED_FOR
             self._state.write_policy(
@@ -495,6 +572,7 @@ class Client:
     def _after_fork_in_child(self) -> None:
         self._lifecycle_lock = threading.RLock()
         self._buffer.after_fork_in_child()
+        self._events.after_fork_in_child()
         if self._emitter is not None:
             self._emitter.after_fork_in_child()
             self._emitter = None

@@ -126,10 +126,12 @@ def encode_request(payload: Payload) -> Tuple[Request, int]:
 
 
 def split_to_fit(payload: Payload) -> Tuple[List[Request], int]:
-    """Requests that each fit the server's size limits, split by key; and items dropped.
+    """Requests that each fit the server's size limits, split by key and by event; and
+    items dropped.
 
-    A key that cannot fit even alone, or cannot be encoded at all (an int with
-    more digits than ``str()`` allows), is dropped and counted.
+    Data and events are split apart first, then each in halves. A key that cannot
+    fit even alone, or cannot be encoded at all (an int with more digits than
+    ``str()`` allows), is dropped and counted.
     """
     try:
         request, raw_size = encode_request(payload)
@@ -140,20 +142,27 @@ def split_to_fit(payload: Payload) -> Tuple[List[Request], int]:
             return [request], 0
         problem = "is too large to send even alone"
     keys = list(payload.data)
-    if len(keys) <= 1:
-        logger.warning(
-            "telemetry: payload key %r %s; dropped", keys[0] if keys else "(none)", problem
-        )
+    events = list(payload.events)
+    if len(keys) + len(events) <= 1:
+        what = f"key {keys[0]!r}" if keys else "event" if events else "(empty)"
+        logger.warning("telemetry: payload %s %s; dropped", what, problem)
         return [], payload.items + payload.dropped
-    half = len(keys) // 2
+    if keys and events:
+        halves = [(keys, []), ([], events)]
+    elif keys:
+        halves = [(keys[: len(keys) // 2], []), (keys[len(keys) // 2 :], [])]
+    else:
+        halves = [([], events[: len(events) // 2]), ([], events[len(events) // 2 :])]
     requests: List[Request] = []
     dropped = 0
-    for index, part in enumerate((keys[:half], keys[half:])):
+    for index, (part_keys, part_events) in enumerate(halves):
         piece = attrs.evolve(
             payload,
             payload_id=new_payload_id(),
-            data={key: payload.data[key] for key in part},
+            data={key: payload.data[key] for key in part_keys},
+            events=part_events,
             dropped=payload.dropped if index == 0 else 0,
+            dropped_events=payload.dropped_events if index == 0 else 0,
             items=-1,
         )
         part_requests, part_dropped = split_to_fit(piece)
@@ -333,7 +342,7 @@ class Emitter:
         with self._lock:
             ticket = self._flush_requested
             payload = self._take_payload()
-            empty = payload is None or not (payload.data or payload.dropped)
+            empty = payload is None or not payload.carries_data
             if payload is not None and (not empty or (check_in and not self._pending)):
                 self._pending.append(_Pending(payload))
                 self._trim_pending()
@@ -465,13 +474,13 @@ class Emitter:
             leftovers = list(self._pending)
             self._pending.clear()
             last = self._take_payload()
-        if last is not None and (last.data or last.dropped):
+        if last is not None and last.carries_data:
             leftovers.append(_Pending(last))
         to_spool = []
         for entry in leftovers:
             if entry.on_return is not None:
                 entry.on_return()  # a claimed spool file goes back as it was
-            elif not (entry.payload.data or entry.payload.dropped):
+            elif not entry.payload.carries_data:
                 continue  # an empty check-in can go
             elif entry.request is not None:
                 to_spool.append(entry.payload)  # encoded once already: it encodes

@@ -13,7 +13,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -44,6 +44,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # incrementally (see ``iter_encoded_payload``).
 ENCODE_CHUNK_KEYS = 512
 ENCODE_CHUNK_ELEMENTS = 1024
+ENCODE_CHUNK_EVENTS = 256
 
 
 def new_payload_id() -> str:
@@ -57,12 +58,18 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
+def _event_tuple(events: Iterable[Mapping[str, JSONValue]]) -> Tuple[Mapping[str, JSONValue], ...]:
+    return tuple(events)
+
+
 @attrs.frozen
 class Payload:
     """One update sent to the server: a snapshot of the buffer, fixed for life.
 
-    ``items`` (how many buffer items the data holds) is local bookkeeping used
-    to count a rejected payload as dropped; it is not part of the wire format.
+    ``events`` are flat event objects in recording order (absent on the wire
+    when there are none). ``items`` (how many buffer items and events it holds)
+    is local bookkeeping used to count a rejected payload as dropped; it is not
+    part of the wire format.
     """
 
     instance_id: str
@@ -73,6 +80,8 @@ class Payload:
     client_name: str = CLIENT_NAME
     client_version: str = __version__
     items: int = attrs.field(default=-1, eq=False)
+    events: Tuple[Mapping[str, JSONValue], ...] = attrs.field(default=(), converter=_event_tuple)
+    dropped_events: int = 0
 
     @payload_id.validator
     def _check_payload_id(self, attribute: attrs.Attribute[str], value: str) -> None:
@@ -81,7 +90,12 @@ class Payload:
 
     def __attrs_post_init__(self) -> None:
         if self.items < 0:
-            object.__setattr__(self, "items", estimate_items(self.data))
+            object.__setattr__(self, "items", estimate_items(self.data) + len(self.events))
+
+    @property
+    def carries_data(self) -> bool:
+        """Whether it says anything (data, events or counts): else it is a check-in."""
+        return bool(self.data or self.dropped or self.events or self.dropped_events)
 
 
 @attrs.frozen
@@ -125,16 +139,19 @@ def parse_timestamp(text: str) -> datetime:
 
 
 def payload_header(payload: Payload) -> Dict[str, Any]:
-    """The payload's fields other than ``data``, as the wire has them."""
+    """The payload's fields other than ``data`` and ``events``, as the wire has them."""
+    client: Dict[str, Any] = {
+        "name": payload.client_name,
+        "version": payload.client_version,
+        "dropped": payload.dropped,
+    }
+    if payload.dropped_events:
+        client["dropped_events"] = payload.dropped_events
     return {
         "instance_id": payload.instance_id,
         "timestamp": format_timestamp(payload.timestamp),
         "payload_id": payload.payload_id,
-        "client": {
-            "name": payload.client_name,
-            "version": payload.client_version,
-            "dropped": payload.dropped,
-        },
+        "client": client,
     }
 
 
@@ -199,7 +216,15 @@ def iter_encoded_payload(
             separator, batch, elements = ",", {}, 0
     if batch:
         yield separator + _dumps(batch)[1:-1]
-    yield "}}"
+    if not payload.events:
+        yield "}}"
+        return
+    events = payload.events
+    separator = '},"events":['
+    for start in range(0, len(events), ENCODE_CHUNK_EVENTS):
+        yield separator + _dumps(list(events[start : start + ENCODE_CHUNK_EVENTS]))[1:-1]
+        separator = ","
+    yield "]}"
 
 
 def _iter_encoded_slices(
@@ -246,6 +271,12 @@ def decode_payload(body: Union[bytes, str, Mapping[str, Any]]) -> Payload:
     _require(isinstance(client, dict), "payload client is not an object")
     dropped = client.get("dropped", 0)
     _require(type(dropped) is int and dropped >= 0, "payload client.dropped is not a count")
+    dropped_events = client.get("dropped_events", 0)
+    _require(type(dropped_events) is int and dropped_events >= 0,
+             "payload client.dropped_events is not a count")
+    events = obj.get("events", [])
+    _require(isinstance(events, list) and all(isinstance(event, dict) for event in events),
+             "payload events is not an array of objects")
     return Payload(
         instance_id=instance_id,
         timestamp=parse_timestamp(timestamp),
@@ -254,6 +285,8 @@ def decode_payload(body: Union[bytes, str, Mapping[str, Any]]) -> Payload:
         dropped=dropped,
         client_name=str(client.get("name", CLIENT_NAME)),
         client_version=str(client.get("version", __version__)),
+        events=events,
+        dropped_events=dropped_events,
     )
 
 
