@@ -131,7 +131,9 @@ def query_events(connection: psycopg.Connection[Any], query: EventQuery) -> List
     ]
 
 
-def event_counts(connection: psycopg.Connection[Any], since: str, until: str) -> Dict[str, Dict[str, int]]:
+def event_counts(
+    connection: psycopg.Connection[Any], since: str, until: str
+) -> Dict[str, Dict[str, int]]:
     """``{type: {name: count}}`` of the events counted in ``[since, until)``: whole hours
     from ``event_counts``, the partial hours at the ends from the events themselves."""
     totals: Counter[Tuple[str, str]] = Counter()

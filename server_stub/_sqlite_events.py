@@ -115,7 +115,9 @@ def query_events(connection: sqlite3.Connection, query: EventQuery) -> List[Dict
     ]
 
 
-def event_counts(connection: sqlite3.Connection, since: str, until: str) -> Dict[str, Dict[str, int]]:
+def event_counts(
+    connection: sqlite3.Connection, since: str, until: str
+) -> Dict[str, Dict[str, int]]:
     """``{type: {name: count}}`` of the events counted in ``[since, until)``.
 
     Whole hours come from ``event_counts``; the parts of an hour at either end

@@ -139,7 +139,7 @@ def test_log_below_the_threshold_records_nothing(make_client: MakeClient) -> Non
 def test_init_refuses_a_bad_log_level_max_events_or_filter() -> None:
     for options in ({"log_level": "warning"}, {"max_events": -1}, {"max_events": 1.5},
                     {"event_filter": "not callable"}):
-        with pytest.raises(ValueError, match="log_level|max_events|event_filter"):
+        with pytest.raises(ValueError, match=r"log_level|max_events|event_filter"):
             telemetry.Client().init(uuid.uuid4(), consent=True, **options)
 
 

@@ -329,7 +329,9 @@ def test_record_raw_normalizes_uuid_ids_and_offsets() -> None:
     assert event["event_time"] == "2026-11-23T10:00:00.123456Z"
 
 
-RAW_OK: Dict[Any, Any] = {"event_id": "f" * 32, "event_time": WALL_TEXT, "event_type": "t", "event_name": "n"}
+RAW_OK: Dict[Any, Any] = {
+    "event_id": "f" * 32, "event_time": WALL_TEXT, "event_type": "t", "event_name": "n",
+}
 
 
 @pytest.mark.parametrize(
