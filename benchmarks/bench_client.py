@@ -39,6 +39,7 @@ __all__ = [
     "consent_off",
     "contended",
     "fill_counters",
+    "fill_events",
     "fill_mixed",
     "floor",
     "import_time",
@@ -297,6 +298,19 @@ FILLS: Dict[str, Callable[[telemetry.Client, int], None]] = {
 }
 
 
+def fill_events(client: telemetry.Client, events: int) -> None:
+    """``events`` events (at most ``max_events``: 10,000 by default), two attributes each."""
+    for index in range(events):
+        client.record("behavioral", "page-view", path=f"/docs/{index % 500}", ms=index % 997)
+
+
+# What ``stall`` can emit: the buffer's fills, or events.
+STALL_FILLS: Dict[str, Callable[[telemetry.Client, int], None]] = {
+    **FILLS,
+    "events": fill_events,
+}
+
+
 def buffer_memory(items: int = 100_000) -> Dict[str, Dict[str, float]]:
     """Bytes (tracemalloc) held by a buffer of ``items`` items, per kind of buffer."""
     results: Dict[str, Dict[str, float]] = {}
@@ -524,7 +538,7 @@ def stall(
                 raise RuntimeError("the warm-up payload was not delivered")
 
             emitter_cpu = _thread_cpu_clock(emitter)
-            FILLS[fill](client, items - 1)  # and "requests": ``items`` in all
+            STALL_FILLS[fill](client, items - 1)  # and "requests": ``items`` in all
             sends_before = len(sink.sends)
             emitting = threading.Event()
             emitting.set()
