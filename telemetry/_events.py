@@ -348,8 +348,17 @@ class EventBuffer:
                 elif value is not None and kind is not bool:
                     break
             else:
-                if known and chars <= _QUICK_CHARS and len(attrs) <= _QUICK_ATTRS:
-                    self._add(self._next_id(128), when, event_type, event_name, attrs)  # type: ignore[arg-type]
+                if (
+                    known and chars <= _QUICK_CHARS and len(attrs) <= _QUICK_ATTRS
+                    and self._filter is None
+                ):
+                    # ``_add``, inlined for the common case: a known pair is not disabled.
+                    event = (self._next_id(128), when, event_type, event_name, attrs)
+                    with self._lock:
+                        if len(self._events) < self.max_events:
+                            self._events.append(event)  # type: ignore[arg-type]
+                            return
+                    self._add(*event)  # type: ignore[arg-type]
                     return
             problem = self._slow_problem(event_type, event_name, attrs)
             if problem is _DISABLED:
