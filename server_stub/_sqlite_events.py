@@ -12,7 +12,7 @@ import json
 import sqlite3
 from collections import Counter
 from datetime import timedelta
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, List, Sequence, Set, Tuple
 
 from ._events import EventQuery, EventRecord, event_row, format_time, parse_time
 
@@ -46,6 +46,7 @@ CREATE TABLE IF NOT EXISTS event_counts (
 """
 
 _HOUR_SUFFIX = ":00:00.000000Z"
+_LOOKUP_BATCH = 500  # event ids per look-up (SQLite allows 999 parameters at least)
 
 
 def hour_of(moment: str) -> str:
@@ -61,32 +62,54 @@ def next_hour_start(moment: str) -> str:
     return format_time(parse_time(start) + timedelta(hours=1))
 
 
-def insert_events(connection: sqlite3.Connection, events: Iterable[EventRecord]) -> int:
+def insert_events(connection: sqlite3.Connection, events: Sequence[EventRecord]) -> int:
     """Insert the events not stored yet and count them per hour; how many were new.
 
-    Runs inside the caller's write transaction (with the payload's row).
+    Runs inside the caller's write transaction (with the payload's row), so
+    nothing can store the same events between the look-up and the insert.
     """
-    new: Counter[Tuple[str, str, str]] = Counter()
+    if not events:
+        return 0
+    instance_id = events[0].instance_id
+    stored: Set[str] = set()
+    ids = [event.event_id for event in events]
+    for start in range(0, len(ids), _LOOKUP_BATCH):
+        batch = ids[start : start + _LOOKUP_BATCH]
+        marks = ",".join("?" * len(batch))
+        stored.update(
+            event_id
+            for (event_id,) in connection.execute(
+                f"SELECT event_id FROM events WHERE instance_id = ? AND event_id IN ({marks})",  # noqa: S608
+                (instance_id, *batch),
+            )
+        )
+    new: List[EventRecord] = []
     for event in events:
-        cursor = connection.execute(
-            "INSERT OR IGNORE INTO events (instance_id, event_id, event_time, counted_at,"
-            " event_type, event_name, attrs, payload_id, received_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        if event.event_id not in stored:
+            stored.add(event.event_id)  # a payload may carry the same event twice
+            new.append(event)
+    connection.executemany(
+        "INSERT INTO events (instance_id, event_id, event_time, counted_at,"
+        " event_type, event_name, attrs, payload_id, received_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
             (
                 event.instance_id, event.event_id, event.event_time, event.counted_at,
                 event.event_type, event.event_name,
                 json.dumps(event.attrs, separators=(",", ":")), event.payload_id,
                 event.received_at,
-            ),
-        )
-        if cursor.rowcount == 1:
-            new[(hour_of(event.counted_at), event.event_type, event.event_name)] += 1
+            )
+            for event in new
+        ],
+    )
+    counts = Counter((hour_of(event.counted_at), event.event_type, event.event_name)
+                     for event in new)
     connection.executemany(
         "INSERT INTO event_counts (hour, event_type, event_name, count) VALUES (?, ?, ?, ?)"
         " ON CONFLICT (hour, event_type, event_name) DO UPDATE SET count = count + excluded.count",
-        [(*key, count) for key, count in sorted(new.items())],
+        [(*key, count) for key, count in sorted(counts.items())],
     )
-    return sum(new.values())
+    return len(new)
 
 
 def query_events(connection: sqlite3.Connection, query: EventQuery) -> List[Dict[str, Any]]:
