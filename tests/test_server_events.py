@@ -338,3 +338,10 @@ def test_a_postgres_database_from_before_events_is_migrated(postgres_url: str) -
     store = open_store(postgres_url)
     assert isinstance(store, PostgresStore)
     store.close()
+
+
+def test_the_same_event_twice_in_one_payload_is_stored_once(server: Server) -> None:
+    twice = event("login")
+    assert post(server, payload([twice, event("other"), twice])).status_code == 200
+    assert sorted(e["event_name"] for e in query(server)["events"]) == ["login", "other"]
+    assert server.stats()["events"] == {"behavioral": {"login": 1, "other": 1}}
