@@ -7,8 +7,11 @@ retries. Like the buffer, this module does no I/O: the wall clock is injected,
 and warnings are logged after the lock is released.
 
 An event is buffered as a tuple; its wire form (one flat JSON object) is
-built when the emitter takes the events, off the application's threads.
-Its ``event_id`` and ``event_time`` are fixed when it is recorded.
+built when the emitter takes the events, off the application's threads. Its
+``event_time`` is fixed when it is recorded; its random ``event_id`` is drawn
+when it is taken (before that nothing can see it; an ``event_filter`` gets it
+at record time), and neither ever changes after: retries, restarts and the
+spool carry the payload as it was taken.
 """
 
 from __future__ import annotations
@@ -85,12 +88,6 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 _ROOM_FOR_FIELDS = 120
 _MAX_WARNED = 1024
 _MAX_CHECKED = 4096
-# Events with at most this many characters in their string values and this many
-# attributes (with names matching ``_QUICK_NAME``) certainly fit ``MAX_EVENT_BYTES``:
-# 6 * 1000 + 32 * (64 + 6) + 6 * 2 * MAX_NAME_LENGTH + _ROOM_FOR_FIELDS < 16 KiB.
-_QUICK_CHARS = 1000
-_QUICK_ATTRS = 32
-_QUICK_NAME = re.compile(r"[A-Za-z0-9_.:/-]{1,64}")
 _DISABLED = "<disabled>"
 # Events put in wire form between two GIL hand-offs (see ``EventBuffer.take``).
 _EVENTS_PER_PAUSE = 500
@@ -107,10 +104,11 @@ _TIMESTAMP = re.compile(
 EventFilter = Callable[[Dict[str, Any]], object]
 """``init(event_filter=...)``: called with each event in wire form; false drops it."""
 
-# (event_id, event_time, event_type, event_name, attrs): the id is an int (formatted
-# as 32 hex digits when taken) or, for a proxied or filtered event, already text; the
-# time is epoch seconds, or already text.
-_Event = Tuple[Union[int, str], Union[float, str], str, str, Dict[str, Any]]
+# (event_id, event_time, event_type, event_name, attrs): the id is None until the
+# event is taken (it is drawn then, once: nothing sees an event before), or, for a
+# proxied or filtered event, already text; the time is epoch seconds, or already text.
+# The last element says whether the attributes were checked already (else: at take).
+_Event = Tuple[Optional[str], Union[float, str], str, str, Dict[str, Any], bool]
 
 
 def parse_log_level(level: object) -> str:
@@ -304,9 +302,8 @@ class EventBuffer:
         self._warned_full = False
         self._ids = random.Random(os.urandom(32))
         self._next_id = self._ids.getrandbits
-        # Types and names, and attribute names, that passed every check (see ``record``).
+        # Types and names that passed every check (see ``record``).
         self._checked_pairs: Set[Tuple[str, str]] = set()
-        self._checked_names: Set[str] = set()
         self.set_disabled_keys(disabled_keys)
 
     # -- the event calls -------------------------------------------------------
@@ -315,10 +312,11 @@ class EventBuffer:
                bound: Optional[Mapping[str, Any]] = None) -> None:
         """Buffer one event; ``attrs`` must be the caller's private dict (it is kept).
 
-        The common case is checked inline: a type and name seen before (kept in
-        ``_checked_pairs``, which also means "not disabled"), attribute names seen
-        before (``_checked_names``: short printable ASCII), scalar values. Anything
-        else goes through ``_slow_problem``.
+        The common case costs a lock and an append: a type and name that passed
+        every check before (``_checked_pairs``, which also means "not disabled"),
+        with no ``event_filter``. Its attributes are checked when the event is
+        taken, on the emitter's thread (a bad one is rejected then, counted and
+        warned about as here). Anything else is checked now, in ``_slow_problem``.
         """
         try:
             when = self._wall_clock()
@@ -328,53 +326,28 @@ class EventBuffer:
                 known = (event_type, event_name) in self._checked_pairs
             except TypeError:  # unhashable: certainly not a str
                 known = False
-            chars = 0
-            problem: Optional[str] = None
-            checked_names = self._checked_names
-            for name, value in attrs.items():
-                kind = type(value)
-                if name not in checked_names:
-                    break
-                if kind is str:
-                    if len(value) > MAX_STRING_LENGTH or not value.isascii() or "\x00" in value:
-                        break
-                    chars += len(value)
-                elif kind is int:
-                    if not _INT64_MIN <= value <= _INT64_MAX:
-                        break
-                elif kind is float:
-                    if value - value != 0.0:  # inf or nan
-                        break
-                elif value is not None and kind is not bool:
-                    break
-            else:
-                if (
-                    known and chars <= _QUICK_CHARS and len(attrs) <= _QUICK_ATTRS
-                    and self._filter is None
-                ):
-                    # ``_add``, inlined for the common case: a known pair is not disabled.
-                    event = (self._next_id(128), when, event_type, event_name, attrs)
-                    with self._lock:
-                        if len(self._events) < self.max_events:
-                            self._events.append(event)  # type: ignore[arg-type]
-                            return
-                    self._add(*event)  # type: ignore[arg-type]
-                    return
+            if known and self._filter is None:
+                with self._lock:
+                    if len(self._events) < self.max_events:
+                        self._events.append((None, when, event_type, event_name, attrs, False))  # type: ignore[arg-type]
+                        return
+                self._add(None, when, event_type, event_name, attrs, checked=False)  # type: ignore[arg-type]
+                return
             problem = self._slow_problem(event_type, event_name, attrs)
             if problem is _DISABLED:
                 return
             if problem is not None:
                 self._reject(event_type, event_name, problem)
                 return
-            self._add(self._next_id(128), when, event_type, event_name, attrs)  # type: ignore[arg-type]
+            self._add(None, when, event_type, event_name, attrs)  # type: ignore[arg-type]
         except Exception as exc:
             report_internal_error("record", exc)
 
     def _slow_problem(self, event_type: object, event_name: object,
                       attrs: Dict[str, Any]) -> Optional[str]:
-        """Every check of an event; ``_DISABLED`` when its key is disabled. Remembers the
-        type and name, and attribute names, that passed, so that the next time their
-        event takes ``record``'s quick path."""
+        """Every check of an event; ``_DISABLED`` when its key is disabled. Remembers a
+        type and name that passed, so that their next events take ``record``'s quick
+        path."""
         problem = _field_problem(event_type, "event_type") or _field_problem(
             event_name, "event_name"
         )
@@ -389,8 +362,6 @@ class EventBuffer:
             return problem
         if len(self._checked_pairs) < _MAX_CHECKED:
             self._checked_pairs.add((event_type, event_name))
-        if len(self._checked_names) < _MAX_CHECKED:
-            self._checked_names.update(name for name in attrs if _QUICK_NAME.fullmatch(name))
         return None
 
     def log(self, level: object, message: object, attrs: Dict[str, Any],
@@ -450,15 +421,15 @@ class EventBuffer:
             report_internal_error("record_raw", exc)
             return False
 
-    def _add(self, event_id: Union[int, str], when: Union[float, str], event_type: str,
-             event_name: str, attrs: Dict[str, Any]) -> bool:
+    def _add(self, event_id: Optional[str], when: Union[float, str], event_type: str,
+             event_name: str, attrs: Dict[str, Any], *, checked: bool = True) -> bool:
         """Keep a valid event unless disabled, filtered out or out of room; False when a
-        filter raised (rejected)."""
+        filter raised (rejected). ``checked``: its attributes were checked already."""
         if self._disabled and event_key_disabled(self._disabled, event_type, event_name):
             return True
         if self._filter is not None:
-            if type(event_id) is int:
-                event_id = f"{event_id:032x}"
+            if event_id is None:
+                event_id = f"{self._next_id(128):032x}"
             if type(when) is float:
                 when = format_event_time(when)
             wire = {"event_id": event_id, "event_time": when, "event_type": event_type,
@@ -473,7 +444,7 @@ class EventBuffer:
                 return True
         with self._lock:
             if len(self._events) < self.max_events:
-                self._events.append((event_id, when, event_type, event_name, attrs))
+                self._events.append((event_id, when, event_type, event_name, attrs, checked))
                 return True
             self._dropped_events += 1
             warn = not self._warned_full
@@ -489,6 +460,10 @@ class EventBuffer:
                 filtered: bool = False) -> None:
         with self._lock:
             self._rejected += 1
+        self._warn(event_type, event_name, problem, filtered)
+
+    def _warn(self, event_type: object, event_name: object, problem: str,
+              filtered: bool = False) -> None:
         pair = (_describe(event_type), _describe(event_name))
         if pair in self._warned or len(self._warned) >= _MAX_WARNED:
             return
@@ -512,19 +487,26 @@ class EventBuffer:
             dropped, self._dropped_events = self._dropped_events, 0
             self._warned_full = False
         wire: List[Dict[str, Any]] = []
+        next_id = self._next_id
         for start in range(0, len(events), _EVENTS_PER_PAUSE):
             if start:
                 time.sleep(0)  # not a clock: lets a thread waiting for the GIL take it
-            for event_id, when, event_type, event_name, attrs in events[
+            for event_id, when, event_type, event_name, attrs, checked in events[
                 start : start + _EVENTS_PER_PAUSE
             ]:
+                if not checked:
+                    problem = _attrs_problem(attrs, event_type, event_name)
+                    if problem is not None:
+                        rejected += 1
+                        self._warn(event_type, event_name, problem)
+                        continue
                 try:
                     formatted_time = when if type(when) is str else format_event_time(when)  # type: ignore[arg-type]
                 except (OverflowError, ValueError, TypeError):
                     rejected += 1  # a wall clock out of range: nothing to send
                     continue
                 wire.append({
-                    "event_id": event_id if type(event_id) is str else f"{event_id:032x}",
+                    "event_id": event_id if event_id is not None else f"{next_id(128):032x}",
                     "event_time": formatted_time,
                     "event_type": event_type,
                     "event_name": event_name,

@@ -422,3 +422,23 @@ def test_a_wall_clock_out_of_range_loses_the_event_not_the_payload() -> None:
     snapshot = buffer.take()
     assert [e["event_name"] for e in snapshot.events] == ["now"]
     assert snapshot.rejected == 1
+
+
+ATTR_CASES = sorted(case for case in REJECTED if case.startswith(("attr", "event over")))
+
+
+@pytest.mark.parametrize("case", ATTR_CASES)
+def test_bad_attributes_of_a_known_type_and_name_are_rejected_when_taken(
+    case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, _, attrs = REJECTED[case]
+    buffer = make()
+    record(buffer, "t", "x", ok=1)  # checked in full: the next ones take the quick path
+    with caplog.at_level(logging.WARNING, logger="telemetry"):
+        buffer.record("t", "x", dict(attrs))
+        buffer.record("t", "x", dict(attrs))
+        record(buffer, "t", "x", ok=2)
+        snapshot = buffer.take()
+    assert [e["ok"] for e in snapshot.events] == [1, 2]
+    assert snapshot.rejected == 2
+    assert len([r for r in caplog.records if "rejected" in r.getMessage()]) == 1
