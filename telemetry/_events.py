@@ -89,8 +89,10 @@ _ROOM_FOR_FIELDS = 120
 _MAX_WARNED = 1024
 _MAX_CHECKED = 4096
 _DISABLED = "<disabled>"
-# Events put in wire form between two GIL hand-offs (see ``EventBuffer.take``).
-_EVENTS_PER_PAUSE = 500
+# Putting events in wire form hands the GIL back after this long (seconds), looking
+# at the clock every ``_EVENTS_PER_LOOK`` events (see ``EventBuffer.take``).
+_PAUSE_INTERVAL = 0.001
+_EVENTS_PER_LOOK = 32
 
 _EVENT_ID = re.compile(r"[0-9a-fA-F]{32}")
 _DASHED_UUID = re.compile(
@@ -477,9 +479,9 @@ class EventBuffer:
     def take(self) -> EventSnapshot:
         """Remove every buffered event (O(1) under the lock) and put them in wire form.
 
-        The wire form is built off the lock and hands the GIL back every
-        ``_EVENTS_PER_PAUSE`` events, so 10,000 events do not stall the
-        application's threads.
+        The wire form is built off the lock (on the emitter's thread) and hands
+        the GIL back at least every millisecond, so 10,000 events do not stall
+        the application's threads.
         """
         with self._lock:
             events, self._events = self._events, []
@@ -488,11 +490,14 @@ class EventBuffer:
             self._warned_full = False
         wire: List[Dict[str, Any]] = []
         next_id = self._next_id
-        for start in range(0, len(events), _EVENTS_PER_PAUSE):
-            if start:
-                time.sleep(0)  # not a clock: lets a thread waiting for the GIL take it
+        clock = time.perf_counter
+        pause_at = clock() + _PAUSE_INTERVAL
+        for start in range(0, len(events), _EVENTS_PER_LOOK):
+            if clock() >= pause_at:
+                time.sleep(0)  # not a wait: lets a thread waiting for the GIL take it
+                pause_at = clock() + _PAUSE_INTERVAL
             for event_id, when, event_type, event_name, attrs, checked in events[
-                start : start + _EVENTS_PER_PAUSE
+                start : start + _EVENTS_PER_LOOK
             ]:
                 if not checked:
                     problem = _attrs_problem(attrs, event_type, event_name)

@@ -44,7 +44,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # incrementally (see ``iter_encoded_payload``).
 ENCODE_CHUNK_KEYS = 512
 ENCODE_CHUNK_ELEMENTS = 1024
-ENCODE_CHUNK_EVENTS = 256
+ENCODE_CHUNK_EVENTS = 64
 
 
 def new_payload_id() -> str:
