@@ -23,7 +23,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,6 +36,7 @@ from typing import Any, Dict, List, Optional, Tuple
 if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks._shared import free_port, percentile
 from benchmarks.bench_server import ten_key_payload
 from server_stub._pgtemp import BENCHMARK_SETTINGS, TemporaryPostgres
 
@@ -123,16 +123,11 @@ def run_load(port: int, payloads: int, clients: int, threads: int) -> Dict[str, 
     return {
         "seconds": elapsed,
         "payloads_per_s": payloads / elapsed,
-        "p50_ms": _percentile(latencies, 0.50) * 1000,
-        "p99_ms": _percentile(latencies, 0.99) * 1000,
+        "p50_ms": percentile(latencies, 0.50) * 1000,
+        "p99_ms": percentile(latencies, 0.99) * 1000,
         "client_cpu_s": sum(report["cpu"] for report in reports),
         "failures": sum(report["failures"] for report in reports),
     }
-
-
-def _percentile(sorted_values: List[float], fraction: float) -> float:
-    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
-    return sorted_values[index]
 
 
 # -- servers and their CPU time ---------------------------------------------------------------
@@ -167,13 +162,6 @@ def _cpu_seconds(pid: Optional[int]) -> float:
     return total / _CLOCK_TICKS
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 def _get(port: int, path: str) -> Any:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=600) as answer:
         return json.load(answer)
@@ -193,7 +181,7 @@ def _wait_until_up(port: int, process: subprocess.Popen[bytes]) -> None:
 
 def _start_server(db: str, workers: int) -> Tuple[subprocess.Popen[bytes], int]:
     """``python -m server_stub`` for ``workers == 0``, else ``gunicorn -w workers``."""
-    port = _free_port()
+    port = free_port()
     if workers == 0:
         command = [sys.executable, "-m", "server_stub", "--port", str(port), "--db", db]
     else:

@@ -21,6 +21,11 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import requests
 
+if __package__ in (None, ""):  # run as a script: make ``benchmarks`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks._shared import percentile
+
 __all__ = ["ingest", "ten_key_payload"]
 
 
@@ -44,11 +49,6 @@ def ten_key_payload(instance_id: str, n: int) -> Dict[str, Any]:
         },
         "client": {"name": "telemetry-python", "version": "0.1.0", "dropped": 0},
     }
-
-
-def _percentile(sorted_values: List[float], fraction: float) -> float:
-    index = min(len(sorted_values) - 1, round(fraction * (len(sorted_values) - 1)))
-    return sorted_values[index]
 
 
 @contextlib.contextmanager
@@ -133,8 +133,8 @@ def ingest(
         "failures": sum(failures),
         "seconds": round(elapsed, 3),
         "payloads_per_s": round(n_payloads / elapsed, 1),
-        "p50_ms": round(_percentile(all_latencies, 0.50) * 1000, 2),
-        "p99_ms": round(_percentile(all_latencies, 0.99) * 1000, 2),
+        "p50_ms": round(percentile(all_latencies, 0.50) * 1000, 2),
+        "p99_ms": round(percentile(all_latencies, 0.99) * 1000, 2),
         "server_cpu_ms_per_payload": round(server_cpu / n_payloads * 1000, 3),
         "client_cpu_ms_per_payload": round(sum(client_cpu) / n_payloads * 1000, 3),
     }

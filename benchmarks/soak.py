@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: make ``server_stub`` and ``tel
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import telemetry
+from benchmarks._shared import percentile
 from server_stub import Server, serve
 from telemetry._sinks import HTTPSink, Request, SendResult
 
@@ -118,10 +119,7 @@ class _TimedSink:
 
 
 def _percentile_ms(values: List[float], fraction: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))] * 1000, 2)
+    return round(percentile(sorted(values), fraction) * 1000, 2)
 
 
 def soak(

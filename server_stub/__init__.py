@@ -7,10 +7,12 @@
 """
 
 from ._app import App, create_app
+from ._backends import open_store
 from ._harness import RecordedRequest, ScriptedResponse, Server, serve
 from ._policy import Policy, PolicyRules, RateLimit
 from ._postgres import PostgresStore
-from ._store import PayloadRecord, SQLiteStore, Store, UnstorablePayload, open_store
+from ._sqlite import SQLiteStore
+from ._storage import PayloadRecord, Store, UnstorablePayload
 
 __all__ = [
     "App",

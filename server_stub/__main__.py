@@ -10,10 +10,10 @@ from types import FrameType
 from typing import List, Optional
 
 from ._app import App
-from ._harness import make_server
+from ._backends import open_store
+from ._http import make_server
 from ._policy import Policy
-from ._postgres import redact_url
-from ._store import open_store
+from ._storage import redact_url
 
 logger = logging.getLogger("server_stub")
 

@@ -1,5 +1,7 @@
 """The WSGI application: routing, request validation, and the protocol's answers.
 
+The protocol, as a client sees it, is ``docs/protocol.md``.
+
 Every request gets a JSON answer; nothing raises out of the WSGI callable (an
 unexpected error is logged and answered with 500). Bodies are read in bounded
 chunks and gzip is inflated with a bounded output, so a hostile request costs
@@ -24,9 +26,10 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import parse_qs
 
+from ._backends import open_store
 from ._events import InvalidEvent, parse_event_query, validate_events
 from ._policy import Policy
-from ._store import PayloadRecord, Store, UnstorablePayload, open_store
+from ._storage import PayloadRecord, Store, UnstorablePayload
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment

@@ -1,7 +1,7 @@
-"""Events in payloads: their validation, their stored form and the ``/v1/events`` query.
+"""Events in payloads: their validation, and the ``/v1/events`` query string.
 
-Pure functions and value types, no SQL: the stores keep ``EventRecord`` rows
-and answer ``EventQuery``. An event on the wire is one flat JSON object:
+Pure functions, no SQL: they make the ``EventRecord`` rows the stores keep and
+the ``EventQuery`` they answer (both in ``_storage``). An event on the wire is one flat JSON object:
 ``event_id`` (32 lowercase hex), ``event_time`` (RFC 3339), ``event_type``,
 ``event_name`` and scalar attributes. Each is stored once per
 ``(instance_id, event_id)``.
@@ -12,27 +12,23 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from ._storage import DEFAULT_EVENT_PAGE, EventQuery, EventRecord, format_time
 
 __all__ = [
-    "DEFAULT_EVENT_PAGE",
     "MAX_EVENT_PAGE",
-    "EventQuery",
-    "EventRecord",
     "InvalidEvent",
-    "event_row",
-    "format_time",
     "parse_event_query",
     "parse_time",
     "validate_events",
+    "window",
 ]
 
 MAX_NAME_LENGTH = 256
 MAX_STRING_LENGTH = 1024
 MAX_EVENT_BYTES = 16 * 1024
-DEFAULT_EVENT_PAGE = 100
 MAX_EVENT_PAGE = 1000
 DEFAULT_WINDOW = timedelta(days=30)
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
@@ -59,42 +55,6 @@ class InvalidEvent(ValueError):
         super().__init__(f"{where}: {problem}")
         self.index = index
         self.field = field
-
-
-@dataclass(frozen=True)
-class EventRecord:
-    """One validated event, as the app hands it to the store."""
-
-    instance_id: str
-    event_id: str
-    event_time: str
-    """UTC, microseconds, ``Z`` (``format_time``): sorts as text, compares as time."""
-    counted_at: str
-    """When the event counts: its ``event_time``, or its arrival if that is earlier."""
-    event_type: str
-    event_name: str
-    attrs: Mapping[str, Any]
-    payload_id: str
-    received_at: str
-
-
-@dataclass(frozen=True)
-class EventQuery:
-    """``GET /v1/events``: filters, the ``[since, until)`` window, and the page."""
-
-    since: str
-    until: str
-    event_type: Optional[str] = None
-    event_name: Optional[str] = None
-    instance_id: Optional[str] = None
-    limit: int = DEFAULT_EVENT_PAGE
-    offset: int = 0
-
-
-def format_time(moment: datetime) -> str:
-    """``moment`` in UTC as ``YYYY-MM-DDTHH:MM:SS.ffffffZ``."""
-    utc = moment.astimezone(timezone.utc).replace(tzinfo=None)
-    return utc.isoformat(timespec="microseconds") + "Z"
 
 
 def parse_time(text: str) -> datetime:
@@ -267,7 +227,7 @@ def _count(query: Mapping[str, Sequence[str]], name: str, default: int, high: in
     return int(text)
 
 
-def window(query: Mapping[str, Sequence[str]], now: datetime) -> tuple[str, str]:
+def window(query: Mapping[str, Sequence[str]], now: datetime) -> Tuple[str, str]:
     """``[since, until)`` from the query; by default the 30 days up to ``now``."""
     until_text, since_text = _last(query, "until"), _last(query, "since")
     until = _query_time("until", until_text) if until_text else format_time(now)
@@ -298,19 +258,3 @@ def parse_event_query(query: Mapping[str, Sequence[str]], now: datetime) -> Even
         limit=limit,
         offset=_count(query, "offset", 0, _INT64_MAX),
     )
-
-
-def event_row(  # noqa: PLR0917 - one argument per column, in the tables' order
-    instance_id: str, event_id: str, event_time: str, event_type: str, event_name: str,
-    attrs: Mapping[str, Any], received_at: str,
-) -> Dict[str, Any]:
-    """One event as ``/v1/events`` answers it: its fields, its attributes apart."""
-    return {
-        "instance_id": instance_id,
-        "event_id": event_id,
-        "event_time": event_time,
-        "event_type": event_type,
-        "event_name": event_name,
-        "attrs": dict(attrs),
-        "received_at": received_at,
-    }

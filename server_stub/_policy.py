@@ -1,5 +1,7 @@
 """What the server tells clients: the policy, read from a JSON file and/or set in-process.
 
+The response fields it becomes are described in ``docs/protocol.md`` ("The response").
+
 A policy file looks like::
 
     {"next_update": 3600, "disabled_keys": ["tls"], "enabled_keys": [],

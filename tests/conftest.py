@@ -1,9 +1,10 @@
 """Shared fixtures.
 
 The real loopback server comes from ``server_stub``'s pytest plugin
-(``telemetry_server``). Every test runs with a clean environment (no CI,
-DO_NOT_TRACK or *_TELEMETRY variables), its own state directory, and an
-internal-error hook that turns errors swallowed by telemetry's boundary
+(``telemetry_server``); ``backend_server`` is the same on each storage backend
+(in-memory SQLite, then an empty schema of a real PostgreSQL). Every test runs
+with a clean environment (no CI, DO_NOT_TRACK or *_TELEMETRY variables), its
+own state directory, and an internal-error hook that turns errors swallowed by telemetry's boundary
 into test failures.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 import threading
 import uuid
 from collections.abc import Iterator
@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List
 
 import pytest
+from _net import free_port
 
 import telemetry
-from server_stub import RecordedRequest, Server
+from server_stub import RecordedRequest, Server, serve
 from telemetry import _log
 
 pytest_plugins = ["server_stub.pytest_plugin"]
@@ -142,10 +143,7 @@ def make_client(
 
 def dead_endpoint() -> str:
     """An endpoint on a loopback port nobody listens on (connections are refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 def update_requests(server: Server) -> List[RecordedRequest]:
@@ -160,3 +158,19 @@ def typed(value: Any) -> Any:
     if isinstance(value, list):
         return [typed(item) for item in value]
     return (type(value).__name__, value)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend_db(request: pytest.FixtureRequest) -> str:
+    """``db`` for a server under test: in-memory SQLite, or an empty PostgreSQL schema."""
+    if request.param == "postgres":
+        url: str = request.getfixturevalue("postgres_url")
+        return url
+    return ":memory:"
+
+
+@pytest.fixture
+def backend_server(backend_db: str) -> Iterator[Server]:
+    """The plugin's ``telemetry_server``, on each storage backend (the test runs twice)."""
+    with serve(port=0, db=backend_db) as server:
+        yield server

@@ -21,7 +21,7 @@ from conftest import WALL_CLOCK_START, VirtualTime, dead_endpoint, update_reques
 
 import telemetry
 from server_stub import Server
-from server_stub._events import EventQuery
+from server_stub._storage import EventQuery
 from telemetry._emitter import MAX_RAW_BYTES, split_to_fit
 from telemetry._events import NULL_EVENTS
 from telemetry._state import State

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, NoReturn, Optional, Tuple
 
 import pytest
+from _net import RawAnswer, raw_http
 from conftest import VirtualTime, dead_endpoint
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -777,30 +778,14 @@ def test_a_spool_on_a_broken_disk_is_delivered_once_when_it_heals(
 
 # -- security ------------------------------------------------------------------------------
 # Covered elsewhere, so not repeated here: bodies over 1 MiB / 10 MiB decompressed and gzip
-# bombs with bounded memory (tests/test_server.py), 0600 files in 0700 directories
+# bombs with bounded memory (tests/test_app_validation.py), 0600 files in 0700 directories
 # (tests/test_state.py::test_directories_0700_and_files_0600).
 
 INSTANCE = "3f0c5b0e-6b35-4f1e-9c55-1b2a8e5c0d11"
 
 
-def raw_http(server: Server, request: bytes) -> Tuple[int, Dict[str, str], bytes]:
-    """Send ``request`` as it is (no URL normalisation); the status, headers and body."""
-    with socket.create_connection((server.host, server.port), timeout=10) as sock:
-        sock.sendall(request)
-        chunks: List[bytes] = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    head, _, body = b"".join(chunks).partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in header_lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers, body
-
-
 def post_path(server: Server, path: str, body: bytes = b"{}",
-              content_type: str = "application/json") -> Tuple[int, Dict[str, str], bytes]:
+              content_type: str = "application/json") -> RawAnswer:
     return raw_http(server, (
         f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
@@ -877,7 +862,7 @@ def test_any_request_line_and_headers_get_a_json_answer(
     telemetry_server: Server, method: str, path: str, content_type: str,
     encoding: Optional[str], body: bytes, declared: str,
 ) -> None:
-    """Extends the body fuzz in tests/test_server.py to methods, paths and headers."""
+    """Extends the body fuzz in tests/test_app_validation.py to methods, paths and headers."""
     lines = [f"{method} {path} HTTP/1.1", "Host: x", "Connection: close"]
     if content_type:
         lines.append(f"Content-Type: {content_type}")

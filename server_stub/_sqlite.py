@@ -1,181 +1,36 @@
-"""Storage of received payloads: the ``Store`` seam and its SQLite implementation.
+"""SQLite storage (the default): WAL mode, a small connection pool, dedup by ``payload_id``.
 
-``Store`` is deliberately small and SQL-agnostic so that another backend (e.g.
-PostgreSQL for multi-worker deployments) can implement it; the WSGI app knows
-storage only through it. Rate-limit state lives in the store too, so that
-several worker processes sharing one database share one limit.
+Standard library only. Stats are computed from every stored payload on each
+call with ``aggregate_keys``; rate-limit windows live in the database, so
+several processes sharing one file share one limit. Events are kept once per
+``(instance_id, event_id)``, with counts per hour kept at ingest. The schema
+version is ``PRAGMA user_version``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import queue
 import re
 import sqlite3
 import threading
+from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import (
-    TYPE_CHECKING,
-    Any,
-    Iterable,
-    Iterator,
-    Mapping,
-    Optional,
-    Protocol,
-    Sequence,
-    Tuple,
-    Union,
+from datetime import datetime, timedelta, timezone
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+
+from ._storage import (
+    EventQuery,
+    EventRecord,
+    PayloadRecord,
+    aggregate_keys,
+    count_tree,
+    event_row,
+    format_time,
+    stored_payload,
 )
 
-from . import _sqlite_events
-from ._events import EventQuery, EventRecord
-
-if TYPE_CHECKING:
-    from ._postgres import PostgresStore
-
-__all__ = [
-    "PayloadRecord",
-    "SQLiteStore",
-    "Store",
-    "UnstorablePayload",
-    "aggregate_keys",
-    "open_store",
-]
-
-logger = logging.getLogger("server_stub")
-
-
-@dataclass(frozen=True)
-class PayloadRecord:
-    """One validated payload, as the app hands it to the store."""
-
-    payload_id: str
-    instance_id: str
-    timestamp: str
-    """The client's RFC 3339 timestamp, exactly as sent."""
-    received_at: str
-    """When the server received it, RFC 3339 UTC."""
-    data: Mapping[str, Any]
-    client: Optional[Mapping[str, Any]] = None
-    events: Sequence[EventRecord] = ()
-    """Its events, validated; stored once per ``(instance_id, event_id)``."""
-
-    @property
-    def dropped(self) -> int:
-        dropped = (self.client or {}).get("dropped", 0)
-        return dropped if isinstance(dropped, int) else 0
-
-
-class UnstorablePayload(ValueError):
-    """The store cannot represent this (valid) payload, e.g. ``\\u0000`` in PostgreSQL's jsonb."""
-
-
-class Store(Protocol):
-    """Where payloads go. Implementations must be safe to call from many threads."""
-
-    def add(self, record: PayloadRecord) -> bool:
-        """Store ``record``; False when its ``payload_id`` was already stored (nothing changes).
-
-        Raises ``UnstorablePayload`` when the backend cannot hold its content.
-        """
-        ...
-
-    def stats(self) -> dict[str, Any]:
-        """``{"instances", "payloads", "dropped", "keys", "events"}``, see ``aggregate_keys``;
-        ``events`` is ``{type: {name: count}}``."""
-        ...
-
-    def events(self, query: EventQuery) -> list[dict[str, Any]]:
-        """The events ``query`` selects, newest first (``event_row`` dicts)."""
-        ...
-
-    def event_counts(self, since: str, until: str) -> dict[str, dict[str, int]]:
-        """``{type: {name: count}}`` of the events counted in ``[since, until)``
-        (``format_time`` strings), from the hourly counts kept at ingest."""
-        ...
-
-    def instance_payloads(self, instance_id: str, limit: int, offset: int) -> list[dict[str, Any]]:
-        """That instance's payloads, newest first: dicts with ``payload_id``, ``timestamp``,
-        ``received_at``, ``data``, ``client``."""
-        ...
-
-    def check_rate(
-        self, instance_id: str, limit: int, window_s: float, now: float
-    ) -> Optional[float]:
-        """Count one payload against ``limit`` per ``window_s`` for this instance.
-
-        Returns None when it is allowed (and counted), else the seconds until it
-        would be allowed (and nothing is counted).
-        """
-        ...
-
-    def close(self) -> None: ...
-
-
-def is_counting_set(value: object) -> bool:
-    """An ``append_unique`` encoding: a non-empty array of ``{"value": v, "count": int}``."""
-    return (
-        isinstance(value, list)
-        and bool(value)
-        and all(
-            isinstance(item, dict)
-            and item.keys() == {"value", "count"}
-            and isinstance(item["count"], int)
-            and not isinstance(item["count"], bool)
-            for item in value
-        )
-    )
-
-
-def _is_counter(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def aggregate_keys(datas: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per-key totals over payload ``data`` objects given in arrival order.
-
-    Integers (not bools) are summed; counting sets are merged with their counts
-    summed, sorted by the JSON encoding of the value; anything else is the
-    latest value. When a key changes kind, the latest value replaces the total
-    and accumulation starts again from it.
-    """
-    counters: dict[str, int] = {}
-    counting_sets: dict[str, dict[str, list[Any]]] = {}
-    latest: dict[str, Any] = {}
-    for data in datas:
-        for key, value in data.items():
-            if _is_counter(value):
-                counting_sets.pop(key, None)
-                latest.pop(key, None)
-                counters[key] = counters.get(key, 0) + value
-            elif is_counting_set(value):
-                counters.pop(key, None)
-                latest.pop(key, None)
-                merged = counting_sets.setdefault(key, {})
-                for item in value:
-                    identity = json.dumps(item["value"], sort_keys=True)
-                    merged.setdefault(identity, [item["value"], 0])[1] += item["count"]
-            else:
-                counters.pop(key, None)
-                counting_sets.pop(key, None)
-                latest[key] = value
-    totals: dict[str, Any] = {**latest, **counters}
-    for key, merged in counting_sets.items():
-        totals[key] = [{"value": merged[k][0], "count": merged[k][1]} for k in sorted(merged)]
-    return dict(sorted(totals.items()))
-
-
-def open_store(db: str) -> Union[SQLiteStore, PostgresStore]:
-    """The store ``db`` names: a ``postgresql://`` (or ``postgres://``) URL is PostgreSQL
-    (psycopg 3, imported now), anything else a SQLite file, or ``":memory:"``."""
-    from ._postgres import PostgresStore, is_postgres_url  # noqa: PLC0415 - it imports this module
-
-    if is_postgres_url(db):
-        return PostgresStore(db)
-    return SQLiteStore(db)
-
+__all__ = ["SCHEMA_VERSION", "SQLiteStore", "migrate"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS payloads (
@@ -197,14 +52,41 @@ CREATE TABLE IF NOT EXISTS rate_windows (
 );
 """
 
+_EVENTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq         INTEGER PRIMARY KEY,  -- arrival order
+    instance_id TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    event_time  TEXT NOT NULL,        -- UTC, as the client sent it (normalized)
+    counted_at  TEXT NOT NULL,        -- event_time, or the arrival if that is earlier
+    event_type  TEXT NOT NULL,
+    event_name  TEXT NOT NULL,
+    attrs       TEXT NOT NULL,        -- JSON object
+    payload_id  TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    UNIQUE (instance_id, event_id)
+);
+-- /v1/events newest first: all, by type (and name), by instance.
+CREATE INDEX IF NOT EXISTS events_by_time ON events (counted_at, seq);
+CREATE INDEX IF NOT EXISTS events_by_name ON events (event_type, event_name, counted_at, seq);
+CREATE INDEX IF NOT EXISTS events_by_instance ON events (instance_id, counted_at, seq);
+CREATE TABLE IF NOT EXISTS event_counts (
+    hour       TEXT NOT NULL,         -- the hour's start, in counted_at's form
+    event_type TEXT NOT NULL,
+    event_name TEXT NOT NULL,
+    count      INTEGER NOT NULL,
+    PRIMARY KEY (hour, event_type, event_name)
+);
+"""
+
 _MIGRATIONS: Tuple[str, ...] = (
     _SCHEMA,  # 1: payloads and rate-limit windows
-    _sqlite_events.EVENTS_SCHEMA,  # 2: events and their hourly counts
+    _EVENTS_SCHEMA,  # 2: events and their hourly counts
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code creates and expects (``PRAGMA user_version``)."""
 
-# Every event ever counted: the window of stats() until it takes one.
+# Every event ever counted: the window of stats().
 _ALL_TIME = ("0001-01-01T00:00:00.000000Z", "9999-12-31T23:59:59.999999Z")
 
 
@@ -340,7 +222,7 @@ class SQLiteStore:
                 )
                 stored = cursor.rowcount == 1
                 if stored:
-                    _sqlite_events.insert_events(connection, record.events)
+                    _insert_events(connection, record.events)
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
@@ -360,7 +242,7 @@ class SQLiteStore:
                 ).fetchone()
                 rows = connection.execute("SELECT data FROM payloads ORDER BY seq")
                 keys = aggregate_keys(json.loads(data) for (data,) in rows)
-                events = _sqlite_events.event_counts(connection, *_ALL_TIME)
+                events = _event_counts(connection, *_ALL_TIME)
             finally:
                 connection.execute("COMMIT")
         return {
@@ -370,11 +252,11 @@ class SQLiteStore:
 
     def events(self, query: EventQuery) -> list[dict[str, Any]]:
         with self._connection() as connection:
-            return _sqlite_events.query_events(connection, query)
+            return _query_events(connection, query)
 
     def event_counts(self, since: str, until: str) -> dict[str, dict[str, int]]:
         with self._connection() as connection:
-            return _sqlite_events.event_counts(connection, since, until)
+            return _event_counts(connection, since, until)
 
     def instance_payloads(self, instance_id: str, limit: int, offset: int) -> list[dict[str, Any]]:
         with self._connection() as connection:
@@ -384,32 +266,27 @@ class SQLiteStore:
                 (instance_id, limit, offset),
             ).fetchall()
         return [
-            {
-                "payload_id": payload_id,
-                "timestamp": sent_at,
-                "received_at": received_at,
-                "data": json.loads(data),
-                "client": json.loads(client) if client is not None else None,
-            }
+            stored_payload(
+                payload_id, sent_at, received_at, json.loads(data), _json_or_none(client)
+            )
             for payload_id, sent_at, received_at, data, client in rows
         ]
 
     def all_payloads(self) -> list[dict[str, Any]]:
-        """Every stored payload in arrival order (with ``instance_id``); for tests and tools."""
         with self._connection() as connection:
             rows = connection.execute(
                 "SELECT payload_id, instance_id, sent_at, received_at, data, client"
                 " FROM payloads ORDER BY seq"
             ).fetchall()
         return [
-            {
-                "payload_id": payload_id,
-                "instance_id": instance_id,
-                "timestamp": sent_at,
-                "received_at": received_at,
-                "data": json.loads(data),
-                "client": json.loads(client) if client is not None else None,
-            }
+            stored_payload(
+                payload_id,
+                sent_at,
+                received_at,
+                json.loads(data),
+                _json_or_none(client),
+                instance_id=instance_id,
+            )
             for payload_id, instance_id, sent_at, received_at, data, client in rows
         ]
 
@@ -451,3 +328,135 @@ class SQLiteStore:
                 self._idle.get_nowait().close()
             except queue.Empty:
                 break
+
+
+def _json_or_none(text: Optional[str]) -> Any:
+    return json.loads(text) if text is not None else None
+
+
+_HOUR_SUFFIX = ":00:00.000000Z"
+_LOOKUP_BATCH = 500  # event ids per look-up (SQLite allows 999 parameters at least)
+
+
+def _hour_of(moment: str) -> str:
+    """The start of the hour holding ``moment`` (both in ``format_time``'s form)."""
+    return moment[:13] + _HOUR_SUFFIX
+
+
+def _next_hour_start(moment: str) -> str:
+    """The first hour start at or after ``moment``."""
+    start = _hour_of(moment)
+    if start == moment:
+        return start
+    return format_time(
+        datetime.fromisoformat(start[:-1]).replace(tzinfo=timezone.utc) + timedelta(hours=1)
+    )
+
+
+def _insert_events(connection: sqlite3.Connection, events: Sequence[EventRecord]) -> int:
+    """Insert the events not stored yet and count them per hour; how many were new.
+
+    Runs inside the caller's write transaction (with the payload's row), so
+    nothing can store the same events between the look-up and the insert.
+    """
+    if not events:
+        return 0
+    instance_id = events[0].instance_id
+    stored: Set[str] = set()
+    ids = [event.event_id for event in events]
+    for start in range(0, len(ids), _LOOKUP_BATCH):
+        batch = ids[start : start + _LOOKUP_BATCH]
+        marks = ",".join("?" * len(batch))
+        stored.update(
+            event_id
+            for (event_id,) in connection.execute(
+                f"SELECT event_id FROM events WHERE instance_id = ? AND event_id IN ({marks})",  # noqa: S608
+                (instance_id, *batch),
+            )
+        )
+    new: List[EventRecord] = []
+    for event in events:
+        if event.event_id not in stored:
+            stored.add(event.event_id)  # a payload may carry the same event twice
+            new.append(event)
+    connection.executemany(
+        "INSERT INTO events (instance_id, event_id, event_time, counted_at,"
+        " event_type, event_name, attrs, payload_id, received_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                event.instance_id, event.event_id, event.event_time, event.counted_at,
+                event.event_type, event.event_name,
+                json.dumps(event.attrs, separators=(",", ":")), event.payload_id,
+                event.received_at,
+            )
+            for event in new
+        ],
+    )
+    counts = Counter((_hour_of(event.counted_at), event.event_type, event.event_name)
+                     for event in new)
+    connection.executemany(
+        "INSERT INTO event_counts (hour, event_type, event_name, count) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (hour, event_type, event_name) DO UPDATE SET count = count + excluded.count",
+        [(*key, count) for key, count in sorted(counts.items())],
+    )
+    return len(new)
+
+
+def _query_events(connection: sqlite3.Connection, query: EventQuery) -> List[Dict[str, Any]]:
+    """The page of events ``query`` asks for, newest first."""
+    conditions = ["counted_at >= ?", "counted_at < ?"]
+    parameters: List[Any] = [query.since, query.until]
+    for column, value in (
+        ("event_type", query.event_type),
+        ("event_name", query.event_name),
+        ("instance_id", query.instance_id),
+    ):
+        if value is not None:
+            conditions.append(f"{column} = ?")
+            parameters.append(value)
+    # The conditions are constants; values are parameters.
+    sql = (
+        "SELECT instance_id, event_id, event_time, event_type, event_name, attrs, received_at"  # noqa: S608
+        f" FROM events WHERE {' AND '.join(conditions)}"
+        " ORDER BY counted_at DESC, seq DESC LIMIT ? OFFSET ?"
+    )
+    rows = connection.execute(sql, (*parameters, query.limit, query.offset)).fetchall()
+    return [
+        event_row(instance_id, event_id, event_time, event_type, event_name, json.loads(attrs),
+                  received_at)
+        for instance_id, event_id, event_time, event_type, event_name, attrs, received_at in rows
+    ]
+
+
+def _event_counts(
+    connection: sqlite3.Connection, since: str, until: str
+) -> Dict[str, Dict[str, int]]:
+    """``{type: {name: count}}`` of the events counted in ``[since, until)``.
+
+    Whole hours come from ``event_counts``; the parts of an hour at either end
+    of the window, from the events themselves (at most an hour's worth each).
+    """
+    totals: Counter[Tuple[str, str]] = Counter()
+
+    def from_events(start: str, end: str) -> None:
+        for event_type, event_name, count in connection.execute(
+            "SELECT event_type, event_name, count(*) FROM events"
+            " WHERE counted_at >= ? AND counted_at < ? GROUP BY event_type, event_name",
+            (start, end),
+        ):
+            totals[(event_type, event_name)] += count
+
+    first_hour, last_hour = _next_hour_start(since), _hour_of(until)
+    if first_hour < last_hour:
+        for event_type, event_name, count in connection.execute(
+            "SELECT event_type, event_name, sum(count) FROM event_counts"
+            " WHERE hour >= ? AND hour < ? GROUP BY event_type, event_name",
+            (first_hour, last_hour),
+        ):
+            totals[(event_type, event_name)] += count
+        from_events(since, first_hour)
+        from_events(last_hour, until)
+    else:
+        from_events(since, until)
+    return count_tree((t, n, c) for (t, n), c in totals.items())

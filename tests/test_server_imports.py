@@ -1,0 +1,68 @@
+"""How ``server_stub``'s modules depend on each other, read from their source.
+
+Every import counts, also those under ``TYPE_CHECKING`` and inside functions.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Dict, Set
+
+import pytest
+
+import server_stub
+
+PACKAGE = Path(server_stub.__file__).resolve().parent
+
+
+def _imports_of(path: Path) -> Set[str]:
+    """The package's modules that ``path`` imports (``"_app"``, ``"_storage"`` ...)."""
+    imported: Set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text("utf-8"))):
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                imported.add(node.module.split(".")[0])
+            elif node.level == 1:
+                imported.update(alias.name for alias in node.names)
+            elif node.module and node.module.split(".")[0] == "server_stub":
+                parts = node.module.split(".")
+                imported.update(parts[1:2] or [alias.name for alias in node.names])
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "server_stub" and len(parts) > 1:
+                    imported.add(parts[1])
+    return imported
+
+
+GRAPH: Dict[str, Set[str]] = {path.stem: _imports_of(path) for path in sorted(PACKAGE.glob("*.py"))}
+
+
+def _reachable(start: str) -> Set[str]:
+    seen: Set[str] = set()
+    pending = [start]
+    while pending:
+        for imported in GRAPH.get(pending.pop(), set()) - seen:
+            seen.add(imported)
+            pending.append(imported)
+    return seen
+
+
+def test_the_graph_was_read() -> None:
+    assert GRAPH["_app"] >= {"_storage", "_policy"}
+    assert "_http" in GRAPH["__main__"]
+
+
+@pytest.mark.parametrize("module", sorted(GRAPH))
+def test_no_module_imports_itself_through_others(module: str) -> None:
+    assert module not in _reachable(module)
+
+
+def test_the_command_line_does_not_load_the_test_harness() -> None:
+    assert _reachable("__main__").isdisjoint({"_harness", "pytest_plugin", "_pgtemp"})
+
+
+def test_what_every_store_shares_sits_at_the_bottom() -> None:
+    assert GRAPH["_storage"] == set()
+    assert GRAPH["_sqlite"] == GRAPH["_postgres"] == {"_storage"}
