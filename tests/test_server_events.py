@@ -1,6 +1,6 @@
 """Events on the server: validation (400s), dedup, ``/v1/events``, counts, migration.
 
-Every test runs on in-memory SQLite and on a fresh PostgreSQL schema.
+Every test that uses ``server`` runs on in-memory SQLite and on a fresh PostgreSQL schema.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sqlite3
 import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional
 
 import pytest
 import requests
@@ -20,18 +20,10 @@ from server_stub._harness import Server
 T0 = "2026-11-20T10:15:00.000000Z"
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend_db(request: pytest.FixtureRequest) -> str:
-    if request.param == "postgres":
-        url: str = request.getfixturevalue("postgres_url")
-        return url
-    return ":memory:"
-
-
 @pytest.fixture
-def server(backend_db: str) -> Iterator[Server]:
-    with serve(port=0, db=backend_db) as running:
-        yield running
+def server(backend_server: Server) -> Server:
+    """The server under test, on each storage backend (``backend_server`` in conftest)."""
+    return backend_server
 
 
 def event(name: str = "login", *, event_type: str = "behavioral", at: str = T0,
