@@ -28,8 +28,8 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tu
 import telemetry
 from telemetry import add, append, append_unique, increment, set_nested
 from telemetry import set as set_value
-from telemetry._emitter import encode_request
-from telemetry._sinks import Request, SendResult
+from telemetry._sinks import SendResult
+from telemetry._wire import Request, encode_request
 
 __all__ = [
     "CALLS",

@@ -37,7 +37,8 @@ if __package__ in (None, ""):  # run as a script: make ``server_stub`` and ``tel
 import telemetry
 from benchmarks._shared import percentile
 from server_stub import Server, serve
-from telemetry._sinks import HTTPSink, Request, SendResult
+from telemetry._sinks import HTTPSink, SendResult
+from telemetry._wire import Request
 
 __all__ = ["soak"]
 

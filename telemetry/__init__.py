@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from telemetry._client import DEFAULT_CLIENT as _DEFAULT
-from telemetry._client import Client, fast_hash
+from telemetry._client import Client, Status, fast_hash
 from telemetry._events import (
     EVENT_TYPE_BEHAVIORAL,
     EVENT_TYPE_LOG,
@@ -26,7 +26,6 @@ from telemetry._version import __version__
 if TYPE_CHECKING:
     from typing import Concatenate, ParamSpec, TypeVar
 
-    from telemetry._state import Status
     from telemetry._wire import Payload, Response
 
     P = ParamSpec("P")
@@ -134,8 +133,4 @@ def __getattr__(name: str) -> Any:
         from telemetry import _wire  # noqa: PLC0415
 
         return getattr(_wire, name)
-    if name == "Status":
-        from telemetry import _state  # noqa: PLC0415
-
-        return _state.Status
     raise AttributeError(f"module 'telemetry' has no attribute {name!r}")

@@ -86,7 +86,7 @@ def _status(state: State) -> int:
         why += "; the application may still opt in with init(consent=True)"
     instance_id = state.read_instance_id()
     saved = state.read_consent()
-    files, size = state.spool_size()
+    files, size = state.spool.size()
     rows = [
         ("app", state.app),
         ("mode", decision.mode),
@@ -97,7 +97,8 @@ def _status(state: State) -> int:
         ("config dir", str(state.config_dir)),
         ("consent file", str(state.consent_path)),
         ("state dir", str(state.state_dir)),
-        ("spool", f"{files} payload{'s' if files != 1 else ''}, {size} bytes in {state.spool_dir}"),
+        ("spool", f"{files} payload{'s' if files != 1 else ''}, {size} bytes in "
+                  f"{state.spool.directory}"),
     ]
     width = max(len(label) for label, _ in rows) + 2
     for label, value in rows:
@@ -116,7 +117,7 @@ def _persist(mode: str) -> Callable[[State], int]:
             return 1
         print(f"telemetry for {state.app} is now {mode} (saved in {state.consent_path})")
         if mode == _consent.OFF:
-            files = state.spool_size().files
+            files = state.spool.size().files
             if state.delete_all():
                 print(f"deleted its instance id, server policy and {files} spooled "
                       f"payload{'s' if files != 1 else ''}")
@@ -134,7 +135,7 @@ def _persist(mode: str) -> Callable[[State], int]:
 
 
 def _show(state: State) -> int:
-    payloads = state.spooled()
+    payloads = state.spool.payloads()
     print(json.dumps([json.loads(encode_payload(payload)) for payload in payloads],
                      indent=2, ensure_ascii=False))
     if not payloads:

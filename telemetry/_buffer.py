@@ -8,11 +8,9 @@ Warnings are logged after the lock is released: logging may do I/O.
 
 from __future__ import annotations
 
-import itertools
 import json
 import math
 import threading
-import time
 from collections.abc import Hashable, Iterable, Mapping
 from typing import (
     TYPE_CHECKING,
@@ -39,8 +37,6 @@ MAX_DEPTH = 32
 DEFAULT_MAX_ITEMS = 100_000
 DEFAULT_MAX_VALUES_PER_KEY = 10_000
 _MAX_WARNED_KEYS = 1024
-# Items put in wire form between two GIL hand-offs (see ``_Store.to_wire``).
-_WIRE_ITEMS_PER_PAUSE = 1000
 
 VALUE, NESTED, COUNTER, LIST, COUNTING_SET = "value", "mapping", "counter", "list", "counting set"
 
@@ -163,7 +159,8 @@ def _member_key(value: JSONValue) -> Hashable:
     return (kind.__name__, value)
 
 
-def _member_value(member: Hashable) -> JSONValue:
+def member_value(member: Hashable) -> JSONValue:
+    """The value a counting-set member was stored for (undoes ``_member_key``)."""
     return member[1] if type(member) is tuple else member  # type: ignore[return-value]
 
 
@@ -208,59 +205,23 @@ class _Store:
                 return 1 + len(container)
         return 0
 
-    def to_wire(self) -> Dict[str, JSONValue]:
-        """The data in wire form (SPEC §3 encodings). Call once, on a swapped-out store.
-
-        Runs off the lock, in the emitter's thread. The largest table becomes the
-        result instead of being copied, and the GIL is handed back every
-        ``_WIRE_ITEMS_PER_PAUSE`` items copied or converted (counting-set members
-        are converted in Python): a buffer of 100,000 items must not stall the
-        application's threads.
-        """
-        tables: List[Dict[str, Any]] = [self.values, self.nested, self.counters, self.lists]
-        data: Dict[str, Any] = max(tables, key=len)
-        budget = _WIRE_ITEMS_PER_PAUSE
-        for table in tables:
-            if table is not data and table:
-                data.update(table)
-                budget -= len(table)
-                if budget <= 0:
-                    _hand_over_gil()
-                    budget = _WIRE_ITEMS_PER_PAUSE
-        for key, counts in self.sets.items():
-            members = iter(counts.items())
-            remaining = len(counts)
-            wire: List[JSONValue] = []
-            while remaining:
-                size = min(remaining, budget)
-                wire += [
-                    {"value": _member_value(member), "count": count}
-                    for member, count in itertools.islice(members, size)
-                ]
-                remaining -= size
-                budget -= size
-                if not budget:
-                    _hand_over_gil()
-                    budget = _WIRE_ITEMS_PER_PAUSE
-            data[key] = wire
-        return data
-
-
-def _hand_over_gil() -> None:
-    # Not a clock: a zero sleep lets another thread waiting for the GIL take it.
-    time.sleep(0)
-
 
 class Snapshot(NamedTuple):
-    """What ``Buffer.take`` removed: wire-ready data, its item count, drops since last take."""
+    """What ``Buffer.take`` removed: the data as stored, its item count, drops since last take.
 
-    data: Dict[str, JSONValue]
+    ``plain_tables`` (values, mappings, counters, lists) hold wire values already;
+    ``counting_sets`` map each stored member (``member_value`` gives its value) to
+    its count. ``_wire.wire_data`` puts them in the wire's shapes.
+    """
+
+    plain_tables: Tuple[Dict[str, Any], ...]
+    counting_sets: Dict[str, Dict[Hashable, int]]
     items: int
     dropped: int
 
 
 class Buffer:
-    """Thread-safe, bounded collection buffer with item accounting (SPEC §2)."""
+    """Thread-safe, bounded collection buffer with item accounting (README.md, "API")."""
 
     def __init__(
         self,
@@ -591,13 +552,14 @@ class Buffer:
             self._server_disabled_keys = self._server_disabled_keys - frozenset(keys)
 
     def take(self) -> Snapshot:
-        """Remove and return everything buffered; O(1) under the lock."""
+        """Remove and return everything buffered; O(1) under the lock, no copy."""
         with self._lock:
             store, self._store = self._store, _Store()
             items, self._items = self._items, 0
             dropped, self._dropped = self._dropped, 0
             self._warned_full = False
-        return Snapshot(data=store.to_wire(), items=items, dropped=dropped)
+        plain = (store.values, store.nested, store.counters, store.lists)
+        return Snapshot(plain, store.sets, items, dropped)
 
     def has_data(self) -> bool:
         """Whether a snapshot now would carry anything (items or drop counts)."""

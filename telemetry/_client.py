@@ -1,7 +1,12 @@
-"""``Client``: wires buffer, consent and emitter together; owns the default instance.
+"""``Client``: the consent lifecycle, and the wiring of buffer → source → emitter → sink.
 
 This module is the one place that holds process-wide state: ``DEFAULT_CLIENT``,
 which the module-level functions in ``telemetry/__init__.py`` delegate to.
+
+``import telemetry`` loads this module, the buffer and consent rules only; the
+rest of the pipeline (attrs, state files, wire types, the emitter, sinks) is
+imported by ``init()``, the one place that does so, so an application that
+imports telemetry but never initialises it does not pay for it.
 """
 
 from __future__ import annotations
@@ -10,12 +15,21 @@ import atexit
 import os
 import random
 import threading
-import time
 import uuid
 import weakref
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Callable, Dict, FrozenSet, Optional, Protocol, Union
+from datetime import datetime
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Union,
+)
 
 from telemetry import _consent
 from telemetry._buffer import DEFAULT_MAX_ITEMS, DEFAULT_MAX_VALUES_PER_KEY, Buffer
@@ -30,18 +44,17 @@ from telemetry._events import (
     EventFilter,
     EventTarget,
     Recorder,
-    parse_log_level,
 )
 from telemetry._log import capture_internal_errors, logger, report_internal_error
 
-# Emission, state files and wire types (with attrs) load on first use, not on
-# `import telemetry`: an application with telemetry off never pays for them.
-# ruff: noqa: PLC0415
 if TYPE_CHECKING:
     from telemetry._emitter import Emitter, Wait
+    from telemetry._options import Options
     from telemetry._sinks import Sink
-    from telemetry._state import State, Status
-    from telemetry._wire import Payload, Response
+    from telemetry._source import BufferSource
+    from telemetry._state import State
+    from telemetry._steering import ClientSteering
+    from telemetry._wire import Payload
 
 AT_EXIT_TIMEOUT = 1.0
 
@@ -106,27 +119,33 @@ def parse_instance_id(instance_id: InstanceId) -> Optional[uuid.UUID]:
     return parsed
 
 
-def _parse_disabled_keys(keys: Iterable[str]) -> FrozenSet[str]:
-    """``disabled_keys`` as a frozenset of str; raises ``ValueError`` for anything else."""
-    if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
-        raise ValueError(f"disabled_keys must be a collection of str keys, not {keys!r}")
-    items = list(keys)
-    if not all(isinstance(key, str) for key in items):
-        raise ValueError(f"disabled_keys must hold str keys, got {items!r}")
-    return frozenset(str.__str__(key) for key in items)
-
-
 def fast_hash(data: Union[str, bytes, bytearray, memoryview]) -> str:
     """xxh32 hex digest of ``data``, for anonymising values. Not cryptographic.
 
     A ``str`` is hashed as UTF-8 (lone surrogates kept as they are); anything
     that is neither ``str`` nor bytes-like is hashed as its ``str()``.
     """
-    import xxhash
+    import xxhash  # noqa: PLC0415 - loaded on first use: `import telemetry` stays light
 
     if not isinstance(data, (bytes, bytearray, memoryview)):
         data = (data if isinstance(data, str) else str(data)).encode("utf-8", "surrogatepass")
     return xxhash.xxh32_hexdigest(data)
+
+
+class Status(NamedTuple):
+    """A client's mode, why, identity and where its files are (``telemetry.status()``)."""
+
+    mode: str
+    rule: str
+    instance_id: Optional[str]
+    endpoint: Optional[str]
+    emitting: bool
+    server_stopped: bool
+    server_disabled_keys: FrozenSet[str]
+    config_dir: Optional[str]
+    state_dir: Optional[str]
+    spool_files: int
+    spool_bytes: int
 
 
 class Client:
@@ -147,19 +166,20 @@ class Client:
         """Where event calls go now: the event buffer, or a null object when off."""
         self._buffer = Buffer()
         self._events = EventBuffer()
-        self._initialized = False
-        self._options: Dict[str, Any] = {}
-        self._consent_argument: Optional[str] = None
+        # Set once by init():
+        self._options: Optional[Options] = None
         self._state: Optional[State] = None
+        self._source: Optional[BufferSource] = None
+        self._steering: Optional[ClientSteering] = None
         self._emitter: Optional[Emitter] = None
         self._emitting_wanted = False
-        self._server_stopped = False
         self._atexit_registered = False
         self.instance_id: Optional[uuid.UUID] = None
         self.app = ""
         self.endpoint: Optional[str] = None
         self.decision = _consent.Decision(_consent.OFF, "init() was not called")
-        # Guards the lifecycle (init, start/stop, consent); collection never takes it.
+        # Guards the lifecycle (init, start/stop, consent, the server's steering);
+        # collection never takes it.
         self._lifecycle_lock = threading.RLock()
         _register_fork_handler(self)
 
@@ -201,105 +221,104 @@ class Client:
         for a nil or unparsable ``instance_id`` or a bad argument,
         ``RuntimeError`` when called a second time.
         """
+        from telemetry._options import Options  # noqa: PLC0415 - see the module docstring
+        from telemetry._source import BufferSource  # noqa: PLC0415
+        from telemetry._state import State  # noqa: PLC0415
+        from telemetry._steering import ClientSteering  # noqa: PLC0415
+
         with self._lifecycle_lock:
-            if self._initialized:
+            if self._options is not None:
                 raise RuntimeError("telemetry.init() was already called for this client")
             parsed_id = parse_instance_id(instance_id)
-            consent_mode = _consent.normalize_consent(consent)
-            disabled = _parse_disabled_keys(disabled_keys)
-            for name, count, least in (
-                ("max_items", max_items, 0),
-                ("max_values_per_key", max_values_per_key, 0),
-                ("max_pending", max_pending, 1),
-                ("max_events", max_events, 0),
-            ):
-                if type(count) is not int or count < least:
-                    raise ValueError(f"{name} must be an int >= {least}, not {count!r}")
-            intervals = (default_interval, min_interval, max_interval, send_timeout)
-            if not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in intervals):
-                raise ValueError("intervals and send_timeout must be numbers of seconds")
-            if not 0 < min_interval <= max_interval or send_timeout <= 0:
-                raise ValueError("need 0 < min_interval <= max_interval and send_timeout > 0")
-            log_level = parse_log_level(log_level)
-            if event_filter is not None and not callable(event_filter):
-                raise ValueError(f"event_filter must be callable, not {event_filter!r}")
-            from telemetry._state import State
-
+            options = Options(
+                app=app, endpoint=endpoint, consent=consent, disabled_keys=disabled_keys,
+                max_items=max_items, max_values_per_key=max_values_per_key,
+                log_level=log_level, max_events=max_events, event_filter=event_filter,
+                default_interval=default_interval, min_interval=min_interval,
+                max_interval=max_interval, max_pending=max_pending, send_timeout=send_timeout,
+                verify=verify, proxies=proxies, sink=sink, state_dir=state_dir,
+                clock=clock, wait=wait, rng=rng, wall_clock=wall_clock,
+            )
             state = State(app, root=state_dir)  # raises ValueError for a bad app name
-            self._initialized = True
+            self._options = options
             self._state = state
             self.app = app
-            self.endpoint = endpoint or os.environ.get("TELEMETRY_ENDPOINT") or None
-            self._consent_argument = consent_mode
-            self._options = {
-                "intervals": (default_interval, min_interval, max_interval),
-                "max_pending": max_pending,
-                "send_timeout": send_timeout,
-                "verify": verify,
-                "proxies": proxies,
-                "sink": sink,
-                "clock": clock or time.monotonic,
-                "wait": wait,
-                "rng": rng,
-                "wall_clock": wall_clock or time.time,
-            }
+            self.endpoint = options.resolved_endpoint()
             self._buffer = Buffer(
-                max_items=max_items,
-                max_values_per_key=max_values_per_key,
-                disabled_keys=disabled,
+                max_items=options.max_items,
+                max_values_per_key=options.max_values_per_key,
+                disabled_keys=options.disabled_keys,
             )
             self._events = EventBuffer(
-                max_events=max_events,
-                log_level=log_level,
-                event_filter=event_filter,
-                wall_clock=self._options["wall_clock"],
-                disabled_keys=disabled,
+                max_events=options.max_events,
+                log_level=options.log_level,
+                event_filter=options.event_filter,
+                wall_clock=options.wall_clock,
+                disabled_keys=options.disabled_keys,
+            )
+            self._source = BufferSource(self._buffer, options.wall_clock, self._events)
+            self._steering = ClientSteering(
+                buffer=self._buffer,
+                state=state,
+                endpoint=self.endpoint,
+                wall_clock=options.wall_clock,
+                lock=lambda: self._lifecycle_lock,
+                silence=self._silence,
+                events=self._events,
             )
             self.instance_id = parsed_id
-            self._apply_decision(self._resolve(self._read_persisted_consent()))
+            self._apply_decision(self._resolve(state.read_consent()))
 
     # -- consent -----------------------------------------------------------------
 
-    def _read_persisted_consent(self) -> Optional[str]:
-        return self._state.read_consent() if self._state is not None else None
-
     def _resolve(self, persisted: Optional[str]) -> _consent.Decision:
-        return _consent.resolve(
-            app=self.app, consent=self._consent_argument, env=os.environ, persisted=persisted
-        )
+        consent = self._options.consent if self._options is not None else None
+        return _consent.resolve(app=self.app, consent=consent, env=os.environ, persisted=persisted)
 
     def _apply_decision(self, decision: _consent.Decision) -> None:
         """Make the collector, emitter and files match ``decision`` (lifecycle lock held)."""
+        assert self._state is not None and self._steering is not None
         was_off = self.decision.mode == _consent.OFF
         self.decision = decision
         logger.debug("telemetry mode: %s (%s)", decision.mode, decision.rule)
         if decision.mode == _consent.OFF:
-            self.collector = NULL_COLLECTOR
-            self.event_target = NULL_EVENTS
+            self._silence()
             if self._emitter is not None:
                 self._emitter.discard()
                 self._emitter = None
             self._buffer.take()  # data and drop counts alike: what was collected never existed
             self._events.take()
-            if self._state is not None:
-                self._state.delete_all()
+            self._state.delete_all()
             return
         if self.instance_id is None:
-            self.instance_id = self._state.instance_id() if self._state else uuid.uuid4()
-        if decision.mode == _consent.ON and self._state is not None and self.endpoint:
-            policy = self._state.read_policy(self.endpoint)
-            self._server_stopped = policy.stopped(self._options["wall_clock"]())
-            self._buffer.disable_keys(policy.disabled_keys)
-            self._sync_event_keys()
+            self.instance_id = self._state.instance_id()
+        if decision.mode == _consent.ON:
+            self._steering.restore()
         if was_off:
             self._buffer.take()  # start empty: nothing from before counts
             self._events.take()
-        self.collector = NULL_COLLECTOR if self._server_stopped else self._buffer
-        self.event_target = NULL_EVENTS if self._server_stopped else self._events
+        if self._steering.stopped:
+            self._silence()
+        else:
+            self._collect()
         if self._emitter is not None:
             self._emitter.sink = self._make_sink()
-        elif self._emitting_wanted and not self._server_stopped:
+        elif self._emitting_wanted and not self._steering.stopped:
             self._start()
+
+    def _collect(self) -> None:
+        """Collection calls go to the buffer, and the emitter may take payloads."""
+        assert self._source is not None
+        self.collector = self._buffer
+        self.event_target = self._events
+        self._source.instance_id = str(self.instance_id)
+
+    def _silence(self) -> None:
+        """Collection calls do nothing, and nothing more is taken (off, or the server's stop)."""
+        self.collector = NULL_COLLECTOR
+        self.event_target = NULL_EVENTS
+        if self._source is not None:
+            self._source.instance_id = None
 
     def set_consent(self, consent: _consent.ConsentArgument) -> None:
         """Persist the user's choice and apply it at once (off deletes everything).
@@ -308,27 +327,24 @@ class Client:
         """
         mode = _consent.normalize_consent(consent)
         with self._lifecycle_lock:
-            if not self._initialized or mode is None:
+            if self._state is None or mode is None:
                 logger.warning("telemetry.set_consent() needs init() first and a choice")
                 return
             with capture_internal_errors("set_consent"):
-                if self._state is not None:
-                    self._state.write_consent(mode)
+                self._state.write_consent(mode)
                 self._apply_decision(self._resolve(mode))
 
     def status(self) -> Status:
         """The mode, the rule that decided it, identity, endpoint and state paths."""
-        from telemetry._state import Status
-
         state = self._state
-        files, size = state.spool_size() if state is not None else (0, 0)
+        files, size = state.spool.size() if state is not None else (0, 0)
         return Status(
             mode=self.decision.mode,
             rule=self.decision.rule,
             instance_id=str(self.instance_id) if self.instance_id else None,
             endpoint=self.endpoint,
             emitting=self._emitter is not None and self._emitter.running,
-            server_stopped=self._server_stopped,
+            server_stopped=self._steering is not None and self._steering.stopped,
             server_disabled_keys=self._buffer.server_disabled_keys,
             config_dir=str(state.config_dir) if state is not None else None,
             state_dir=str(state.state_dir) if state is not None else None,
@@ -402,30 +418,7 @@ class Client:
 
         Returns None when telemetry is off or not initialised.
         """
-        from telemetry._wire import Payload
-
-        if self.collector is NULL_COLLECTOR or self.instance_id is None:
-            return None
-        snapshot = self._buffer.take()
-        events = self._events.take()
-        return Payload(
-            instance_id=str(self.instance_id),
-            timestamp=now or datetime.fromtimestamp(self._options["wall_clock"](), timezone.utc),
-            data=snapshot.data,
-            dropped=snapshot.dropped + events.rejected,
-            items=snapshot.items + len(events.events),
-            events=events.events,
-            dropped_events=events.dropped_events,
-        )
-
-    def _has_data(self) -> bool:
-        return self._buffer.has_data() or self._events.has_events()
-
-    def _sync_event_keys(self) -> None:
-        """Give the event buffer the disabled keys now in force."""
-        self._events.set_disabled_keys(
-            self._buffer.app_disabled_keys | self._buffer.server_disabled_keys
-        )
+        return self._source.take(now) if self._source is not None else None
 
     def start_emitting(self) -> None:
         """Start the background sender; the first send happens at once."""
@@ -434,48 +427,28 @@ class Client:
                 logger.info("telemetry: start_emitting() called while already emitting; ignored")
                 return
             self._emitting_wanted = True
-            if not self._initialized:
+            if self._options is None:
                 logger.info("telemetry: start_emitting() before init(); nothing is sent")
             elif self.collector is not NULL_COLLECTOR:
                 self._start()
 
     def _start(self) -> None:
-        from telemetry._emitter import Emitter, Schedule, event_wait
-
-        default_interval, min_interval, max_interval = self._options["intervals"]
-        state = self._state if self.decision.mode == _consent.ON else None
-        options = self._options
-        emitter = Emitter(
+        options, state = self._options, self._state
+        assert options is not None and self._source is not None and self._steering is not None
+        spooling = state is not None and self.decision.mode == _consent.ON
+        emitter = options.make_emitter(
+            source=self._source,
+            steering=self._steering,
             sink=self._make_sink(),
-            take_payload=self.take_payload,
-            on_response=self._apply_response,
-            count_dropped=self._buffer.count_dropped,
-            has_data=self._has_data,
-            schedule=Schedule(
-                default_interval=default_interval,
-                min_interval=min_interval,
-                max_interval=max_interval,
-            ),
-            max_pending=options["max_pending"],
-            send_timeout=options["send_timeout"],
-            spool=state,
-            clock=options["clock"],
-            wait=options["wait"] or event_wait,
-            rng=options["rng"],
+            spool=state.spool if state is not None and spooling else None,
         )
-        if state is not None:
-            for index, claimed in enumerate(state.claim()):
-                if index < emitter.max_pending:
-                    emitter.add_pending(claimed.payload, claimed.done, claimed.release)
-                else:
-                    claimed.release()  # the next process (or restart) sends these
-            if state.first_run_notice_due():
-                logger.info(
-                    "telemetry is on for %s; turn it off with `python -m telemetry --app %s off` "
-                    "or by setting DO_NOT_TRACK=1",
-                    self.app,
-                    self.app,
-                )
+        if state is not None and spooling and state.first_run_notice_due():
+            logger.info(
+                "telemetry is on for %s; turn it off with `python -m telemetry --app %s off` "
+                "or by setting DO_NOT_TRACK=1",
+                self.app,
+                self.app,
+            )
         self._emitter = emitter
         emitter.start()
         if not self._atexit_registered:
@@ -483,25 +456,9 @@ class Client:
             _register_atexit(self)
 
     def _make_sink(self) -> Sink:
-        from telemetry._sinks import HTTPSink, LogSink
-
-        custom: Optional[Sink] = self._options.get("sink")
-        if custom is not None:
-            return custom
-        if self.decision.mode == _consent.LOCAL:
-            return LogSink()
-        if not self.endpoint:
-            logger.warning(
-                "telemetry: no endpoint configured (init(endpoint=...) or TELEMETRY_ENDPOINT); "
-                "payloads are logged instead of sent"
-            )
-            return LogSink()
-        return HTTPSink(
-            self.endpoint,
-            verify=self._options["verify"],
-            proxies=self._options["proxies"],
-            wall_clock=self._options["wall_clock"],
-        )
+        assert self._options is not None
+        local = self.decision.mode == _consent.LOCAL
+        return self._options.make_sink(local=local, endpoint=self.endpoint)
 
     def stop_emitting(self, timeout: float = 2.0) -> None:
         """Final send, then stop; returns within ``timeout`` whatever the network does.
@@ -524,45 +481,6 @@ class Client:
         except Exception as exc:
             report_internal_error("flush", exc)
             return False
-
-    def _apply_response(self, response: Response) -> bool:
-        """Apply the server's instructions; False when it said stop (emitter thread)."""
-        from telemetry._state import ServerPolicy
-
-        if response.error:
-            logger.warning("telemetry server says: %s", response.error[:500])
-        if response.stop:
-            self._stop_by_server()
-            return False
-        before = self._buffer.server_disabled_keys
-        disable = frozenset(response.disable_keys)
-        enable = frozenset(response.enable_keys) - disable
-        if enable:
-            self._buffer.enable_keys(enable)
-        if disable:
-            self._buffer.disable_keys(disable)
-        after = self._buffer.server_disabled_keys
-        if after != before:
-            self._sync_event_keys()
-        if after != before and self._state is not None and self.endpoint:
-            self._state.write_policy(self.endpoint, ServerPolicy(disabled_keys=after))
-        return True
-
-    def _stop_by_server(self) -> None:
-        from telemetry._state import STOP_REMEMBERED_FOR, ServerPolicy
-
-        logger.info("telemetry: the server asked this client to stop sending; stopped")
-        self._server_stopped = True
-        self.collector = NULL_COLLECTOR
-        self.event_target = NULL_EVENTS
-        self._buffer.reset()
-        self._events.reset()
-        if self._state is not None and self.endpoint:
-            until = self._options["wall_clock"]() + STOP_REMEMBERED_FOR
-            self._state.write_policy(
-                self.endpoint,
-                ServerPolicy(disabled_keys=self._buffer.server_disabled_keys, stop_until=until),
-            )
 
     def _at_exit(self) -> None:
         emitter = self._emitter

@@ -1,4 +1,6 @@
-"""Consent: which mode telemetry runs in, as a pure function of its inputs (SPEC §5).
+"""Consent: which mode telemetry runs in, as a pure function of its inputs.
+
+The seven rules are listed in README.md, "Consent".
 
 First match wins; the person at the machine outranks the application's
 default, and anyone can say no.
@@ -21,7 +23,7 @@ _FALSE_WORDS = frozenset({"", "0", "false", "no", "off"})
 class Decision(NamedTuple):
     """The resolved mode and the rule that decided it (for ``status()`` and the CLI).
 
-    ``number`` is the rule's place in SPEC §5 (1-7); 0 when no rule was applied
+    ``number`` is the rule's place in README.md's "Consent" list (1-7); 0 when no rule was applied
     (e.g. before ``init()``).
     """
 

@@ -1,32 +1,38 @@
-"""The emitter thread: schedule, retries, pending payloads, shutdown and fork (SPEC §4).
+"""The emitter thread: schedule, retries, pending payloads, shutdown and fork.
 
-One daemon thread per client. Each cycle takes the buffer as a new payload,
-then sends pending payloads oldest first; a payload leaves ``pending`` only
-when the server has it (or refused it for good), so nothing is lost, and it
-keeps its ``payload_id`` across retries, restarts and the spool, so nothing is
-counted twice. Collection calls never touch the emitter's lock.
+One daemon thread per client. Each cycle takes a new payload from its
+``PayloadSource``, then sends pending payloads oldest first through its
+``Sink``; what the server answers goes to its ``Steering``. A payload leaves
+``pending`` only when the server has it (or refused it for good), so nothing is
+lost, and it keeps its ``payload_id`` across retries, restarts and the
+``Spool``, so nothing is counted twice (``docs/protocol.md``). Collection calls
+never touch the emitter's lock, and the emitter never holds it while it takes,
+encodes or sends a payload.
 """
 
 from __future__ import annotations
 
 import collections
+import enum
 import logging
 import random
 import threading
 import time
-import zlib
-from typing import Callable, Deque, List, Optional, Protocol, Tuple
+from typing import Callable, Deque, List, Optional, Protocol, Sequence
 
 import attrs
 
 from telemetry._log import QuietLog, logger, report_internal_error
-from telemetry._sinks import RATE_LIMITED, REJECTED, RETRY, Request, SendResult, Sink
-from telemetry._wire import Payload, Response, iter_encoded_payload, new_payload_id
-
-GZIP_THRESHOLD = 1024
-MAX_BODY_BYTES = 1024 * 1024  # the server refuses more (compressed), SPEC §7
-MAX_RAW_BYTES = 10 * 1024 * 1024  # ... or more once decompressed
-MAX_DURATION_NS = 2**63 - 1  # the longest Go duration
+from telemetry._sinks import Outcome, SendResult, Sink
+from telemetry._wire import (
+    MAX_DURATION_NS,
+    SERVER_LIMITS,
+    Payload,
+    Request,
+    Response,
+    WireLimits,
+    split_to_fit,
+)
 
 _SEND_FAILED = "telemetry: sending failed (%s); will retry"
 
@@ -40,7 +46,7 @@ def event_wait(event: threading.Event, seconds: float) -> object:
 
 @attrs.frozen
 class Schedule:
-    """Timing of cycles and retries, in seconds (SPEC §4)."""
+    """Timing of cycles and retries, in seconds (``docs/protocol.md``, "Timing and retries")."""
 
     default_interval: float = 3600.0
     min_interval: float = 60.0
@@ -66,10 +72,57 @@ class Schedule:
         return rng.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
 
 
-class Spool(Protocol):
-    """Where payloads go when the process stops before they were delivered."""
+class PayloadSource(Protocol):
+    """Where payloads come from: the buffer, seen from the emitter."""
 
-    def spool(self, payloads: List[Payload]) -> int: ...
+    def take(self) -> Optional[Payload]:
+        """Everything collected since the last take, as a new payload; None when off."""
+
+    def has_data(self) -> bool:
+        """Whether a take now would carry anything (items or drop counts)."""
+
+    def count_dropped(self, items: int) -> None:
+        """Report ``items`` lost in emission (rejected, overflow) with the next payload."""
+
+
+class Steering(Protocol):
+    """Applies what the server said after a delivery (keys, ``stop``) to the client."""
+
+    def apply(self, response: Response) -> None: ...
+
+
+class Spooled(Protocol):
+    """A payload taken back from the spool: ``done()`` once delivered, else ``release()``."""
+
+    payload: Payload
+
+    def done(self) -> None: ...
+    def release(self) -> None: ...
+
+
+class Spool(Protocol):
+    """Where encoded payloads wait when the process stops before they were delivered."""
+
+    def save(self, requests: List[Request]) -> int:
+        """Keep ``requests`` for a later process; returns how many items were lost."""
+
+    def claim(self) -> Sequence[Spooled]:
+        """Take back, for this process, what earlier ones left; oldest first."""
+
+
+class Phase(enum.Enum):
+    """Where the emitter is in its life; it only ever moves down this list."""
+
+    READY = "ready"
+    """Built, thread not started."""
+    RUNNING = "running"
+    """The thread runs cycles."""
+    STOPPING = "stopping"
+    """``stop()`` was called: one final send, bounded by its deadline."""
+    STOPPED = "stopped"
+    """Stopped; what was undelivered went to the spool."""
+    DISCARDED = "discarded"
+    """Stopped without sending; pending payloads were forgotten (consent off, server stop)."""
 
 
 @attrs.define(eq=False)
@@ -82,128 +135,32 @@ class _Pending:
     on_return: Optional[Callable[[], None]] = None
 
 
-# Longest the encoder runs before it hands the GIL back (seconds). A hand-off costs
-# a system call, and up to the interpreter's switch interval (5 ms) before this
-# thread gets the GIL back from a busy application thread: not after every piece.
-_PAUSE_INTERVAL = 0.001
-
-
-def _pause() -> None:
-    # Hand the GIL to the application's threads between encoding chunks.
-    time.sleep(0)
-
-
-def encode_request(payload: Payload) -> Tuple[Request, int]:
-    """Encode (and gzip over 1 KiB) in chunks, handing the GIL back between them.
-
-    Each piece is compressed as it comes (zlib releases the GIL while it works),
-    so no step joins or compresses the whole body in one long call.
-    Returns the request and the size of its uncompressed body.
-    """
-    raw_pieces: List[bytes] = []
-    raw_size = 0
-    compressor = None
-    body_pieces: List[bytes] = []
-    clock = time.perf_counter
-    pause_at = clock() + _PAUSE_INTERVAL
-    for text in iter_encoded_payload(payload):
-        piece = text.encode("utf-8")
-        raw_size += len(piece)
-        if compressor is not None:
-            body_pieces.append(compressor.compress(piece))
-        else:
-            raw_pieces.append(piece)
-            if raw_size > GZIP_THRESHOLD:
-                compressor = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: the gzip container
-                body_pieces = [compressor.compress(b"".join(raw_pieces))]
-        if clock() >= pause_at:
-            _pause()
-            pause_at = clock() + _PAUSE_INTERVAL
-    if compressor is None:
-        return Request(payload, b"".join(raw_pieces)), raw_size
-    body_pieces.append(compressor.flush())
-    return Request(payload, b"".join(body_pieces), gzipped=True), raw_size
-
-
-def split_to_fit(payload: Payload) -> Tuple[List[Request], int]:
-    """Requests that each fit the server's size limits, split by key and by event; and
-    items dropped.
-
-    Data and events are split apart first, then each in halves. A key that cannot
-    fit even alone, or cannot be encoded at all (an int with more digits than
-    ``str()`` allows), is dropped and counted.
-    """
-    try:
-        request, raw_size = encode_request(payload)
-    except ValueError as exc:
-        problem = f"cannot be encoded ({exc})"
-    else:
-        if len(request.body) <= MAX_BODY_BYTES and raw_size <= MAX_RAW_BYTES:
-            return [request], 0
-        problem = "is too large to send even alone"
-    keys = list(payload.data)
-    events = list(payload.events)
-    if len(keys) + len(events) <= 1:
-        what = f"key {keys[0]!r}" if keys else "event" if events else "(empty)"
-        logger.warning("telemetry: payload %s %s; dropped", what, problem)
-        return [], payload.items + payload.dropped
-    if keys and events:
-        halves = [(keys, []), ([], events)]
-    elif keys:
-        halves = [(keys[: len(keys) // 2], []), (keys[len(keys) // 2 :], [])]
-    else:
-        halves = [([], events[: len(events) // 2]), ([], events[len(events) // 2 :])]
-    requests: List[Request] = []
-    dropped = 0
-    for index, (part_keys, part_events) in enumerate(halves):
-        piece = attrs.evolve(
-            payload,
-            payload_id=new_payload_id(),
-            data={key: payload.data[key] for key in part_keys},
-            events=part_events,
-            dropped=payload.dropped if index == 0 else 0,
-            dropped_events=payload.dropped_events if index == 0 else 0,
-            items=-1,
-        )
-        part_requests, part_dropped = split_to_fit(piece)
-        requests += part_requests
-        dropped += part_dropped
-    return requests, dropped
-
-
 class Emitter:
-    """The background sender of one client.
-
-    ``take_payload`` snapshots the buffer; ``on_response`` applies what the
-    server said after each delivery and returns False when the server said
-    stop; ``count_dropped`` reports items lost here (rejected, overflow).
-    """
+    """The background sender of one client."""
 
     def __init__(
         self,
         *,
+        source: PayloadSource,
+        steering: Steering,
         sink: Sink,
-        take_payload: Callable[[], Optional[Payload]],
-        on_response: Callable[[Response], bool],
-        count_dropped: Callable[[int], None],
-        has_data: Callable[[], bool],
+        spool: Optional[Spool] = None,
         schedule: Schedule = Schedule(),
         max_pending: int = 8,
         send_timeout: float = 10.0,
-        spool: Optional[Spool] = None,
+        limits: Optional[WireLimits] = None,
         clock: Callable[[], float] = time.monotonic,
         wait: Wait = event_wait,
         rng: Optional[random.Random] = None,
     ) -> None:
+        self.source = source
+        self.steering = steering
         self.sink = sink
-        self._take_payload = take_payload
-        self._on_response = on_response
-        self._count_dropped = count_dropped
-        self._has_data = has_data
+        self.spool = spool
         self.schedule = schedule
         self.max_pending = max_pending
         self.send_timeout = send_timeout
-        self._spool = spool
+        self.limits = limits or SERVER_LIMITS
         self._clock = clock
         self._wait = wait
         self._rng = rng or random.Random()
@@ -217,8 +174,8 @@ class Emitter:
         self._stop_event = threading.Event()  # set once: abandon backoff waits
         self._pending: Deque[_Pending] = collections.deque()
         self._thread: Optional[threading.Thread] = None
-        self._stopping = False
-        self._abandoned = False
+        self.phase = Phase.READY
+        self._taking = False  # a payload is taken but not yet pending (flush must wait)
         self._stop_deadline = float("inf")
         self._not_before = float("-inf")  # a 429 asked us not to send before this
         self._next_update: Optional[int] = None
@@ -227,23 +184,64 @@ class Emitter:
         self._flush_completed = 0
         self._all_delivered = True
 
-    # -- control, called from the application's threads ----------------------
+    # -- what tests and status() may look at --------------------------------
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and not self._stopping
+        return self.phase is Phase.RUNNING
+
+    @property
+    def pending(self) -> List[Payload]:
+        """The undelivered payloads, oldest first (a copy)."""
+        with self._lock:
+            return [entry.payload for entry in self._pending]
+
+    @property
+    def not_before(self) -> float:
+        """A 429 asked not to send before this time (the emitter's clock)."""
+        return self._not_before
+
+    @property
+    def thread(self) -> Optional[threading.Thread]:
+        return self._thread
+
+    @property
+    def wakeup(self) -> threading.Event:
+        """The event the thread waits on between cycles."""
+        return self._wakeup
+
+    # -- control, called from the application's threads ----------------------
 
     def add_pending(self, payload: Payload, on_done: Callable[[], None],
                     on_return: Callable[[], None]) -> None:
-        """Queue a payload recovered from the spool (call before ``start``, oldest first)."""
+        """Queue a payload to send after those pending; ``on_done`` once it left for good,
+        ``on_return`` if it is still undelivered at a stop (it is not spooled again)."""
         with self._lock:
             self._pending.append(_Pending(payload, on_done=on_done, on_return=on_return))
 
     def start(self) -> bool:
-        """Start the thread; False when it already runs (or has stopped for good)."""
+        """Take back what the spool holds, then start the thread.
+
+        False when it already runs (or has stopped for good). At most
+        ``max_pending`` spooled payloads are taken; the rest stay for later.
+        """
         with self._lock:
-            if self._thread is not None:
+            if self.phase is not Phase.READY:
                 return False
+        claimed = list(self.spool.claim()) if self.spool is not None else []
+        for spooled in claimed[self.max_pending:]:
+            spooled.release()  # the next process (or restart) sends these
+        claimed = claimed[:self.max_pending]
+        with self._lock:
+            if not self._ready():  # discarded or started meanwhile
+                for spooled in claimed:
+                    spooled.release()
+                return False
+            self._pending.extendleft(
+                _Pending(c.payload, on_done=c.done, on_return=c.release)
+                for c in reversed(claimed)
+            )
+            self.phase = Phase.RUNNING
             self._thread = threading.Thread(target=self._run, name="telemetry-emitter",
                                             daemon=True)
             self._thread.start()
@@ -253,28 +251,28 @@ class Emitter:
         """Run a cycle now and wait for it, at most ``timeout`` seconds."""
         deadline = time.monotonic() + timeout
         with self._lock:
-            if self._thread is None or self._stopping:
+            if self.phase is not Phase.RUNNING:
                 return False
-            if not self._pending and not self._has_data():
+            if not self._pending and not self._taking and not self.source.has_data():
                 return True
             self._flush_requested += 1
             ticket = self._flush_requested
             self._wakeup.set()
             while self._flush_completed < ticket:
                 remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._stopping:
+                if remaining <= 0 or self.phase is not Phase.RUNNING:
                     return False
                 self._cycle_done.wait(remaining)
-            return self._all_delivered and not self._stopping
+            return self._all_delivered and self.phase is Phase.RUNNING
 
     def stop(self, timeout: float) -> None:
         """Final send, bounded by ``timeout``; spool whatever is still undelivered."""
         deadline = time.monotonic() + max(timeout, 0.0)
         with self._lock:
             thread = self._thread
-            if thread is None or self._stopping:
+            if thread is None or self.phase is not Phase.RUNNING:
                 return
-            self._stopping = True
+            self.phase = Phase.STOPPING
             self._stop_deadline = deadline
             self._wakeup.set()
             self._stop_event.set()
@@ -285,8 +283,7 @@ class Emitter:
     def discard(self) -> None:
         """Stop without sending and forget everything pending (consent withdrawn, server stop)."""
         with self._lock:
-            self._stopping = True
-            self._abandoned = True
+            self.phase = Phase.DISCARDED
             self._wakeup.set()
             self._stop_event.set()
             self._cycle_done.notify_all()
@@ -301,6 +298,13 @@ class Emitter:
         self._reset_state()
         self._quiet = QuietLog()
 
+    def _ready(self) -> bool:
+        return self.phase is Phase.READY
+
+    def _given_up(self) -> bool:
+        """Stopped or discarded: undelivered payloads are no longer this thread's to send."""
+        return self.phase in (Phase.STOPPED, Phase.DISCARDED)
+
     # -- the thread ------------------------------------------------------------
 
     def _run(self) -> None:
@@ -308,7 +312,7 @@ class Emitter:
             due = self._clock()  # the first send happens at once
             while True:
                 self._wakeup.clear()
-                if self._stopping:
+                if self.phase is not Phase.RUNNING:
                     break
                 now = self._clock()
                 with self._lock:
@@ -324,7 +328,7 @@ class Emitter:
                     return  # the server said stop
                 due = self._clock() + delay
             # The final send; under a server's Retry-After it is left to the spool.
-            if not self._abandoned and self._clock() >= self._not_before:
+            if not self._given_up() and self._clock() >= self._not_before:
                 self._cycle(final=True)
         except Exception as exc:
             report_internal_error("emitter thread", exc)
@@ -341,12 +345,26 @@ class Emitter:
         """
         with self._lock:
             ticket = self._flush_requested
-            payload = self._take_payload()
-            empty = payload is None or not payload.carries_data
+            self._taking = True
+        try:
+            # Taken outside the lock: converting a big buffer takes a while, and
+            # flush() or stop() from the application must not wait for it.
+            payload = self.source.take()
+        finally:
+            with self._lock:
+                self._taking = False
+        empty = payload is None or not payload.carries_data
+        orphan = None
+        with self._lock:
             if payload is not None and (not empty or (check_in and not self._pending)):
-                self._pending.append(_Pending(payload))
-                self._trim_pending()
+                if self.phase is Phase.STOPPED:
+                    orphan = _Pending(payload)  # stop() gave up meanwhile: spool it
+                else:
+                    self._pending.append(_Pending(payload))
+                    self._trim_pending()
             batch = list(self._pending)
+        if orphan is not None:
+            self._spool_leftovers([orphan])
         delay = self._send_batch(batch, final=final)
         with self._lock:
             self._flush_completed = max(self._flush_completed, ticket)
@@ -358,7 +376,7 @@ class Emitter:
         while len(self._pending) > self.max_pending:
             oldest = self._pending.popleft()
             logger.warning("telemetry: too many undelivered payloads; the oldest was dropped")
-            self._count_dropped(oldest.payload.items + oldest.payload.dropped)
+            self.source.count_dropped(oldest.payload.items + oldest.payload.dropped)
             if oldest.on_done is not None:
                 oldest.on_done()
 
@@ -367,7 +385,7 @@ class Emitter:
         failed = False
         while work:
             entry = work.popleft()
-            if self._abandoned and not final:
+            if self._given_up() and not final:
                 break
             if entry.request is None:
                 parts = self._prepare(entry)
@@ -378,7 +396,7 @@ class Emitter:
             if result is None:
                 failed = True
                 break
-            if result.outcome == RATE_LIMITED:
+            if result.outcome is Outcome.RATE_LIMITED:
                 wait = result.retry_after
                 if wait is None:
                     wait = self.schedule.interval(self._next_update, self._rng)
@@ -387,16 +405,17 @@ class Emitter:
                 self._quiet.log(logging.INFO, "telemetry: server is rate limiting; waiting %.0f s",
                                 wait)
                 return wait
-            if result.outcome == REJECTED:
+            if result.outcome is Outcome.REJECTED:
                 self._finish(entry)
                 self._quiet.log(logging.WARNING,
                                 "telemetry: server rejected a payload (%s); it was dropped",
                                 result.detail)
-                self._count_dropped(entry.payload.items + entry.payload.dropped)
+                self.source.count_dropped(entry.payload.items + entry.payload.dropped)
                 continue
             # Apply the response before the entry leaves ``pending``: a flush must
             # not see "nothing left" while a stop is still being applied.
-            if not self._on_response(result.response):
+            self.steering.apply(result.response)
+            if result.response.stop:
                 self.discard()
                 return None
             self._finish(entry)
@@ -433,8 +452,8 @@ class Emitter:
             try:
                 result = self.sink(request, timeout)
             except Exception as exc:  # a sink's failure is a failed attempt, not our crash
-                result = SendResult(RETRY, detail=f"{type(exc).__name__}: {exc}")
-            if result.outcome != RETRY:
+                result = SendResult(Outcome.RETRY, detail=f"{type(exc).__name__}: {exc}")
+            if result.outcome is not Outcome.RETRY:
                 self._quiet.forget(_SEND_FAILED)
                 return result
             self._quiet.log(logging.WARNING, _SEND_FAILED, result.detail)
@@ -450,9 +469,9 @@ class Emitter:
 
         A payload too big for the server is split by key into new payloads.
         """
-        requests, dropped = split_to_fit(entry.payload)
+        requests, dropped = split_to_fit(entry.payload, self.limits)
         if dropped:
-            self._count_dropped(dropped)
+            self.source.count_dropped(dropped)
         if len(requests) == 1 and requests[0].payload is entry.payload:
             entry.request = requests[0]
             return None
@@ -470,34 +489,37 @@ class Emitter:
     def _abandon(self) -> None:
         """After a stop: spool what is still pending, then the buffer's last data."""
         with self._lock:
-            self._abandoned = True
+            self.phase = Phase.STOPPED
             leftovers = list(self._pending)
             self._pending.clear()
-            last = self._take_payload()
+        last = self.source.take()
         if last is not None and last.carries_data:
             leftovers.append(_Pending(last))
-        to_spool = []
+        self._spool_leftovers(leftovers)
+
+    def _spool_leftovers(self, leftovers: List[_Pending]) -> None:
+        to_spool: List[Request] = []
         for entry in leftovers:
             if entry.on_return is not None:
                 entry.on_return()  # a claimed spool file goes back as it was
             elif not entry.payload.carries_data:
                 continue  # an empty check-in can go
             elif entry.request is not None:
-                to_spool.append(entry.payload)  # encoded once already: it encodes
+                to_spool.append(entry.request)  # encoded once already
             else:
                 # Never encoded yet: what cannot be encoded must not reach the spool.
-                parts, dropped = split_to_fit(entry.payload)
+                parts, dropped = split_to_fit(entry.payload, self.limits)
                 if dropped:
-                    self._count_dropped(dropped)
-                to_spool += [part.payload for part in parts]
+                    self.source.count_dropped(dropped)
+                to_spool += parts
         if not to_spool:
             return
-        if self._spool is None:
-            lost = sum(p.items + p.dropped for p in to_spool)
+        if self.spool is None:
+            lost = sum(r.payload.items + r.payload.dropped for r in to_spool)
             logger.warning("telemetry: %d undelivered payloads (%d items) were lost at stop",
                            len(to_spool), lost)
             return
-        dropped = self._spool.spool(to_spool)
+        dropped = self.spool.save(to_spool)
         if dropped:
             # The spool's bounds, or a disk error it has logged: say what, not why.
             logger.warning("telemetry: %d undelivered items could not be kept in the spool; "

@@ -7,6 +7,7 @@ first sends, so applications that never emit never import it.
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Protocol, Union
@@ -16,7 +17,8 @@ import attrs
 from telemetry._version import __version__
 from telemetry._wire import (
     CLIENT_NAME,
-    Payload,
+    MAX_DURATION_NS,
+    Request,
     Response,
     decode_response,
     parse_retry_after,
@@ -29,27 +31,24 @@ logger = logging.getLogger("telemetry")
 
 USER_AGENT = f"{CLIENT_NAME}/{__version__}"
 
-# What a send attempt came to; the emitter decides what each means for the payload.
-DELIVERED = "delivered"  # the server has it: apply ``response``
-RETRY = "retry"  # transient failure: try again later, keep the payload
-RATE_LIMITED = "rate_limited"  # 429: keep the payload, wait ``retry_after``
-REJECTED = "rejected"  # the server refused this payload for good: drop it
+class Outcome(enum.Enum):
+    """What a send attempt came to; the emitter decides what each means for the payload."""
 
-
-@attrs.frozen
-class Request:
-    """An encoded payload ready to send (``body`` is gzip-compressed when ``gzipped``)."""
-
-    payload: Payload
-    body: bytes
-    gzipped: bool = False
+    DELIVERED = "delivered"
+    """The server has it: apply ``response``."""
+    RETRY = "retry"
+    """A transient failure: try again later, keep the payload."""
+    RATE_LIMITED = "rate_limited"
+    """429: keep the payload, wait ``retry_after``."""
+    REJECTED = "rejected"
+    """The server refused this payload for good: drop it."""
 
 
 @attrs.frozen
 class SendResult:
-    """The outcome of one attempt: ``outcome`` is one of the four constants above."""
+    """The outcome of one attempt, with the server's instructions when delivered."""
 
-    outcome: str
+    outcome: Outcome
     response: Response = attrs.field(factory=Response)
     retry_after: Optional[float] = None
     detail: str = ""
@@ -64,15 +63,15 @@ class Sink(Protocol):
 def result_for_status(
     status: int, body: bytes, headers: Mapping[str, str], now: Optional[float] = None
 ) -> SendResult:
-    """Classify an HTTP answer per SPEC §3. Pure, so every branch is testable."""
+    """Classify an HTTP answer (``docs/protocol.md``, "Statuses"); pure, so testable."""
     detail = f"HTTP {status}"
     if 200 <= status < 300:
         try:
-            return SendResult(DELIVERED, decode_response(body))
+            return SendResult(Outcome.DELIVERED, decode_response(body))
         except ValueError as exc:
-            return SendResult(RETRY, detail=f"{detail}: {exc}")
+            return SendResult(Outcome.RETRY, detail=f"{detail}: {exc}")
     if status in (410, 451):
-        return SendResult(DELIVERED, Response(stop=True), detail=detail)
+        return SendResult(Outcome.DELIVERED, Response(stop=True), detail=detail)
     if status == 429:
         retry_after = None
         header = headers.get("Retry-After")
@@ -86,16 +85,16 @@ def result_for_status(
             if next_update is not None and next_update > 0:
                 # Capped at the longest Go duration first: a JSON integer can be too
                 # big for a float. The emitter caps the wait at max_interval anyway.
-                retry_after = min(next_update, 2**63 - 1) / 1e9
-        return SendResult(RATE_LIMITED, retry_after=retry_after, detail=detail)
+                retry_after = min(next_update, MAX_DURATION_NS) / 1e9
+        return SendResult(Outcome.RATE_LIMITED, retry_after=retry_after, detail=detail)
     if status == 408 or status >= 500:
-        return SendResult(RETRY, detail=detail)
+        return SendResult(Outcome.RETRY, detail=detail)
     if 300 <= status < 400:
         # Never follow: the data must not go to another host.
-        return SendResult(RETRY, detail=f"{detail} redirect not followed")
+        return SendResult(Outcome.RETRY, detail=f"{detail} redirect not followed")
     if 400 <= status < 500:
-        return SendResult(REJECTED, detail=detail)
-    return SendResult(RETRY, detail=detail)
+        return SendResult(Outcome.REJECTED, detail=detail)
+    return SendResult(Outcome.RETRY, detail=detail)
 
 
 class HTTPSink:
@@ -150,7 +149,7 @@ class HTTPSink:
             )
             body = answer.content
         except requests.RequestException as exc:
-            return SendResult(RETRY, detail=f"{type(exc).__name__}: {exc}")
+            return SendResult(Outcome.RETRY, detail=f"{type(exc).__name__}: {exc}")
         return result_for_status(answer.status_code, body, answer.headers, self._wall_clock())
 
     def close(self) -> None:
@@ -178,7 +177,8 @@ def _event_line(event: Mapping[str, Any]) -> str:
 
 
 class LogSink:
-    """Writes one ``[telemetry] key=value ...`` line per payload: the ``local`` dry run."""
+    """Writes one ``[telemetry] key=value ...`` line per payload, and one
+    ``[telemetry] event <type>/<name> key=value ...`` line per event: the ``local`` dry run."""
 
     def __init__(self, log: logging.Logger = logger, level: int = logging.INFO) -> None:
         self._log = log
@@ -193,11 +193,11 @@ class LogSink:
         self._log.log(self._level, "[telemetry] %s", " ".join(fields))
         for event in payload.events:
             self._log.log(self._level, "[telemetry] event %s", _event_line(event))
-        return SendResult(DELIVERED)
+        return SendResult(Outcome.DELIVERED)
 
 
 class NoOpSink:
     """Accepts and forgets every payload."""
 
     def __call__(self, request: Request, timeout: float) -> SendResult:
-        return SendResult(DELIVERED)
+        return SendResult(Outcome.DELIVERED)

@@ -1,19 +1,23 @@
-"""Wire types of protocol v1 and their pure JSON codec.
+"""The wire protocol v1, end to end: data shapes, payload, JSON, gzip, size limits.
 
-``Payload`` is what the client sends, ``Response`` what the server answers
-(SPEC §3). Everything here is a pure function of its arguments: no I/O, no
-clock, no logging except the warnings ``decode_response`` owes the user for a
-misbehaving server.
+``Payload`` is what the client sends, ``Request`` that payload encoded for the
+transport, ``Response`` what the server answers (see ``docs/protocol.md``).
+Everything here is a function of its arguments: no I/O, no clock, no logging
+except the warnings owed to the user (a misbehaving server, a key dropped
+because it cannot be sent). The encoder hands the GIL back between chunks, so
+a big payload does not stall the application's threads.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
 import secrets
 import time
-from collections.abc import Iterable, Iterator, Mapping
+import zlib
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -45,6 +49,14 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 ENCODE_CHUNK_KEYS = 512
 ENCODE_CHUNK_ELEMENTS = 1024
 ENCODE_CHUNK_EVENTS = 64
+# Counting-set members put in wire form between two GIL hand-offs (see ``wire_data``).
+WIRE_ITEMS_PER_PAUSE = 1000
+# Longest the encoder runs before it hands the GIL back (seconds). A hand-off costs
+# a system call, and up to the interpreter's switch interval (5 ms) before this
+# thread gets the GIL back from a busy application thread: not after every piece.
+ENCODE_PAUSE_INTERVAL = 0.001
+MAX_DURATION_NS = 2**63 - 1
+"""The longest Go duration: a longer ``next_update`` means this."""
 
 
 def new_payload_id() -> str:
@@ -58,6 +70,15 @@ def _utc(value: datetime) -> datetime:
     return value.astimezone(timezone.utc)
 
 
+def estimate_items(data: Mapping[str, Any]) -> int:
+    """Item count of wire data: one per key plus one per element of a container."""
+    return sum(1 + len(value) if isinstance(value, (list, dict)) else 1 for value in data.values())
+
+
+def _items_of_data(payload: Payload) -> int:
+    return estimate_items(payload.data) + len(payload.events)
+
+
 def _event_tuple(events: Iterable[Mapping[str, JSONValue]]) -> Tuple[Mapping[str, JSONValue], ...]:
     return tuple(events)
 
@@ -67,9 +88,11 @@ class Payload:
     """One update sent to the server: a snapshot of the buffer, fixed for life.
 
     ``events`` are flat event objects in recording order (absent on the wire
-    when there are none). ``items`` (how many buffer items and events it holds)
-    is local bookkeeping used to count a rejected payload as dropped; it is not
-    part of the wire format.
+    when there are none); ``dropped_events`` counts events the client had no
+    room for. ``items`` is the payload's weight in buffer items (an event is
+    one): what is counted as dropped when the payload is lost or rejected. The
+    buffer knows it exactly; by default it is estimated from ``data`` and
+    ``events``. It is local bookkeeping, not part of the wire format.
     """
 
     instance_id: str
@@ -79,18 +102,16 @@ class Payload:
     dropped: int = 0
     client_name: str = CLIENT_NAME
     client_version: str = __version__
-    items: int = attrs.field(default=-1, eq=False)
     events: Tuple[Mapping[str, JSONValue], ...] = attrs.field(default=(), converter=_event_tuple)
     dropped_events: int = 0
+    items: int = attrs.field(
+        default=attrs.Factory(_items_of_data, takes_self=True), eq=False
+    )
 
     @payload_id.validator
     def _check_payload_id(self, attribute: attrs.Attribute[str], value: str) -> None:
         if not (isinstance(value, str) and _PAYLOAD_ID.fullmatch(value)):
             raise ValueError(f"payload_id must be 32 lowercase hex digits, got {value!r}")
-
-    def __attrs_post_init__(self) -> None:
-        if self.items < 0:
-            object.__setattr__(self, "items", estimate_items(self.data) + len(self.events))
 
     @property
     def carries_data(self) -> bool:
@@ -112,9 +133,78 @@ class Response:
     enable_keys: Tuple[str, ...] = ()
 
 
-def estimate_items(data: Mapping[str, Any]) -> int:
-    """Item count of wire data: one per key plus one per element of a container."""
-    return sum(1 + len(value) if isinstance(value, (list, dict)) else 1 for value in data.values())
+@attrs.frozen
+class Request:
+    """An encoded payload ready to send (``body`` is gzip-compressed when ``gzipped``)."""
+
+    payload: Payload
+    body: bytes
+    gzipped: bool = False
+
+
+@attrs.frozen
+class WireLimits:
+    """What the server accepts in one request, and when the client compresses."""
+
+    max_body_bytes: int = 1024 * 1024
+    """Largest body as sent (compressed when gzipped)."""
+    max_raw_bytes: int = 10 * 1024 * 1024
+    """Largest JSON document once decompressed."""
+    gzip_threshold: int = 1024
+    """Bodies larger than this are gzip-compressed."""
+
+
+SERVER_LIMITS = WireLimits()
+"""The limits of protocol v1 (``docs/protocol.md``, "Sizes")."""
+
+
+def wire_data(
+    plain_tables: Iterable[Dict[str, Any]],
+    counting_sets: Mapping[str, Mapping[Hashable, int]],
+    member_value: Callable[[Hashable], JSONValue],
+) -> Dict[str, JSONValue]:
+    """The payload's ``data`` from the buffer's tables, in the shapes of the wire.
+
+    ``plain_tables`` (values, mappings, counters, lists) are in wire form
+    already; they are merged, and the largest becomes the result instead of
+    being copied, so call this once, on tables nobody else holds. A counting
+    set becomes a list of ``{"value": v, "count": n}`` (``member_value`` turns a
+    stored member back into its value). The GIL is handed back every
+    ``WIRE_ITEMS_PER_PAUSE`` items copied or converted: a buffer of 100,000
+    items must not stall the application's threads.
+    """
+    tables = list(plain_tables)
+    data: Dict[str, Any] = max(tables, key=len) if tables else {}
+    budget = WIRE_ITEMS_PER_PAUSE
+    for table in tables:
+        if table is not data and table:
+            data.update(table)
+            budget -= len(table)
+            if budget <= 0:
+                _pause()
+                budget = WIRE_ITEMS_PER_PAUSE
+    for key, counts in counting_sets.items():
+        members = iter(counts.items())
+        remaining = len(counts)
+        wire: List[JSONValue] = []
+        while remaining:
+            size = min(remaining, budget)
+            wire += [
+                {"value": member_value(member), "count": count}
+                for member, count in itertools.islice(members, size)
+            ]
+            remaining -= size
+            budget -= size
+            if not budget:
+                _pause()
+                budget = WIRE_ITEMS_PER_PAUSE
+        data[key] = wire
+    return data
+
+
+def _pause() -> None:
+    # Not a clock: a zero sleep hands the GIL to the application's threads.
+    time.sleep(0)
 
 
 def format_timestamp(value: datetime) -> str:
@@ -249,6 +339,90 @@ def _iter_encoded_slices(
 def encode_payload(payload: Payload) -> bytes:
     """The payload as UTF-8 JSON bytes."""
     return "".join(iter_encoded_payload(payload)).encode("utf-8")
+
+
+def encode_request(payload: Payload, limits: WireLimits = SERVER_LIMITS) -> Tuple[Request, int]:
+    """Encode (and gzip over ``limits.gzip_threshold``) in chunks, handing the GIL back.
+
+    Each piece is compressed as it comes (zlib releases the GIL while it works),
+    so no step joins or compresses the whole body in one long call.
+    Returns the request and the size of its uncompressed body. Raises
+    ``ValueError`` for data JSON cannot hold (e.g. an int with too many digits).
+    """
+    raw_pieces: List[bytes] = []
+    raw_size = 0
+    compressor = None
+    body_pieces: List[bytes] = []
+    clock = time.perf_counter
+    pause_at = clock() + ENCODE_PAUSE_INTERVAL
+    for text in iter_encoded_payload(payload):
+        piece = text.encode("utf-8")
+        raw_size += len(piece)
+        if compressor is not None:
+            body_pieces.append(compressor.compress(piece))
+        else:
+            raw_pieces.append(piece)
+            if raw_size > limits.gzip_threshold:
+                compressor = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: the gzip container
+                body_pieces = [compressor.compress(b"".join(raw_pieces))]
+        if clock() >= pause_at:
+            _pause()
+            pause_at = clock() + ENCODE_PAUSE_INTERVAL
+    if compressor is None:
+        return Request(payload, b"".join(raw_pieces)), raw_size
+    body_pieces.append(compressor.flush())
+    return Request(payload, b"".join(body_pieces), gzipped=True), raw_size
+
+
+def split_to_fit(
+    payload: Payload, limits: WireLimits = SERVER_LIMITS
+) -> Tuple[List[Request], int]:
+    """Requests that each fit ``limits``, split by key and by event; and how many items
+    were dropped.
+
+    A payload that fits is one request for the payload itself. One that does not
+    is split in two, each part a new payload with its own ``payload_id`` (the
+    first part carries the drop counts), recursively: its data apart from its
+    events first, then each in halves. A key that cannot fit even alone, or
+    cannot be encoded at all, is dropped (with a warning) and counted.
+    """
+    try:
+        request, raw_size = encode_request(payload, limits)
+    except ValueError as exc:
+        problem = f"cannot be encoded ({exc})"
+    else:
+        if len(request.body) <= limits.max_body_bytes and raw_size <= limits.max_raw_bytes:
+            return [request], 0
+        problem = "is too large to send even alone"
+    keys = list(payload.data)
+    events = list(payload.events)
+    if len(keys) + len(events) <= 1:
+        what = f"key {keys[0]!r}" if keys else "event" if events else "(empty)"
+        logger.warning("telemetry: payload %s %s; dropped", what, problem)
+        return [], payload.items + payload.dropped
+    if keys and events:
+        parts: List[Tuple[List[str], List[Mapping[str, JSONValue]]]] = [(keys, []), ([], events)]
+    elif keys:
+        parts = [(keys[: len(keys) // 2], []), (keys[len(keys) // 2 :], [])]
+    else:
+        parts = [([], events[: len(events) // 2]), ([], events[len(events) // 2 :])]
+    requests: List[Request] = []
+    dropped = 0
+    for index, (part_keys, part_events) in enumerate(parts):
+        data = {key: payload.data[key] for key in part_keys}
+        piece = attrs.evolve(
+            payload,
+            payload_id=new_payload_id(),
+            data=data,
+            events=part_events,
+            dropped=payload.dropped if index == 0 else 0,
+            dropped_events=payload.dropped_events if index == 0 else 0,
+            items=estimate_items(data) + len(part_events),
+        )
+        part_requests, part_dropped = split_to_fit(piece, limits)
+        requests += part_requests
+        dropped += part_dropped
+    return requests, dropped
 
 
 def _require(condition: bool, message: str) -> None:

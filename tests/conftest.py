@@ -4,8 +4,8 @@ The real loopback server comes from ``server_stub``'s pytest plugin
 (``telemetry_server``); ``backend_server`` is the same on each storage backend
 (in-memory SQLite, then an empty schema of a real PostgreSQL). Every test runs
 with a clean environment (no CI, DO_NOT_TRACK or *_TELEMETRY variables), its
-own state directory, and an internal-error hook that turns errors swallowed by telemetry's boundary
-into test failures.
+own state directory, and an internal-error hook that turns errors swallowed by
+telemetry's boundary into test failures.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple
 
 import pytest
 from _net import free_port
@@ -24,6 +24,10 @@ from _net import free_port
 import telemetry
 from server_stub import RecordedRequest, Server, serve
 from telemetry import _log
+from telemetry._buffer import Buffer, member_value
+from telemetry._emitter import Emitter
+from telemetry._state import State
+from telemetry._wire import JSONValue, Payload, Request, encode_request, wire_data
 
 pytest_plugins = ["server_stub.pytest_plugin"]
 
@@ -158,6 +162,42 @@ def typed(value: Any) -> Any:
     if isinstance(value, list):
         return [typed(item) for item in value]
     return (type(value).__name__, value)
+
+
+class Taken(NamedTuple):
+    """What ``taken(buffer)`` removed: the data in wire form, its items, drops."""
+
+    data: Dict[str, JSONValue]
+    items: int
+    dropped: int
+
+
+def taken(buffer: Buffer) -> Taken:
+    """Take everything out of ``buffer``, with the data in the wire's shapes."""
+    snapshot = buffer.take()
+    data = wire_data(snapshot.plain_tables, snapshot.counting_sets, member_value)
+    return Taken(data, snapshot.items, snapshot.dropped)
+
+
+def encoded(payloads: Iterable[Payload]) -> List[Request]:
+    """``payloads`` encoded as the emitter hands them to the spool."""
+    return [encode_request(payload)[0] for payload in payloads]
+
+
+def emitter_of(client: telemetry.Client) -> Emitter:
+    """The client's running emitter: the tests' one reach into a private attribute.
+
+    End-to-end tests look at what the emitter holds (pending payloads, a 429
+    wait, its thread) through its read-only properties.
+    """
+    emitter = client._emitter
+    assert emitter is not None, "the client has no emitter (start_emitting() not called?)"
+    return emitter
+
+
+def state_of(tmp_path: Path, app: str = "testapp") -> State:
+    """The state files ``make_client`` clients keep (their default ``state_dir``)."""
+    return State(app, root=tmp_path / "state")
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

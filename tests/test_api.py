@@ -1,4 +1,4 @@
-"""The module-level API (SPEC §1-§2) on a fresh default client, and its properties."""
+"""The module-level API (README.md "Usage", "API") on a fresh default client, and its properties."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import telemetry
+from telemetry._buffer import Buffer
 from telemetry._client import NULL_COLLECTOR
 from telemetry._wire import decode_payload, encode_payload
 
@@ -326,11 +327,11 @@ def test_fast_hash_works_before_init(default_client: telemetry.Client) -> None:
 # -- import cost ----------------------------------------------------------------------
 
 
-def test_import_telemetry_does_not_import_requests() -> None:
+def test_import_telemetry_does_not_import_requests_nor_attrs() -> None:
     script = (
         "import sys, json, uuid\n"
         "import telemetry\n"
-        "imported = 'requests' in sys.modules\n"
+        "imported = ['requests' in sys.modules, 'attr' in sys.modules]\n"
         "c = telemetry.Client()\n"
         "c.init(uuid.uuid4(), consent=True)\n"
         "c.increment('hits')\n"
@@ -354,7 +355,7 @@ def test_import_telemetry_does_not_import_requests() -> None:
     assert result.returncode == 0, result.stderr
     on_import, after_collecting, path = json.loads(result.stdout)
     assert Path(path).resolve().parent == PROJECT_ROOT / "telemetry"
-    assert on_import is False
+    assert on_import == [False, False]  # attrs loads with init(), requests with a send
     assert after_collecting is False
 
 
@@ -368,8 +369,8 @@ def test_a_forked_child_starts_with_an_empty_buffer_and_a_new_lock(
 ) -> None:
     telemetry.init(INSTANCE, consent=True)
     telemetry.increment("parent")
-    buffer = default_client._buffer
-    assert buffer is not None
+    buffer = default_client.collector  # on: the buffer itself
+    assert isinstance(buffer, Buffer)
     read_end, write_end = os.pipe()
     buffer._lock.acquire()  # as if a parent thread were inside a collection call
     try:
@@ -428,7 +429,7 @@ def model_key(key: object) -> Optional[str]:
 
 
 def model_json(value: object, depth: int = 0) -> Any:
-    """SPEC §2's JSON value, written independently of the buffer; raises Invalid."""
+    """The README's JSON value, written independently of the buffer; raises Invalid."""
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
@@ -461,7 +462,7 @@ def model_value(value: object) -> Any:
 
 
 class Model:
-    """What the buffer must hold after a sequence of calls (SPEC §2, as written)."""
+    """What the buffer must hold after a sequence of calls (README.md "API" rules, as written)."""
 
     def __init__(self) -> None:
         self.kinds: Dict[str, str] = {}
@@ -762,3 +763,11 @@ def test_the_model_can_tell_a_difference() -> None:
     assert typed(model.wire()) != typed({"u": [{"value": 1, "count": 3}], "l": [1], "c": 1})
     assert model.items == 2 + 2 + 1 + 2
     assert model.dropped == 1
+
+
+def test_fast_hash_is_documented_as_not_cryptographic() -> None:
+    assert "not cryptographic" in (telemetry.fast_hash.__doc__ or "").lower()
+    assert "not cryptographic" in (telemetry.Client.fast_hash.__doc__ or "").lower()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text("utf-8")
+    (row,) = [line for line in readme.splitlines() if line.startswith("| `fast_hash(")]
+    assert "not cryptographic" in row.lower()

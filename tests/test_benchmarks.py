@@ -121,3 +121,22 @@ def test_the_buffer_fills_hold_exactly_the_items_asked_for(tmp_path: Path) -> No
             assert payload is not None
             assert payload.items == items
             assert payload.dropped == 0
+
+
+def test_the_soak_runs_tiny_and_loses_nothing() -> None:
+    """``benchmarks/soak.py`` at a tiny size, so it cannot rot; the figures come from
+    running it by hand (``python benchmarks/soak.py``), never from CI."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:  # ``benchmarks`` is not installed: it lives next to ``tests``
+        sys.path.insert(0, root)
+    from benchmarks import soak
+
+    result = soak.soak(4, 3, fault_rate=0.5, seed=7, workers=4, log=lambda message: None)
+    assert result["cycles"] == 3
+    assert result["faults_scripted"] > 0
+    assert result["lost"] == 0
+    assert result["duplicated"] == 0
+    assert result["calls_total_matches"]
+    assert result["left_in_spool"] == 0
+    assert result["server_p99_ms"] > 0
+    assert soak.main(["--instances", "2", "--cycles", "1", "--json"]) == 0

@@ -1,4 +1,4 @@
-"""``Buffer``: every rule of SPEC §2, on the buffer directly."""
+"""``Buffer``: every rule of README.md "API", on the buffer directly."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from collections import Counter
 from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import pytest
-from conftest import typed
+from conftest import Taken, taken, typed
 
-from telemetry._buffer import Buffer, Snapshot
+from telemetry._buffer import Buffer
 
 Call = Callable[[Buffer, Any], None]
 
@@ -74,8 +74,8 @@ def test_invalid_keys_are_rejected_and_counted(name: str) -> None:
     buffer = Buffer()
     for key in BAD_KEYS:
         call(name, buffer, key)
-    snapshot = buffer.take()
-    assert snapshot == Snapshot(data={}, items=0, dropped=len(BAD_KEYS))
+    snapshot = taken(buffer)
+    assert snapshot == Taken(data={}, items=0, dropped=len(BAD_KEYS))
 
 
 @pytest.mark.parametrize("name", KINDS)
@@ -83,7 +83,7 @@ def test_keys_up_to_256_characters_are_accepted(name: str) -> None:
     buffer = Buffer()
     longest = "k" * 256
     call(name, buffer, longest)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {longest: CALLS[name][1]}
     assert snapshot.dropped == 0
 
@@ -92,7 +92,7 @@ def test_keys_up_to_256_characters_are_accepted(name: str) -> None:
 def test_str_subclass_keys_are_accepted_as_plain_str(name: str) -> None:
     buffer = Buffer()
     call(name, buffer, StrKey("key"))
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"key": CALLS[name][1]}
     assert [type(key) for key in snapshot.data] == [str]
 
@@ -104,7 +104,7 @@ def test_str_subclass_key_and_plain_key_are_the_same_key() -> None:
     buffer.add(StrKey("hits"), 3)
     buffer.append_unique(StrKey("agents"), "a")
     buffer.append_unique("agents", StrKey("a"))
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"hits": 5, "agents": [{"value": "a", "count": 2}]}
     assert snapshot.items == 3
 
@@ -114,7 +114,7 @@ def test_set_nested_subkeys_are_validated_like_keys() -> None:
     for subkey in (5, None, "", "s" * 257):
         buffer.set_nested("mapping", subkey, 1)
     buffer.set_nested("mapping", StrKey("s" * 256), 1)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"mapping": {"s" * 256: 1}}
     assert snapshot.dropped == 4
 
@@ -131,7 +131,7 @@ def test_app_disabled_key_also_disables_its_prefixed_keys(
         call(name, buffer, key)
     for key in ("tlsx", "other:tls", "tl"):
         call(name, buffer, key)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert set(snapshot.data) == {"tlsx", "other:tls", "tl"}
     assert snapshot.dropped == 0  # disabled keys are dropped silently, not counted
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -144,7 +144,7 @@ def test_a_disabled_key_is_silent_even_with_an_invalid_value(
     buffer.set("tls:version", float("nan"))
     buffer.append("tls", object())
     buffer.add("tls:bytes", 1.5)
-    assert buffer.take() == Snapshot(data={}, items=0, dropped=0)
+    assert taken(buffer) == Taken(data={}, items=0, dropped=0)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -153,7 +153,7 @@ def test_disabling_an_exact_prefixed_key_disables_only_that_key() -> None:
     for key in ("a:b", "a:c", "a", "a:bc", "a:b:c"):
         buffer.increment(key)
     # Only the part before the *first* ':' is a prefix: "a:b:c" has prefix "a".
-    assert buffer.take().data == {"a:c": 1, "a": 1, "a:bc": 1, "a:b:c": 1}
+    assert taken(buffer).data == {"a:c": 1, "a": 1, "a:bc": 1, "a:b:c": 1}
     assert buffer.is_disabled("a:b")
     assert not buffer.is_disabled("a")
 
@@ -175,7 +175,7 @@ def test_server_disable_keys_drops_buffered_values_and_frees_their_items() -> No
     assert buffer.server_disabled_keys == frozenset({"tls"})
     buffer.increment("tls:handshakes")
     buffer.set("tls", "again")
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"tlsx": 1, "http": [{"value": "GET", "count": 1}]}
     assert snapshot.items == 3
     assert snapshot.dropped == 0
@@ -189,7 +189,7 @@ def test_server_disable_keys_frees_room_under_max_items() -> None:
     assert buffer.item_count == 3
     buffer.disable_keys(["noisy"])
     buffer.increment("new")
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"kept": 1, "new": 1}
     assert snapshot.items == 2
     assert snapshot.dropped == 1
@@ -202,7 +202,7 @@ def test_enable_keys_lifts_only_server_disables() -> None:
     assert buffer.server_disabled_keys == frozenset()
     for key in ("tls", "tls:handshakes", "secret", "secret:part", "dns:queries"):
         buffer.increment(key)
-    assert buffer.take().data == {"tls": 1, "tls:handshakes": 1, "dns:queries": 1}
+    assert taken(buffer).data == {"tls": 1, "tls:handshakes": 1, "dns:queries": 1}
 
 
 def test_enable_keys_of_some_keys_keeps_the_others_disabled() -> None:
@@ -211,7 +211,7 @@ def test_enable_keys_of_some_keys_keeps_the_others_disabled() -> None:
     buffer.enable_keys(["a"])
     buffer.increment("a:x")
     buffer.increment("b:x")
-    assert buffer.take().data == {"a:x": 1}
+    assert taken(buffer).data == {"a:x": 1}
 
 
 # -- values -----------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_json_values_are_stored_exactly(value: Any) -> None:
     buffer.set("value", value)
     buffer.set_nested("mapping", "sub", value)
     buffer.append("list", value)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert typed(snapshot.data) == typed(
         {"value": value, "mapping": {"sub": value}, "list": [value]}
     )
@@ -278,7 +278,7 @@ def test_invalid_values_are_rejected_and_counted(
     buffer.set_nested("mapping", "sub", value)
     buffer.append("list", value)
     buffer.append_unique("counting", value)
-    assert buffer.take() == Snapshot(data={}, items=0, dropped=4)
+    assert taken(buffer) == Taken(data={}, items=0, dropped=4)
     for key in ("value", "mapping", "list", "counting"):
         assert len(warnings_about(caplog, key)) == 1
 
@@ -290,7 +290,7 @@ def test_strings_are_limited_to_1024_characters_not_bytes() -> None:
     buffer.append_unique("set", "b" * 1024)
     buffer.set("too_long", "a" * 1025)
     buffer.append_unique("set", "b" * 1025)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert set(snapshot.data) == {"ascii", "wide", "set"}
     assert snapshot.dropped == 2
 
@@ -305,7 +305,7 @@ def test_a_value_may_encode_to_exactly_16_kib_and_no_more() -> None:
     buffer.set_nested("nested", "at_cap", at_cap)
     buffer.set("over_cap", over_cap)
     buffer.append("list", over_cap)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"at_cap": at_cap, "nested": {"at_cap": at_cap}}
     assert snapshot.dropped == 2
 
@@ -316,7 +316,7 @@ def test_the_16_kib_cap_counts_utf8_bytes() -> None:
     buffer = Buffer()
     buffer.set("wide", wide)
     buffer.set("narrow", narrow)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"narrow": narrow}
     assert snapshot.dropped == 1
 
@@ -338,7 +338,7 @@ def test_an_oversized_value_is_refused_without_copying_it_whole() -> None:
     CountingList.reads = 0
     buffer = Buffer()
     buffer.set("huge", huge)
-    assert buffer.take() == Snapshot(data={}, items=0, dropped=1)
+    assert taken(buffer) == Taken(data={}, items=0, dropped=1)
     assert CountingList.reads < 16 * 1024
 
 
@@ -357,7 +357,7 @@ def test_deep_nesting_is_bounded() -> None:
     cyclic: List[Any] = []
     cyclic.append(cyclic)
     buffer.set("cyclic", cyclic)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"deep32": nest(32)}
     assert snapshot.dropped == 3
 
@@ -366,7 +366,7 @@ def test_tuples_become_lists() -> None:
     buffer = Buffer()
     buffer.set("t", (1, (2, 3), {"k": (4,)}))
     buffer.append("l", ())
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert typed(snapshot.data) == typed({"t": [1, [2, 3], {"k": [4]}], "l": [[]]})
 
 
@@ -377,7 +377,7 @@ def test_str_and_int_subclass_values_are_stored_as_plain_types() -> None:
     buffer.set("nested", {StrKey("k"): [StrKey("v"), Color.RED]})
     buffer.append_unique("u", StrKey("text"))
     buffer.append_unique("u", "text")
-    data = buffer.take().data
+    data = taken(buffer).data
     assert typed(data) == typed(
         {"s": "text", "e": 1, "nested": {"k": ["v", 1]}, "u": [{"value": "text", "count": 2}]}
     )
@@ -396,7 +396,7 @@ def test_values_are_copied_so_later_mutation_does_not_change_the_buffer() -> Non
     items[2]["k"].append(6)
     mapping["a"].append(2)
     mapping["b"] = 1
-    data = buffer.take().data
+    data = taken(buffer).data
     assert data == {
         "list": [1, [2], {"k": [3]}],
         "nested": {"sub": {"a": [1]}},
@@ -408,7 +408,7 @@ def test_lone_surrogates_are_stored_not_an_internal_error() -> None:
     buffer = Buffer()
     buffer.set("scalar", "\ud800")
     buffer.set("container", ["\udfff", {"k\ud800": 1}])
-    assert buffer.take().data == {"scalar": "\ud800", "container": ["\udfff", {"k\ud800": 1}]}
+    assert taken(buffer).data == {"scalar": "\ud800", "container": ["\udfff", {"k\ud800": 1}]}
 
 
 def test_append_unique_takes_scalars_only() -> None:
@@ -416,7 +416,7 @@ def test_append_unique_takes_scalars_only() -> None:
     for value in ([1], (1,), {"a": 1}, [], float("nan"), object()):
         buffer.append_unique("set", value)
     buffer.append_unique("set", "ok")
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"set": [{"value": "ok", "count": 1}]}
     assert snapshot.dropped == 6
 
@@ -425,7 +425,7 @@ def test_counting_set_keeps_1_and_1_0_and_true_distinct() -> None:
     buffer = Buffer()
     for value in (1, 1.0, True, 1, None, "1", True, 1, 0, False, 0.0, None):
         buffer.append_unique("set", value)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert typed(snapshot.data["set"]) == typed(
         [
             {"value": 1, "count": 3},
@@ -445,7 +445,7 @@ def test_counting_set_counts_repeats() -> None:
     buffer = Buffer()
     for agent in ["curl"] * 5 + ["firefox"] * 2 + ["curl", "wget"]:
         buffer.append_unique("agents", agent)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {
         "agents": [
             {"value": "curl", "count": 6},
@@ -460,13 +460,13 @@ def test_add_takes_int_only() -> None:
     buffer = Buffer()
     for amount in (True, False, 1.0, "1", None, [1]):
         buffer.add("counter", amount)
-    assert buffer.take() == Snapshot(data={}, items=0, dropped=6)
+    assert taken(buffer) == Taken(data={}, items=0, dropped=6)
     buffer.add("counter", -5)
     buffer.add("counter", 0)
     buffer.add("zero", 0)
     buffer.add("counter", True)  # rejected on an existing counter too
     buffer.add("counter", 2**64)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert typed(snapshot.data) == typed({"counter": 2**64 - 5, "zero": 0})
     assert snapshot.dropped == 1
 
@@ -476,7 +476,7 @@ def test_increment_is_add_one() -> None:
     buffer.increment("n")
     buffer.add("n", 10)
     buffer.increment("n")
-    assert buffer.take().data == {"n": 12}
+    assert taken(buffer).data == {"n": 12}
 
 
 def test_set_overwrites() -> None:
@@ -486,7 +486,7 @@ def test_set_overwrites() -> None:
     buffer.set_nested("m", "a", 1)
     buffer.set_nested("m", "a", 2)
     buffer.set_nested("m", "b", None)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"version": {"major": 2}, "m": {"a": 2, "b": None}}
     assert snapshot.items == 1 + 3
 
@@ -495,7 +495,7 @@ def test_append_keeps_order_and_duplicates() -> None:
     buffer = Buffer()
     for value in ("x", 1, "x", {"k": 1}):
         buffer.append("list", value)
-    assert buffer.take().data == {"list": ["x", 1, "x", {"k": 1}]}
+    assert taken(buffer).data == {"list": ["x", 1, "x", {"k": 1}]}
 
 
 # -- kind mismatch ----------------------------------------------------------------
@@ -516,7 +516,7 @@ def test_kind_mismatch_is_a_counted_no_op_warned_once_per_key(
     for _ in range(3):
         call(second, buffer, "key")
     call(second, buffer, "other")
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"key": CALLS[first][1], "other": CALLS[first][1]}
     assert snapshot.dropped == 4
     assert len(warnings_about(caplog, "key")) == 1
@@ -530,7 +530,7 @@ def test_invalid_values_warn_once_per_key(caplog: pytest.LogCaptureFixture) -> N
         buffer.add("b", 1.5)
     assert len(warnings_about(caplog, "a")) == 1
     assert len(warnings_about(caplog, "b")) == 1
-    assert buffer.take().dropped == 10
+    assert taken(buffer).dropped == 10
 
 
 # -- item accounting: max_items ---------------------------------------------------
@@ -543,7 +543,7 @@ def test_new_keys_fill_max_items_10(name: str, key_type: Callable[[str], str]) -
     cost = CALLS[name][2]
     for index in range(10 // cost + 3):
         call(name, buffer, key_type(f"key{index}"))
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert len(snapshot.data) == 10 // cost
     assert snapshot.items == 10
     assert snapshot.dropped == 3
@@ -554,7 +554,7 @@ def test_each_new_subkey_is_one_item_under_max_items_10() -> None:
     for index in range(12):  # the first call costs 2 (key and subkey), then 1 each
         buffer.set_nested("m", f"s{index}", index)
     buffer.set_nested("m", "s0", "overwritten")
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"m": {"s0": "overwritten", **{f"s{i}": i for i in range(1, 9)}}}
     assert snapshot.items == 10
     assert snapshot.dropped == 3
@@ -564,7 +564,7 @@ def test_each_appended_element_is_one_item_under_max_items_10() -> None:
     buffer = Buffer(max_items=10)
     for index in range(12):  # the first append costs 2 (key and element), then 1 each
         buffer.append("l", index)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"l": list(range(9))}
     assert snapshot.items == 10
     assert snapshot.dropped == 3
@@ -576,7 +576,7 @@ def test_each_distinct_set_value_is_one_item_under_max_items_10() -> None:
         buffer.append_unique("u", index)
     for _ in range(4):
         buffer.append_unique("u", 0)  # a known value only counts: never limited
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {
         "u": [{"value": 0, "count": 5}] + [{"value": i, "count": 1} for i in range(1, 9)]
     }
@@ -609,7 +609,7 @@ def test_updates_of_existing_things_never_hit_max_items() -> None:
     buffer.set_nested("n", "b", 1)
     buffer.append("l", 2)
     buffer.append_unique("u", "y")
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.items == 10
     assert snapshot.dropped == 6
     assert snapshot.data == {
@@ -630,7 +630,7 @@ def test_a_full_buffer_warns_once_per_snapshot(caplog: pytest.LogCaptureFixture)
         buffer.increment(f"k{index}")
     full = [r for r in caplog.records if "full" in r.getMessage()]
     assert len(full) == 1
-    buffer.take()
+    taken(buffer)
     buffer.increment("a")
     buffer.increment("b")
     full = [r for r in caplog.records if "full" in r.getMessage()]
@@ -645,7 +645,7 @@ def test_a_full_buffer_warns_again_after_reset(caplog: pytest.LogCaptureFixture)
     buffer.increment("a")
     buffer.increment("b")
     assert len([r for r in caplog.records if "full" in r.getMessage()]) == 2
-    assert buffer.take().dropped == 2
+    assert taken(buffer).dropped == 2
 
 
 def test_the_default_max_items_is_100_000_new_keys() -> None:
@@ -654,7 +654,7 @@ def test_the_default_max_items_is_100_000_new_keys() -> None:
         buffer.set(f"k{index}", index)
     buffer.set("one_more", 1)
     buffer.set("k0", "overwritten")
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert len(snapshot.data) == 100_000
     assert snapshot.data["k0"] == "overwritten"
     assert snapshot.items == 100_000
@@ -670,7 +670,7 @@ def test_the_default_max_items_counts_every_distinct_set_value() -> None:
     buffer.append_unique("set0", 9_999)  # a new value, under the per-key cap: full
     buffer.increment("another")
     buffer.append_unique("set0", 0)  # known: counted
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.items == 100_000
     assert snapshot.dropped == 2
     set0 = snapshot.data["set0"]
@@ -688,7 +688,7 @@ def test_max_values_per_key_bounds_lists(key_type: Callable[[str], str]) -> None
     for index in range(5):
         buffer.append(key_type("a"), index)
         buffer.append(key_type("b"), index)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"a": [0, 1, 2], "b": [0, 1, 2]}
     assert snapshot.items == 8
     assert snapshot.dropped == 4
@@ -700,7 +700,7 @@ def test_max_values_per_key_bounds_counting_sets(key_type: Callable[[str], str])
     for value in ("a", "b", "c", "d", "a", "e", "c"):
         buffer.append_unique(key_type("set"), value)
     buffer.append_unique(key_type("other"), "d")
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {
         "set": [
             {"value": "a", "count": 2},
@@ -719,7 +719,7 @@ def test_max_values_per_key_bounds_nested_mappings(key_type: Callable[[str], str
     for subkey in ("a", "b", "c", "d", "e"):
         buffer.set_nested(key_type("m"), subkey, 1)
     buffer.set_nested(key_type("m"), "a", "overwrite is fine")
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"m": {"a": "overwrite is fine", "b": 1, "c": 1}}
     assert snapshot.items == 4
     assert snapshot.dropped == 2
@@ -730,7 +730,7 @@ def test_the_per_key_cap_warns_once_per_key(caplog: pytest.LogCaptureFixture) ->
     for index in range(5):
         buffer.append("list", index)
     assert len(warnings_about(caplog, "list")) == 1
-    assert buffer.take().dropped == 4
+    assert taken(buffer).dropped == 4
 
 
 def test_max_values_per_key_zero_admits_no_container_values() -> None:
@@ -740,7 +740,7 @@ def test_max_values_per_key_zero_admits_no_container_values() -> None:
     buffer.set_nested("n", "a", 1)
     buffer.set("v", [1, 2])  # a set value is one item, not a container of items
     buffer.increment("c")
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data == {"v": [1, 2], "c": 1}
     assert snapshot.items == 2
     assert snapshot.dropped == 3
@@ -750,7 +750,7 @@ def test_the_default_per_key_cap_is_10_000() -> None:
     buffer = Buffer()
     for index in range(10_005):
         buffer.append("l", index)
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     assert snapshot.data["l"] == list(range(10_000))
     assert snapshot.items == 10_001
     assert snapshot.dropped == 5
@@ -765,32 +765,32 @@ def test_take_empties_the_buffer_and_resets_drop_counts() -> None:
     buffer.append("l", 1)  # costs 2: dropped
     buffer.set("b", float("nan"))  # invalid: dropped
     buffer.set("b", 1)
-    first = buffer.take()
-    assert first == Snapshot(data={"a": 1, "b": 1}, items=2, dropped=2)
+    first = taken(buffer)
+    assert first == Taken(data={"a": 1, "b": 1}, items=2, dropped=2)
     assert buffer.item_count == 0
     assert buffer.dropped == 0
-    assert buffer.take() == Snapshot(data={}, items=0, dropped=0)
+    assert taken(buffer) == Taken(data={}, items=0, dropped=0)
 
 
 def test_calls_after_take_go_to_the_next_snapshot() -> None:
     buffer = Buffer(max_items=4)
     buffer.append("l", 1)
     buffer.increment("c")
-    first = buffer.take()
+    first = taken(buffer)
     buffer.append("l", 2)
     buffer.increment("c")
     buffer.increment("d")
-    second = buffer.take()
-    assert first == Snapshot(data={"l": [1], "c": 1}, items=3, dropped=0)
-    assert second == Snapshot(data={"l": [2], "c": 1, "d": 1}, items=4, dropped=0)
+    second = taken(buffer)
+    assert first == Taken(data={"l": [1], "c": 1}, items=3, dropped=0)
+    assert second == Taken(data={"l": [2], "c": 1, "d": 1}, items=4, dropped=0)
 
 
 def test_count_dropped_reaches_the_next_snapshot() -> None:
     buffer = Buffer()
     buffer.count_dropped(7)
     buffer.set("a", float("nan"))
-    assert buffer.take().dropped == 8
-    assert buffer.take().dropped == 0
+    assert taken(buffer).dropped == 8
+    assert taken(buffer).dropped == 0
 
 
 def test_reset_empties_the_buffer_but_keeps_drop_counts() -> None:
@@ -801,8 +801,8 @@ def test_reset_empties_the_buffer_but_keeps_drop_counts() -> None:
     buffer.reset()
     assert buffer.item_count == 0
     buffer.append("l", 1)  # the room is back
-    snapshot = buffer.take()
-    assert snapshot == Snapshot(data={"l": [1]}, items=2, dropped=1)
+    snapshot = taken(buffer)
+    assert snapshot == Taken(data={"l": [1]}, items=2, dropped=1)
 
 
 def test_reset_lets_a_key_change_kind() -> None:
@@ -810,7 +810,7 @@ def test_reset_lets_a_key_change_kind() -> None:
     buffer.increment("k")
     buffer.reset()
     buffer.append("k", 1)
-    assert buffer.take().data == {"k": [1]}
+    assert taken(buffer).data == {"k": [1]}
 
 
 # -- threads and fork ---------------------------------------------------------------
@@ -856,7 +856,7 @@ def test_concurrent_mixed_calls_give_exact_totals() -> None:
     appended = [i for i in range(CALLS_PER_THREAD) if i % 5 == 3]
     last = max(i for i in range(CALLS_PER_THREAD) if i % 5 == 4)
 
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     data = snapshot.data
     assert data["hits"] == hits == 80_000
     assert data["bytes"] == total_bytes
@@ -875,11 +875,11 @@ def test_concurrent_mixed_calls_give_exact_totals() -> None:
 def test_concurrent_takes_lose_no_update() -> None:
     buffer = Buffer()
     done = threading.Event()
-    snapshots: List[Snapshot] = []
+    snapshots: List[Taken] = []
 
     def take_repeatedly() -> None:
         while not done.is_set():
-            snapshots.append(buffer.take())
+            snapshots.append(taken(buffer))
 
     def increment() -> None:
         for _ in range(20_000):
@@ -895,7 +895,7 @@ def test_concurrent_takes_lose_no_update() -> None:
         worker.join()
     done.set()
     taker.join()
-    snapshots.append(buffer.take())
+    snapshots.append(taken(buffer))
     hits = set_counts = 0
     for snapshot in snapshots:
         count = snapshot.data.get("hits", 0)
@@ -924,7 +924,7 @@ def test_after_fork_in_child_gives_an_empty_buffer_with_a_new_lock() -> None:
         buffer.after_fork_in_child()
         assert buffer._lock is not old_lock
         buffer.increment("child")  # would deadlock on the old lock
-        snapshot = buffer.take()
+        snapshot = taken(buffer)
     finally:
         old_lock.release()
-    assert snapshot == Snapshot(data={"child": 1}, items=1, dropped=0)
+    assert snapshot == Taken(data={"child": 1}, items=1, dropped=0)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
+from conftest import encoded
 
 from telemetry import _consent
 from telemetry._state import ServerPolicy, State
@@ -75,21 +76,21 @@ def test_status_of_a_fresh_app(root: Path, state: State) -> None:
     assert fields["config dir"] == str(state.config_dir)
     assert fields["consent file"] == str(state.consent_path)
     assert fields["state dir"] == str(state.state_dir)
-    assert fields["spool"] == f"0 payloads, 0 bytes in {state.spool_dir}"
+    assert fields["spool"] == f"0 payloads, 0 bytes in {state.spool.directory}"
     assert not root.exists()  # looking creates nothing, not even an instance id
 
 
 def test_status_shows_id_endpoint_and_spool(root: Path, state: State) -> None:
     state.write_consent("on")
     instance_id = state.instance_id()
-    state.spool([payload(1, hits=3), payload(2)])
-    size = state.spool_size().size
+    state.spool.save(encoded([payload(1, hits=3), payload(2)]))
+    size = state.spool.size().size
     fields = status(root, env={"TELEMETRY_ENDPOINT": ENDPOINT})
     assert fields["mode"] == "on"
     assert fields["why"] == "rule 5: the choice saved with set_consent() or the CLI"
     assert fields["instance id"] == str(instance_id)
     assert fields["endpoint"] == ENDPOINT
-    assert fields["spool"] == f"2 payloads, {size} bytes in {state.spool_dir}"
+    assert fields["spool"] == f"2 payloads, {size} bytes in {state.spool.directory}"
 
 
 @pytest.mark.parametrize(("env", "mode", "rule"), [
@@ -133,7 +134,7 @@ def test_off_deletes_spool_policy_and_id(root: Path, state: State) -> None:
     ok(root, "on")
     state.instance_id()
     state.write_policy(ENDPOINT, ServerPolicy(frozenset({"tls"})))
-    state.spool([payload(1, hits=1), payload(2, hits=2)])
+    state.spool.save(encoded([payload(1, hits=1), payload(2, hits=2)]))
     assert state.first_run_notice_due()
     out = ok(root, "off")
     assert "deleted its instance id, server policy and 2 spooled payloads" in out
@@ -151,7 +152,7 @@ def test_off_beats_consent_true_in_a_later_run(root: Path) -> None:
 
 def test_show_prints_spooled_payloads_without_sending(root: Path, state: State) -> None:
     first, second = payload(1, hits=3, agents=[{"value": "curl", "count": 2}]), payload(2)
-    state.spool([second, first])
+    state.spool.save(encoded([second, first]))
     done = run(root, "show")
     assert done.returncode == 0, done.stderr
     shown = json.loads(done.stdout)
@@ -160,7 +161,7 @@ def test_show_prints_spooled_payloads_without_sending(root: Path, state: State) 
     assert shown[0]["timestamp"] == "2026-11-23T10:00:01.000000Z"
     assert shown[0]["instance_id"] == first.instance_id
     assert "\n  " in done.stdout  # pretty
-    assert sorted(p.name for p in state.spool_dir.iterdir()) == sorted(
+    assert sorted(p.name for p in state.spool.directory.iterdir()) == sorted(
         f"{p.payload_id}.json" for p in (first, second))  # nothing was claimed
 
 

@@ -1,4 +1,4 @@
-"""``Client`` wiring: consent decisions, state files and the emitter together (SPEC §5)."""
+"""``Client`` wiring: consent decisions, state files and the emitter together."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, List
@@ -16,7 +18,8 @@ from conftest import WALL_CLOCK_START, dead_endpoint, update_requests
 
 import telemetry
 from server_stub import Server
-from telemetry._state import STOP_REMEMBERED_FOR, State
+from telemetry._client import NULL_COLLECTOR
+from telemetry._state import STOP_REMEMBERED_FOR, ServerPolicy, State
 
 MakeClient = Callable[..., telemetry.Client]
 
@@ -243,11 +246,60 @@ def test_spool_hands_over_between_processes_exactly_once(
         return done.stdout
 
     assert "flushed False" in run(dead_endpoint(), "first")
-    (spooled,) = State("spoolapp", root=state_root).spooled()
+    (spooled,) = State("spoolapp", root=state_root).spool.payloads()
     assert spooled.data == {"first": 1}
     assert "flushed True" in run(telemetry_server.url, "second")
     stored = telemetry_server.stored_payloads()
     ids = [p["payload_id"] for p in stored]
     assert ids.count(spooled.payload_id) == 1
     assert telemetry_server.stats()["keys"] == {"first": 1, "second": 1}
-    assert State("spoolapp", root=state_root).spooled() == []
+    assert State("spoolapp", root=state_root).spool.payloads() == []
+
+
+def test_a_consent_change_racing_a_server_stop_cannot_undo_it(
+    make_client: MakeClient, telemetry_server: Server, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Threads flip consent while the emitter applies the server's ``stop``.
+
+    The stop's policy write is held open until the flippers had their chance, so
+    a consent change that does not wait for the stop interleaves with it every
+    time; afterwards the client must still be stopped and collect nothing.
+    """
+    telemetry_server.script(status=200, body={"stop": True})
+    writing_stop = threading.Event()
+    release_stop = threading.Event()
+    write_policy = State.write_policy
+
+    def held_write_policy(self: State, endpoint: str, policy: ServerPolicy) -> bool:
+        if policy.stop_until is not None:
+            writing_stop.set()
+            release_stop.wait(10)
+        return write_policy(self, endpoint, policy)
+
+    monkeypatch.setattr(State, "write_policy", held_write_policy)
+    client = make_client()
+    client.increment("hits")
+    client.start_emitting()
+    assert writing_stop.wait(10)  # the emitter thread is applying the stop
+
+    def flip(rounds: int) -> None:
+        for index in range(rounds):
+            client.set_consent("local" if index % 2 else "on")
+
+    flippers = [threading.Thread(target=flip, args=(6,)) for _ in range(8)]
+    for thread in flippers:
+        thread.start()
+    deadline = time.monotonic() + 1.0  # a chance to finish, for flips that do not wait
+    for thread in flippers:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    release_stop.set()
+    for thread in flippers:
+        thread.join(10)
+    assert not any(thread.is_alive() for thread in flippers)
+    assert client.collector is NULL_COLLECTOR
+    assert client.status().server_stopped
+    policy = State("testapp", root=tmp_path / "state").read_policy(telemetry_server.url)
+    assert policy.stopped(WALL_CLOCK_START)
+    client.increment("after")
+    assert client.take_payload() is None

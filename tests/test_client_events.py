@@ -22,10 +22,9 @@ from conftest import WALL_CLOCK_START, VirtualTime, dead_endpoint, update_reques
 import telemetry
 from server_stub import Server
 from server_stub._storage import EventQuery
-from telemetry._emitter import MAX_RAW_BYTES, split_to_fit
 from telemetry._events import NULL_EVENTS
 from telemetry._state import State
-from telemetry._wire import Payload
+from telemetry._wire import SERVER_LIMITS, Payload, split_to_fit
 
 WALL_TEXT = "2027-01-15T08:00:00.000000Z"  # WALL_CLOCK_START
 EVENT_ID = re.compile(r"[0-9a-f]{32}")
@@ -383,7 +382,7 @@ def test_the_spool_hands_events_to_the_next_process_with_their_ids(
     first.log("error", "offline")
     first.start_emitting()
     first.stop_emitting(timeout=1.0)
-    (spooled,) = State("testapp", root=tmp_path / "state").spooled()
+    (spooled,) = State("testapp", root=tmp_path / "state").spool.payloads()
     ids = [event["event_id"] for event in spooled.events]
     assert len(ids) == 2
 
@@ -393,7 +392,7 @@ def test_the_spool_hands_events_to_the_next_process_with_their_ids(
     stored = stored_events(telemetry_server)
     assert [e["event_id"] for e in stored] == ids
     assert [e["event_time"] for e in stored] == [WALL_TEXT, WALL_TEXT]
-    assert State("testapp", root=tmp_path / "state").spooled() == []
+    assert State("testapp", root=tmp_path / "state").spool.payloads() == []
 
 
 def test_a_payload_too_big_is_split_across_events() -> None:
@@ -415,4 +414,4 @@ def test_a_payload_too_big_is_split_across_events() -> None:
     assert sum(part.dropped for part in parts) == 3
     assert sum(part.dropped_events for part in parts) == 4
     assert len({part.payload_id for part in parts}) == len(parts)
-    assert all(len(r.body) < MAX_RAW_BYTES for r in requests)
+    assert all(len(r.body) < SERVER_LIMITS.max_raw_bytes for r in requests)

@@ -1,4 +1,4 @@
-"""Consent resolution: the seven rules of SPEC §5, first match wins."""
+"""Consent resolution: the seven rules of README.md "Consent", first match wins."""
 
 from __future__ import annotations
 
@@ -73,7 +73,7 @@ def test_each_rule_beats_all_later_ones_in_force(
 def reference(
     env: Dict[str, str], consent: Optional[str], persisted: Optional[str]
 ) -> Tuple[str, int]:
-    """SPEC §5's table read literally, as the oracle for every combination."""
+    """The README's consent list read literally, as the oracle for every combination."""
     falsy = {"", "0", "false", "no", "off"}
     if env.get("DO_NOT_TRACK", "").lower() not in falsy:
         return OFF, 1

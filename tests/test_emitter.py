@@ -1,559 +1,415 @@
-"""The emitter against the real ``server_stub`` over loopback, in virtual time."""
+"""The emitter's logic through its seams: a real buffer, a scripted sink, virtual time.
+
+No network and no files: the sink is a script of ``SendResult``s, the steering
+and the spool record what they are given. The same behaviour end to end, with
+the real server over loopback, is in ``test_emission.py``.
+"""
 
 from __future__ import annotations
 
-import json
-import logging
-import os
 import random
-import subprocess
-import sys
-import textwrap
 import threading
-import time
-import uuid
+from collections import deque
 from datetime import datetime, timezone
-from email.utils import format_datetime
-from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Deque, Dict, Iterator, List, Optional
 
 import pytest
-import requests
-from conftest import WALL_CLOCK_START, VirtualTime, dead_endpoint, update_requests
+from conftest import VirtualTime
 
-import telemetry
-from server_stub import Server, serve
-from telemetry import _emitter
-from telemetry._wire import Payload
+from telemetry._buffer import Buffer
+from telemetry._emitter import Emitter, Phase, Schedule
+from telemetry._sinks import Outcome, SendResult
+from telemetry._source import BufferSource
+from telemetry._wire import Payload, Request, Response, WireLimits
 
-MakeClient = Callable[..., telemetry.Client]
+INSTANCE = "3f0c2f5e-8a7b-4c1d-9e2f-0123456789ab"
 NS = 1_000_000_000
+DELIVERED = SendResult(Outcome.DELIVERED)
+RETRY = SendResult(Outcome.RETRY, detail="HTTP 503")
+REJECTED = SendResult(Outcome.REJECTED, detail="HTTP 400")
 
 
-def stats(server: Server) -> Dict[str, Any]:
-    answer = requests.get(f"{server.url}/v1/stats", timeout=5)
-    answer.raise_for_status()
-    result: Dict[str, Any] = answer.json()
-    return result
+class ScriptedSink:
+    """Answers each request with the next scripted result (then ``DELIVERED``)."""
+
+    def __init__(self, *results: SendResult) -> None:
+        self.script: Deque[SendResult] = deque(results)
+        self.requests: List[Request] = []
+
+    def __call__(self, request: Request, timeout: float) -> SendResult:
+        self.requests.append(request)
+        return self.script.popleft() if self.script else DELIVERED
+
+    @property
+    def payloads(self) -> List[Payload]:
+        return [request.payload for request in self.requests]
 
 
-def first_jitter(seed: int = 7) -> float:
-    """The factor the first ``Schedule.interval`` call applies with ``Random(seed)``."""
-    return 1 + random.Random(seed).uniform(-0.1, 0.1)
+class RecordingSteering:
+    def __init__(self) -> None:
+        self.responses: List[Response] = []
+
+    def apply(self, response: Response) -> None:
+        self.responses.append(response)
 
 
-def test_first_send_happens_at_once(make_client: MakeClient, telemetry_server: Server,
-                                    virtual_time: VirtualTime) -> None:
-    client = make_client()
-    client.set("version", "1.4.2")
-    client.increment("starts")
-    client.start_emitting()
-    assert telemetry_server.wait_for_requests(1)
-    assert virtual_time.now == 0.0
-    (payload,) = telemetry_server.payloads
-    assert payload["data"] == {"version": "1.4.2", "starts": 1}
-    assert payload["instance_id"] == str(client.instance_id)
-    assert payload["client"]["dropped"] == 0
+class Spooled:
+    def __init__(self, payload: Payload) -> None:
+        self.payload = payload
+        self.settled: List[str] = []
+
+    def done(self) -> None:
+        self.settled.append("done")
+
+    def release(self) -> None:
+        self.settled.append("release")
+
+
+class RecordingSpool:
+    """Keeps what it is given; hands out ``held`` when claimed."""
+
+    def __init__(self, *held: Payload) -> None:
+        self.saved: List[Request] = []
+        self.held = [Spooled(payload) for payload in held]
+
+    def save(self, requests: List[Request]) -> int:
+        self.saved += requests
+        return 0
+
+    def claim(self) -> List[Spooled]:
+        claimed, self.held = self.held, []
+        return claimed
+
+
+class Rig:
+    """An emitter wired to fakes, in virtual time."""
+
+    def __init__(self, sink: ScriptedSink, *held: Payload, **options: Any) -> None:
+        self.time = VirtualTime()
+        self.buffer = Buffer()
+        self.source = BufferSource(self.buffer, wall_clock=lambda: 1_800_000_000.0)
+        self.source.instance_id = INSTANCE
+        self.sink = sink
+        self.steering = RecordingSteering()
+        self.spool = RecordingSpool(*held)
+        settings: Dict[str, Any] = {
+            "schedule": Schedule(default_interval=60, min_interval=1, max_interval=3600),
+            "clock": self.time.clock,
+            "wait": self.time.wait,
+            "rng": random.Random(7),
+        }
+        settings.update(options)
+        self.emitter = Emitter(source=self.source, steering=self.steering, sink=sink,
+                               spool=self.spool, **settings)
+
+
+@pytest.fixture
+def rigs() -> Iterator[List[Rig]]:
+    made: List[Rig] = []
+    yield made
+    for rig in made:
+        rig.emitter.stop(timeout=1.0)
+
+
+def started(rigs: List[Rig], *results: SendResult, **options: Any) -> Rig:
+    """A running emitter whose first (check-in) cycle is done; the sink then answers ``results``."""
+    rig = Rig(ScriptedSink(), **options)
+    rigs.append(rig)
+    rig.emitter.start()
+    assert rig.time.wait_for_waits(1)  # the first cycle sent its check-in
+    rig.sink.script.extend(results)
+    rig.sink.requests.clear()
+    return rig
+
+
+def test_a_delivered_payload_leaves_pending_and_its_response_is_applied(
+    rigs: List[Rig],
+) -> None:
+    answer = SendResult(Outcome.DELIVERED, Response(next_update=120 * NS, disable_keys=("x",)))
+    rig = started(rigs, answer)
+    rig.buffer.increment("hits")
+    assert rig.emitter.flush(timeout=5)
+    assert [p.data for p in rig.sink.payloads] == [{"hits": 1}]
+    assert rig.steering.responses[-1] == answer.response
+    assert rig.emitter.pending == []
+
+
+def test_retries_keep_the_payload_and_its_id_then_the_next_cycle_resends(
+    rigs: List[Rig],
+) -> None:
+    rig = started(rigs, RETRY, RETRY, RETRY, RETRY)
+    rig.time.advance(100)  # room for the backoffs, not for the next cycle
+    rig.buffer.increment("hits")
+    assert rig.emitter.flush(timeout=5) is False  # four attempts failed
+    assert len(rig.sink.requests) == 4
+    assert len({p.payload_id for p in rig.sink.payloads}) == 1
+    (kept,) = rig.emitter.pending
+    assert kept.data == {"hits": 1}
+    assert rig.emitter.flush(timeout=5)  # delivered at last, with the same id
+    assert rig.sink.payloads[-1].payload_id == kept.payload_id
+
+
+def test_backoffs_follow_the_schedule_and_its_random_source(rigs: List[Rig]) -> None:
+    rig = started(rigs, RETRY, RETRY, RETRY, DELIVERED)
+    rig.time.advance(100)
+    waits_before = len(rig.time.waits)
+    rig.buffer.increment("hits")
+    assert rig.emitter.flush(timeout=5)
+    rng = random.Random(7)
+    schedule = rig.emitter.schedule
+    schedule.interval(None, rng)  # the first cycle's wait
+    expected = [schedule.backoff(attempt, rng) for attempt in range(3)]
+    assert rig.time.waits[waits_before:waits_before + 3] == pytest.approx(expected)
+
+
+def test_a_rejected_payload_is_dropped_and_counted_in_the_next(rigs: List[Rig]) -> None:
+    rig = started(rigs, REJECTED)
+    rig.buffer.append("list", "a")
+    rig.buffer.append("list", "b")
+    assert rig.emitter.flush(timeout=5)
+    assert rig.emitter.pending == []
+    rig.buffer.increment("next")
+    assert rig.emitter.flush(timeout=5)
+    assert rig.sink.payloads[-1].dropped == 3  # the key and its two elements
+
+
+def _second_interval() -> float:
+    """The wait ``Schedule.interval`` gives at its second call with ``Random(7)``."""
+    rng = random.Random(7)
+    schedule = Schedule(default_interval=60, min_interval=1, max_interval=3600)
+    schedule.interval(None, rng)  # the first cycle's
+    return schedule.interval(None, rng)
 
 
 @pytest.mark.parametrize(
-    ("policy_seconds", "expected"),
-    [
-        (120, 120.0),  # honoured
-        (0.01, 1.0),  # raised to min_interval
-        (10**9, 3600.0),  # lowered to max_interval
-        (0, 60.0),  # non-positive: default_interval
-    ],
+    ("retry_after", "expected"), [(30.0, 30.0), (10**9, 3600.0), (None, _second_interval())]
 )
-def test_next_update_is_honoured_clamped_and_jittered(
-    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime,
-    policy_seconds: float, expected: float,
+def test_rate_limited_keeps_the_payload_and_waits(
+    rigs: List[Rig], retry_after: Optional[float], expected: float
 ) -> None:
-    telemetry_server.policy.update(next_update=policy_seconds)
-    client = make_client()
-    client.start_emitting()
-    assert virtual_time.wait_for_waits(1)
-    assert virtual_time.waits[0] == pytest.approx(expected * first_jitter())
-    # When that time has passed, the next cycle sends (an empty check-in).
-    virtual_time.advance(expected * 1.2)
-    assert telemetry_server.wait_for_requests(2)
-    assert telemetry_server.payloads[1]["data"] == {}
+    rig = started(rigs, SendResult(Outcome.RATE_LIMITED, retry_after=retry_after))
+    rig.buffer.increment("hits")
+    assert rig.emitter.flush(timeout=0.5) is False  # a flush never cuts a 429 wait short
+    assert rig.emitter.not_before == pytest.approx(expected)  # the clock stands at 0
+    assert [p.data for p in rig.emitter.pending] == [{"hits": 1}]
 
 
-def test_jitter_stays_within_ten_percent() -> None:
-    schedule = _emitter.Schedule(min_interval=1, max_interval=1000)
-    rng = random.Random(1)
-    waits = [schedule.interval(100 * NS, rng) for _ in range(2000)]
-    assert min(waits) >= 90 and max(waits) <= 110
-    assert max(waits) - min(waits) > 15  # it does spread
+def test_a_stop_applies_steering_then_discards_everything(rigs: List[Rig]) -> None:
+    rig = started(rigs, SendResult(Outcome.DELIVERED, Response(stop=True)))
+    rig.buffer.increment("hits")
+    assert rig.emitter.flush(timeout=5) is False
+    assert rig.steering.responses[-1].stop
+    assert rig.emitter.phase is Phase.DISCARDED
+    assert rig.emitter.pending == []
+    assert rig.emitter.start() is False  # stopped for good
 
 
-@pytest.mark.parametrize("bad", ["soon", -5, None, 1.5, True])
-def test_bad_next_update_falls_back_to_default(
-    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime, bad: object
-) -> None:
-    telemetry_server.script(status=200, body={"next_update": bad})
-    client = make_client()
-    client.start_emitting()
-    assert virtual_time.wait_for_waits(1)
-    assert virtual_time.waits[0] == pytest.approx(60.0 * first_jitter())
-
-
-def test_server_stop_stops_clears_and_is_remembered(
-    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime, tmp_path: Path
-) -> None:
-    telemetry_server.policy.update(stop=True)
-    client = make_client()
-    client.increment("hits")
-    client.start_emitting()
-    assert telemetry_server.wait_for_requests(1)
-    assert client.flush(timeout=0.2) is False  # the emitter is gone
-    client.increment("hits")
-    assert client.take_payload() is None  # collection is a no-op now
-    assert client.status().server_stopped
-    # A restart within 30 days stays quiet.
-    again = make_client()
-    again.increment("hits")
-    again.start_emitting()
-    assert again.flush(timeout=0.2) is False
-    assert len(update_requests(telemetry_server)) == 1
-
-
-@pytest.mark.parametrize("status", [410, 451])
-def test_gone_and_unavailable_for_legal_reasons_mean_stop(
-    make_client: MakeClient, telemetry_server: Server, status: int
-) -> None:
-    telemetry_server.script(status=status, body={"error": "go away"})
-    client = make_client()
-    client.start_emitting()
-    assert telemetry_server.wait_for_requests(1)
-    client.stop_emitting(timeout=1.0)
-    assert client.status().server_stopped
-    client.increment("x")
-    assert client.take_payload() is None
-    assert len(update_requests(telemetry_server)) == 1
-
-
-def test_disable_and_enable_keys(make_client: MakeClient, telemetry_server: Server) -> None:
-    client = make_client(disabled_keys=["secret"])
-    client.start_emitting()
-    assert client.flush(timeout=5)  # first (empty) check-in
-    telemetry_server.script(status=200, body={"disable_keys": ["tls"]})
-    client.increment("tls:handshakes")
-    client.increment("kept")
-    assert client.flush(timeout=5)
-    # The response arrived after that payload was taken: disabling drops what
-    # is buffered now and refuses new calls.
-    client.increment("tls:handshakes")
-    client.increment("tls")
-    client.increment("kept")
-    telemetry_server.script(status=200, body={"enable_keys": ["tls", "secret"],
-                                                "disable_keys": ["secret"]})
-    assert client.flush(timeout=5)
-    assert telemetry_server.payloads[-1]["data"] == {"kept": 1}
-    # tls is enabled again; "secret" was disabled by the application and stays so.
-    client.increment("tls:handshakes")
-    client.increment("secret")
-    assert client.flush(timeout=5)
-    assert telemetry_server.payloads[-1]["data"] == {"tls:handshakes": 1}
-
-
-def test_enable_keys_cannot_enable_what_the_app_disabled(
-    make_client: MakeClient, telemetry_server: Server
-) -> None:
-    client = make_client(disabled_keys=["secret"])
-    telemetry_server.script(status=200, body={"enable_keys": ["secret"]})
-    client.increment("first")
-    client.start_emitting()
-    assert client.flush(timeout=5)
-    assert telemetry_server.payloads[0]["data"] == {"first": 1}
-    client.increment("secret:x")
-    client.increment("ok")
-    assert client.flush(timeout=5)
-    assert telemetry_server.payloads[-1]["data"] == {"ok": 1}
-
-
-@pytest.mark.parametrize("form", ["seconds", "http-date"])
-def test_429_waits_retry_after_and_keeps_the_payload(
-    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime, form: str
-) -> None:
-    retry_after = "120" if form == "seconds" else format_datetime(
-        datetime.fromtimestamp(WALL_CLOCK_START + 120, timezone.utc), usegmt=True)
-    telemetry_server.script(status=429, headers={"Retry-After": retry_after})
-    client = make_client()
-    client.increment("hits")
-    client.start_emitting()
-    assert virtual_time.wait_for_waits(1)
-    assert virtual_time.waits[0] == pytest.approx(120.0)
-    # flush never cuts a server's Retry-After short.
-    assert client.flush(timeout=0.2) is False
-    assert len(update_requests(telemetry_server)) == 1
-    virtual_time.advance(121)
-    assert telemetry_server.wait_for_requests(2)
-    first, second = (json.loads(r.body) for r in update_requests(telemetry_server))
-    assert first["payload_id"] == second["payload_id"]
-    assert telemetry_server.payloads[-1]["data"] == {"hits": 1}
-
-
-def test_429_wait_is_bounded_by_max_interval(
-    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime
-) -> None:
-    telemetry_server.script(status=429, headers={"Retry-After": "999999"})
-    client = make_client(max_interval=600.0)
-    client.start_emitting()
-    assert virtual_time.wait_for_waits(1)
-    assert virtual_time.waits[0] == 600.0
-
-
-def test_retry_then_success_keeps_the_payload_id(
-    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime
-) -> None:
-    telemetry_server.script(status=500)
-    telemetry_server.script(status=503)
-    telemetry_server.script(status=408)
-    virtual_time.advance(8)  # room for the backoffs (at most 1 + 2 + 4 s), not a next cycle
-    client = make_client()
-    client.add("bytes", 42)
-    client.start_emitting()
-    assert telemetry_server.wait_for_requests(4)
-    ids = {json.loads(r.body)["payload_id"] for r in update_requests(telemetry_server)}
-    assert len(ids) == 1
-    assert stats(telemetry_server)["keys"] == {"bytes": 42}
-    backoffs = virtual_time.waits[:3]
-    assert all(0 <= wait <= cap for wait, cap in zip(backoffs, (1, 2, 4)))
-
-
-def test_exhausted_retries_keep_the_payload_for_the_next_cycle(
-    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime
-) -> None:
-    for _ in range(4):
-        telemetry_server.script(status=502)
-    virtual_time.advance(8)
-    client = make_client()
-    client.increment("a")
-    client.start_emitting()
-    assert telemetry_server.wait_for_requests(4)
-    client.increment("b")
-    assert client.flush(timeout=5)
-    bodies = [json.loads(r.body) for r in update_requests(telemetry_server)]
-    assert bodies[4]["payload_id"] == bodies[0]["payload_id"]  # resent first
-    assert stats(telemetry_server)["keys"] == {"a": 1, "b": 1}
-
-
-def test_connection_dropped_after_store_is_deduplicated(
-    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime
-) -> None:
-    telemetry_server.script(drop_after_store=True)
-    virtual_time.advance(8)  # room for the backoffs (at most 1 + 2 + 4 s), not a next cycle
-    client = make_client()
-    for _ in range(7):
-        client.increment("hits")
-    client.append_unique("ua", "curl")
-    client.start_emitting()
-    assert telemetry_server.wait_for_requests(2)
-    assert client.flush(timeout=5)
-    result = stats(telemetry_server)
-    assert result["keys"]["hits"] == 7
-    assert result["keys"]["ua"] == [{"value": "curl", "count": 1}]
-    sent_with_data = [r.json for r in update_requests(telemetry_server) if r.json["data"]]
-    assert len(sent_with_data) == 2  # sent twice ...
-    assert sent_with_data[0]["payload_id"] == sent_with_data[1]["payload_id"]
-    stored = [p for p in telemetry_server.stored_payloads() if p["data"]]
-    assert len(stored) == 1  # ... stored once
-
-
-def test_400_drops_only_that_payload_and_counts_it(
-    make_client: MakeClient, telemetry_server: Server
-) -> None:
-    telemetry_server.script(status=400, body={"error": "bad"})
-    client = make_client()
-    client.increment("lost")
-    client.append("list", 1)
-    client.start_emitting()
-    assert telemetry_server.wait_for_requests(1)
-    client.increment("kept")
-    assert client.flush(timeout=5)
-    assert len(update_requests(telemetry_server)) == 2
-    last = telemetry_server.payloads[-1]
-    assert last["data"] == {"kept": 1}
-    assert last["client"]["dropped"] == 3  # "lost" (1) + "list" with its element (2)
-
-
-def test_redirects_are_not_followed(make_client: MakeClient, telemetry_server: Server,
-                                    virtual_time: VirtualTime) -> None:
-    with serve(port=0) as elsewhere:
-        location = f"{elsewhere.url}/v1/update/x"
-        for _ in range(4):
-            telemetry_server.script(status=307, headers={"Location": location})
-        virtual_time.advance(100)
-        client = make_client()
-        client.increment("x")
-        client.start_emitting()
-        assert telemetry_server.wait_for_requests(4)
-        assert virtual_time.wait_for_waits(4)  # three backoffs, then the next cycle
-        assert update_requests(elsewhere) == []
-        emitter = client._emitter
-        assert emitter is not None and len(emitter._pending) == 1  # kept for later
-
-
-def test_gzip_over_one_kibibyte_and_user_agent(
-    make_client: MakeClient, telemetry_server: Server
-) -> None:
-    client = make_client()
-    client.start_emitting()
-    assert telemetry_server.wait_for_requests(1)
-    client.set("big", "x" * 1000)
-    client.set("bigger", "y" * 1000)
-    assert client.flush(timeout=5)
-    small, big = update_requests(telemetry_server)
-    assert "Content-Encoding" not in small.headers
-    assert big.headers["Content-Encoding"] == "gzip"
-    assert small.headers["User-Agent"] == f"telemetry-python/{telemetry.__version__}"
-    assert small.headers["Content-Type"] == "application/json"
-    assert telemetry_server.payloads[-1]["data"]["bigger"] == "y" * 1000
-
-
-def test_flush_semantics(make_client: MakeClient, telemetry_server: Server) -> None:
-    client = make_client()
-    assert client.flush(timeout=1) is False  # before start_emitting
-    client.increment("x")
-    assert len(update_requests(telemetry_server)) == 0
-    client.start_emitting()
-    assert client.flush(timeout=5)
-    count = len(update_requests(telemetry_server))
-    assert client.flush(timeout=5)  # nothing to send: True without a request
-    assert len(update_requests(telemetry_server)) == count
-
-
-def test_pending_is_bounded_and_overflow_counted(
-    make_client: MakeClient, virtual_time: VirtualTime
-) -> None:
-    client = make_client(max_pending=2, endpoint=dead_endpoint(), default_interval=1000.0,
-                         min_interval=1000.0, max_interval=1000.0)
-    virtual_time.advance(100)  # backoffs pass, cycles wait for a flush
-    client.start_emitting()
-    assert virtual_time.wait_for_waits(4)  # the first cycle failed: 3 backoffs and a wait
+def test_pending_is_bounded_and_the_overflow_is_counted(rigs: List[Rig]) -> None:
+    rig = started(rigs, *[RETRY] * 12, max_pending=2,
+                  schedule=Schedule(min_interval=1000, max_interval=1000, retries=0))
     for cycle in range(4):
-        client.increment(f"k{cycle}")
-        assert client.flush(timeout=5) is False
-    emitter = client._emitter
-    assert emitter is not None
-    pending = list(emitter._pending)
-    assert [list(p.payload.data) for p in pending] == [["k2"], ["k3"]]
-    # k0 and k1 were dropped (one item each); the count rides on the next payloads.
-    assert sum(p.payload.dropped for p in pending) + client._buffer.dropped == 2
+        rig.buffer.increment(f"k{cycle}")
+        assert rig.emitter.flush(timeout=5) is False
+    assert [list(p.data) for p in rig.emitter.pending] == [["k2"], ["k3"]]
+    assert sum(p.dropped for p in rig.emitter.pending) + rig.buffer.dropped == 2
 
 
-@pytest.mark.parametrize("fault", ["unreachable", "never-answers"])
-def test_stop_emitting_is_bounded(
-    make_client: MakeClient, telemetry_server: Server, tmp_path: Path, fault: str
-) -> None:
-    if fault == "unreachable":
-        client = make_client(endpoint=dead_endpoint())
-    else:
-        for _ in range(3):
-            telemetry_server.script(delay=60)
-        client = make_client()
-    client.increment("hits")
-    client.start_emitting()
-    started = time.monotonic()
-    client.stop_emitting(timeout=1.0)
-    elapsed = time.monotonic() - started
-    assert elapsed < 1.5
-    # Nothing was lost: the undelivered payload is in the spool.
-    state = client._state
-    assert state is not None
-    spooled = state.spooled()
-    assert sum(p.data.get("hits", 0) for p in spooled) == 1  # type: ignore[misc]
-
-
-def test_spooled_payload_is_sent_by_the_next_start(
-    make_client: MakeClient, telemetry_server: Server
-) -> None:
-    instance = uuid.uuid4()
-    dead = make_client(instance_id=instance, endpoint=dead_endpoint())
-    dead.increment("hits")
-    dead.start_emitting()
-    dead.stop_emitting(timeout=0.5)
-    alive = make_client(instance_id=instance)
-    alive.start_emitting()
-    assert alive.flush(timeout=5)
-    assert stats(telemetry_server)["keys"] == {"hits": 1}
-    assert alive._state is not None and alive._state.spooled() == []
-
-
-def test_stop_emitting_twice_or_without_start_is_harmless(make_client: MakeClient) -> None:
-    client = make_client()
-    client.stop_emitting()
-    client.start_emitting()
-    client.stop_emitting(timeout=1)
-    client.stop_emitting(timeout=1)
-    assert not client.status().emitting
-
-
-def test_start_emitting_twice_is_logged_noop(
-    make_client: MakeClient, caplog: pytest.LogCaptureFixture
-) -> None:
-    client = make_client()
-    client.start_emitting()
-    emitter = client._emitter
-    with caplog.at_level(logging.INFO, logger="telemetry"):
-        client.start_emitting()
-    assert client._emitter is emitter
-    assert "already emitting" in caplog.text
-
-
-def test_local_mode_logs_payloads_instead_of_sending(
-    make_client: MakeClient, telemetry_server: Server, caplog: pytest.LogCaptureFixture
-) -> None:
-    client = make_client(consent="local")
-    client.increment("hits")
-    client.set("name", "two words")
-    with caplog.at_level(logging.INFO, logger="telemetry"):
-        client.start_emitting()
-        assert client.flush(timeout=5)
-        client.stop_emitting(timeout=1)
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[telemetry]")]
-    assert any('hits=1' in line and 'name="two words"' in line for line in lines)
-    assert update_requests(telemetry_server) == []
-
-
-def test_oversized_payload_is_split_by_key(make_client: MakeClient, telemetry_server: Server,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_emitter, "MAX_RAW_BYTES", 4000)
-    client = make_client()
+def test_a_payload_over_the_limits_is_split_by_key(rigs: List[Rig]) -> None:
+    rig = started(rigs, limits=WireLimits(max_raw_bytes=4000))
     for index in range(10):
-        client.set(f"k{index}", "v" * 900)
-    client.start_emitting()
-    assert client.flush(timeout=5)
-    ids = {p["payload_id"] for p in telemetry_server.payloads}
-    assert len(ids) == len(telemetry_server.payloads) > 1
+        rig.buffer.set(f"k{index}", "v" * 900)
+    assert rig.emitter.flush(timeout=5)
+    payloads = rig.sink.payloads
+    assert len(payloads) > 1 and len({p.payload_id for p in payloads}) == len(payloads)
+    assert all(len(r.body) <= 4000 for r in rig.sink.requests if not r.gzipped)
     merged: Dict[str, Any] = {}
-    for payload in telemetry_server.payloads:
-        merged.update(payload["data"])
+    for payload in payloads:
+        merged.update(payload.data)
     assert merged == {f"k{index}": "v" * 900 for index in range(10)}
 
 
-def test_end_to_end_totals_are_exact(telemetry_server: Server, tmp_path: Path) -> None:
-    """4 threads collect while the client emits every few ms; totals match exactly."""
-    telemetry_server.policy.update(next_update=0.005)
-    client = telemetry.Client()
-    client.init(uuid.uuid4(), app="e2e", endpoint=telemetry_server.url, consent=True,
-                min_interval=0.001, state_dir=tmp_path / "state")
-    client.start_emitting()
-    per_thread = 25_000
-
-    def work(worker: int) -> None:
-        for index in range(per_thread):
-            client.increment("calls")
-            client.add("bytes", 3)
-            client.append_unique("worker", worker)
-            if index % 1000 == 0:
-                client.append("marks", worker)
-
-    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    client.stop_emitting(timeout=10)
-    result = stats(telemetry_server)
-    assert len(update_requests(telemetry_server)) > 2  # it really emitted while collecting
-    assert result["keys"]["calls"] == 4 * per_thread
-    assert result["keys"]["bytes"] == 12 * per_thread
-    assert result["keys"]["worker"] == [{"value": w, "count": per_thread} for w in range(4)]
-    assert result["dropped"] == 0
+def test_stop_spools_what_was_undelivered_encoded_once(rigs: List[Rig]) -> None:
+    rig = started(rigs, *[RETRY] * 8, schedule=Schedule(min_interval=1000, max_interval=1000,
+                                                        retries=0))
+    rig.buffer.increment("sent once")
+    assert rig.emitter.flush(timeout=5) is False
+    tried = rig.sink.requests[-1]
+    rig.buffer.increment("never sent")
+    rig.emitter.stop(timeout=1.0)
+    assert rig.emitter.phase is Phase.STOPPED
+    saved = rig.spool.saved
+    assert saved[0] is tried  # the request the sink saw: not encoded a second time
+    assert {key for request in saved for key in request.payload.data} == {
+        "sent once", "never sent"}
 
 
-AT_EXIT_APP = textwrap.dedent(
-    """
-    import sys, telemetry
-    telemetry.init("{instance}", app="exitapp", endpoint=sys.argv[1], consent=True,
-                   state_dir=sys.argv[2])
-    telemetry.start_emitting()
-    telemetry.flush(5)
-    telemetry.increment("after_last_cycle")
-    """
-)
+def spooled_payload(key: str) -> Payload:
+    return Payload(instance_id=INSTANCE, timestamp=datetime.now(timezone.utc), data={key: 1})
 
 
-@pytest.mark.parametrize("server_up", [True, False])
-def test_atexit_delivers_or_spools_and_exits_promptly(
-    telemetry_server: Server, tmp_path: Path, server_up: bool
+def test_start_takes_back_the_spool_up_to_max_pending_and_sends_it_first(
+    rigs: List[Rig],
 ) -> None:
-    instance = uuid.uuid4()
-    endpoint = telemetry_server.url if server_up else dead_endpoint()
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "DO_NOT_TRACK")}
-    started = time.monotonic()
-    subprocess.run(
-        [sys.executable, "-c", AT_EXIT_APP.format(instance=instance), endpoint,
-         str(tmp_path / "state")],
-        check=True, env=env, timeout=30,
-    )
-    elapsed = time.monotonic() - started
-    assert elapsed < 10  # interpreter start-up plus at most the 1 s at-exit bound
-    from telemetry._state import State
-
-    spooled = State("exitapp", root=tmp_path / "state").spooled()
-    if server_up:
-        assert stats(telemetry_server)["keys"] == {"after_last_cycle": 1}
-        assert spooled == []
-    else:
-        assert [p.data for p in spooled] == [{"after_last_cycle": 1}]
+    held = [spooled_payload(f"old{index}") for index in range(3)]
+    rig = Rig(ScriptedSink(), *held, max_pending=2)
+    rigs.append(rig)
+    spooled = list(rig.spool.held)
+    assert rig.emitter.start()
+    assert rig.time.wait_for_waits(1)  # the first cycle: no check-in, the spool is the news
+    assert [p.data for p in rig.sink.payloads] == [{"old0": 1}, {"old1": 1}]
+    assert [s.settled for s in spooled] == [["done"], ["done"], ["release"]]
 
 
-FORK_APP = textwrap.dedent(
-    """
-    import os, sys, telemetry
-    telemetry.init("{instance}", app="forkapp", endpoint=sys.argv[1], consent=True,
-                   state_dir=sys.argv[2])
-    telemetry.start_emitting()
-    telemetry.increment("parent")
-    pid = os.fork()
-    if pid == 0:
-        telemetry.increment("child")
-        telemetry.start_emitting()
-        ok = telemetry.flush(5)
-        telemetry.stop_emitting(2)
-        os._exit(0 if ok else 3)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, status
-    telemetry.stop_emitting(2)
-    """
+def test_a_spooled_payload_undelivered_at_stop_goes_back_as_it_was(rigs: List[Rig]) -> None:
+    rig = Rig(ScriptedSink(*[RETRY] * 4), spooled_payload("old"),
+              schedule=Schedule(min_interval=1000, max_interval=1000, retries=0))
+    rigs.append(rig)
+    (spooled,) = rig.spool.held
+    assert rig.emitter.start()
+    assert rig.time.wait_for_waits(1)
+    rig.emitter.stop(timeout=1.0)
+    assert spooled.settled == ["release"]
+    assert rig.spool.saved == []  # the file is still there: nothing is saved twice
+
+
+def test_the_phase_moves_one_way(rigs: List[Rig]) -> None:
+    rig = Rig(ScriptedSink())
+    rigs.append(rig)
+    emitter = rig.emitter
+    seen = [(emitter.phase, emitter.running)]
+    assert emitter.flush(timeout=1) is False  # not started: nothing is sent
+    starts = [emitter.start(), emitter.start()]
+    seen.append((emitter.phase, emitter.running))
+    emitter.stop(timeout=1.0)
+    seen.append((emitter.phase, emitter.running))
+    starts.append(emitter.start())
+    assert seen == [(Phase.READY, False), (Phase.RUNNING, True), (Phase.STOPPED, False)]
+    assert starts == [True, False, False]
+
+
+class GatedSource:
+    """A source whose ``take`` waits, mid-take, until the test lets it finish."""
+
+    def __init__(self, inner: BufferSource) -> None:
+        self.inner = inner
+        self.taking = threading.Event()
+        self.may_finish = threading.Event()
+
+    def take(self) -> Optional[Payload]:
+        self.taking.set()
+        assert self.may_finish.wait(10), "the test never let the take finish"
+        return self.inner.take()
+
+    def has_data(self) -> bool:
+        return self.inner.has_data()
+
+    def count_dropped(self, items: int) -> None:
+        self.inner.count_dropped(items)
+
+
+class GatedData(Dict[str, Any]):
+    """Payload data whose encoding waits, mid-way, until the test lets it finish."""
+
+    encoding = threading.Event()
+    may_finish = threading.Event()
+
+    def items(self) -> Any:
+        GatedData.encoding.set()
+        assert GatedData.may_finish.wait(10), "the test never let the encoding finish"
+        return super().items()
+
+
+def test_flush_from_another_thread_is_not_blocked_by_a_big_take_and_encode() -> None:
+    """While 100,000 items are being taken and encoded, flush() gets the emitter's lock."""
+    buffer = Buffer()
+    for index in range(100_000):
+        buffer.append_unique("values", index % 9_000) if index < 9_000 else buffer.increment(
+            f"counter{index}")
+    inner = BufferSource(buffer, wall_clock=lambda: 1_800_000_000.0)
+    inner.instance_id = INSTANCE
+    source = GatedSource(inner)
+    sink = ScriptedSink()
+    time_ = VirtualTime()
+    emitter = Emitter(source=source, steering=RecordingSteering(), sink=sink,
+                      clock=time_.clock, wait=time_.wait)
+    emitter.start()
+    try:
+        assert source.taking.wait(10)  # the emitter thread is inside take()
+        # A flush with no time to wait still needs the lock: it returns only if the
+        # take does not hold it.
+        assert _returns_in_another_thread(lambda: emitter.flush(timeout=0))
+        source.may_finish.set()
+        assert emitter.flush(timeout=30)
+        (payload,) = sink.payloads
+        assert payload.items == 100_000
+        # Now the encoding: a payload whose data blocks while it is encoded.
+        gated = Payload(instance_id=INSTANCE, timestamp=datetime.now(timezone.utc),
+                        data=GatedData(big=list(range(100_000))))
+        inner.instance_id = None  # the next cycle takes nothing from the buffer
+        emitter.add_pending(gated, on_done=lambda: None, on_return=lambda: None)
+        flushing = threading.Thread(target=emitter.flush, args=(30,))
+        flushing.start()
+        assert GatedData.encoding.wait(10)  # the emitter thread is encoding
+        assert _returns_in_another_thread(lambda: emitter.flush(timeout=0))
+        GatedData.may_finish.set()
+        flushing.join(30)
+        assert sink.payloads[-1] is gated
+    finally:
+        source.may_finish.set()
+        GatedData.may_finish.set()
+        emitter.stop(timeout=1.0)
+
+
+def _returns_in_another_thread(call: Any) -> bool:
+    """Whether ``call()`` returns in another thread while this one waits (up to 5 s)."""
+    done = threading.Event()
+
+    def run() -> None:
+        call()
+        done.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return done.wait(5)
+
+
+class FixedJitter(random.Random):
+    """A random source whose ``uniform`` always answers ``fraction`` of its range."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__(0)
+        self.fraction = fraction
+
+    def uniform(self, a: float, b: float) -> float:
+        return a + (b - a) * self.fraction
+
+
+SCHEDULE = Schedule(default_interval=3600, min_interval=60, max_interval=86400)
+
+
+@pytest.mark.parametrize(
+    ("next_update", "fraction", "expected"),
+    [
+        (None, 0.5, 3600.0),  # no instruction: the default interval
+        (0, 0.5, 3600.0),  # not positive: the default
+        (-5 * NS, 0.5, 3600.0),
+        (120 * NS, 0.5, 120.0),  # honoured
+        (1 * NS, 0.5, 60.0),  # raised to min_interval
+        (10**6 * NS, 0.5, 86400.0),  # lowered to max_interval
+        (10**400, 0.5, 86400.0),  # too big for a float: the longest wait
+        (120 * NS, 0.0, 108.0),  # -10 % jitter
+        (120 * NS, 1.0, 132.0),  # +10 %
+    ],
 )
+def test_interval_table(next_update: Optional[int], fraction: float, expected: float) -> None:
+    assert SCHEDULE.interval(next_update, FixedJitter(fraction)) == pytest.approx(expected)
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX fork")
-def test_fork_child_sends_only_its_own_data(telemetry_server: Server, tmp_path: Path) -> None:
-    instance = uuid.uuid4()
-    env = {k: v for k, v in os.environ.items() if k not in ("CI", "DO_NOT_TRACK")}
-    subprocess.run(
-        [sys.executable, "-c", FORK_APP.format(instance=instance), telemetry_server.url,
-         str(tmp_path / "state")],
-        check=True, env=env, timeout=60,
-    )
-    datas: List[Dict[str, Any]] = [p["data"] for p in telemetry_server.payloads]
-    assert {"child": 1} in datas
-    assert all("parent" not in d for d in datas if "child" in d)
-    assert stats(telemetry_server)["keys"] == {"parent": 1, "child": 1}
-
-
-def test_a_raising_sink_is_a_failed_attempt(make_client: MakeClient,
-                                            virtual_time: VirtualTime) -> None:
-    from telemetry._sinks import DELIVERED, Request, SendResult
-
-    sent: List[Payload] = []
-
-    def sink(request: Request, timeout: float) -> SendResult:
-        sent.append(request.payload)
-        if len(sent) == 1:
-            raise OSError("disk on fire")
-        return SendResult(DELIVERED)
-
-    virtual_time.advance(8)  # room for a backoff, not for the next cycle
-    client = make_client(sink=sink)
-    client.increment("x")
-    client.start_emitting()
-    assert client.flush(timeout=5)
-    assert len(sent) == 2 and sent[0] is sent[1]
-    assert client.status().emitting
+@pytest.mark.parametrize(
+    ("attempt", "fraction", "expected"),
+    [(0, 1.0, 1.0), (1, 1.0, 2.0), (3, 1.0, 8.0), (5, 1.0, 30.0), (40, 1.0, 30.0),
+     (2, 0.0, 0.0), (2, 0.5, 2.0)],
+)
+def test_backoff_table(attempt: int, fraction: float, expected: float) -> None:
+    """Full jitter: uniform between 0 and min(cap, base * 2**attempt)."""
+    assert SCHEDULE.backoff(attempt, FixedJitter(fraction)) == pytest.approx(expected)

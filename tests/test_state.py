@@ -17,14 +17,10 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import pytest
+from conftest import encoded
 
-from telemetry._state import (
-    STOP_REMEMBERED_FOR,
-    Claimed,
-    ServerPolicy,
-    SpoolSize,
-    State,
-)
+from telemetry._spool import Claimed, SpoolSize
+from telemetry._state import STOP_REMEMBERED_FOR, ServerPolicy, State
 from telemetry._wire import Payload, encode_payload
 
 APP = "testapp"
@@ -92,7 +88,7 @@ def populate(state: State) -> None:
     assert state.write_consent("on")
     state.instance_id()
     assert state.write_policy(ENDPOINT, ServerPolicy(frozenset({"tls"}), 123.0))
-    assert state.spool([payload(1), payload(2)]) == 0
+    assert state.spool.save(encoded([payload(1), payload(2)])) == 0
     assert state.first_run_notice_due()
 
 
@@ -104,7 +100,7 @@ def test_explicit_root_wins_over_the_environment(tmp_path: Path) -> None:
     assert state.config_dir == tmp_path / "mine" / APP / "config"
     assert state.state_dir == tmp_path / "mine" / APP / "state"
     assert state.consent_path.parent == state.config_dir
-    assert state.spool_dir.parent == state.state_dir
+    assert state.spool.directory.parent == state.state_dir
 
 
 def test_environment_root(tmp_path: Path) -> None:
@@ -155,9 +151,9 @@ def test_reading_writes_nothing(state: State, root: Path) -> None:
     assert state.read_consent() is None
     assert state.read_instance_id() is None
     assert state.read_policy(ENDPOINT) == ServerPolicy()
-    assert state.spooled() == []
-    assert state.spool_size() == SpoolSize(0, 0)
-    assert state.claim() == []
+    assert state.spool.payloads() == []
+    assert state.spool.size() == SpoolSize(0, 0)
+    assert state.spool.claim() == []
     assert state.delete_all()
     assert not root.exists()
 
@@ -170,12 +166,13 @@ def test_directories_0700_and_files_0600(state: State, root: Path, umask: int) -
     previous = os.umask(umask)
     try:
         populate(state)
-        state.claim()[0].release()
+        state.spool.claim()[0].release()
     finally:
         os.umask(previous)
     directories = [p for p in root.rglob("*") if p.is_dir()]
     files = [p for p in root.rglob("*") if p.is_file()]
-    assert {state.config_dir, state.state_dir, state.spool_dir, root / APP} <= set(directories)
+    expected = {state.config_dir, state.state_dir, state.spool.directory, root / APP}
+    assert expected <= set(directories)
     assert len(files) == 6  # consent, id, policy, marker, two payloads
     for path in directories:
         assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
@@ -230,11 +227,11 @@ def test_failed_rename_keeps_the_spooled_file(
     state: State, monkeypatch: pytest.MonkeyPatch, warnings: Callable[[], List[str]]
 ) -> None:
     old = payload(1)
-    state.spool([old])
+    state.spool.save(encoded([old]))
     with monkeypatch.context() as patch:
         patch.setattr(os, "replace", failing_replace)
-        assert state.spool([payload(2)]) == payload(2).items
-    assert state.spooled() == [old]
+        assert state.spool.save(encoded([payload(2)])) == payload(2).items
+    assert state.spool.payloads() == [old]
     assert warnings()
 
 
@@ -262,15 +259,16 @@ def test_dead_writers_temporaries_are_cleaned_up(state: State, root: Path) -> No
         import os
         from datetime import datetime, timezone
         from telemetry._state import State
-        from telemetry._wire import Payload
+        from telemetry._wire import Payload, encode_request
         state = State({APP!r}, {str(root)!r})
         state.instance_id()
         os.replace = lambda *args, **kwargs: os._exit(0)
-        state.spool([Payload(instance_id={INSTANCE!r}, timestamp=datetime.now(timezone.utc))])
+        payload = Payload(instance_id={INSTANCE!r}, timestamp=datetime.now(timezone.utc))
+        state.spool.save([encode_request(payload)[0]])
     """)
-    assert [name for name in os.listdir(state.spool_dir) if name.endswith(".tmp")]
-    assert state.claim() == []
-    assert os.listdir(state.spool_dir) == []
+    assert [name for name in os.listdir(state.spool.directory) if name.endswith(".tmp")]
+    assert state.spool.claim() == []
+    assert os.listdir(state.spool.directory) == []
 
 
 # -- tolerant reads ------------------------------------------------------------------------------
@@ -390,26 +388,26 @@ def test_corrupt_spool_files_are_deleted_on_claim_and_skipped_by_show(
     state: State, warnings: Callable[[], List[str]]
 ) -> None:
     good = payload(1)
-    state.spool([good])
+    state.spool.save(encoded([good]))
     truncated = encode_payload(payload(2))
     for index, content in enumerate([b"", b"garbage", truncated[: len(truncated) // 2],
                                      b'{"instance_id": 1}']):
-        (state.spool_dir / f"{index:032x}.json").write_bytes(content)
-    assert state.spooled() == [good]
+        (state.spool.directory / f"{index:032x}.json").write_bytes(content)
+    assert state.spool.payloads() == [good]
     assert len(warnings()) == 4
-    assert state.spool_size().files == 5  # spooled() changed nothing
-    claimed = state.claim()
+    assert state.spool.size().files == 5  # payloads() changed nothing
+    claimed = state.spool.claim()
     assert [item.payload for item in claimed] == [good]
     assert len(warnings()) == 8
     claimed[0].done()
-    assert os.listdir(state.spool_dir) == []
+    assert os.listdir(state.spool.directory) == []
 
 
 def test_unknown_files_in_the_spool_are_left_alone(state: State) -> None:
-    state.spool([payload(1)])
-    (state.spool_dir / "README").write_text("not ours")
-    assert len(state.claim()) == 1
-    assert (state.spool_dir / "README").exists()
+    state.spool.save(encoded([payload(1)]))
+    (state.spool.directory / "README").write_text("not ours")
+    assert len(state.spool.claim()) == 1
+    assert (state.spool.directory / "README").exists()
 
 
 # -- disks that refuse -----------------------------------------------------------------------------
@@ -438,7 +436,7 @@ def test_disk_errors_are_warnings_not_exceptions(
         patch.setattr(os, target, refusing(code))
         assert not state.write_consent("off")
         assert not state.write_policy(ENDPOINT, ServerPolicy(stop_until=1.0))
-        assert state.spool([payload(1, dropped=2)]) == payload(1).items + 2
+        assert state.spool.save(encoded([payload(1, dropped=2)])) == payload(1).items + 2
         assert state.first_run_notice_due()  # better repeated than never shown
         new = state.reset_instance_id()  # not saved, but this process keeps using it
         assert new != original_id
@@ -450,7 +448,7 @@ def test_disk_errors_are_warnings_not_exceptions(
     # Nothing changed on disk, and no temporary file was left behind.
     assert fresh(state).read_consent() == "on"
     assert fresh(state).read_instance_id() == original_id
-    assert state.spool_size() == SpoolSize(0, 0)
+    assert state.spool.size() == SpoolSize(0, 0)
     assert files_under(state.state_dir) == ["telemetry-instance-id"]
 
 
@@ -471,7 +469,7 @@ def test_root_that_is_a_file(tmp_path: Path, warnings: Callable[[], List[str]]) 
     state = State(APP, blocker)
     assert not state.write_consent("on")
     assert isinstance(state.instance_id(), uuid.UUID)
-    assert state.spool([payload()]) == payload().items
+    assert state.spool.save(encoded([payload()])) == payload().items
     assert state.read_consent() is None
     assert state.delete_all()
     assert len(warnings()) == 3  # the three writes; reads find nothing, quietly
@@ -482,15 +480,15 @@ def test_root_that_is_a_file(tmp_path: Path, warnings: Callable[[], List[str]]) 
 def test_read_only_directory(state: State, warnings: Callable[[], List[str]]) -> None:
     populate(state)
     os.chmod(state.config_dir, 0o500)
-    os.chmod(state.spool_dir, 0o500)
+    os.chmod(state.spool.directory, 0o500)
     try:
         assert not state.write_consent("off")
         assert state.read_consent() == "on"
-        assert state.claim() == []
-        assert state.spool([payload(9)]) == payload(9).items
+        assert state.spool.claim() == []
+        assert state.spool.save(encoded([payload(9)])) == payload(9).items
     finally:
         os.chmod(state.config_dir, 0o700)
-        os.chmod(state.spool_dir, 0o700)
+        os.chmod(state.spool.directory, 0o700)
     assert warnings()
 
 
@@ -589,12 +587,12 @@ def test_first_run_notice_is_due_once_per_app(state: State, root: Path) -> None:
 
 def test_spool_round_trip_keeps_payload_ids(state: State, root: Path) -> None:
     payloads = [payload(2, dropped=5), payload(0, {"empty": {}}), payload(1)]
-    assert state.spool(payloads) == 0
-    assert sorted(os.listdir(state.spool_dir)) == sorted(
+    assert state.spool.save(encoded(payloads)) == 0
+    assert sorted(os.listdir(state.spool.directory)) == sorted(
         f"{item.payload_id}.json" for item in payloads)
-    assert state.spool_size().files == 3
-    assert state.spool_size().size == sum(len(encode_payload(item)) for item in payloads)
-    claimed = State(APP, root).claim()  # the next process
+    assert state.spool.size().files == 3
+    assert state.spool.size().size == sum(len(encode_payload(item)) for item in payloads)
+    claimed = State(APP, root).spool.claim()  # the next process
     assert [item.payload for item in claimed] == [payloads[1], payloads[2], payloads[0]]
     assert [item.payload.payload_id for item in claimed] == [
         payloads[1].payload_id, payloads[2].payload_id, payloads[0].payload_id]
@@ -603,63 +601,63 @@ def test_spool_round_trip_keeps_payload_ids(state: State, root: Path) -> None:
 
 def test_done_deletes_and_release_puts_back(state: State) -> None:
     first, second = payload(1), payload(2)
-    state.spool([first, second])
-    claimed = state.claim()
+    state.spool.save(encoded([first, second]))
+    claimed = state.spool.claim()
     assert all(item.path.name.endswith(f".claimed-{os.getpid()}") for item in claimed)
-    assert state.claim() == []  # this process holds them already
-    assert state.spooled() == [first, second]  # show still sees claimed files
+    assert state.spool.claim() == []  # this process holds them already
+    assert state.spool.payloads() == [first, second]  # show still sees claimed files
     claimed[0].done()
     claimed[1].release()
     claimed[0].done()  # settling twice is harmless
     claimed[1].done()
-    assert os.listdir(state.spool_dir) == [f"{second.payload_id}.json"]
-    again = state.claim()
+    assert os.listdir(state.spool.directory) == [f"{second.payload_id}.json"]
+    again = state.spool.claim()
     assert [item.payload.payload_id for item in again] == [second.payload_id]
 
 
 def test_spool_drops_oldest_beyond_the_file_bound(root: Path) -> None:
     state = State(APP, root, max_spool_files=3)
-    assert state.spool([payload(5), payload(1, dropped=7)]) == 0
+    assert state.spool.save(encoded([payload(5), payload(1, dropped=7)])) == 0
     newer = [payload(6), payload(4)]
     # 4 files over a bound of 3: the oldest (t=1) goes, with its items and its drop count.
-    assert state.spool(newer) == payload(1).items + 7
-    assert [item.timestamp for item in state.spooled()] == [
+    assert state.spool.save(encoded(newer)) == payload(1).items + 7
+    assert [item.timestamp for item in state.spool.payloads()] == [
         T0 + timedelta(seconds=s) for s in (4, 5, 6)]
     # An older payload than everything spooled is itself the one dropped.
     old = payload(0, {"a": 1, "b": [1, 2]})
-    assert state.spool([old]) == 4
-    assert len(state.spooled()) == 3
+    assert state.spool.save(encoded([old])) == 4
+    assert len(state.spool.payloads()) == 3
 
 
 def test_spool_drops_oldest_beyond_the_byte_bound(root: Path) -> None:
     size = len(encode_payload(payload(1)))
     state = State(APP, root, max_spool_bytes=2 * size + size // 2)
-    assert state.spool([payload(3), payload(1), payload(2)]) == payload(1).items
-    assert [item.timestamp for item in state.spooled()] == [
+    assert state.spool.save(encoded([payload(3), payload(1), payload(2)])) == payload(1).items
+    assert [item.timestamp for item in state.spool.payloads()] == [
         T0 + timedelta(seconds=2), T0 + timedelta(seconds=3)]
-    assert state.spool_size() == SpoolSize(2, 2 * size)
+    assert state.spool.size() == SpoolSize(2, 2 * size)
 
 
 def test_payload_bigger_than_the_spool_is_dropped_unwritten(root: Path) -> None:
     state = State(APP, root, max_spool_bytes=1000)
     big = payload(1, {"big": "x" * 1000}, dropped=3)
-    assert state.spool([big]) == 1 + 3
-    assert state.spool_size() == SpoolSize(0, 0)
+    assert state.spool.save(encoded([big])) == 1 + 3
+    assert state.spool.size() == SpoolSize(0, 0)
 
 
 def test_claims_of_a_live_process_are_not_taken(state: State, root: Path) -> None:
-    state.spool([payload(1)])
+    state.spool.save(encoded([payload(1)]))
     holder = start_python(f"""
         import sys
         from telemetry._state import State
-        print(len(State({APP!r}, {str(root)!r}).claim()), flush=True)
+        print(len(State({APP!r}, {str(root)!r}).spool.claim()), flush=True)
         sys.stdin.readline()
     """)
     try:
         assert holder.stdout is not None
         assert holder.stdout.readline().strip() == "1"
-        assert state.claim() == []
-        assert state.spool_size().files == 1
+        assert state.spool.claim() == []
+        assert state.spool.size().files == 1
     finally:
         holder.communicate("", timeout=30)
     assert holder.returncode == 0
@@ -667,35 +665,36 @@ def test_claims_of_a_live_process_are_not_taken(state: State, root: Path) -> Non
 
 def test_claims_of_a_killed_process_come_back(state: State, root: Path) -> None:
     payloads = [payload(1), payload(2), payload(3)]
-    state.spool(payloads)
+    state.spool.save(encoded(payloads))
     killed = start_python(f"""
         import os, signal
         from telemetry._state import State
-        claimed = State({APP!r}, {str(root)!r}).claim()
+        claimed = State({APP!r}, {str(root)!r}).spool.claim()
         assert len(claimed) == 3
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     _, err = killed.communicate(timeout=30)
     assert killed.returncode == -signal.SIGKILL, err
-    assert sorted(os.listdir(state.spool_dir)) == sorted(
+    assert sorted(os.listdir(state.spool.directory)) == sorted(
         f"{p.payload_id}.json.claimed-{killed.pid}" for p in payloads)
-    claimed = state.claim()
+    claimed = state.spool.claim()
     assert [item.payload for item in claimed] == payloads
     for item in claimed:
         item.release()
-    assert sorted(os.listdir(state.spool_dir)) == sorted(f"{p.payload_id}.json" for p in payloads)
+    names = sorted(f"{p.payload_id}.json" for p in payloads)
+    assert sorted(os.listdir(state.spool.directory)) == names
 
 
 def test_claims_left_under_our_own_pid_by_an_earlier_process(state: State) -> None:
     # A container's app has the same pid at every start: a claim file with our
     # pid that this process does not hold was left by a dead predecessor.
     left = payload(1)
-    state.spool([left])
-    (name,) = os.listdir(state.spool_dir)
-    os.rename(state.spool_dir / name, state.spool_dir / f"{name}.claimed-{os.getpid()}")
-    claimed = state.claim()
+    state.spool.save(encoded([left]))
+    (name,) = os.listdir(state.spool.directory)
+    os.rename(state.spool.directory / name, state.spool.directory / f"{name}.claimed-{os.getpid()}")
+    claimed = state.spool.claim()
     assert [item.payload for item in claimed] == [left]
-    assert state.claim() == []
+    assert state.spool.claim() == []
 
 
 def test_corrupt_claim_of_a_dead_process_is_deleted(
@@ -703,10 +702,10 @@ def test_corrupt_claim_of_a_dead_process_is_deleted(
 ) -> None:
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait(timeout=30)
-    state.spool_dir.mkdir(parents=True)
-    (state.spool_dir / f"{'a' * 32}.json.claimed-{dead.pid}").write_bytes(b"{")
-    assert state.claim() == []
-    assert os.listdir(state.spool_dir) == []
+    state.spool.directory.mkdir(parents=True)
+    (state.spool.directory / f"{'a' * 32}.json.claimed-{dead.pid}").write_bytes(b"{")
+    assert state.spool.claim() == []
+    assert os.listdir(state.spool.directory) == []
     assert warnings()
 
 
@@ -716,7 +715,7 @@ DRAIN = """
     state = State({app!r}, {root!r})
     print("ready", flush=True)
     sys.stdin.readline()
-    claimed = state.claim()
+    claimed = state.spool.claim()
     for item in claimed:
         item.done()
     print(json.dumps([item.payload.payload_id for item in claimed]))
@@ -726,7 +725,7 @@ DRAIN = """
 def test_two_processes_drain_one_spool_without_a_duplicate(root: Path) -> None:
     state = State(APP, root, max_spool_files=100)
     payloads = [payload(i) for i in range(50)]
-    assert state.spool(payloads) == 0
+    assert state.spool.save(encoded(payloads)) == 0
     drainers = [start_python(DRAIN.format(app=APP, root=str(root))) for _ in range(2)]
     for drainer in drainers:
         assert drainer.stdout is not None
@@ -744,21 +743,21 @@ def test_two_processes_drain_one_spool_without_a_duplicate(root: Path) -> None:
     assert len(first) + len(second) == sum(len(ids) for ids in results) == 50
     assert first.isdisjoint(second)
     assert first | second == {item.payload_id for item in payloads}
-    assert os.listdir(state.spool_dir) == []
+    assert os.listdir(state.spool.directory) == []
 
 
 def test_threads_of_one_process_never_share_a_claim(root: Path) -> None:
     import threading
 
     state = State(APP, root, max_spool_files=100)
-    state.spool([payload(i) for i in range(40)])
+    state.spool.save(encoded([payload(i) for i in range(40)]))
     results: List[List[Claimed]] = []
     barrier = threading.Barrier(4)
 
     def drain() -> None:
         mine = State(APP, root)
         barrier.wait()
-        results.append(mine.claim())
+        results.append(mine.spool.claim())
 
     threads = [threading.Thread(target=drain) for _ in range(4)]
     for thread in threads:
@@ -774,8 +773,8 @@ def test_threads_of_one_process_never_share_a_claim(root: Path) -> None:
 
 def test_delete_all_leaves_only_the_consent_file(state: State, root: Path) -> None:
     populate(state)
-    held = state.claim()
-    state.spool([payload(3)])
+    held = state.spool.claim()
+    state.spool.save(encoded([payload(3)]))
     (state.state_dir / ".telemetry-instance-id.999999999.abcd.tmp").write_text("x")
     assert state.write_consent("off")
     assert state.delete_all()

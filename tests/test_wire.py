@@ -1,9 +1,11 @@
-"""Wire types and codec: ``Payload``/``Response`` encode and decode per SPEC §3."""
+"""Wire types and codec: ``Payload``/``Response`` encode and decode per docs/protocol.md."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
+import random
 import re
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
+from conftest import taken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,16 +23,19 @@ from telemetry._wire import (
     CLIENT_NAME,
     Payload,
     Response,
+    WireLimits,
     decode_payload,
     decode_response,
     duration_to_seconds,
     encode_payload,
+    estimate_items,
     format_timestamp,
     iter_encoded_payload,
     new_payload_id,
     parse_retry_after,
     parse_timestamp,
     seconds_to_duration,
+    split_to_fit,
 )
 
 CADDY_EXAMPLE = Path("/work/shared/examples/caddy_go_client_payload.json")
@@ -98,7 +104,7 @@ def test_counting_sets_go_on_the_wire_as_value_count_objects() -> None:
     buffer.set_nested("memory", "heap", 1024)
     buffer.append("list", "x")
     buffer.set("version", "1.4.2")
-    snapshot = buffer.take()
+    snapshot = taken(buffer)
     payload = make_payload(data=snapshot.data, dropped=snapshot.dropped, items=snapshot.items)
     wire = json.loads(encode_payload(payload))["data"]
     assert wire == {
@@ -541,3 +547,62 @@ def test_parse_retry_after_uses_the_given_now() -> None:
 )
 def test_parse_retry_after_garbage_is_none(header: str) -> None:
     assert parse_retry_after(header, now=NOW) is None
+
+
+# -- splitting to fit the server's limits --------------------------------------------------------
+
+
+def secrets_hex(size: int) -> str:
+    """``size`` hex digits from a seeded random source: text gzip cannot shrink much."""
+    return random.Random(size).randbytes(size // 2).hex()
+
+
+def _split_payload(**data: Any) -> Payload:
+    return make_payload(data=data, dropped=3)
+
+
+@pytest.mark.parametrize(
+    ("data", "limits", "requests", "dropped"),
+    [
+        ({"a": 1}, WireLimits(), 1, 0),  # fits: the payload itself
+        ({f"k{i}": "v" * 900 for i in range(10)}, WireLimits(max_raw_bytes=4000), 4, 0),
+        ({f"k{i}": "v" * 900 for i in range(10)}, WireLimits(max_raw_bytes=2000), 10, 0),
+        # A key too big even alone is dropped, with the drop count its part carried.
+        ({"big": "v" * 5000, "small": 1}, WireLimits(max_raw_bytes=4000), 1, 1 + 3),
+        ({"small": 1, "big": "v" * 5000}, WireLimits(max_raw_bytes=4000), 1, 1),
+        ({"big": "v" * 5000}, WireLimits(max_raw_bytes=4000), 0, 1 + 3),
+        ({"ok": 1, "huge": 10**5000}, WireLimits(), 1, 1),  # cannot be encoded at all
+        # Compressed bodies count against max_body_bytes: gzip does not save this one.
+        ({"k": secrets_hex(3000)}, WireLimits(max_body_bytes=1000), 0, 1 + 3),
+    ],
+)
+def test_split_to_fit_table(
+    data: Dict[str, Any], limits: WireLimits, requests: int, dropped: int,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    payload = _split_payload(**data)
+    parts, lost = split_to_fit(payload, limits)
+    assert (len(parts), lost) == (requests, dropped)
+    for part in parts:
+        raw = gzip.decompress(part.body) if part.gzipped else part.body
+        assert len(part.body) <= limits.max_body_bytes and len(raw) <= limits.max_raw_bytes
+        assert json.loads(raw) == json.loads(encode_payload(part.payload))
+        assert part.gzipped == (len(raw) > limits.gzip_threshold)
+    if requests == 1 and dropped == 0:
+        assert parts[0].payload is payload
+    elif parts:
+        ids = {part.payload.payload_id for part in parts}
+        assert len(ids) == len(parts) and payload.payload_id not in ids
+        # The drop count travels once, on the first part (or is lost with it).
+        assert [part.payload.dropped for part in parts[1:]] == [0] * (len(parts) - 1)
+    # Nothing vanishes: every item and the drop count is sent or counted as lost.
+    sent = sum(part.payload.items + part.payload.dropped for part in parts)
+    assert sent + lost == estimate_items(data) + 3
+    if dropped:
+        assert "dropped" in caplog.text
+
+
+def test_payload_items_default_to_the_estimate_and_may_be_given() -> None:
+    data = {"a": 1, "l": [1, 2, 3], "m": {"x": 1}}
+    assert make_payload(data=data).items == 1 + 4 + 2
+    assert make_payload(data=data, items=42).items == 42
