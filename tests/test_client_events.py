@@ -415,3 +415,20 @@ def test_a_payload_too_big_is_split_across_events() -> None:
     assert sum(part.dropped_events for part in parts) == 4
     assert len({part.payload_id for part in parts}) == len(parts)
     assert all(len(r.body) < SERVER_LIMITS.max_raw_bytes for r in requests)
+
+
+def test_events_survive_the_codec_and_the_spools_decoder() -> None:
+    from datetime import datetime, timezone
+
+    from telemetry._wire import decode_payload, encode_payload
+
+    events = [{"event_id": f"{i:032x}", "event_time": WALL_TEXT, "event_type": "t",
+               "event_name": "n", "i": i, "s": "\u00e9\ud800"} for i in range(300)]
+    payload = Payload(instance_id=str(uuid.uuid4()), timestamp=datetime.now(timezone.utc),
+                      data={"k": 1}, events=events, dropped_events=2)
+    body = json.loads(encode_payload(payload))
+    assert body["events"] == events and body["client"]["dropped_events"] == 2
+    assert decode_payload(encode_payload(payload)) == payload
+    plain = Payload(instance_id=str(uuid.uuid4()), timestamp=datetime.now(timezone.utc))
+    assert "events" not in json.loads(encode_payload(plain))
+    assert not plain.carries_data and payload.carries_data
