@@ -422,8 +422,11 @@ def test_events_survive_the_codec_and_the_spools_decoder() -> None:
 
     from telemetry._wire import decode_payload, encode_payload
 
-    events = [{"event_id": f"{i:032x}", "event_time": WALL_TEXT, "event_type": "t",
-               "event_name": "n", "i": i, "s": "\u00e9\ud800"} for i in range(300)]
+    events: List[Dict[str, Any]] = [
+        {"event_id": f"{i:032x}", "event_time": WALL_TEXT, "event_type": "t",
+         "event_name": "n", "i": i, "s": "\u00e9\ud800"}
+        for i in range(300)
+    ]
     payload = Payload(instance_id=str(uuid.uuid4()), timestamp=datetime.now(timezone.utc),
                       data={"k": 1}, events=events, dropped_events=2)
     body = json.loads(encode_payload(payload))
