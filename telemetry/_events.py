@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 import re
 import threading
 import time
@@ -94,11 +93,11 @@ _DISABLED = "<disabled>"
 _PAUSE_INTERVAL = 0.001
 _EVENTS_PER_LOOK = 32
 
-_EVENT_ID = re.compile(r"[0-9a-fA-F]{32}")
-_DASHED_UUID = re.compile(
-    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
-)
-_TIMESTAMP = re.compile(
+# Patterns for ``record_raw`` only: compiled on first use (by ``re``'s cache), not
+# on ``import telemetry``.
+_EVENT_ID = r"[0-9a-fA-F]{32}"
+_DASHED_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_TIMESTAMP = (
     r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt]([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]{1,9}))?"
     r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
@@ -139,7 +138,7 @@ def format_event_time(when: float) -> str:
 
 def _normalize_time(text: str) -> Optional[str]:
     """An RFC 3339 time as ``format_event_time`` writes it (the same instant), or None."""
-    match = _TIMESTAMP.fullmatch(text)
+    match = re.fullmatch(_TIMESTAMP, text)
     if match is None:
         return None
     date, clock, fraction, zone = match.groups()
@@ -302,8 +301,6 @@ class EventBuffer:
         self._dropped_events = 0
         self._warned: Set[Tuple[str, str]] = set()
         self._warned_full = False
-        self._ids = random.Random(os.urandom(32))
-        self._next_id = self._ids.getrandbits
         # Types and names that passed every check (see ``record``).
         self._checked_pairs: Set[Tuple[str, str]] = set()
         self.set_disabled_keys(disabled_keys)
@@ -431,7 +428,7 @@ class EventBuffer:
             return True
         if self._filter is not None:
             if event_id is None:
-                event_id = f"{self._next_id(128):032x}"
+                event_id = os.urandom(16).hex()
             if type(when) is float:
                 when = format_event_time(when)
             wire = {"event_id": event_id, "event_time": when, "event_type": event_type,
@@ -489,7 +486,10 @@ class EventBuffer:
             dropped, self._dropped_events = self._dropped_events, 0
             self._warned_full = False
         wire: List[Dict[str, Any]] = []
-        next_id = self._next_id
+        # One read of the system's random source for every id drawn here: 32 hex
+        # digits each (an id is drawn now unless the event came with one).
+        random_hex = os.urandom(16 * sum(event[0] is None for event in events)).hex()
+        drawn = 0
         clock = time.perf_counter
         pause_at = clock() + _PAUSE_INTERVAL
         for start in range(0, len(events), _EVENTS_PER_LOOK):
@@ -510,8 +510,13 @@ class EventBuffer:
                 except (OverflowError, ValueError, TypeError):
                     rejected += 1  # a wall clock out of range: nothing to send
                     continue
+                if event_id is None:
+                    wire_id = random_hex[drawn : drawn + 32]
+                    drawn += 32
+                else:
+                    wire_id = event_id
                 wire.append({
-                    "event_id": event_id if event_id is not None else f"{next_id(128):032x}",
+                    "event_id": wire_id,
                     "event_time": formatted_time,
                     "event_type": event_type,
                     "event_name": event_name,
@@ -552,21 +557,24 @@ class EventBuffer:
         return len(self._events)
 
     def after_fork_in_child(self) -> None:
-        """Start empty, with a fresh lock and new ids: the parent's are the parent's."""
+        """Start empty, with a fresh lock: the parent's threads may have held the old one.
+
+        Ids come from the system's random source when events are taken, so the
+        child's never repeat the parent's.
+        """
         self._lock = threading.Lock()
         self._events = []
         self._rejected = 0
         self._dropped_events = 0
         self._warned_full = False
-        self._ids.seed(os.urandom(32))
 
 
 def _raw_id(event_id: object) -> Tuple[Optional[str], Optional[str]]:
     """A proxied ``event_id`` as 32 lowercase hex digits (a dashed UUID is accepted)."""
     if isinstance(event_id, str):
-        if _EVENT_ID.fullmatch(event_id):
+        if re.fullmatch(_EVENT_ID, event_id):
             return None, event_id.lower()
-        if _DASHED_UUID.fullmatch(event_id):
+        if re.fullmatch(_DASHED_UUID, event_id):
             return None, event_id.replace("-", "").lower()
     return f"event_id must be 32 hex digits or a UUID, not {event_id!r:.60}", None
 
