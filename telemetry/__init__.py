@@ -125,7 +125,7 @@ def record_raw(event: Mapping[str, Any]) -> bool:
 
 def with_attrs(**attrs: Any) -> Recorder:
     """A ``Recorder`` whose events all carry ``attrs``."""
-    return Recorder(_DEFAULT, attrs)
+    return Recorder._owning(_DEFAULT, attrs)
 
 def __getattr__(name: str) -> Any:
     # The wire types need attrs; load them on first use so `import telemetry` stays light.

@@ -404,7 +404,7 @@ class Client:
 
     def with_attrs(self, **attrs: Any) -> Recorder:
         """A ``Recorder`` whose events all carry ``attrs``."""
-        return Recorder(self, attrs)
+        return Recorder._owning(self, attrs)
 
     @staticmethod
     def fast_hash(data: Union[str, bytes, bytearray, memoryview]) -> str:

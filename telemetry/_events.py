@@ -579,6 +579,10 @@ def _raw_id(event_id: object) -> Tuple[Optional[str], Optional[str]]:
     return f"event_id must be 32 hex digits or a UUID, not {event_id!r:.60}", None
 
 
+_new_object = object.__new__
+_set_attribute = object.__setattr__
+
+
 class _HasEvents(Protocol):
     @property
     def event_target(self) -> EventTarget: ...
@@ -600,6 +604,14 @@ class Recorder:
     def __init__(self, client: _HasEvents, attrs: Mapping[str, Any]) -> None:
         object.__setattr__(self, "_client", client)
         object.__setattr__(self, "_attrs", dict(attrs))
+
+    @classmethod
+    def _owning(cls, client: _HasEvents, attrs: Dict[str, Any]) -> Recorder:
+        """A recorder that keeps ``attrs`` itself: a new dict nobody else holds."""
+        recorder = _new_object(cls)
+        _set_attribute(recorder, "_client", client)
+        _set_attribute(recorder, "_attrs", attrs)
+        return recorder
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("a Recorder is immutable; with_attrs() makes a new one")
@@ -629,5 +641,4 @@ class Recorder:
 
     def with_attrs(self, **attrs: Any) -> Recorder:
         """A recorder with these attributes added to (and winning over) the bound ones."""
-        attrs = {**self._attrs, **attrs}
-        return Recorder(self._client, attrs)
+        return Recorder._owning(self._client, {**self._attrs, **attrs})
