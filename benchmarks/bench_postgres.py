@@ -183,7 +183,9 @@ def _start_server(db: str, workers: int) -> Tuple[subprocess.Popen[bytes], int]:
     """``python -m server_stub`` for ``workers == 0``, else ``gunicorn -w workers``."""
     port = free_port()
     if workers == 0:
-        command = [sys.executable, "-m", "server_stub", "--port", str(port), "--db", db]
+        # One client address posting as fast as it can: no per-address or total limit.
+        command = [sys.executable, "-m", "server_stub", "--port", str(port), "--db", db,
+                   "--per-address", "0", "--total", "0"]
     else:
         command = [
             sys.executable,
@@ -195,7 +197,7 @@ def _start_server(db: str, workers: int) -> Tuple[subprocess.Popen[bytes], int]:
             f"127.0.0.1:{port}",
             "--backlog",
             "1024",
-            f"server_stub:create_app(db={db!r})",
+            f"server_stub:create_app(db={db!r}, limits={{'per_address': 0, 'total': 0}})",
         ]
     process = subprocess.Popen(
         command,

@@ -55,7 +55,9 @@ def ten_key_payload(instance_id: str, n: int) -> Dict[str, Any]:
 def _server_process(db: str) -> Iterator[str]:
     """``python -m server_stub`` on a free port, as in production: its own process."""
     with subprocess.Popen(
-        [sys.executable, "-m", "server_stub", "--port", "0", "--db", db],
+        # One client address posting as fast as it can: no per-address or total limit.
+        [sys.executable, "-m", "server_stub", "--port", "0", "--db", db,
+         "--per-address", "0", "--total", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     ) as process:
         try:

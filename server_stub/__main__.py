@@ -11,7 +11,9 @@ from typing import List, Optional
 
 from ._app import App
 from ._backends import open_store
-from ._http import make_server
+from ._heavy import HeavyLane
+from ._http import FrontLimits, FrontServer
+from ._limits import Limits
 from ._policy import Policy
 from ._storage import redact_url
 
@@ -30,6 +32,39 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         help="SQLite database file, or a postgresql:// URL (needs the 'postgres' extra)",
     )
     parser.add_argument("--policy", metavar="FILE", help="policy JSON file (re-read on change)")
+    limits = parser.add_argument_group("limits (see README: Running it in production)")
+    limits.add_argument(
+        "--max-connections", type=int, default=0, metavar="N",
+        help="open connections at once (default: 4096, fewer under a low file limit)",
+    )
+    limits.add_argument(
+        "--max-connections-per-address", type=int, default=64, metavar="N",
+        help="open connections from one client address (default: 64)",
+    )
+    limits.add_argument(
+        "--request-timeout", type=float, default=10.0, metavar="SECONDS",
+        help="time a client has to send a whole request, or take an answer (default: 10)",
+    )
+    limits.add_argument(
+        "--per-address", type=int, default=Limits.per_address, metavar="N",
+        help=f"payloads per client address per minute, 0: no limit (default: {Limits.per_address})",
+    )
+    limits.add_argument(
+        "--total", type=int, default=Limits.total, metavar="N",
+        help=f"payloads per minute over all addresses, 0: no limit (default: {Limits.total})",
+    )
+    limits.add_argument(
+        "--max-storage-mb", type=float, default=1024.0, metavar="MB",
+        help="database size at which payloads are refused with 507, 0: no limit (default: 1024)",
+    )
+    limits.add_argument(
+        "--workers", type=int, default=FrontLimits.workers, metavar="N",
+        help=f"threads running the app (default: {FrontLimits.workers})",
+    )
+    limits.add_argument(
+        "--reuse-port", action="store_true",
+        help="let several server processes listen on the same port (Linux: SO_REUSEPORT)",
+    )
     return parser.parse_args(argv)
 
 
@@ -51,12 +86,41 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"server_stub: cannot open database {redact_url(args.db)}: {exc}", file=sys.stderr)
         return 2
     try:
-        httpd = make_server(args.host, args.port, App(store, policy))
+        limits = Limits(
+            per_address=args.per_address,
+            total=args.total,
+            max_storage_bytes=round(args.max_storage_mb * 2**20) or None,
+        )
+        front_limits = FrontLimits(
+            max_connections=args.max_connections,
+            max_per_address=args.max_connections_per_address,
+            request_timeout=args.request_timeout,
+            max_body_bytes=limits.max_body_bytes,
+            workers=args.workers,
+        )
+    except ValueError as exc:
+        store.close()
+        print(f"server_stub: {exc}", file=sys.stderr)
+        return 2
+    # The biggest payloads are parsed in a child process (not possible for a private
+    # in-memory database, which the child could not see).
+    memory = args.db in ("", ":memory:")
+    heavy = None if memory else HeavyLane(args.db, args.policy, limits)
+    try:
+        httpd = FrontServer(
+            App(store, policy, limits=limits, heavy_lane=heavy.handle if heavy else None),
+            args.host,
+            args.port,
+            limits=front_limits,
+            reuse_port=args.reuse_port,
+        )
     except OSError as exc:
         store.close()
+        if heavy is not None:
+            heavy.close()
         print(f"server_stub: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 2
-    if args.db in ("", ":memory:"):
+    if memory:
         logger.warning("storing payloads in memory only; pass --db FILE to keep them")
     signal.signal(signal.SIGTERM, _terminate)
     print(f"server_stub listening on {httpd.url}", flush=True)
@@ -65,8 +129,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         logger.info("shutting down")
     finally:
-        httpd.close_connections()
-        httpd.server_close()
+        httpd.close()
+        if heavy is not None:
+            heavy.close()
         store.close()
     return 0
 

@@ -16,6 +16,7 @@ import math
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 import zlib
@@ -28,6 +29,16 @@ from urllib.parse import parse_qs
 
 from ._backends import open_store
 from ._events import InvalidEvent, parse_event_query, validate_events
+from ._limits import (
+    Admission,
+    InFlightBudget,
+    Limits,
+    check_data_keys,
+    check_document,
+    count_values,
+    needs_check,
+    value_bound,
+)
 from ._policy import Policy
 from ._storage import PayloadRecord, Store, UnstorablePayload
 
@@ -51,18 +62,24 @@ __all__ = [
 
 logger = logging.getLogger("server_stub")
 
-MAX_BODY_BYTES = 1 << 20
-"""Largest request body accepted, as sent (compressed)."""
-MAX_DECODED_BYTES = 10 << 20
-"""Largest request body accepted once decompressed."""
+MAX_BODY_BYTES = Limits.max_body_bytes
+"""Largest request body accepted by default, as sent (compressed)."""
+MAX_DECODED_BYTES = Limits.max_decoded_bytes
+"""Largest request body accepted by default once decompressed."""
 _CHUNK = 64 << 10
 # A refused body up to this size is still read (and discarded) before answering,
 # so that the client sees the answer rather than a reset connection.
 _DRAIN_LIMIT = 16 << 20
 _MAX_PAGE = 1000
 _MAX_INT64 = 2**63 - 1
-# Deep enough for any real payload, shallow enough to re-encode without recursion errors.
-_MAX_DEPTH = 64
+# Decompressed bytes of each body that need no reservation from the shared budget
+# (bounded anyway by the number of threads), and how long to wait for the rest.
+_FREE_DECODED_BYTES = 1 << 20
+_DECODE_WAIT = 1.0
+# How often a full database is said so in the log, at most.
+_FULL_LOG_INTERVAL = 60.0
+# How long a measured database size is trusted (what was stored since is added to it).
+_STORAGE_MEASURE_INTERVAL = 1.0
 
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _PAYLOAD_ID = re.compile(r"[0-9a-f]{32}")
@@ -128,7 +145,20 @@ class RequestBody:
     harness can record exactly what arrived, however the request ended.
     """
 
-    def __init__(self, environ: WSGIEnvironment) -> None:
+    def __init__(
+        self,
+        environ: WSGIEnvironment,
+        limits: Optional[Limits] = None,
+        budget: Optional[InFlightBudget] = None,
+    ) -> None:
+        """``budget``: decompressed bytes beyond the first MiB of each body are
+        reserved from it (503 when it stays full), and released by ``release()``."""
+        limits = limits or Limits()
+        self._budget = budget
+        self._unreserved = _FREE_DECODED_BYTES
+        self._reserved = 0
+        self.max_bytes = limits.max_body_bytes
+        self.max_decoded_bytes = limits.max_decoded_bytes
         self._stream = environ["wsgi.input"]
         self._encoding = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
         self._consumed = 0
@@ -158,41 +188,57 @@ class RequestBody:
         return self.length is not None and self._consumed >= self.length
 
     def read(self) -> bytes:
-        """The body as sent, at most ``MAX_BODY_BYTES`` (HTTPError 400/411/413 otherwise)."""
+        """The body as sent, at most ``max_bytes`` (HTTPError 400/411/413 otherwise)."""
         if self.raw is not None:
             return self.raw
         if self.length_error:
             status = 400 if self.length_error.startswith("invalid") else 411
             raise HTTPError(status, self.length_error)
         if self._to_eof:
-            self.raw = self._read_up_to(MAX_BODY_BYTES + 1)
-            if len(self.raw) <= MAX_BODY_BYTES:
+            self.raw = self._read_up_to(self.max_bytes + 1)
+            if len(self.raw) <= self.max_bytes:
                 self.length = len(self.raw)
                 return self.raw
-            raise HTTPError(413, f"body over {MAX_BODY_BYTES} bytes")
+            raise HTTPError(413, f"body over {self.max_bytes} bytes")
         assert self.length is not None
-        if self.length > MAX_BODY_BYTES:
-            raise HTTPError(413, f"body over {MAX_BODY_BYTES} bytes")
+        if self.length > self.max_bytes:
+            raise HTTPError(413, f"body over {self.max_bytes} bytes")
         self.raw = self._read_up_to(self.length)
         if len(self.raw) < self.length:
             raise HTTPError(400, "body shorter than Content-Length")
         return self.raw
 
     def decode(self) -> bytes:
-        """The body with its Content-Encoding undone, at most ``MAX_DECODED_BYTES``."""
+        """The body with its Content-Encoding undone, at most ``max_decoded_bytes``."""
         if self.decoded is not None:
             return self.decoded
         raw = self.read()
         if self._encoding in ("", "identity"):
             decoded = raw
         elif self._encoding in ("gzip", "x-gzip"):
-            decoded = gunzip(raw, MAX_DECODED_BYTES)
+            decoded = gunzip(raw, self.max_decoded_bytes, self._reserve)
         else:
             raise HTTPError(415, f"unsupported Content-Encoding {self._encoding!r}")
-        if len(decoded) > MAX_DECODED_BYTES:
-            raise HTTPError(413, f"body over {MAX_DECODED_BYTES} bytes once decompressed")
+        if len(decoded) > self.max_decoded_bytes:
+            raise HTTPError(413, f"body over {self.max_decoded_bytes} bytes once decompressed")
         self.decoded = decoded
         return decoded
+
+    def _reserve(self, size: int) -> None:
+        free = min(size, self._unreserved)
+        self._unreserved -= free
+        size -= free
+        if not size or self._budget is None:
+            return
+        if not self._budget.acquire(size, _DECODE_WAIT):
+            raise HTTPError(503, "server busy; try again later", [("Retry-After", "1")])
+        self._reserved += size
+
+    def release(self) -> None:
+        """Give back what ``decode()`` reserved from the budget (safe to call twice)."""
+        if self._budget is not None and self._reserved:
+            self._budget.release(self._reserved)
+        self._reserved = 0
 
     def parse(self) -> object:
         """The body as JSON (HTTPError 400 when it is not JSON)."""
@@ -239,11 +285,15 @@ class RequestBody:
         return chunk
 
 
-def request_body(environ: WSGIEnvironment) -> RequestBody:
+def request_body(
+    environ: WSGIEnvironment,
+    limits: Optional[Limits] = None,
+    budget: Optional[InFlightBudget] = None,
+) -> RequestBody:
     """The request's ``RequestBody``, created on first use and kept in ``environ``."""
     body = environ.get(_BODY_KEY)
     if not isinstance(body, RequestBody):
-        body = environ[_BODY_KEY] = RequestBody(environ)
+        body = environ[_BODY_KEY] = RequestBody(environ, limits, budget)
     return body
 
 
@@ -255,11 +305,12 @@ def body_fully_read(environ: WSGIEnvironment) -> bool:
     return body.fully_read
 
 
-def gunzip(data: bytes, limit: int) -> bytes:
+def gunzip(data: bytes, limit: int, reserve: Optional[Callable[[int], None]] = None) -> bytes:
     """Inflate gzip ``data`` (several members allowed), refusing output over ``limit``.
 
     Output is produced in bounded steps, so a gzip bomb is stopped once it has
-    produced ``limit`` bytes, never inflated in full first.
+    produced ``limit`` bytes, never inflated in full first. ``reserve(n)`` is
+    called before each step keeps ``n`` more bytes (it may raise HTTPError).
     """
     chunks: List[bytes] = []
     total = 0
@@ -273,6 +324,8 @@ def gunzip(data: bytes, limit: int) -> bytes:
                 total += len(chunk)
                 if total > limit:
                     raise HTTPError(413, f"body over {limit} bytes once decompressed")
+                if reserve is not None:
+                    reserve(2 * len(chunk))  # the chunk, and its copy when they are joined
                 chunks.append(chunk)
                 if not chunk and not pending:
                     raise HTTPError(400, "truncated gzip body")
@@ -305,19 +358,6 @@ def _parse_timestamp(value: str) -> datetime:
             raise ValueError("bad UTC offset")
         tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
     return datetime(year, month, day, hour, minute, second, microsecond, tzinfo=tz)
-
-
-def _depth(value: object) -> int:
-    """How deeply arrays/objects nest in ``value`` (iteratively: no recursion limit)."""
-    deepest = 0
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            children = item.values() if isinstance(item, dict) else item
-            stack.extend((child, depth + 1) for child in children)
-    return deepest
 
 
 def _validate_client(client: object) -> Optional[Dict[str, Any]]:
@@ -407,21 +447,49 @@ class App:
     """The WSGI application (``create_app`` builds one)."""
 
     def __init__(
-        self, store: Store, policy: Policy, *, clock: Callable[[], float] = time.time
+        self,
+        store: Store,
+        policy: Policy,
+        *,
+        clock: Callable[[], float] = time.time,
+        limits: Optional[Limits] = None,
+        heavy_lane: Optional[Callable[[bytes, str, str], Response]] = None,
+        heavy_values: int = 100_000,
     ) -> None:
+        """``heavy_lane(decoded_body, instance_id, address)``, when given, answers
+        payloads of more than ``heavy_values`` JSON values (in another process)."""
         self.store = store
+        self.heavy_lane = heavy_lane
+        self.heavy_values = heavy_values
         self.policy = policy
+        self.limits = limits or Limits()
         self._clock = clock
+        self._budget = InFlightBudget(self.limits.max_values_in_flight)
+        self._decoded_budget = InFlightBudget(self.limits.max_decoded_bytes_in_flight)
+        self.admission = Admission(
+            self.limits.per_address,
+            self.limits.total,
+            self.limits.window,
+            per_address_bytes=self.limits.per_address_bytes,
+            clock=clock,
+        )
+        self._storage_lock = threading.Lock()
+        self._stored_bytes = 0
+        self._measured_at: Optional[float] = None
+        self._full_logged_at: Optional[float] = None
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> List[bytes]:
+        request = request_body(environ, self.limits, self._decoded_budget)
         try:
             status, headers, body = self.handle(environ).encode()
-            request_body(environ).drain()
+            request.drain()
         except Exception:
             logger.exception(
                 "internal error on %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO")
             )
             status, headers, body = _error(500, "internal server error").encode()
+        finally:
+            request.release()
         start_response(status, headers)
         return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
@@ -452,53 +520,135 @@ class App:
             return _error(exc.status, exc.message, exc.headers)
 
     def update(self, environ: WSGIEnvironment, instance_id: str) -> Response:
-        """``POST /v1/update/<uuid>``: validate, rate-limit, store, answer with the policy.
+        """``POST /v1/update/<uuid>``: admit, validate, rate-limit, store, answer with the policy.
 
         A repeated ``payload_id`` gets the same answer and is not stored again (it
-        still counts against the rate limit, like any request).
+        still counts against the rate limits, like any request).
         """
         if _media_type(environ) != "application/json":
             raise HTTPError(415, "Content-Type must be application/json")
-        request = request_body(environ)
+        address = str(environ.get("REMOTE_ADDR") or "unknown")
+        wait = self.admission.admit(address)
+        if wait is not None:
+            return _too_many("too many payloads from this address or in total", wait)
+        request = request_body(environ, self.limits)
+        decoded = request.decode()
+        wait = self.admission.charge(address, len(decoded))
+        if wait is not None:
+            return _too_many("too many bytes from this address", wait)
+        if self.heavy_lane is not None and value_bound(decoded) > self.heavy_values:
+            # Counting exactly (and then parsing) would hold the GIL for long: elsewhere.
+            return self.heavy_lane(decoded, instance_id, address)
+        values = count_values(decoded, self.limits.max_values)
+        check_value_count(values, self.limits)
+        if not self._budget.acquire(values, self.limits.budget_wait):
+            raise HTTPError(503, "server busy; try again later", [("Retry-After", "1")])
+        try:
+            return self.store_payload(request, instance_id, address)
+        finally:
+            self._budget.release(values)
+
+    def store_payload(self, request: RequestBody, instance_id: str, address: str) -> Response:
+        """Parse, check, rate-limit and store an admitted body; the answer (or HTTPError)."""
         body = request.parse()
-        decoded = request.decoded or b""
-        # Counting brackets is cheap; walking the payload only happens when it could be deep.
-        if decoded.count(b"[") + decoded.count(b"{") > _MAX_DEPTH and _depth(body) > _MAX_DEPTH:
-            raise HTTPError(400, f"payload nested deeper than {_MAX_DEPTH} levels")
         now = self._clock()
         received_at = datetime.fromtimestamp(now, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        # The payload's shape first (it walks no nested value): a bad event is
+        # named by its index and field, not only by where the document walk found it.
         record = validate_payload(body, instance_id, received_at)
+        if needs_check(request.decoded or b"", self.limits):
+            problem = check_document(body, self.limits)
+        else:
+            problem = check_data_keys(body, self.limits)
+        if problem is not None:
+            raise HTTPError(400, problem)
         rules = self.policy.current()
         if rules.rate_limit is not None:
+            # Keyed by instance and address: posts that claim an instance's id from
+            # elsewhere cannot use up that instance's own allowance.
             wait = self.store.check_rate(
-                instance_id, rules.rate_limit.payloads, rules.rate_limit.window, now
+                f"{instance_id} {address}", rules.rate_limit.payloads, rules.rate_limit.window, now
             )
             if wait is not None:
-                retry_after = max(1, math.ceil(wait))
-                return Response(
-                    429,
-                    {"error": "rate limit exceeded", "next_update": retry_after * 1_000_000_000},
-                    [("Retry-After", str(retry_after))],
-                )
+                return _too_many("rate limit exceeded", wait)
+        if self._storage_full(now):
+            raise HTTPError(507, "the server's storage budget is used up; try again later")
         try:
             if not self.store.add(record):
                 logger.debug("payload %s already stored; acknowledged again", record.payload_id)
+            else:
+                with self._storage_lock:
+                    self._stored_bytes += len(request.decoded or b"")
         except UnstorablePayload as exc:
             raise HTTPError(400, f"payload cannot be stored: {exc}") from None
         return Response(200, rules.response_fields(instance_id))
 
+    def _storage_full(self, now: float) -> bool:
+        """Whether the database has reached ``max_storage_bytes`` (logged, at most once a minute).
+
+        The size is measured at most once a second; in between, what this process
+        stored is added to the last measurement.
+        """
+        budget = self.limits.max_storage_bytes
+        if budget is None:
+            return False
+        with self._storage_lock:
+            measured_at = self._measured_at
+            stale = measured_at is None or not 0 <= now - measured_at < _STORAGE_MEASURE_INTERVAL
+        if stale:
+            size = self.store.storage_bytes()
+            with self._storage_lock:
+                self._stored_bytes = size
+                self._measured_at = now
+        with self._storage_lock:
+            full = self._stored_bytes >= budget
+            if full and (
+                self._full_logged_at is None
+                or not 0 <= now - self._full_logged_at < _FULL_LOG_INTERVAL
+            ):
+                self._full_logged_at = now
+                logger.error(
+                    "storage budget reached (%d of %d bytes): refusing payloads with 507"
+                    " until space is freed or max_storage_bytes is raised",
+                    self._stored_bytes,
+                    budget,
+                )
+            if not full:
+                self._full_logged_at = None
+        return full
+
     def instance(self, environ: WSGIEnvironment, instance_id: str) -> Response:
-        """``GET /v1/instances/<uuid>?limit=&offset=``: stored payloads, newest first."""
+        """``GET /v1/instances/<uuid>?limit=&offset=``: stored payloads, newest first.
+
+        A page ends early (``next_offset`` says where to go on) once it holds
+        ``max_response_bytes`` of payloads; stored JSON is passed through as
+        text, never rebuilt as objects.
+        """
         query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
         limit = _query_int(query, "limit", 50, 1, _MAX_PAGE)
         offset = _query_int(query, "offset", 0, 0, _MAX_INT64)
-        payloads = self.store.instance_payloads(instance_id, limit + 1, offset)
-        next_offset = offset + limit if len(payloads) > limit else None
-        return Response(
-            200,
-            {"instance_id": instance_id, "payloads": payloads[:limit], "next_offset": next_offset},
+        rows, more = self.store.instance_page(
+            instance_id, limit, offset, self.limits.max_response_bytes
         )
-
+        next_offset = offset + len(rows) if more else None
+        parts = [b'{"instance_id":', _json_bytes(instance_id), b',"payloads":[']
+        for index, row in enumerate(rows):
+            parts += [
+                b"," if index else b"",
+                b'{"payload_id":',
+                _json_bytes(row.payload_id),
+                b',"timestamp":',
+                _json_bytes(row.timestamp),
+                b',"received_at":',
+                _json_bytes(row.received_at),
+                b',"data":',
+                row.data.encode(),
+                b',"client":',
+                row.client.encode() if row.client is not None else b"null",
+                b"}",
+            ]
+        parts += [b'],"next_offset":', _json_bytes(next_offset), b"}"]
+        return Response(200, b"".join(parts), [("Content-Type", "application/json")])
 
     def events(self, environ: WSGIEnvironment) -> Response:
         """``GET /v1/events?type=&name=&instance=&since=&until=&limit=&offset=``: newest first."""
@@ -516,6 +666,25 @@ class App:
             "events": page[: selection.limit],
             "next_offset": selection.offset + selection.limit if more else None,
         })
+
+
+def check_value_count(values: int, limits: Limits) -> None:
+    """HTTPError 413 when a body holds more JSON values than ``limits`` allow."""
+    if values > limits.max_values:
+        raise HTTPError(413, f"body holds over {limits.max_values} JSON values")
+
+
+def _json_bytes(value: object) -> bytes:
+    return json.dumps(value).encode()
+
+
+def _too_many(message: str, wait: float) -> Response:
+    retry_after = max(1, math.ceil(wait))
+    return Response(
+        429,
+        {"error": message, "next_update": retry_after * 1_000_000_000},
+        [("Retry-After", str(retry_after))],
+    )
 
 
 def _allow(method: str, allowed: str) -> None:
@@ -538,18 +707,23 @@ def create_app(
     db: Union[str, os.PathLike[str]] = ":memory:",
     policy_file: Union[str, os.PathLike[str], None] = None,
     clock: Callable[[], float] = time.time,
+    limits: Union[Limits, Mapping[str, Any], None] = None,
 ) -> App:
     """The WSGI application; e.g. ``gunicorn 'server_stub:create_app(db="telemetry.db")'``.
 
     ``store`` defaults to the one ``db`` names: a SQLite file (or ``":memory:"``),
     or a ``postgresql://`` URL (``PostgresStore``: several workers can share it).
     ``policy`` defaults to one loaded from ``policy_file`` (re-read when it
-    changes, by every worker), or the default policy.
+    changes, by every worker), or the default policy. ``limits``: what one
+    request, one address and the whole server may cost: a ``Limits``, or its
+    fields as a dict (``limits={"per_address": 0}``, handy in a gunicorn app string).
     """
+    if limits is not None and not isinstance(limits, Limits):
+        limits = Limits(**limits)
     if policy is not None and policy_file is not None:
         raise ValueError("pass either policy or policy_file, not both")
     if policy is None:
         policy = Policy(policy_file)
     if store is None:
         store = open_store(os.fspath(db))
-    return App(store, policy, clock=clock)
+    return App(store, policy, clock=clock, limits=limits)

@@ -20,6 +20,7 @@ from wsgiref.util import is_hop_by_hop
 from ._app import App, HTTPError, Response, request_body
 from ._backends import open_store
 from ._http import CLOSE_TIMEOUT, drop_connection, make_server
+from ._limits import Limits
 from ._policy import Policy
 
 if TYPE_CHECKING:
@@ -113,9 +114,12 @@ class Server:
         *,
         db: str = ":memory:",
         policy: Optional[Policy] = None,
+        limits: Optional[Limits] = None,
     ) -> None:
         self.store = open_store(db)
-        self.app = App(self.store, policy if policy is not None else Policy())
+        if limits is None:
+            limits = Limits(per_address=0, total=0)
+        self.app = App(self.store, policy if policy is not None else Policy(), limits=limits)
         self._closing = threading.Event()
         self._closed = False
         # Reentrant, so that predicates given to wait_for() may use the properties.
@@ -281,6 +285,11 @@ class Server:
         if environ.get("REQUEST_METHOD") == "POST" and environ.get("PATH_INFO", "").startswith(
             _UPDATE_PREFIX
         ):
+            # The body is read before a script is taken, so that "the script was
+            # taken" (``scripts_pending``) means the whole request has arrived: a
+            # test may then kill the client without truncating what it sent.
+            with contextlib.suppress(HTTPError):
+                request_body(environ).read()
             with self._changed:
                 if self._scripts:
                     entry = self._scripts.popleft()
@@ -370,9 +379,12 @@ def serve(
     *,
     db: str = ":memory:",
     policy: Optional[Policy] = None,
+    limits: Optional[Limits] = None,
 ) -> Server:
     """Start the server on a background thread (``port=0``: any free port).
 
     ``db``: a SQLite file, ``":memory:"``, or a ``postgresql://`` URL.
+    ``limits``: what requests may cost; by default ``Limits()`` without the
+    per-address and total admission limits (tests post fast from one address).
     """
-    return Server(host, port, db=db, policy=policy)
+    return Server(host, port, db=db, policy=policy, limits=limits)

@@ -1,29 +1,63 @@
-"""The HTTP runtime: the standard library's threading WSGI server, made fit to serve.
+"""The HTTP runtimes: ``FrontServer`` for production, the threading WSGI server for tests.
 
-``make_server`` is what ``python -m server_stub`` runs, and what the test
-harness runs on a background thread. Over ``wsgiref`` it adds HTTP/1.1
-keep-alive, a thread per connection with an idle timeout, a bounded and prompt
-close of open connections, and ``drop_connection()`` for an application that
-must end a connection without answering.
+``FrontServer`` is what ``python -m server_stub`` runs: a buffering front that
+slow or hostile clients cannot stall. One thread runs an asyncio loop that
+accepts connections and reads each request whole (request line, headers and
+body) under a total deadline; only a complete request is handed to a bounded
+pool of threads running the WSGI app, so a client that sends one byte a minute
+holds a socket, never a thread. It bounds:
+
+- open connections, overall and per client address; when a cap is reached the
+  connection that has waited longest for its request to arrive is closed
+  (idle keep-alive or slow clients go first; requests being answered are never cut);
+- the time to deliver each complete request (``request_timeout``, counted from
+  connecting or from the previous answer) and to take each answer;
+- header size, body size (the app's limit), and the memory held by buffered
+  large bodies in total;
+- app threads: small bodies and large bodies have separate pools, so a flood of
+  big payloads cannot keep a healthy small one waiting for a thread.
+
+``make_server`` (``ThreadingWSGIServer``) is what the test harness runs on a
+background thread: ``wsgiref`` with HTTP/1.1 keep-alive, a thread per
+connection with an idle timeout, a bounded and prompt close of open
+connections, and ``drop_connection()`` for an application that must end a
+connection without answering (scripted faults). It trusts its clients.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import io
+import itertools
+import json
 import logging
 import socket
 import socketserver
+import sys
 import threading
-from typing import TYPE_CHECKING, Any, Dict
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
+from urllib.parse import unquote
 from wsgiref import simple_server
 
-from ._app import body_fully_read
+from ._app import body_fully_read, status_line
 
 if TYPE_CHECKING:
     from _typeshed import OptExcInfo
     from _typeshed.wsgi import WSGIApplication, WSGIEnvironment
 
-__all__ = ["CLOSE_TIMEOUT", "ThreadingWSGIServer", "drop_connection", "make_server"]
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "FrontLimits",
+    "FrontServer",
+    "ThreadingWSGIServer",
+    "default_max_connections",
+    "drop_connection",
+    "make_server",
+]
 
 logger = logging.getLogger("server_stub")
 
@@ -221,3 +255,559 @@ def drop_connection(environ: WSGIEnvironment) -> None:
     connection = environ.get(_CONNECTION_KEY)
     if isinstance(connection, _Connection):
         connection.drop()
+
+
+# -- the production front ------------------------------------------------------------
+
+_SMALL_BODY = 64 << 10
+CLOSE_TIMEOUT = 5.0
+
+
+_DEFAULT_MAX_CONNECTIONS = 4096
+
+
+def default_max_connections() -> int:
+    """4,096, or fewer when the process may not open that many files (keeping 64 spare)."""
+    try:
+        import resource  # noqa: PLC0415 - not on every platform
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, OSError, ValueError):
+        return _DEFAULT_MAX_CONNECTIONS
+    if soft == resource.RLIM_INFINITY:
+        return _DEFAULT_MAX_CONNECTIONS
+    return max(8, min(_DEFAULT_MAX_CONNECTIONS, soft - 64))
+
+
+@dataclass(frozen=True)
+class FrontLimits:
+    """What the front lets one connection, one address and all clients together hold.
+
+    - ``max_connections`` open at once (default: 4,096, fewer under a low file limit;
+      an idle connection costs the front a few kilobytes);
+      ``max_per_address`` from one client address.
+    - ``request_timeout``: seconds to deliver a whole request (from connecting,
+      or from the previous answer on a kept-alive connection), and to take an answer.
+    - ``max_header_bytes`` for the request line and headers; ``max_body_bytes``
+      per body as sent; ``max_buffered_bytes``: bodies over 64 KiB held at
+      once, over all connections (beyond it: 503).
+    - ``workers`` threads run the app for bodies up to 64 KiB, ``large_workers``
+      for bigger ones.
+    """
+
+    max_connections: int = 0
+    max_per_address: int = 64
+    request_timeout: float = 10.0
+    max_header_bytes: int = 64 << 10
+    max_body_bytes: int = 1 << 20
+    max_buffered_bytes: int = 16 << 20
+    workers: int = 8
+    large_workers: int = 2
+
+    def __post_init__(self) -> None:
+        if self.max_connections == 0:
+            object.__setattr__(self, "max_connections", default_max_connections())
+        for name in ("max_connections", "max_per_address", "max_header_bytes",
+                     "max_body_bytes", "workers", "large_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if not self.request_timeout > 0 or self.max_buffered_bytes < 0:
+            raise ValueError("request_timeout must be > 0 and max_buffered_bytes >= 0")
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class _FrontConnection:
+    """One client connection as the front tracks it."""
+
+    def __init__(self, number: int, address: str, writer: asyncio.StreamWriter) -> None:
+        self.number = number
+        self.address = address
+        self.writer = writer
+        self.evicted = False
+        self.has_head = False
+        """Whether its current request's head has arrived (the body is being read)."""
+
+    def close(self, *, abort: bool = False) -> None:
+        with contextlib.suppress(Exception):
+            if abort:
+                self.writer.transport.abort()
+            else:
+                self.writer.close()
+
+
+@dataclass
+class _FrontRequest:
+    method: str
+    target: str
+    version: str
+    headers: List[Tuple[str, str]]
+    body: bytes
+    keep_alive: bool
+
+
+class FrontServer:
+    """Serve a WSGI app with bounded connections, threads, memory and time per request.
+
+    ``serve_forever()`` runs it in the calling thread until ``shutdown()``;
+    ``start()`` runs it on a daemon thread (for tests), ``close()`` stops it.
+    The socket is bound when the object is created, so ``url`` is known at once.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        limits: Optional[FrontLimits] = None,
+        reuse_port: bool = False,
+        access_log_level: int = logging.INFO,
+    ) -> None:
+        self.app = app
+        self.limits = limits or FrontLimits()
+        self.access_log_level = access_log_level
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._socket = socket.create_server(
+            (host, port), family=family, backlog=socket.SOMAXCONN, reuse_port=reuse_port
+        )
+        self.host = host
+        self.port: int = self._socket.getsockname()[1]
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._stopping: Optional[asyncio.Event] = None
+        self._ready = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self._connections: Dict[int, _FrontConnection] = {}
+        self._per_address: Dict[str, int] = {}
+        # Connections waiting for a request, longest-waiting first: overall and per address.
+        self._waiting: OrderedDict[int, _FrontConnection] = OrderedDict()
+        self._waiting_by_address: Dict[str, OrderedDict[int, _FrontConnection]] = {}
+        self._numbers = itertools.count()
+        self._buffered = 0
+        self._small_pool = concurrent.futures.ThreadPoolExecutor(
+            self.limits.workers, thread_name_prefix="server_stub-app"
+        )
+        self._large_pool = concurrent.futures.ThreadPoolExecutor(
+            self.limits.large_workers, thread_name_prefix="server_stub-app-large"
+        )
+        self.refused = 0
+        """Connections refused or closed early because a cap was reached."""
+
+    def __repr__(self) -> str:
+        return f"<FrontServer {self.url}>"
+
+    @property
+    def url(self) -> str:
+        host = self.host
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    @property
+    def open_connections(self) -> int:
+        return len(self._connections)
+
+    # -- running ---------------------------------------------------------------------
+
+    def serve_forever(self) -> None:
+        """Serve until ``shutdown()`` (or KeyboardInterrupt), then close every connection."""
+        try:
+            asyncio.run(self._serve())
+        finally:
+            self._small_pool.shutdown(wait=False, cancel_futures=True)
+            self._large_pool.shutdown(wait=False, cancel_futures=True)
+            self._socket.close()
+
+    def start(self) -> FrontServer:
+        """Serve on a daemon thread; returns once it accepts connections."""
+        self._thread = threading.Thread(
+            target=self.serve_forever, name=f"server_stub {self.url}", daemon=True
+        )
+        self._thread.start()
+        self._ready.wait(CLOSE_TIMEOUT)
+        return self
+
+    def shutdown(self) -> None:
+        """Ask ``serve_forever()`` to return (from any thread)."""
+        loop, stopping = self._loop, self._stopping
+        if loop is not None and stopping is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is already closed
+                loop.call_soon_threadsafe(stopping.set)
+
+    def close(self) -> None:
+        """Stop serving and wait, bounded, for the serving thread to end."""
+        self.shutdown()
+        if self._thread is not None:
+            self._thread.join(CLOSE_TIMEOUT)
+        else:
+            self._socket.close()
+
+    def __enter__(self) -> FrontServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def _serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        server = await asyncio.start_server(
+            self._handle, sock=self._socket, limit=self.limits.max_header_bytes, backlog=64
+        )
+        # asyncio accepts up to `backlog` connections per turn of the loop: few, so that
+        # a burst of connections does not keep everything else waiting. The kernel's
+        # queue of connections not yet accepted stays long.
+        self._socket.listen(socket.SOMAXCONN)
+        self._ready.set()
+        try:
+            await self._stopping.wait()
+        finally:
+            server.close()
+            for connection in list(self._connections.values()):
+                connection.close(abort=True)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), 1.0)
+
+    # -- one connection --------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        address = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        connection = _FrontConnection(next(self._numbers), address, writer)
+        if not self._admit(connection):
+            self.refused += 1
+            await self._refuse(writer, 503, "too many connections; try again later")
+            return
+        try:
+            await self._serve_connection(connection, reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
+            pass
+        except Exception:
+            logger.exception("connection from %s failed", address)
+        finally:
+            self._forget(connection)
+            connection.close()
+
+    def _admit(self, connection: _FrontConnection) -> bool:
+        """Track ``connection``, first closing the longest-waiting reader when a cap is hit."""
+        limits = self.limits
+        crowded = self._per_address.get(connection.address, 0) >= limits.max_per_address
+        if crowded and not self._evict(connection.address):
+            return False
+        full = len(self._connections) >= limits.max_connections
+        if full and not self._evict(None):
+            return False
+        self._connections[connection.number] = connection
+        self._per_address[connection.address] = self._per_address.get(connection.address, 0) + 1
+        return True
+
+    def _evict(self, address: Optional[str]) -> bool:
+        """Close the connection (of ``address``, or any) waiting longest for its request."""
+        waiting = self._waiting if address is None else self._waiting_by_address.get(address)
+        if not waiting:
+            return False
+        oldest = next(iter(waiting.values()))
+        oldest.evicted = True
+        self.refused += 1
+        self._forget(oldest)
+        oldest.close(abort=True)
+        return True
+
+    def _set_waiting(self, connection: _FrontConnection, waiting: bool) -> None:
+        """Mark ``connection`` as waiting for a request (newest last), or as being answered."""
+        by_address = self._waiting_by_address.setdefault(connection.address, OrderedDict())
+        self._waiting.pop(connection.number, None)
+        by_address.pop(connection.number, None)
+        if waiting:
+            self._waiting[connection.number] = connection
+            by_address[connection.number] = connection
+        elif not by_address:
+            del self._waiting_by_address[connection.address]
+
+    def _forget(self, connection: _FrontConnection) -> None:
+        self._set_waiting(connection, False)
+        if self._connections.pop(connection.number, None) is None:
+            return
+        left = self._per_address.get(connection.address, 1) - 1
+        if left > 0:
+            self._per_address[connection.address] = left
+        else:
+            self._per_address.pop(connection.address, None)
+
+    async def _serve_connection(
+        self,
+        connection: _FrontConnection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.limits.request_timeout
+        while not connection.evicted:
+            self._set_waiting(connection, True)
+            # A timer rather than asyncio.wait_for: no task per request, which counts
+            # when thousands of connections arrive at once.
+            timer = loop.call_later(timeout, self._expire, connection)
+            try:
+                request = await self._read_head(reader)
+            except _BadRequest as exc:
+                timer.cancel()
+                await self._refuse(writer, exc.status, exc.message)
+                return
+            except (asyncio.IncompleteReadError, ConnectionError):
+                timer.cancel()
+                return  # cut at the deadline (quietly: no request yet), or by the client
+            if request is None:
+                timer.cancel()
+                return  # the client closed the connection
+            reserved = 0
+            try:
+                length = self._body_length(request)
+                large = length > _SMALL_BODY
+                if large:
+                    if self._buffered + length > self.limits.max_buffered_bytes:
+                        raise _BadRequest(503, "server busy; try again later")
+                    reserved = length
+                    self._buffered += reserved
+                if length and _expects_continue(request):
+                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                connection.has_head = True
+                try:
+                    request.body = await self._read_body(reader, request, length)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return  # _expire answered 408, or the client went away
+                finally:
+                    timer.cancel()
+                    connection.has_head = False
+                self._set_waiting(connection, False)
+                pool = self._large_pool if large else self._small_pool
+                status, headers, body = await loop.run_in_executor(
+                    pool, self._call_app, self._environ(request, connection)
+                )
+            except _BadRequest as exc:
+                timer.cancel()
+                await self._refuse(writer, exc.status, exc.message)
+                return
+            finally:
+                self._buffered -= reserved
+            keep_alive = request.keep_alive and not connection.evicted
+            logger.log(
+                self.access_log_level,
+                '%s "%s %s %s" %s %d',
+                connection.address,
+                request.method,
+                request.target,
+                request.version,
+                status.split(" ", 1)[0],
+                len(body),
+            )
+            await self._respond(
+                writer, request, status=status, headers=headers, body=body, keep_alive=keep_alive
+            )
+            if not keep_alive:
+                return
+
+    def _expire(self, connection: _FrontConnection) -> None:
+        """The request deadline passed: 408 once its head arrived, else close quietly."""
+        if connection.has_head:
+            body = b'{"error":"request not received in time"}'
+            with contextlib.suppress(Exception):
+                connection.writer.write(
+                    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+                )
+            connection.close()
+        else:
+            connection.close(abort=True)
+
+    async def _read_head(self, reader: asyncio.StreamReader) -> Optional[_FrontRequest]:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError:
+            return None  # closed by the client, or cut by the deadline: nobody to answer
+        except asyncio.LimitOverrunError:
+            raise _BadRequest(431, "request headers too large") from None
+        lines = head[:-4].decode("latin-1").split("\r\n")
+        while lines and not lines[0]:
+            lines.pop(0)  # stray line breaks between kept-alive requests
+        if not lines:
+            raise _BadRequest(400, "empty request")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[0].isalpha() or not parts[2].startswith("HTTP/1."):
+            raise _BadRequest(400, "bad request line")
+        method, target, version = parts
+        if version not in ("HTTP/1.0", "HTTP/1.1"):
+            raise _BadRequest(505, "HTTP version not supported")
+        headers: List[Tuple[str, str]] = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            if not colon or not name or name != name.strip() or " " in name:
+                raise _BadRequest(400, "malformed header")
+            headers.append((name, value.strip()))
+        connection_tokens = {
+            token.strip().lower()
+            for name, value in headers
+            if name.lower() == "connection"
+            for token in value.split(",")
+        }
+        if version == "HTTP/1.1":
+            keep_alive = "close" not in connection_tokens
+        else:
+            keep_alive = "keep-alive" in connection_tokens
+        return _FrontRequest(method, target, version, headers, b"", keep_alive)
+
+    def _body_length(self, request: _FrontRequest) -> int:
+        """The Content-Length to read (0 for chunked bodies, read by ``_read_body``)."""
+        values = [value for name, value in request.headers if name.lower() == "content-length"]
+        chunked = any(
+            name.lower() == "transfer-encoding" and "chunked" in value.lower()
+            for name, value in request.headers
+        )
+        if chunked:
+            if values:
+                raise _BadRequest(400, "both Content-Length and Transfer-Encoding")
+            return self.limits.max_body_bytes  # an upper bound, for the buffer budget
+        if not values:
+            return 0
+        if len(set(values)) != 1 or not (values[0].isascii() and values[0].isdigit()):
+            raise _BadRequest(400, "invalid Content-Length")
+        length = int(values[0][:20])
+        if length > self.limits.max_body_bytes:
+            raise _BadRequest(413, f"body over {self.limits.max_body_bytes} bytes")
+        return length
+
+    async def _read_body(
+        self, reader: asyncio.StreamReader, request: _FrontRequest, length: int
+    ) -> bytes:
+        chunked = any(
+            name.lower() == "transfer-encoding" and "chunked" in value.lower()
+            for name, value in request.headers
+        )
+        if not chunked:
+            return await reader.readexactly(length) if length else b""
+        pieces: List[bytes] = []
+        total = 0
+        while True:
+            size_line = await reader.readuntil(b"\r\n")
+            size_text = size_line.split(b";", 1)[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise _BadRequest(400, "bad chunk size") from None
+            if size < 0 or total + size > self.limits.max_body_bytes:
+                raise _BadRequest(413, f"body over {self.limits.max_body_bytes} bytes")
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                    pass  # trailers, ignored
+                break
+            pieces.append(await reader.readexactly(size))
+            total += size
+            if await reader.readexactly(2) != b"\r\n":
+                raise _BadRequest(400, "bad chunk")
+        request.headers = [
+            (name, value) for name, value in request.headers if name.lower() != "transfer-encoding"
+        ]
+        request.headers.append(("Content-Length", str(total)))
+        return b"".join(pieces)
+
+    def _environ(self, request: _FrontRequest, connection: _FrontConnection) -> WSGIEnvironment:
+        path, _, query = request.target.partition("?")
+        environ: Dict[str, Any] = {
+            "REQUEST_METHOD": request.method,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": unquote(path, "latin-1"),
+            "QUERY_STRING": query,
+            "SERVER_NAME": self.host,
+            "SERVER_PORT": str(self.port),
+            "SERVER_PROTOCOL": request.version,
+            "REMOTE_ADDR": connection.address,
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(request.body),
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+        }
+        for name, value in request.headers:
+            key = name.upper().replace("-", "_")
+            if "_" in name:
+                continue  # would be confused with a dashed name (header spoofing)
+            if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                environ[key] = value
+                continue
+            key = "HTTP_" + key
+            environ[key] = f"{environ[key]},{value}" if key in environ else value
+        environ.setdefault("CONTENT_LENGTH", str(len(request.body)) if request.body else "")
+        return environ
+
+    def _call_app(self, environ: WSGIEnvironment) -> Tuple[str, List[Tuple[str, str]], bytes]:
+        """Run the app in a pool thread; its whole answer, or a 500."""
+        answer: List[Any] = []
+
+        def start_response(
+            status: str, headers: List[Tuple[str, str]], exc_info: Optional[OptExcInfo] = None
+        ) -> Callable[[bytes], object]:
+            answer[:] = [status, headers]
+            return pieces.append
+
+        pieces: List[bytes] = []
+        try:
+            result = self.app(environ, start_response)
+            try:
+                pieces.extend(result)
+            finally:
+                close = getattr(result, "close", None)
+                if close is not None:
+                    close()
+        except Exception:
+            logger.exception("unhandled error in the WSGI application")
+            return status_line(500), [("Content-Type", "application/json")], (
+                b'{"error":"internal server error"}'
+            )
+        if not answer:
+            return status_line(500), [], b""
+        return answer[0], answer[1], b"".join(pieces)
+
+    async def _respond(
+        self,
+        writer: asyncio.StreamWriter,
+        request: _FrontRequest,
+        *,
+        status: str,
+        headers: List[Tuple[str, str]],
+        body: bytes,
+        keep_alive: bool,
+    ) -> None:
+        lines = [f"HTTP/1.1 {status}"]
+        for name, value in headers:
+            if name.lower() not in ("content-length", "connection", "transfer-encoding"):
+                lines.append(f"{name}: {value}")
+        if request.method == "HEAD":
+            body = b""
+        lines.append(f"Content-Length: {len(body)}")
+        if not keep_alive:
+            lines.append("Connection: close")
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await asyncio.wait_for(writer.drain(), self.limits.request_timeout)
+
+    async def _refuse(self, writer: asyncio.StreamWriter, status: int, message: str) -> None:
+        body = json.dumps({"error": message}).encode()
+        head = (
+            f"HTTP/1.1 {status_line(status)}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        with contextlib.suppress(Exception):
+            writer.write(head.encode("latin-1") + body)
+            await asyncio.wait_for(writer.drain(), 1.0)
+        with contextlib.suppress(Exception):
+            writer.close()
+
+
+def _expects_continue(request: _FrontRequest) -> bool:
+    return request.version == "HTTP/1.1" and any(
+        name.lower() == "expect" and value.lower() == "100-continue"
+        for name, value in request.headers
+    )

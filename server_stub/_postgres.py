@@ -29,13 +29,18 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ._storage import (
+    INT64_MAX,
+    INT64_MIN,
+    RATE_WINDOW_PRUNE_INTERVAL,
     EventQuery,
     EventRecord,
     PayloadRecord,
+    StoredPayload,
     UnstorablePayload,
     count_tree,
     event_row,
     redact_url,
+    saturate,
     stored_payload,
     value_identity,
 )
@@ -134,6 +139,12 @@ _VALUE_KIND = """CASE
     ELSE 'v'
 END"""
 
+
+def _saturated(total: str) -> str:
+    """SQL for ``total`` clamped to signed 64 bits, as text (what ``saturate`` does)."""
+    return f"least(greatest({total}, {INT64_MIN}), {INT64_MAX})::text"
+
+
 # One row per key, or per distinct value of a counting-set key, in the shape of
 # aggregate_keys: a key's total is made of its run, the payloads since it last
 # changed kind. Only `latest` and `bounds` (a row per key and kind) are sorted.
@@ -162,9 +173,10 @@ SELECT e.key, e.kind, e.value::text, NULL
 FROM entries AS e JOIN bounds AS b ON b.key = e.key AND b.last_seq = e.seq
 WHERE b.kind = 'v'
 UNION ALL
-SELECT key, kind, NULL, sum(value::numeric)::text FROM run WHERE kind = 'c' GROUP BY key, kind
+SELECT key, kind, NULL, {_saturated("sum(value::numeric)")}
+FROM run WHERE kind = 'c' GROUP BY key, kind
 UNION ALL
-SELECT key, kind, (item -> 'value')::text, sum((item -> 'count')::numeric)::text
+SELECT key, kind, (item -> 'value')::text, {_saturated("sum((item -> 'count')::numeric)")}
 FROM run CROSS JOIN LATERAL jsonb_array_elements(run.value) AS item
 WHERE kind = 's'
 GROUP BY key, kind, (item -> 'value')::text
@@ -189,6 +201,12 @@ RETURNING count
 _ROW_COLUMNS = (
     "payload_id, sent_at,"
     """ to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'), data, client"""
+)
+
+_TEXT_COLUMNS = (
+    "payload_id, sent_at,"
+    """ to_char(received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),"""
+    " data::text, client::text"
 )
 
 # A JSON string (skipped), or a number Python wrote with a positive exponent.
@@ -273,6 +291,7 @@ class PostgresStore:
         self._pool: Optional[psycopg_pool.ConnectionPool[Any]] = None
         self._pool_pid = 0
         self._closed = False
+        self._pruned_at: Optional[float] = None
         with self._psycopg.connect(
             url, autocommit=True, connect_timeout=max(1, round(timeout))
         ) as connection:
@@ -344,7 +363,7 @@ class PostgresStore:
         return {
             "instances": instances,
             "payloads": payloads,
-            "dropped": int(dropped),
+            "dropped": saturate(int(dropped)),
             "keys": _key_totals(key_rows),
             "events": events,
         }
@@ -369,6 +388,40 @@ class PostgresStore:
             for payload_id, sent_at, received_at, data, client in rows
         ]
 
+    def instance_page(
+        self, instance_id: str, limit: int, offset: int, max_bytes: int
+    ) -> tuple[list[StoredPayload], bool]:
+        page: list[StoredPayload] = []
+        size = 0
+        # Fetched a few rows at a time, as text (never parsed): a page of big
+        # payloads stops in time, and at most a batch of them is held at once.
+        with self._connection() as connection:
+            wanted = limit + 1
+            while True:
+                batch = min(wanted - len(page), 4)
+                rows = connection.execute(
+                    f"SELECT {_TEXT_COLUMNS} FROM payloads"  # noqa: S608 - constants only
+                    " WHERE instance_id = %s ORDER BY seq DESC LIMIT %s OFFSET %s",
+                    (instance_id, batch, offset + len(page)),
+                ).fetchall()
+                for row in rows:
+                    stored = StoredPayload(*row)
+                    if len(page) == limit or (page and size + stored.size > max_bytes):
+                        return page, True
+                    page.append(stored)
+                    size += stored.size
+                if len(rows) < batch:
+                    return page, False
+
+    def storage_bytes(self) -> int:
+        with self._connection() as connection:
+            row = connection.execute(
+                "SELECT COALESCE(sum(pg_total_relation_size(c.oid)), 0) FROM pg_class AS c"
+                " JOIN pg_namespace AS n ON n.oid = c.relnamespace"
+                " WHERE n.nspname = current_schema() AND c.relkind IN ('r', 'm')"
+            ).fetchone()
+        return int(row[0]) if row is not None else 0
+
     def all_payloads(self) -> list[dict[str, Any]]:
         with self._connection() as connection:
             rows = connection.execute(
@@ -384,6 +437,18 @@ class PostgresStore:
     ) -> Optional[float]:
         parameters = {"instance_id": instance_id, "now": now, "window": window_s, "limit": limit}
         with self._connection() as connection:
+            with self._lock:
+                prune = self._pruned_at is None or not 0 <= now - self._pruned_at < max(
+                    window_s, RATE_WINDOW_PRUNE_INTERVAL
+                )
+                if prune:
+                    self._pruned_at = now
+            if prune:
+                connection.execute(
+                    "DELETE FROM rate_windows"
+                    " WHERE window_start + %(window)s <= %(now)s OR window_start > %(now)s",
+                    parameters,
+                )
             if connection.execute(_CHECK_RATE, parameters).fetchone() is not None:
                 return None
             # Refused: the only case that needs a second statement.

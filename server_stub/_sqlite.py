@@ -20,13 +20,16 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ._storage import (
+    RATE_WINDOW_PRUNE_INTERVAL,
     EventQuery,
     EventRecord,
     PayloadRecord,
+    StoredPayload,
     aggregate_keys,
     count_tree,
     event_row,
     format_time,
+    saturate,
     stored_payload,
 )
 
@@ -139,6 +142,7 @@ class SQLiteStore:
         self._pool_lock = threading.Lock()
         self._write_lock = threading.Lock()
         self._closed = False
+        self._pruned_at: Optional[float] = None
         connection = self._connect()
         migrate(connection)
         if self._memory:
@@ -236,17 +240,29 @@ class SQLiteStore:
             # One read transaction, so the counts and the key totals agree.
             connection.execute("BEGIN")
             try:
-                instances, payloads, dropped = connection.execute(
-                    "SELECT COUNT(DISTINCT instance_id), COUNT(*), COALESCE(SUM(dropped), 0)"
-                    " FROM payloads"
+                (instances,) = connection.execute(
+                    "SELECT COUNT(DISTINCT instance_id) FROM payloads"
                 ).fetchone()
-                rows = connection.execute("SELECT data FROM payloads ORDER BY seq")
-                keys = aggregate_keys(json.loads(data) for (data,) in rows)
+                rows = connection.execute("SELECT data, dropped FROM payloads ORDER BY seq")
+                # Summed here, not by SQLite's SUM(), which fails on int64 overflow.
+                totals = [0, 0]
+
+                def datas() -> Iterator[dict[str, Any]]:
+                    for data, dropped in rows:
+                        totals[0] += 1
+                        totals[1] += dropped
+                        yield json.loads(data)
+
+                keys = aggregate_keys(datas())
                 events = _event_counts(connection, *_ALL_TIME)
             finally:
                 connection.execute("COMMIT")
+        payloads, dropped = totals
         return {
-            "instances": instances, "payloads": payloads, "dropped": dropped, "keys": keys,
+            "instances": instances,
+            "payloads": payloads,
+            "dropped": saturate(dropped),
+            "keys": keys,
             "events": events,
         }
 
@@ -271,6 +287,33 @@ class SQLiteStore:
             )
             for payload_id, sent_at, received_at, data, client in rows
         ]
+
+    def instance_page(
+        self, instance_id: str, limit: int, offset: int, max_bytes: int
+    ) -> tuple[list[StoredPayload], bool]:
+        page: list[StoredPayload] = []
+        size = 0
+        with self._connection() as connection:
+            # Rows are fetched one at a time, so a page of big payloads stops in time.
+            rows = connection.execute(
+                "SELECT payload_id, sent_at, received_at, data, client FROM payloads"
+                " WHERE instance_id = ? ORDER BY seq DESC LIMIT ? OFFSET ?",
+                (instance_id, limit + 1, offset),
+            )
+            for row in rows:
+                stored = StoredPayload(*row)
+                if len(page) == limit or (page and size + stored.size > max_bytes):
+                    return page, True
+                page.append(stored)
+                size += stored.size
+        return page, False
+
+    def storage_bytes(self) -> int:
+        with self._connection() as connection:
+            (pages,) = connection.execute("PRAGMA page_count").fetchone()
+            (page_size,) = connection.execute("PRAGMA page_size").fetchone()
+            (free,) = connection.execute("PRAGMA freelist_count").fetchone()
+        return int((pages - free) * page_size)
 
     def all_payloads(self) -> list[dict[str, Any]]:
         with self._connection() as connection:
@@ -313,6 +356,14 @@ class SQLiteStore:
                         "INSERT OR REPLACE INTO rate_windows (instance_id, window_start, count)"
                         " VALUES (?, ?, ?)",
                         (instance_id, window_start, count + 1),
+                    )
+                if self._pruned_at is None or not 0 <= now - self._pruned_at < max(
+                    window_s, RATE_WINDOW_PRUNE_INTERVAL
+                ):
+                    self._pruned_at = now
+                    connection.execute(
+                        "DELETE FROM rate_windows WHERE window_start + ? <= ? OR window_start > ?",
+                        (window_s, now, now),
                     )
             except BaseException:
                 connection.execute("ROLLBACK")

@@ -17,10 +17,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
     "DEFAULT_EVENT_PAGE",
+    "INT64_MAX",
+    "INT64_MIN",
+    "RATE_WINDOW_PRUNE_INTERVAL",
     "EventQuery",
     "EventRecord",
     "PayloadRecord",
     "Store",
+    "StoredPayload",
     "UnstorablePayload",
     "aggregate_keys",
     "count_tree",
@@ -29,6 +33,7 @@ __all__ = [
     "is_counting_set",
     "is_postgres_url",
     "redact_url",
+    "saturate",
     "stored_payload",
     "value_identity",
 ]
@@ -121,6 +126,35 @@ class PayloadRecord:
         return dropped if isinstance(dropped, int) else 0
 
 
+@dataclass(frozen=True)
+class StoredPayload:
+    """One stored payload as a page of ``/v1/instances/<id>`` serves it: JSON kept as text."""
+
+    payload_id: str
+    timestamp: str
+    received_at: str
+    data: str
+    """The ``data`` object as JSON text."""
+    client: Optional[str]
+    """The ``client`` object as JSON text, or None."""
+
+    @property
+    def size(self) -> int:
+        return len(self.data) + len(self.client or "") + 200
+
+
+INT64_MAX = 2**63 - 1
+INT64_MIN = -(2**63)
+
+RATE_WINDOW_PRUNE_INTERVAL = 60.0
+"""Seconds between two sweeps of expired rate-limit windows (per store object)."""
+
+
+def saturate(number: int) -> int:
+    """``number`` clamped to signed 64 bits: what every sum the server answers with becomes."""
+    return INT64_MAX if number > INT64_MAX else INT64_MIN if number < INT64_MIN else number
+
+
 class UnstorablePayload(ValueError):
     """The store cannot represent this (valid) payload, e.g. ``\\u0000`` in PostgreSQL's jsonb."""
 
@@ -154,6 +188,20 @@ class Store(Protocol):
         ``received_at``, ``data``, ``client`` (see ``stored_payload``)."""
         ...
 
+    def instance_page(
+        self, instance_id: str, limit: int, offset: int, max_bytes: int
+    ) -> tuple[list[StoredPayload], bool]:
+        """Up to ``limit`` of that instance's payloads from ``offset``, newest first, ending
+        early once they hold ``max_bytes`` (at least one is given); and whether more follow.
+
+        Never holds more than about ``max_bytes`` (plus one payload) in memory.
+        """
+        ...
+
+    def storage_bytes(self) -> int:
+        """How much space the stored data takes in the database, in bytes (cheap to call)."""
+        ...
+
     def all_payloads(self) -> list[dict[str, Any]]:
         """Every stored payload in arrival order, each also with its ``instance_id``;
         for tests and tools."""
@@ -162,10 +210,11 @@ class Store(Protocol):
     def check_rate(
         self, instance_id: str, limit: int, window_s: float, now: float
     ) -> Optional[float]:
-        """Count one payload against ``limit`` per ``window_s`` for this instance.
+        """Count one payload against ``limit`` per ``window_s`` for ``instance_id`` (any key).
 
         Returns None when it is allowed (and counted), else the seconds until it
-        would be allowed (and nothing is counted).
+        would be allowed (and nothing is counted). Windows that ended are deleted
+        now and then, so the table holds only recent keys.
         """
         ...
 
@@ -219,7 +268,8 @@ def aggregate_keys(datas: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     Integers (not bools) are summed; counting sets are merged with their counts
     summed, sorted by the JSON encoding of the value; anything else is the
     latest value. When a key changes kind, the latest value replaces the total
-    and accumulation starts again from it.
+    and accumulation starts again from it. Sums are exact, then saturated to
+    signed 64 bits, so they always fit any JSON reader and any store.
     """
     counters: dict[str, int] = {}
     counting_sets: dict[str, dict[str, list[Any]]] = {}
@@ -241,9 +291,13 @@ def aggregate_keys(datas: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 counters.pop(key, None)
                 counting_sets.pop(key, None)
                 latest[key] = value
-    totals: dict[str, Any] = {**latest, **counters}
+    totals: dict[str, Any] = {**latest}
+    for key, total in counters.items():
+        totals[key] = saturate(total)
     for key, merged in counting_sets.items():
-        totals[key] = [{"value": merged[k][0], "count": merged[k][1]} for k in sorted(merged)]
+        totals[key] = [
+            {"value": merged[k][0], "count": saturate(merged[k][1])} for k in sorted(merged)
+        ]
     return dict(sorted(totals.items()))
 
 

@@ -75,7 +75,7 @@ def test_update_is_stored_and_answered_with_next_update_in_nanoseconds(
 
 
 def test_content_type_parameters_and_gzip_are_accepted(backend_server: Server) -> None:
-    payload = make_payload(data={"big": "x" * 5000})
+    payload = make_payload(data={"big": ["x" * 1000] * 5})
     body = gzip.compress(json.dumps(payload).encode())
 
     response = post_raw(
@@ -91,7 +91,7 @@ def test_content_type_parameters_and_gzip_are_accepted(backend_server: Server) -
     assert request.decoded_body == json.dumps(payload).encode()
     assert request.json == payload
     assert request.headers["Content-Encoding"] == "gzip"
-    assert backend_server.stats()["keys"] == {"big": "x" * 5000}
+    assert backend_server.stats()["keys"] == {"big": ["x" * 1000] * 5}
 
 
 def test_multi_member_gzip_is_accepted(backend_server: Server) -> None:
@@ -110,9 +110,9 @@ def test_multi_member_gzip_is_accepted(backend_server: Server) -> None:
 
 
 def test_body_of_exactly_one_mib_is_accepted(backend_server: Server) -> None:
-    payload = make_payload(data={"pad": ""})
-    padding = MIB - len(json.dumps(payload).encode())
-    payload["data"]["pad"] = "x" * padding
+    # Strings of at most 1,024 characters, as a client sends them.
+    payload = make_payload(data={"pad": ["x" * 1024] * 1019, "rest": ""})
+    payload["data"]["rest"] = "x" * (MIB - len(json.dumps(payload).encode()))
     body = json.dumps(payload).encode()
     assert len(body) == MIB
 

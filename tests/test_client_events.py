@@ -175,8 +175,9 @@ def test_a_payload_with_only_events_is_data_not_a_check_in(
     make_client: MakeClient, telemetry_server: Server
 ) -> None:
     client = make_client()
+    client.increment("first")  # so that flush() waits for the first cycle
     client.start_emitting()
-    assert client.flush(5)  # the first cycle (a check-in) is over
+    assert client.flush(5)
     checked_in = len(update_requests(telemetry_server))
     assert client.flush(5) and len(update_requests(telemetry_server)) == checked_in  # nothing
     client.record("behavioral", "install-success")
