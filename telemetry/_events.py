@@ -97,6 +97,7 @@ _EVENTS_PER_LOOK = 32
 # on ``import telemetry``.
 _EVENT_ID = r"[0-9a-fA-F]{32}"
 _DASHED_UUID = r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_CANONICAL_TIME = r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{6}Z"
 _TIMESTAMP = (
     r"([0-9]{4}-[0-9]{2}-[0-9]{2})[Tt]([0-9]{2}:[0-9]{2}:[0-9]{2})(?:\.([0-9]{1,9}))?"
     r"([Zz]|[+-][0-9]{2}:[0-9]{2})"
@@ -138,6 +139,12 @@ def format_event_time(when: float) -> str:
 
 def _normalize_time(text: str) -> Optional[str]:
     """An RFC 3339 time as ``format_event_time`` writes it (the same instant), or None."""
+    if re.fullmatch(_CANONICAL_TIME, text):  # already in that form: check its fields only
+        try:
+            datetime.fromisoformat(text[:-1])
+        except ValueError:
+            return None
+        return text
     match = re.fullmatch(_TIMESTAMP, text)
     if match is None:
         return None
