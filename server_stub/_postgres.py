@@ -538,7 +538,7 @@ def _insert_events(connection: psycopg.Connection[Any], events: Sequence[EventRe
     for event in events:
         for column, value in zip(columns, (
             event.instance_id, event.event_id, event.event_time, event.counted_at,
-            event.event_type, event.event_name, json.dumps(event.attrs, separators=(",", ":")),
+            event.event_type, event.event_name, _encode(event.attrs),
             event.payload_id, event.received_at,
         )):
             column.append(value)
