@@ -345,8 +345,10 @@ def test_the_same_event_twice_in_one_payload_is_stored_once(server: Server) -> N
 
 
 def test_attribute_values_come_back_with_their_types(server: Server) -> None:
-    attrs = {"big_float": 1e16, "tiny": 5e-324, "int": 2**62, "neg": -1, "flag": False,
-             "none": None, "text": "é \u2603"}
+    attrs: Dict[str, Any] = {
+        "big_float": 1e16, "tiny": 5e-324, "int": 2**62, "neg": -1, "flag": False,
+        "none": None, "text": "é \u2603",
+    }
     assert post(server, payload([event("typed", **attrs)])).status_code == 200
     [stored] = query(server)["events"]
     assert {k: (type(v).__name__, v) for k, v in stored["attrs"].items()} == {
