@@ -651,7 +651,8 @@ class App:
         return Response(200, b"".join(parts), [("Content-Type", "application/json")])
 
     def events(self, environ: WSGIEnvironment) -> Response:
-        """``GET /v1/events?type=&name=&instance=&since=&until=&limit=&offset=``: newest first."""
+        """``GET /v1/events?type=&name=&instance=&since=&until=&limit=&offset=``: newest first,
+        in pages of at most ``limit`` events and about ``max_response_bytes``."""
         query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
         now = datetime.fromtimestamp(self._clock(), timezone.utc)
         try:
@@ -660,11 +661,20 @@ class App:
             raise HTTPError(400, str(exc)) from None
         page = self.store.events(dataclass_replace(selection, limit=selection.limit + 1))
         more = len(page) > selection.limit
+        del page[selection.limit :]
+        # At least one event, then no more than ``max_response_bytes`` (as for payloads).
+        size = 0
+        for index, row in enumerate(page):
+            size += len(json.dumps(row, separators=(",", ":")))
+            if index and size > self.limits.max_response_bytes:
+                del page[index:]
+                more = True
+                break
         return Response(200, {
             "since": selection.since,
             "until": selection.until,
-            "events": page[: selection.limit],
-            "next_offset": selection.offset + selection.limit if more else None,
+            "events": page,
+            "next_offset": selection.offset + len(page) if more else None,
         })
 
 

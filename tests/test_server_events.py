@@ -14,7 +14,7 @@ from typing import Any, Dict, List, Optional
 import pytest
 import requests
 
-from server_stub import PostgresStore, SQLiteStore, open_store, serve
+from server_stub import Limits, PostgresStore, SQLiteStore, open_store, serve
 from server_stub._harness import Server
 
 T0 = "2026-11-20T10:15:00.000000Z"
@@ -354,3 +354,18 @@ def test_attribute_values_come_back_with_their_types(server: Server) -> None:
     assert {k: (type(v).__name__, v) for k, v in stored["attrs"].items()} == {
         k: (type(v).__name__, v) for k, v in attrs.items()
     }
+
+
+def test_a_page_of_events_stays_within_the_response_budget(backend_db: str) -> None:
+    with serve(port=0, db=backend_db, limits=Limits(max_response_bytes=3000)) as small:
+        body = payload([event(f"e{i}", note="x" * 1000, at=T0, n=i) for i in range(5)])
+        assert post(small, body).status_code == 200
+        first = query(small, limit=5)
+        assert 1 <= len(first["events"]) < 5 and first["next_offset"] == len(first["events"])
+        rest = query(small, limit=5, offset=first["next_offset"])
+        seen = [e["attrs"]["n"] for e in first["events"] + rest["events"]]
+        assert len(rest["events"]) >= 1
+        while rest["next_offset"] is not None:
+            rest = query(small, limit=5, offset=rest["next_offset"])
+            seen += [e["attrs"]["n"] for e in rest["events"]]
+        assert sorted(seen) == list(range(5))
