@@ -47,6 +47,7 @@ __all__ = [
     "isolated_client",
     "server_process",
     "snapshot_encode",
+    "spool_start",
     "stall",
 ]
 
@@ -232,6 +233,70 @@ def import_time(runs: int = 15) -> Dict[str, float]:
         "import_ms": round(subject_ms, 1),
         "baseline_ms": round(baseline_ms, 1),
         "added_ms": round(subject_ms - baseline_ms, 1),
+    }
+
+
+# -- a spool far over its bounds -------------------------------------------------------
+
+
+def _fill_spool(directory: str, instance_id: str, files: int) -> None:
+    """``files`` one-item payloads in the spool's file format, oldest first."""
+    from datetime import datetime, timedelta, timezone  # noqa: PLC0415
+
+    from telemetry._wire import Payload, encode_payload  # noqa: PLC0415
+
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    start = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    for index in range(files):
+        when = start + timedelta(seconds=index)
+        payload = Payload(instance_id=instance_id, timestamp=when, data={f"k{index}": 1})
+        path = os.path.join(directory, f"{payload.payload_id}.json")
+        with open(path, "wb") as stream:
+            stream.write(encode_payload(payload))
+        os.chmod(path, 0o600)
+        age = int(when.timestamp()) * 1_000_000_000
+        os.utime(path, ns=(age, age))
+
+
+def spool_start(
+    files: int = 20_000, rounds: int = 3, wait_for_trim: bool = True
+) -> Dict[str, float]:
+    """``start_emitting()`` on the caller's thread with ``files`` spooled, vs an empty spool.
+
+    With ``wait_for_trim``, also how long the emitter then took to trim the spool
+    to its bounds (off the caller's thread) and how many files were left.
+    """
+    best = {"empty": float("inf"), "full": float("inf")}
+    trim_s = float("nan")
+    left = -1
+    for _ in range(rounds):
+        for case in ("empty", "full"):
+            with tempfile.TemporaryDirectory() as state_dir:
+                instance = uuid.uuid4()
+                if case == "full":
+                    spool = os.path.join(state_dir, "bench", "state", "telemetry-spool")
+                    _fill_spool(spool, str(instance), files)
+                client = telemetry.Client()
+                # Nowhere to send to, and never due: only the spool's cost is measured.
+                client.init(instance, app="bench", consent=True, state_dir=state_dir,
+                            endpoint="http://127.0.0.1:9", min_interval=3600.0,
+                            send_timeout=0.01)
+                started = time.perf_counter()
+                client.start_emitting()
+                best[case] = min(best[case], time.perf_counter() - started)
+                if case == "full" and wait_for_trim:
+                    deadline = time.monotonic() + 120
+                    while client.status().spool_files > 20 and time.monotonic() < deadline:
+                        time.sleep(0.01)  # a benchmark, not a test: polls the emitter's work
+                    trim_s = time.perf_counter() - started
+                    left = client.status().spool_files
+                client.stop_emitting(timeout=0.1)
+    return {
+        "files": files,
+        "start_ms": best["full"] * 1000,
+        "baseline_ms": best["empty"] * 1000,
+        "trimmed_in_s": trim_s,
+        "files_left": left,
     }
 
 

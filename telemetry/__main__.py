@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Callable, Dict, Optional
 
 from telemetry import _consent
+from telemetry._files import UnsafeStateError
 from telemetry._state import STATE_DIR_ENV, State
 from telemetry._wire import encode_payload
 
@@ -68,7 +69,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         state = State(args.app, root=args.state_dir)
     except ValueError as exc:
         parser.error(str(exc))
-    return _HANDLERS[args.command](state)
+    refusal = state.check()
+    if refusal is not None:
+        return _refused(state, refusal, args.command)
+    try:
+        return _HANDLERS[args.command](state)
+    except UnsafeStateError as exc:  # a file turned unsafe since ``check()``
+        return _refused(state, str(exc), args.command)
+
+
+def _refused(state: State, reason: str, command: str) -> int:
+    """The state files are not this user's alone: say so, touch nothing."""
+    print(f"error: refusing the state files of {state.app}: {reason}\n"
+          "Someone else could have planted or could change them, so telemetry stays off "
+          "for this app until they belong to you alone (directories 0700, files 0600) "
+          f"or are removed (config dir {state.config_dir}, state dir {state.state_dir}).",
+          file=sys.stderr)
+    return 0 if command == "status" else 1
 
 
 def _decide(state: State) -> _consent.Decision:

@@ -45,13 +45,27 @@ _DISABLED = "<disabled>"
 _FULL = "<full>"
 _MISSING = object()
 _PLAIN_SCALARS = frozenset({bool, type(None)})
-# Python's int-to-str conversion (so JSON) refuses ints of more than 4300 digits.
-_INT_LIMIT = 10**4300
-_INT_FLOOR = -_INT_LIMIT  # a constant: negating the limit per call would copy 4300 digits
+# Every int must fit a signed 64-bit integer: what every store can sum and serve.
+_INT_MIN = -(2**63)
+_INT_MAX = 2**63 - 1
+_NUL = "\x00"
+_SATURATED = "counter reached the signed 64-bit bound; it stays there and the excess is dropped"
 
 
 class _InvalidValue(Exception):
     """A collection value is not an acceptable JSON value (internal signal)."""
+
+
+def string_problem(text: str) -> Optional[str]:
+    """Why a plain ``str`` cannot be stored everywhere (NUL, lone surrogates), or None."""
+    if _NUL in text:
+        return "string contains U+0000, which not every store can keep"
+    if not text.isascii():  # O(1): only non-ASCII text can hold a surrogate
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            return "string contains a lone surrogate, which has no UTF-8 form"
+    return None
 
 
 def normalize_key(key: object) -> Tuple[str, Optional[str]]:
@@ -64,6 +78,9 @@ def normalize_key(key: object) -> Tuple[str, Optional[str]]:
         return key, "key must not be empty"
     if len(key) > MAX_KEY_LENGTH:
         return key[:40], f"key is longer than {MAX_KEY_LENGTH} characters"
+    problem = string_problem(key)
+    if problem is not None:
+        return ascii(key)[:60], f"key: {problem}"
     return key, None
 
 
@@ -73,52 +90,64 @@ def _spend(budget: List[int], size: int) -> None:
         raise _InvalidValue(f"value is larger than {MAX_VALUE_BYTES} bytes once encoded")
 
 
+def _plain_string(value: str) -> str:
+    if len(value) > MAX_STRING_LENGTH:
+        raise _InvalidValue(f"string is longer than {MAX_STRING_LENGTH} characters")
+    problem = string_problem(value)
+    if problem is not None:
+        raise _InvalidValue(problem)
+    return value
+
+
 def _normalize(value: object, depth: int, budget: List[int]) -> JSONValue:
     """A private JSON-ready copy of ``value`` (tuples become lists); raises _InvalidValue.
 
     ``budget[0]`` is what is left of the size cap, charged a lower bound of each
     part's encoded size, so a huge value (or one that shares a sub-list many
     times over) is refused after O(cap) work instead of being copied whole.
+    Subclasses of the JSON types are read through their base type's own
+    methods (``list.__iter__``, ``dict.items`` ...): what an override does,
+    raising included, never reaches the buffer.
     """
     if type(value) is int:
-        if not _INT_FLOOR < value < _INT_LIMIT:
-            raise _InvalidValue("int has too many digits to encode")
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise _InvalidValue("int does not fit in a signed 64-bit integer")
         _spend(budget, 1)
         return value
     if value is None or type(value) is bool:
         _spend(budget, 1)
         return value
     if type(value) is str:
-        if len(value) > MAX_STRING_LENGTH:
-            raise _InvalidValue(f"string is longer than {MAX_STRING_LENGTH} characters")
         _spend(budget, len(value) + 2)
-        return value
+        return _plain_string(value)
     if isinstance(value, float):
-        if not math.isfinite(value):
-            raise _InvalidValue(f"float {value!r} is not finite")
+        plain_float = float.__float__(value)
+        if not math.isfinite(plain_float):
+            raise _InvalidValue(f"float {plain_float!r} is not finite")
         _spend(budget, 1)
-        return float(value)
+        return plain_float
     if isinstance(value, bool):
         return bool(value)
     if isinstance(value, int):
-        _spend(budget, 1)
-        return int(value)
+        return _normalize(int.__int__(value), depth, budget)
     if isinstance(value, str):
         return _normalize(str.__str__(value), depth, budget)
     if depth >= MAX_DEPTH:
         raise _InvalidValue(f"value is nested deeper than {MAX_DEPTH} levels")
     if isinstance(value, (list, tuple)):
-        _spend(budget, 1 + len(value))  # brackets and separators
-        return [_normalize(item, depth + 1, budget) for item in value]
+        items = list.__iter__(value) if isinstance(value, list) else tuple.__iter__(value)
+        size = list.__len__(value) if isinstance(value, list) else tuple.__len__(value)
+        _spend(budget, 1 + size)  # brackets and separators
+        return [_normalize(item, depth + 1, budget) for item in items]
     if isinstance(value, dict):
-        _spend(budget, 1 + 2 * len(value))  # braces, separators and colons
+        _spend(budget, 1 + 2 * dict.__len__(value))  # braces, separators and colons
         normalized: Dict[str, JSONValue] = {}
-        for name, item in value.items():
+        for name, item in dict.items(value):
             if not isinstance(name, str):
                 raise _InvalidValue(f"mapping key {name!r} is not a str")
             plain_name = str.__str__(name)
             _spend(budget, len(plain_name) + 2)
-            normalized[plain_name] = _normalize(item, depth + 1, budget)
+            normalized[_plain_string(plain_name)] = _normalize(item, depth + 1, budget)
         return normalized
     raise _InvalidValue(f"{type(value).__name__} is not a JSON value")
 
@@ -131,10 +160,11 @@ def normalize_value(value: object) -> Tuple[JSONValue, Optional[str]]:
         return None, str(exc)
     except RecursionError:
         return None, "value is nested too deeply"
+    except Exception as exc:  # e.g. a subclass whose __class__ or a member's repr raises
+        return None, f"value could not be read ({type(exc).__name__})"
     if isinstance(normalized, (list, dict)):
-        # ``surrogatepass``: a lone surrogate is measured, not a crash (the wire escapes it).
         text = json.dumps(normalized, ensure_ascii=False, separators=(",", ":"))
-        if len(text.encode("utf-8", "surrogatepass")) > MAX_VALUE_BYTES:
+        if len(text.encode("utf-8")) > MAX_VALUE_BYTES:
             return None, f"value is larger than {MAX_VALUE_BYTES} bytes once encoded"
     return normalized, None
 
@@ -143,8 +173,9 @@ def checked_value(value: object) -> Tuple[JSONValue, Optional[str]]:
     """``normalize_value`` with a quick exit for the common scalars."""
     kind = type(value)
     if (
-        (kind is str and len(value) <= MAX_STRING_LENGTH)  # type: ignore[arg-type]
-        or (kind is int and _INT_FLOOR < value < _INT_LIMIT)  # type: ignore[operator]
+        (kind is str and len(value) <= MAX_STRING_LENGTH  # type: ignore[arg-type]
+         and value.isascii() and _NUL not in value)  # type: ignore[attr-defined,operator]
+        or (kind is int and _INT_MIN <= value <= _INT_MAX)  # type: ignore[operator]
         or kind in _PLAIN_SCALARS
     ):
         return value, None  # type: ignore[return-value]
@@ -249,19 +280,29 @@ class Buffer:
     def add(self, key: object, amount: object) -> None:
         """Add ``amount`` (an int) to the counter ``key``; a new key starts at ``amount``."""
         try:
-            if type(amount) is int and _INT_FLOOR < amount < _INT_LIMIT:
+            if type(amount) is int and _INT_MIN <= amount <= _INT_MAX:
                 try:
                     with self._lock:
                         counters = self._store.counters
                         current = counters.get(key)  # type: ignore[call-overload]
                         if current is not None:
-                            counters[key] = current + amount  # type: ignore[index]
-                            return
+                            total = current + amount
+                            if _INT_MIN <= total <= _INT_MAX:
+                                counters[key] = total  # type: ignore[index]
+                                return
+                            counters[key] = _INT_MAX if total > 0 else _INT_MIN  # type: ignore[index]
+                            self._dropped += 1
+                            saturated = True
+                        else:
+                            saturated = False
+                    if saturated:
+                        self._warn(key, _SATURATED)  # type: ignore[arg-type]
+                        return
                 except Exception:  # noqa: S110 - unhashable or odd key: the slow path reports it
                     pass
                 problem = None
             elif type(amount) is int:
-                problem = "add() amount has too many digits to encode"
+                problem = "add() amount does not fit in a signed 64-bit integer"
             else:
                 problem = f"add() takes an int amount, not {type(amount).__name__}"
             self._write_new(key, COUNTER, problem, self._new_count, amount)
@@ -276,8 +317,13 @@ class Buffer:
                     counters = self._store.counters
                     current = counters.get(key)  # type: ignore[call-overload]
                     if current is not None:
-                        counters[key] = current + 1  # type: ignore[index]
-                        return
+                        if current < _INT_MAX:
+                            counters[key] = current + 1  # type: ignore[index]
+                            return
+                        self._dropped += 1
+                if current is not None:
+                    self._warn(key, _SATURATED)  # type: ignore[arg-type]
+                    return
             except Exception:  # noqa: S110 - unhashable or odd key: the slow path reports it
                 pass
             self._write_new(key, COUNTER, None, self._new_count, 1)
@@ -302,7 +348,8 @@ class Buffer:
         """Store ``value`` under ``key`` → ``subkey``."""
         try:
             normalized, problem = checked_value(value)
-            if type(subkey) is str and 0 < len(subkey) <= MAX_KEY_LENGTH:
+            if (type(subkey) is str and 0 < len(subkey) <= MAX_KEY_LENGTH
+                    and subkey.isascii() and _NUL not in subkey):
                 subname = subkey  # ``normalize_key``'s common case, inlined
             else:
                 subname, subkey_problem = normalize_key(subkey)
@@ -354,7 +401,11 @@ class Buffer:
         """Add ``value`` to the counting set ``key``, counting repeats."""
         try:
             member: Hashable
-            if type(value) is int or (type(value) is str and len(value) <= MAX_STRING_LENGTH):
+            if type(value) is str:
+                plain = len(value) <= MAX_STRING_LENGTH and value.isascii() and _NUL not in value
+            else:
+                plain = type(value) is int and _INT_MIN <= value <= _INT_MAX
+            if plain:
                 member, problem = value, None  # valid, and its own member key
             else:
                 normalized, problem = checked_value(value)
@@ -421,7 +472,11 @@ class Buffer:
             if problem is not None:
                 return problem
             counters[name] = 0
-        counters[name] += amount
+        total = counters[name] + amount
+        if not _INT_MIN <= total <= _INT_MAX:
+            counters[name] = _INT_MAX if total > 0 else _INT_MIN
+            return _SATURATED
+        counters[name] = total
         return None
 
     def _new_value(self, name: str, value: JSONValue) -> Optional[str]:

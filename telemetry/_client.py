@@ -172,6 +172,7 @@ class Client:
         self._source: Optional[BufferSource] = None
         self._steering: Optional[ClientSteering] = None
         self._emitter: Optional[Emitter] = None
+        self._state_refused: Optional[str] = None  # why the state files are not trusted
         self._emitting_wanted = False
         self._atexit_registered = False
         self.instance_id: Optional[uuid.UUID] = None
@@ -267,16 +268,53 @@ class Client:
                 events=self._events,
             )
             self.instance_id = parsed_id
-            self._apply_decision(self._resolve(state.read_consent()))
+            self._apply_decision(self._resolve(self._read_persisted_consent()))
 
     # -- consent -----------------------------------------------------------------
 
+    def _read_persisted_consent(self) -> Optional[str]:
+        from telemetry._files import UnsafeStateError  # noqa: PLC0415
+
+        assert self._state is not None
+        try:
+            refusal = self._state.check()
+            if refusal is None:
+                return self._state.read_consent()
+        except UnsafeStateError as exc:
+            refusal = str(exc)
+        self._refuse_state(refusal)
+        return None
+
+    def _refuse_state(self, reason: str) -> None:
+        """Never trust these state files again in this process: telemetry stays off."""
+        if self._state_refused is None:
+            logger.warning(
+                "telemetry: refusing the state files (%s): someone else could have planted or "
+                "could change them; telemetry is off for this run. Fix their owner or mode "
+                "(yours alone: 0700 directories, 0600 files), or remove them.",
+                reason,
+            )
+        self._state_refused = reason
+        if self._steering is not None:
+            self._steering.state = None  # nothing more is written there
+
     def _resolve(self, persisted: Optional[str]) -> _consent.Decision:
+        if self._state_refused is not None:
+            return _consent.Decision(_consent.OFF, f"unsafe state files: {self._state_refused}")
         consent = self._options.consent if self._options is not None else None
         return _consent.resolve(app=self.app, consent=consent, env=os.environ, persisted=persisted)
 
     def _apply_decision(self, decision: _consent.Decision) -> None:
         """Make the collector, emitter and files match ``decision`` (lifecycle lock held)."""
+        from telemetry._files import UnsafeStateError  # noqa: PLC0415
+
+        try:
+            self._apply_decision_to_files(decision)
+        except UnsafeStateError as exc:  # a file turned unsafe since ``check()``
+            self._refuse_state(str(exc))
+            self._apply_decision_to_files(self._resolve(None))
+
+    def _apply_decision_to_files(self, decision: _consent.Decision) -> None:
         assert self._state is not None and self._steering is not None
         was_off = self.decision.mode == _consent.OFF
         self.decision = decision
@@ -288,7 +326,8 @@ class Client:
                 self._emitter = None
             self._buffer.take()  # data and drop counts alike: what was collected never existed
             self._events.take()
-            self._state.delete_all()
+            if self._state_refused is None:
+                self._state.delete_all()
             return
         if self.instance_id is None:
             self.instance_id = self._state.instance_id()
@@ -331,7 +370,8 @@ class Client:
                 logger.warning("telemetry.set_consent() needs init() first and a choice")
                 return
             with capture_internal_errors("set_consent"):
-                self._state.write_consent(mode)
+                if self._state_refused is None:
+                    self._state.write_consent(mode)
                 self._apply_decision(self._resolve(mode))
 
     def status(self) -> Status:

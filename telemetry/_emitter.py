@@ -36,6 +36,14 @@ from telemetry._wire import (
 
 _SEND_FAILED = "telemetry: sending failed (%s); will retry"
 
+RATE_LIMIT_FLOOR = 1.0
+"""The shortest wait after a 429 (seconds), whatever the server says; it doubles
+while 429s repeat, up to ``max_interval``."""
+SPOOL_RESERVE_SHARE = 0.25
+SPOOL_RESERVE_MAX = 0.5
+"""Of ``stop(timeout)``, the final send leaves this share (at most this many
+seconds) for writing the spool, so the whole stop keeps within ``timeout``."""
+
 Wait = Callable[[threading.Event, float], object]
 """``wait(event, seconds)``: block until ``event`` is set or ``seconds`` pass."""
 
@@ -69,7 +77,8 @@ class Schedule:
 
     def backoff(self, attempt: int, rng: random.Random) -> float:
         """Full-jitter exponential backoff before retry number ``attempt`` (0-based)."""
-        return rng.uniform(0, min(self.backoff_cap, self.backoff_base * 2**attempt))
+        # The exponent is capped first: a float cannot hold 2**1024.
+        return rng.uniform(0, min(self.backoff_cap, self.backoff_base * 2.0 ** min(attempt, 64)))
 
 
 class PayloadSource(Protocol):
@@ -90,6 +99,12 @@ class Steering(Protocol):
 
     def apply(self, response: Response) -> None: ...
 
+    def rate_limited(self, seconds: float) -> None:
+        """A 429 asked not to send for ``seconds``: remember it for the next process."""
+
+    def resume_after(self) -> float:
+        """Seconds that a 429 remembered from an earlier process still asks to wait."""
+
 
 class Spooled(Protocol):
     """A payload taken back from the spool: ``done()`` once delivered, else ``release()``."""
@@ -106,8 +121,11 @@ class Spool(Protocol):
     def save(self, requests: List[Request]) -> int:
         """Keep ``requests`` for a later process; returns how many items were lost."""
 
-    def claim(self) -> Sequence[Spooled]:
-        """Take back, for this process, what earlier ones left; oldest first."""
+    def trim(self) -> int:
+        """Drop the oldest payloads beyond the spool's bounds; returns the items lost."""
+
+    def claim(self, limit: int) -> Sequence[Spooled]:
+        """Take back, for this process, the ``limit`` oldest payloads earlier ones left."""
 
 
 class Phase(enum.Enum):
@@ -176,13 +194,17 @@ class Emitter:
         self._thread: Optional[threading.Thread] = None
         self.phase = Phase.READY
         self._taking = False  # a payload is taken but not yet pending (flush must wait)
+        self._claiming = False  # the spool is being taken back (flush must wait)
         self._stop_deadline = float("inf")
         self._not_before = float("-inf")  # a 429 asked us not to send before this
+        self._retry_at = float("-inf")  # a waiting flush's next try after a failed cycle...
+        self._retry_ticket = 0  # ... for flushes up to this ticket (a newer one sends now)
+        self._rate_limited_in_a_row = 0
         self._next_update: Optional[int] = None
         self._failed_cycles = 0
-        self._flush_requested = 0
-        self._flush_completed = 0
-        self._all_delivered = True
+        self._flush_requested = 0  # tickets handed to flush() callers
+        self._flush_delivered = 0  # the latest ticket whose data has all been delivered
+        self._flush_waiters = 0
 
     # -- what tests and status() may look at --------------------------------
 
@@ -220,65 +242,76 @@ class Emitter:
             self._pending.append(_Pending(payload, on_done=on_done, on_return=on_return))
 
     def start(self) -> bool:
-        """Take back what the spool holds, then start the thread.
+        """Start the thread; False when it already runs (or has stopped for good).
 
-        False when it already runs (or has stopped for good). At most
-        ``max_pending`` spooled payloads are taken; the rest stay for later.
+        The thread first takes back what the spool holds (at most
+        ``max_pending - 1`` payloads; the rest stay for later), so however much
+        the spool holds costs the caller nothing.
         """
         with self._lock:
             if self.phase is not Phase.READY:
                 return False
-        claimed = list(self.spool.claim()) if self.spool is not None else []
-        for spooled in claimed[self.max_pending:]:
-            spooled.release()  # the next process (or restart) sends these
-        claimed = claimed[:self.max_pending]
-        with self._lock:
-            if not self._ready():  # discarded or started meanwhile
-                for spooled in claimed:
-                    spooled.release()
-                return False
-            self._pending.extendleft(
-                _Pending(c.payload, on_done=c.done, on_return=c.release)
-                for c in reversed(claimed)
-            )
             self.phase = Phase.RUNNING
+            self._claiming = self.spool is not None
             self._thread = threading.Thread(target=self._run, name="telemetry-emitter",
                                             daemon=True)
             self._thread.start()
             return True
 
     def flush(self, timeout: float) -> bool:
-        """Run a cycle now and wait for it, at most ``timeout`` seconds."""
+        """Send what is buffered and pending now; True once all of it was delivered.
+
+        Waits through retries and a server's 429 wait (never cutting it short),
+        and returns False only when ``timeout`` seconds pass first, or at a stop.
+        """
         deadline = time.monotonic() + timeout
         with self._lock:
             if self.phase is not Phase.RUNNING:
                 return False
-            if not self._pending and not self._taking and not self.source.has_data():
+            if (not self._pending and not self._taking and not self._claiming
+                    and not self.source.has_data()):
                 return True
             self._flush_requested += 1
             ticket = self._flush_requested
+            self._flush_waiters += 1
             self._wakeup.set()
-            while self._flush_completed < ticket:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self.phase is not Phase.RUNNING:
-                    return False
-                self._cycle_done.wait(remaining)
-            return self._all_delivered and self.phase is Phase.RUNNING
+            try:
+                while self._flush_delivered < ticket:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0 or self.phase is not Phase.RUNNING:
+                        return False
+                    self._cycle_done.wait(remaining)
+                return True
+            finally:
+                self._flush_waiters -= 1
 
     def stop(self, timeout: float) -> None:
-        """Final send, bounded by ``timeout``; spool whatever is still undelivered."""
-        deadline = time.monotonic() + max(timeout, 0.0)
+        """Final send, then spool whatever is still undelivered; returns within ``timeout``.
+
+        The final send ends early enough to leave time for the spool. Should
+        the disk be slower still, the spool is finished by a background thread
+        after this returns: the caller's bound holds whatever the disk does.
+        """
+        timeout = max(timeout, 0.0)
+        deadline = time.monotonic() + timeout
+        send_deadline = deadline - min(timeout * SPOOL_RESERVE_SHARE, SPOOL_RESERVE_MAX)
         with self._lock:
             thread = self._thread
             if thread is None or self.phase is not Phase.RUNNING:
                 return
             self.phase = Phase.STOPPING
-            self._stop_deadline = deadline
+            self._stop_deadline = send_deadline
             self._wakeup.set()
             self._stop_event.set()
             self._cycle_done.notify_all()
-        thread.join(max(0.0, deadline - time.monotonic()))
-        self._abandon()
+        thread.join(max(0.0, send_deadline - time.monotonic()))
+        writer = threading.Thread(target=self._abandon_reporting_errors,
+                                  name="telemetry-spool-writer", daemon=True)
+        writer.start()
+        writer.join(max(0.0, deadline - time.monotonic()))
+        if writer.is_alive():
+            logger.warning("telemetry: the spool was still being written when stop_emitting() "
+                           "timed out; it is finished in the background")
 
     def discard(self) -> None:
         """Stop without sending and forget everything pending (consent withdrawn, server stop)."""
@@ -309,17 +342,25 @@ class Emitter:
 
     def _run(self) -> None:
         try:
-            due = self._clock()  # the first send happens at once
+            self._take_back_spool()
+            # The first send happens at once, unless an earlier process got a 429.
+            due = self._clock() + self.steering.resume_after()
+            self._not_before = due
             while True:
                 self._wakeup.clear()
                 if self.phase is not Phase.RUNNING:
                     break
                 now = self._clock()
                 with self._lock:
-                    flush_wanted = self._flush_requested > self._flush_completed
+                    flush_wanted = (self._flush_waiters > 0
+                                    and self._flush_requested > self._flush_delivered)
+                    retry_at = (self._retry_at if self._flush_requested <= self._retry_ticket
+                                else float("-inf"))
                 scheduled = now >= due
-                if flush_wanted and now >= self._not_before:
-                    due = min(due, now)
+                if flush_wanted:
+                    # Now, but never before a server's 429 wait ends, nor hammering a
+                    # server that keeps failing while the same flush waits.
+                    due = min(due, max(now, self._not_before, retry_at))
                 if now < due:
                     self._wait(self._wakeup, due - now)
                     continue
@@ -334,8 +375,36 @@ class Emitter:
             report_internal_error("emitter thread", exc)
         finally:
             with self._lock:
-                self._flush_completed = self._flush_requested
+                self._claiming = False
                 self._cycle_done.notify_all()
+
+    def _take_back_spool(self) -> None:
+        """Trim the spool to its bounds, then queue the oldest payloads it holds."""
+        spool = self.spool
+        if spool is None:
+            return
+        try:
+            lost = spool.trim()
+            if lost:
+                self.source.count_dropped(lost)
+                logger.warning("telemetry: the spool held more than its bounds; the oldest "
+                               "payloads (%d items) were dropped", lost)
+            # Room is left for the first cycle's own payload, or it would push the
+            # oldest spooled one out of ``pending`` again at once.
+            claimed = list(spool.claim(max(1, self.max_pending - 1)))
+        finally:
+            with self._lock:
+                self._claiming = False
+        with self._lock:
+            given_up = self._given_up()
+            if not given_up:
+                self._pending.extendleft(
+                    _Pending(c.payload, on_done=c.done, on_return=c.release)
+                    for c in reversed(claimed)
+                )
+        if given_up:  # discarded or stopped meanwhile: they stay for a later process
+            for spooled in claimed:
+                spooled.release()
 
     def _cycle(self, *, final: bool, check_in: bool = False) -> Optional[float]:
         """One send cycle; returns seconds until the next, or None after a server stop.
@@ -367,8 +436,15 @@ class Emitter:
             self._spool_leftovers([orphan])
         delay = self._send_batch(batch, final=final)
         with self._lock:
-            self._flush_completed = max(self._flush_completed, ticket)
-            self._all_delivered = not self._pending
+            if not self._pending and self.phase is Phase.RUNNING:  # not discarded
+                self._flush_delivered = max(self._flush_delivered, ticket)
+                self._retry_at = float("-inf")
+            elif self._not_before <= self._clock():
+                # A flush that still waits tries again after a backoff that keeps
+                # growing while cycles fail (never at once: the server may be down).
+                attempt = self.schedule.retries + self._failed_cycles
+                self._retry_at = self._clock() + self.schedule.backoff(attempt, self._rng)
+                self._retry_ticket = ticket
             self._cycle_done.notify_all()
         return delay
 
@@ -397,14 +473,8 @@ class Emitter:
                 failed = True
                 break
             if result.outcome is Outcome.RATE_LIMITED:
-                wait = result.retry_after
-                if wait is None:
-                    wait = self.schedule.interval(self._next_update, self._rng)
-                wait = min(max(wait, 0.0), self.schedule.max_interval)
-                self._not_before = self._clock() + wait
-                self._quiet.log(logging.INFO, "telemetry: server is rate limiting; waiting %.0f s",
-                                wait)
-                return wait
+                return self._rate_limited(result.retry_after)
+            self._rate_limited_in_a_row = 0
             if result.outcome is Outcome.REJECTED:
                 self._finish(entry)
                 self._quiet.log(logging.WARNING,
@@ -412,6 +482,11 @@ class Emitter:
                                 result.detail)
                 self.source.count_dropped(entry.payload.items + entry.payload.dropped)
                 continue
+            for field in result.response.ignored:
+                # A fixed field name: one quiet message per field, not one per cycle.
+                self._quiet.log(logging.WARNING,
+                                f"telemetry: server response field {field!r} has the wrong "
+                                "type; ignored")
             # Apply the response before the entry leaves ``pending``: a flush must
             # not see "nothing left" while a stop is still being applied.
             self.steering.apply(result.response)
@@ -429,6 +504,21 @@ class Emitter:
             logger.info("telemetry: delivered again after %d failed cycles", self._failed_cycles)
             self._failed_cycles = 0
         return self.schedule.interval(self._next_update, self._rng)
+
+    def _rate_limited(self, retry_after: Optional[float]) -> float:
+        """After a 429: how long to wait (also remembered across restarts)."""
+        self._rate_limited_in_a_row += 1
+        wait = retry_after
+        if wait is None:
+            wait = self.schedule.interval(self._next_update, self._rng)
+        # At least a second, doubling while 429s repeat: a server answering
+        # "Retry-After: 0" (or a date in the past) must not get a tight loop.
+        floor = RATE_LIMIT_FLOOR * 2.0 ** min(self._rate_limited_in_a_row - 1, 64)
+        wait = min(max(wait, floor), self.schedule.max_interval)
+        self._not_before = self._clock() + wait
+        self.steering.rate_limited(wait)
+        self._quiet.log(logging.INFO, "telemetry: server is rate limiting; waiting %.0f s", wait)
+        return wait
 
     def _finish(self, entry: _Pending) -> None:
         with self._lock:
@@ -485,6 +575,12 @@ class Emitter:
         if entry.on_done is not None:
             entry.on_done()
         return parts
+
+    def _abandon_reporting_errors(self) -> None:
+        try:
+            self._abandon()
+        except Exception as exc:
+            report_internal_error("spool writer", exc)
 
     def _abandon(self) -> None:
         """After a stop: spool what is still pending, then the buffer's last data."""

@@ -3,7 +3,10 @@
 The building blocks of ``_state`` and ``_spool``. A write goes to a temporary
 file in the same directory, is fsynced, then renamed over the old file, so a
 crash leaves the old file or the new one, never a mix. Reads return None for a
-missing or unreadable file (with a warning unless it is simply missing).
+missing or unreadable file (with a warning unless it is simply missing), and
+raise ``UnsafeStateError`` for what must not be trusted: anything but a regular
+file of this user that nobody else may change. A read never follows a symbolic
+link and never blocks (a FIFO is refused, not opened for reading).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import logging
 import os
 import re
 import secrets
+import stat
 from pathlib import Path
 from typing import List, Optional
 
@@ -121,20 +125,92 @@ def _link_without_replacing(source: Path, target: Path) -> bool:
     return True
 
 
+class UnsafeStateError(Exception):
+    """A state directory or file that others could have planted or can change."""
+
+
+def unsafe_reason(path: Path, info: os.stat_result, *, directory: bool) -> Optional[str]:
+    """Why ``path`` (as ``info`` describes it) must not be trusted, or None.
+
+    Refused: anything but a regular file (or a directory, when ``directory``),
+    and, where there are POSIX owners, anything not owned by this user or
+    writable by group or others.
+    """
+    mode = info.st_mode
+    if directory and not stat.S_ISDIR(mode):
+        return f"{path} is not a directory"
+    if not directory and not stat.S_ISREG(mode):
+        return f"{path} is not a regular file"
+    if not hasattr(os, "geteuid"):
+        return None  # Windows: ACLs, not owners and mode bits
+    uid = os.geteuid()
+    if info.st_uid != uid:
+        return f"{path} is owned by uid {info.st_uid}, not by this user (uid {uid})"
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(mode):04o})"
+    return None
+
+
+def check_paths(directories: List[Path], files: List[Path]) -> Optional[str]:
+    """Why one of these (where they exist) must not be trusted, or None.
+
+    Only looks (``stat`` for directories, which may be links to elsewhere of
+    the user's; ``lstat`` for files): never opens anything.
+    """
+    for path, directory in [(d, True) for d in directories] + [(f, False) for f in files]:
+        try:
+            info = os.stat(path) if directory else os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # made later, by this process, 0700/0600
+        except OSError as exc:
+            return f"{path} cannot be examined ({exc})"
+        reason = unsafe_reason(path, info, directory=directory)
+        if reason is not None:
+            return reason
+    return None
+
+
+_OPEN_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0))
+
+
 def read(path: Path, what: str, limit: int = SMALL_FILE_LIMIT) -> Optional[bytes]:
-    """The file's bytes; None (with a warning unless it is simply missing) when unreadable."""
+    """The file's bytes; None (with a warning unless it is simply missing) when unreadable.
+
+    Raises ``UnsafeStateError`` for a symbolic link, anything but a regular
+    file (opened without blocking, then refused), or a file someone else owns
+    or may write.
+    """
     try:
-        with open(path, "rb") as stream:
-            data = stream.read(limit + 1)
+        fd = os.open(path, _OPEN_FLAGS)
     except (FileNotFoundError, NotADirectoryError):
         return None  # missing; a write there will say why it fails
     except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise UnsafeStateError(f"{path} is a symbolic link") from None
         warn(f"read the {what}", path, exc)
         return None
-    if len(data) > limit:
+    try:
+        reason = unsafe_reason(path, os.fstat(fd), directory=False)
+        if reason is not None:
+            raise UnsafeStateError(reason)
+        pieces: List[bytes] = []
+        size = 0
+        while size <= limit:
+            piece = os.read(fd, limit + 1 - size)
+            if not piece:
+                break
+            pieces.append(piece)
+            size += len(piece)
+    except OSError as exc:
+        warn(f"read the {what}", path, exc)
+        return None
+    finally:
+        os.close(fd)
+    if size > limit:
         warn_corrupt(what, path, f"larger than {limit} bytes")
         return None
-    return data
+    return b"".join(pieces)
 
 
 def remove(path: Path, what: str) -> bool:

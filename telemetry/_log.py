@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 logger = logging.getLogger("telemetry")
 
@@ -41,6 +41,31 @@ def report_internal_error(what: str, exc: BaseException) -> None:
             hook(exc)
     except Exception:  # noqa: S110 - a failing log handler must not reach the host either
         pass
+
+
+SERVER_TEXT_LIMIT = 200
+"""At most this many characters of text from the server reach the host's log."""
+
+
+def printable(text: str, limit: int = SERVER_TEXT_LIMIT) -> str:
+    """``text`` safe for a log line: control and format characters escaped, capped.
+
+    A server's text must not forge log lines (newlines), drive a terminal (ANSI
+    escapes) or reorder what is shown (bidirectional overrides).
+    """
+    shown: List[str] = []
+    length = 0
+    for char in text:
+        piece = char
+        if not char.isprintable():
+            code = ord(char)
+            piece = (f"\\x{code:02x}" if code < 0x100
+                     else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        if length + len(piece) > limit:
+            return "".join(shown)[: max(limit - 3, 0)] + "..."
+        shown.append(piece)
+        length += len(piece)
+    return "".join(shown)
 
 
 class QuietLog:

@@ -7,10 +7,15 @@ first sends, so applications that never emit never import it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import http.client
 import logging
+import socket
+import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, Mapping, Optional, Protocol, Union
+import zlib
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Protocol, Union
 
 import attrs
 
@@ -97,11 +102,193 @@ def result_for_status(
     return SendResult(Outcome.RETRY, detail=detail)
 
 
+MAX_ANSWER_BYTES = 64 * 1024
+"""The most of a server's answer that is read; a bigger one is a failed attempt."""
+
+_READ_PIECE = 16 * 1024
+
+
+class _AnswerTooLarge(Exception):
+    """The server's answer is over ``MAX_ANSWER_BYTES`` (internal signal)."""
+
+
+class _Watchdog:
+    """Cuts one attempt's connection at its deadline, in whatever phase the attempt is.
+
+    A per-read socket timeout lets a server that drips a byte now and then hold
+    an attempt for ever; this bounds the whole attempt. The connection pool
+    tells the watchdog about the connection an attempt uses (see
+    ``_watched_pool_classes``); at the deadline a timer thread shuts its socket
+    down, which wakes the blocked read with an error.
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self._lock = threading.Lock()
+        self._connections: List[Any] = []
+        self._new_sockets: List[socket.socket] = []  # our duplicates, closed by ``close``
+        self._finished = False
+        self.expired = False
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.name = "telemetry-send-deadline"
+        self._timer.start()
+
+    def watch_connection(self, connection: Any) -> None:
+        """The attempt uses ``connection`` (maybe already connected, from the pool)."""
+        with self._lock:
+            self._connections.append(connection)
+            if self.expired:
+                self._cut()
+
+    def watch_new_socket(self, sock: socket.socket) -> None:
+        """A connection was just opened on ``sock`` (before any TLS handshake)."""
+        # A duplicate, because TLS takes the socket over (the original is detached):
+        # shutting the duplicate down ends the handshake too.
+        duplicate = sock.dup()
+        with self._lock:
+            if self._finished:
+                duplicate.close()
+                return
+            self._new_sockets.append(duplicate)
+            if self.expired:
+                self._cut()
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            self._finished = True
+            for duplicate in self._new_sockets:
+                duplicate.close()
+            self._new_sockets.clear()
+            self._connections.clear()
+
+    def _expire(self) -> None:
+        with self._lock:
+            if not self._finished:
+                self.expired = True
+                self._cut()
+
+    def _cut(self) -> None:
+        sockets = [getattr(connection, "sock", None) for connection in self._connections]
+        for sock in [*self._new_sockets, *sockets]:
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+_current = threading.local()  # the ``_Watchdog`` of the attempt running on this thread
+
+
+def _watchdog() -> Optional[_Watchdog]:
+    watchdog: Optional[_Watchdog] = getattr(_current, "watchdog", None)
+    return watchdog
+
+
+_WATCHED: Dict[type, type] = {}
+_WATCHED_LOCK = threading.Lock()
+
+
+def _watched_pool_class(pool_class: type) -> type:
+    """A subclass of a urllib3 pool class whose connections report to the watchdog."""
+    with _WATCHED_LOCK:
+        watched = _WATCHED.get(pool_class)
+        if watched is not None:
+            return watched
+        connection_class = pool_class.ConnectionCls  # type: ignore[attr-defined]
+
+        def _new_conn(self: Any) -> Any:
+            sock = connection_class._new_conn(self)
+            watchdog = _watchdog()
+            if watchdog is not None:
+                watchdog.watch_new_socket(sock)
+            return sock
+
+        def _get_conn(self: Any, timeout: Optional[float] = None) -> Any:
+            connection = pool_class._get_conn(self, timeout)  # type: ignore[attr-defined]
+            watchdog = _watchdog()
+            if watchdog is not None:
+                watchdog.watch_connection(connection)
+            return connection
+
+        watched_connection = type(
+            f"Watched{connection_class.__name__}", (connection_class,), {"_new_conn": _new_conn}
+        )
+        watched = type(
+            f"Watched{pool_class.__name__}",
+            (pool_class,),
+            {"ConnectionCls": watched_connection, "_get_conn": _get_conn},
+        )
+        _WATCHED[pool_class] = watched
+        return watched
+
+
+def _watch_pools(manager: Any) -> Any:
+    """Make ``manager`` (a urllib3 pool or proxy manager) build watched pools."""
+    classes = getattr(manager, "pool_classes_by_scheme", None)
+    if isinstance(classes, dict):
+        manager.pool_classes_by_scheme = {
+            scheme: _watched_pool_class(pool_class) for scheme, pool_class in classes.items()
+        }
+    return manager
+
+
+def _deadline_adapter() -> Any:
+    """A requests ``HTTPAdapter`` whose connections the attempt's watchdog can cut."""
+    from requests.adapters import HTTPAdapter  # noqa: PLC0415
+
+    class DeadlineAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            _watch_pools(self.poolmanager)
+
+        def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+            known = proxy in self.proxy_manager
+            manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+            return manager if known else _watch_pools(manager)
+
+    return DeadlineAdapter()
+
+
+def _read_answer(answer: requests.Response) -> bytes:
+    """At most ``MAX_ANSWER_BYTES`` of the body, decoded; raises ``_AnswerTooLarge``."""
+    declared = answer.headers.get("Content-Length", "")
+    if declared.strip().isdigit() and int(declared) > MAX_ANSWER_BYTES:
+        raise _AnswerTooLarge
+    pieces: List[bytes] = []
+    size = 0
+    while size <= MAX_ANSWER_BYTES:
+        piece = answer.raw.read(min(_READ_PIECE, MAX_ANSWER_BYTES + 1 - size),
+                                decode_content=False)
+        if not piece:
+            break
+        pieces.append(piece)
+        size += len(piece)
+    if size > MAX_ANSWER_BYTES:
+        raise _AnswerTooLarge
+    body = b"".join(pieces)
+    encoding = answer.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "x-gzip", "deflate"):
+        raise ValueError(f"answer in an unasked-for encoding {encoding!r}")
+    # We ask for no encoding; a server that compresses anyway is held to the same cap.
+    decompressor = zlib.decompressobj(47 if encoding != "deflate" else 15)
+    try:
+        decoded = decompressor.decompress(body, MAX_ANSWER_BYTES + 1)
+    except zlib.error as exc:
+        raise ValueError(f"answer does not decompress: {exc}") from None
+    if len(decoded) > MAX_ANSWER_BYTES or decompressor.unconsumed_tail:
+        raise _AnswerTooLarge
+    return decoded
+
+
 class HTTPSink:
     """POSTs payloads with a ``requests.Session``: proxies and CA bundles as requests does.
 
     ``verify`` and ``proxies`` override the environment (``REQUESTS_CA_BUNDLE``,
-    ``HTTPS_PROXY`` ...), which requests honours by default.
+    ``HTTPS_PROXY`` ...), which requests honours by default. Each attempt has a
+    total deadline (``timeout``), however slowly the server answers, and reads
+    at most ``MAX_ANSWER_BYTES`` of the answer.
     """
 
     def __init__(
@@ -124,32 +311,52 @@ class HTTPSink:
 
             session = requests.Session()
             session.headers["User-Agent"] = USER_AGENT
-            if self._verify is not None:
-                session.verify = self._verify
-            if self._proxies is not None:
-                session.proxies.update(self._proxies)
+            session.headers["Accept-Encoding"] = "identity"
+            for prefix in ("http://", "https://"):
+                session.mount(prefix, _deadline_adapter())
             self._session = session
         return self._session
 
     def __call__(self, request: Request, timeout: float) -> SendResult:
         import requests  # noqa: PLC0415 - already loaded by _get_session
+        import urllib3  # noqa: PLC0415 - requests' own transport
 
         session = self._get_session()
         headers = {"Content-Type": "application/json"}
         if request.gzipped:
             headers["Content-Encoding"] = "gzip"
         url = f"{self.endpoint}/v1/update/{request.payload.instance_id}"
+        timeout = max(timeout, 0.001)
+        watchdog = _Watchdog(timeout)
+        _current.watchdog = watchdog
         try:
             answer = session.post(
                 url,
                 data=request.body,
                 headers=headers,
-                timeout=max(timeout, 0.001),
+                timeout=(timeout, timeout),  # per connect and per read; the watchdog: in all
                 allow_redirects=False,
+                stream=True,
+                # Per request: requests lets the environment override a session's settings.
+                verify=self._verify,
+                proxies=self._proxies,
             )
-            body = answer.content
-        except requests.RequestException as exc:
+            try:
+                body = _read_answer(answer)
+            finally:
+                answer.close()
+        except _AnswerTooLarge:
+            return SendResult(Outcome.RETRY, detail=f"answer larger than {MAX_ANSWER_BYTES} bytes")
+        except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
+                http.client.HTTPException, ValueError) as exc:
+            if watchdog.expired:
+                return SendResult(Outcome.RETRY, detail=f"no complete answer within {timeout:g} s")
             return SendResult(Outcome.RETRY, detail=f"{type(exc).__name__}: {exc}")
+        finally:
+            _current.watchdog = None
+            watchdog.close()
+        if watchdog.expired:
+            return SendResult(Outcome.RETRY, detail=f"no complete answer within {timeout:g} s")
         return result_for_status(answer.status_code, body, answer.headers, self._wall_clock())
 
     def close(self) -> None:

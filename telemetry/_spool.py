@@ -25,6 +25,7 @@ import attrs
 from telemetry._files import (
     SMALL_FILE_LIMIT,
     TEMPORARY,
+    UnsafeStateError,
     atomic_write,
     list_dir,
     pid_alive,
@@ -191,7 +192,7 @@ class Spool:
         for name in list_dir(self.directory):
             if _SPOOLED.match(name):
                 try:
-                    info = os.stat(self.directory / name)
+                    info = os.lstat(self.directory / name)
                 except OSError:
                     continue  # claimed or deleted meanwhile
                 entries.append((info.st_mtime_ns, name, info.st_size))
@@ -217,29 +218,47 @@ class Spool:
             logger.debug("telemetry: spool full; the oldest payloads (%d items) were dropped", lost)
         return lost
 
-    def claim(self) -> List[Claimed]:
-        """Take every spooled payload for this process, oldest first.
+    def trim(self) -> int:
+        """Drop the oldest payloads beyond the bounds (as ``save`` does); the items lost.
+
+        For a spool that grew past its bounds (other processes, a smaller bound
+        now, files copied in): nothing the spool holds may cost more than its
+        bounds allow.
+        """
+        return self._enforce_bounds({})
+
+    def claim(self, limit: Optional[int] = None) -> List[Claimed]:
+        """Take the ``limit`` oldest spooled payloads (all: None) for this process.
 
         Each file is renamed to ``<payload_id>.json.claimed-<pid>``: the rename
         is the claim, so two processes draining one spool never both get a
         file. Files claimed by a process that no longer runs are taken over.
         Garbage files are deleted with a warning. Every returned ``Claimed``
-        must end with ``done()`` or ``release()``.
+        must end with ``done()`` or ``release()``. Returned oldest first.
         """
         remove_dead_temporaries(self.directory)
-        claimed: List[Claimed] = []
+        candidates = []
         for name in list_dir(self.directory):
-            path = self.directory / name
             if _SPOOLED.match(name) or self._is_stale_claim(name):
-                target = self._claim_file(path)
-                if target is None:
-                    continue
-                payload = self._decode(target, warn=True)
-                if payload is None:
-                    remove(target, "corrupt spool file")
-                    _CLAIMS.forget(target)
-                    continue
-                claimed.append(Claimed(payload, target))
+                try:
+                    age = os.lstat(self.directory / name).st_mtime_ns  # the payload's age
+                except OSError:
+                    continue  # claimed or deleted meanwhile
+                candidates.append((age, name))
+        candidates.sort()
+        claimed: List[Claimed] = []
+        for _, name in candidates:
+            if limit is not None and len(claimed) >= limit:
+                break
+            target = self._claim_file(self.directory / name)
+            if target is None:
+                continue
+            payload = self._decode(target, warn=True)
+            if payload is None:
+                remove(target, "corrupt spool file")
+                _CLAIMS.forget(target)
+                continue
+            claimed.append(Claimed(payload, target))
         claimed.sort(key=lambda item: (item.payload.timestamp, item.payload.payload_id))
         return claimed
 
@@ -260,7 +279,7 @@ class Spool:
         for name in list_dir(self.directory):
             if _SPOOLED.match(name) or _CLAIMED.match(name):
                 try:
-                    size += os.stat(self.directory / name).st_size
+                    size += os.lstat(self.directory / name).st_size
                 except OSError:
                     continue
                 files += 1
@@ -293,7 +312,12 @@ class Spool:
         return target
 
     def _decode(self, path: Path, *, warn: bool) -> Optional[Payload]:
-        data = read(path, "spool file", limit=max(self.max_bytes, SMALL_FILE_LIMIT))
+        try:
+            data = read(path, "spool file", limit=max(self.max_bytes, SMALL_FILE_LIMIT))
+        except UnsafeStateError as exc:
+            if warn:
+                logger.warning("telemetry: refusing the spool file %s (%s)", path, exc)
+            return None
         if data is None:
             return None
         try:

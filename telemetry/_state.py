@@ -38,6 +38,7 @@ from telemetry._consent import MODES, parse_mode
 from telemetry._files import (
     TEMPORARY,
     atomic_write,
+    check_paths,
     list_dir,
     read,
     remove,
@@ -72,7 +73,9 @@ def _optional_finite(
 ) -> None:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if value is not None and not (number and math.isfinite(value)):
-        raise ValueError(f"stop_until must be a finite number of epoch seconds, not {value!r}")
+        raise ValueError(
+            f"{attribute.name} must be a finite number of epoch seconds, not {value!r}"
+        )
 
 
 def _frozen_keys(keys: Iterable[str]) -> FrozenSet[str]:
@@ -86,6 +89,8 @@ class ServerPolicy:
     disabled_keys: FrozenSet[str] = attrs.field(default=frozenset(), converter=_frozen_keys)
     stop_until: Optional[float] = attrs.field(default=None, validator=_optional_finite)
     """Epoch seconds until which the server's ``stop`` holds; None: no stop."""
+    not_before: Optional[float] = attrs.field(default=None, validator=_optional_finite)
+    """Epoch seconds before which the server asked not to send again (a 429); None: none."""
 
     def stopped(self, now: float) -> bool:
         """Whether a remembered ``stop`` still holds at ``now`` (epoch seconds)."""
@@ -177,8 +182,24 @@ class State:
 
     # -- consent -------------------------------------------------------------------
 
+    def check(self) -> Optional[str]:
+        """Why these state files must not be used, or None when they may.
+
+        Looks (never opens) at the directories and at every file the client
+        reads outside the spool: each must be this user's and writable by
+        nobody else, the files regular files. Spool files are checked as they
+        are read, off the application's thread.
+        """
+        files = [self.consent_path, self.instance_id_path, self.first_run_marker_path]
+        files += [self._state_dir / name for name in list_dir(self._state_dir)
+                  if name.startswith(_POLICY_PREFIX) and name.endswith(".json")]
+        return check_paths([self._config_dir, self._state_dir, self.spool.directory], files)
+
     def read_consent(self) -> Optional[str]:
-        """The saved choice (``on``/``off``/``local``), or None when there is none."""
+        """The saved choice (``on``/``off``/``local``), or None when there is none.
+
+        Raises ``UnsafeStateError`` when the file must not be trusted.
+        """
         path = self.consent_path
         data = read(path, "consent file")
         if data is None:
@@ -268,11 +289,12 @@ class State:
         try:
             obj = json.loads(data)
             keys, stop_until = obj["disabled_keys"], obj["stop_until"]
+            not_before = obj.get("not_before")  # absent in files written before it existed
             if not (isinstance(keys, list) and all(isinstance(key, str) for key in keys)):
                 raise ValueError("disabled_keys is not a list of strings")
-            if isinstance(stop_until, bool):
-                raise ValueError("stop_until is not a number")
-            return ServerPolicy(disabled_keys=keys, stop_until=stop_until)
+            if isinstance(stop_until, bool) or isinstance(not_before, bool):
+                raise ValueError("stop_until or not_before is not a number")
+            return ServerPolicy(disabled_keys=keys, stop_until=stop_until, not_before=not_before)
         except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
             warn_corrupt("server policy file", path, str(exc) or type(exc).__name__)
             return ServerPolicy()
@@ -283,6 +305,7 @@ class State:
             "endpoint": endpoint,
             "disabled_keys": sorted(policy.disabled_keys),
             "stop_until": policy.stop_until,
+            "not_before": policy.not_before,
         })
         return self._save("server policy", self.policy_path(endpoint), text + "\n")
 

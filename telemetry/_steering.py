@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from typing import Callable, ContextManager, Optional
 
+import attrs
+
 from telemetry._buffer import Buffer
 from telemetry._events import EventBuffer
-from telemetry._log import logger
+from telemetry._log import logger, printable
 from telemetry._state import ServerPolicy, State
 from telemetry._wire import Response
 
@@ -47,20 +49,32 @@ class ClientSteering:
         self._silence = silence
         self.stopped = False
         """The server said stop (now, or within the last 30 days)."""
+        self._policy = ServerPolicy()  # what is remembered for the endpoint
 
     def restore(self) -> None:
         """Take up what the server asked to remember (caller holds the lifecycle lock)."""
         if self.state is None or not self.endpoint:
             return
         policy = self.state.read_policy(self.endpoint)
+        self._policy = policy
         self.stopped = policy.stopped(self.wall_clock())
         self.buffer.disable_keys(policy.disabled_keys)
         self._sync_events()
 
+    def rate_limited(self, seconds: float) -> None:
+        """A 429 asked not to send for ``seconds``: remembered, so a restart waits too."""
+        with self._lock():
+            self._remember(attrs.evolve(self._policy, not_before=self.wall_clock() + seconds))
+
+    def resume_after(self) -> float:
+        """Seconds that a remembered 429 still asks to wait; 0 when none does."""
+        not_before = self._policy.not_before
+        return 0.0 if not_before is None else max(0.0, not_before - self.wall_clock())
+
     def apply(self, response: Response) -> None:
         """Apply one response: log its error, stop, or disable and enable keys."""
         if response.error:
-            logger.warning("telemetry server says: %s", response.error[:500])
+            logger.warning("telemetry server says: %s", printable(response.error))
         with self._lock():
             if response.stop:
                 self._stop()
@@ -75,7 +89,7 @@ class ClientSteering:
             after = self.buffer.server_disabled_keys
             if after != before:
                 self._sync_events()
-                self._remember(ServerPolicy(disabled_keys=after))
+                self._remember(attrs.evolve(self._policy, disabled_keys=after))
 
     def _sync_events(self) -> None:
         """Give the events the disabled keys now in force (the application's and ours)."""
@@ -91,9 +105,10 @@ class ClientSteering:
         self.buffer.reset()
         if self.events is not None:
             self.events.reset()
-        policy = ServerPolicy(disabled_keys=self.buffer.server_disabled_keys)
+        policy = attrs.evolve(self._policy, disabled_keys=self.buffer.server_disabled_keys)
         self._remember(policy.remember_stop(self.wall_clock()))
 
     def _remember(self, policy: ServerPolicy) -> None:
+        self._policy = policy
         if self.state is not None and self.endpoint:
             self.state.write_policy(self.endpoint, policy)

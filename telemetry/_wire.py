@@ -131,6 +131,8 @@ class Response:
     error: Optional[str] = None
     disable_keys: Tuple[str, ...] = ()
     enable_keys: Tuple[str, ...] = ()
+    ignored: Tuple[str, ...] = attrs.field(default=(), eq=False)
+    """Known fields that came with the wrong type and were ignored (not on the wire)."""
 
 
 @attrs.frozen
@@ -464,10 +466,9 @@ def decode_payload(body: Union[bytes, str, Mapping[str, Any]]) -> Payload:
     )
 
 
-def _string_list(name: str, value: object) -> Optional[Tuple[str, ...]]:
+def _string_list(value: object) -> Optional[Tuple[str, ...]]:
     if isinstance(value, list) and all(isinstance(item, str) for item in value):
         return tuple(value)
-    logger.warning("server response field %r is not a list of strings; ignored", name)
     return None
 
 
@@ -476,7 +477,8 @@ def decode_response(body: bytes) -> Response:
 
     An empty body means "no instructions". A body that is not a JSON object
     raises ``ValueError`` (the send counts as failed). A known field of the
-    wrong type is ignored with a warning; unknown fields are ignored.
+    wrong type is ignored and named in ``ignored`` (the emitter warns about
+    it, without repeating itself every cycle); unknown fields are ignored.
     """
     if not body.strip():
         return Response()
@@ -487,28 +489,30 @@ def decode_response(body: bytes) -> Response:
     if not isinstance(obj, dict):
         raise ValueError("response body is not a JSON object")
     fields: Dict[str, Any] = {}
+    ignored: List[str] = []
     if "next_update" in obj:
-        value = obj["next_update"]
-        if type(value) is int:
-            fields["next_update"] = value
+        if type(obj["next_update"]) is int:
+            fields["next_update"] = obj["next_update"]
         else:
-            logger.warning("server response next_update %r is not an integer; ignored", value)
+            ignored.append("next_update")
     if "stop" in obj:
         if type(obj["stop"]) is bool:
             fields["stop"] = obj["stop"]
         else:
-            logger.warning("server response stop %r is not a boolean; ignored", obj["stop"])
+            ignored.append("stop")
     if obj.get("error") is not None:
         if isinstance(obj["error"], str):
             fields["error"] = obj["error"]
         else:
-            logger.warning("server response error field is not a string; ignored")
+            ignored.append("error")
     for name in ("disable_keys", "enable_keys"):
         if obj.get(name) is not None:
-            keys = _string_list(name, obj[name])
-            if keys is not None:
+            keys = _string_list(obj[name])
+            if keys is None:
+                ignored.append(name)
+            else:
                 fields[name] = keys
-    return Response(**fields)
+    return Response(**fields, ignored=tuple(ignored))
 
 
 def seconds_to_duration(seconds: float) -> int:

@@ -420,12 +420,20 @@ MAX_VALUES_PER_KEY = 4
 DISABLED = frozenset({"off"})
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def storable(text: str) -> bool:
+    """No NUL and no lone surrogate: a string every store can keep."""
+    return "\x00" not in text and not any(0xD800 <= ord(char) <= 0xDFFF for char in text)
+
+
 def model_key(key: object) -> Optional[str]:
     """The key as the buffer should store it, or None when it is not a valid key."""
     if not isinstance(key, str):
         return None
     plain = str.__str__(key)
-    return plain if 1 <= len(plain) <= 256 else None
+    return plain if 1 <= len(plain) <= 256 and storable(plain) else None
 
 
 def model_json(value: object, depth: int = 0) -> Any:
@@ -433,13 +441,15 @@ def model_json(value: object, depth: int = 0) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, int):
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise Invalid
         return int(value)
     if isinstance(value, float):
         if not math.isfinite(value):
             raise Invalid
         return float(value)
     if isinstance(value, str):
-        if len(value) > 1024:
+        if len(value) > 1024 or not storable(value):
             raise Invalid
         return str.__str__(value)
     if isinstance(value, (list, tuple, dict)) and depth >= 32:
@@ -447,7 +457,7 @@ def model_json(value: object, depth: int = 0) -> Any:
     if isinstance(value, (list, tuple)):
         return [model_json(item, depth + 1) for item in value]
     if isinstance(value, dict):
-        if not all(isinstance(name, str) for name in value):
+        if not all(isinstance(name, str) and storable(name) for name in value):
             raise Invalid
         return {str.__str__(name): model_json(item, depth + 1) for name, item in value.items()}
     raise Invalid
@@ -502,7 +512,7 @@ class Model:
             return
         try:
             if kind == "add":
-                if type(args[0]) is not int:
+                if type(args[0]) is not int or not INT64_MIN <= args[0] <= INT64_MAX:
                     raise Invalid
                 argument: Any = args[0]
             elif kind == "increment":
@@ -528,7 +538,11 @@ class Model:
             if new and self._admit(1):
                 self.data[key] = argument
             elif not new:
-                self.data[key] += argument
+                total = self.data[key] + argument
+                if not INT64_MIN <= total <= INT64_MAX:  # saturates; the call is dropped
+                    total = max(INT64_MIN, min(total, INT64_MAX))
+                    self.dropped += 1
+                self.data[key] = total
         elif stored_kind == "set":
             if not new or self._admit(1):
                 self.data[key] = argument
@@ -579,7 +593,8 @@ def nest(levels: int) -> Any:
 # repeats, per-key caps); shared keys make kinds collide; then the invalid and disabled.
 shared_keys = st.sampled_from(["a", "b:x"])
 odd_keys: st.SearchStrategy[Any] = st.one_of(
-    st.sampled_from(["K" * 256, "off", "off:sub", "", "k" * 257, 5, None, b"a", 1.5, ("a",)]),
+    st.sampled_from(["K" * 256, "off", "off:sub", "", "k" * 257, 5, None, b"a", 1.5, ("a",),
+                     "k\x00", "k\ud800"]),
     st.builds(list),
     st.builds(BadHash),
     st.just(StrKey("a")),
@@ -596,7 +611,8 @@ scalars = st.one_of(
     st.integers(),
     st.floats(),  # includes NaN and infinities
     st.text(max_size=6),
-    st.sampled_from([1, 1.0, True, 0, -0.0, "x" * 1024, "x" * 1025, "\ud800", StrKey("s")]),
+    st.sampled_from([1, 1.0, True, 0, -0.0, "x" * 1024, "x" * 1025, "\ud800", "a\x00b", "é\udfff",
+                     StrKey("s"), INT64_MAX, INT64_MIN, INT64_MAX + 1, INT64_MIN - 1]),
 )
 json_ish = st.recursive(
     scalars,
@@ -652,7 +668,10 @@ elements = st.builds(
     st.integers(1, 7),
     st.lists(values, max_size=2),
 )
-amounts = st.one_of(st.integers(), st.integers(), st.booleans(), st.floats(), st.just("1"))
+amounts = st.one_of(
+    st.integers(), st.integers(), st.booleans(), st.floats(), st.just("1"),
+    st.sampled_from([INT64_MAX, INT64_MIN, 2**62, -(2**62), INT64_MAX + 1]),
+)
 operations = st.one_of(
     st.tuples(st.just("set"), keys_for("value"), values),
     st.tuples(st.just("set_nested"), keys_for("mapping"), subkeys, values),

@@ -39,8 +39,11 @@ def _assert_beside_floor(calls: Dict[str, Dict[str, float]]) -> None:
 def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -> None:
     assert set(results) == {
         "calls_on", "calls_off", "contended", "import", "memory", "snapshot_encode", "stall",
-        "server", "events_on", "events_off", "stall_events",
+        "server", "spool_start", "events_on", "events_off", "stall_events",
     }
+    spool = results["spool_start"]
+    assert spool["files"] == TINY.spool_files
+    assert spool["start_ms"] > 0 and spool["baseline_ms"] > 0
     _assert_beside_floor(results["calls_on"])
     _assert_beside_floor(results["calls_off"])
     for calls in (results["events_on"], results["events_off"]):

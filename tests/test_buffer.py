@@ -222,7 +222,8 @@ VALID_VALUES: List[Any] = [
     False,
     0,
     -5,
-    2**70,
+    2**63 - 1,
+    -(2**63),
     1.5,
     -0.0,
     1e308,
@@ -404,11 +405,113 @@ def test_values_are_copied_so_later_mutation_does_not_change_the_buffer() -> Non
     }
 
 
-def test_lone_surrogates_are_stored_not_an_internal_error() -> None:
+UNSTORABLE_STRINGS = ["a\x00b", "\x00", "\ud800", "é\udfff", "x" * 100 + "\udc80"]
+
+
+@pytest.mark.parametrize("text", UNSTORABLE_STRINGS, ids=ascii)
+def test_strings_not_every_store_can_keep_are_rejected_at_the_call(
+    text: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # PostgreSQL refuses U+0000 in text and JSON; no store can keep a lone surrogate.
     buffer = Buffer()
-    buffer.set("scalar", "\ud800")
-    buffer.set("container", ["\udfff", {"k\ud800": 1}])
-    assert taken(buffer).data == {"scalar": "\ud800", "container": ["\udfff", {"k\ud800": 1}]}
+    with caplog.at_level(logging.WARNING, logger="telemetry"):
+        for _ in range(3):
+            buffer.set("scalar", text)
+            buffer.set("container", ["ok", {"k": text}])
+            buffer.set("name", {text: 1})
+            buffer.set_nested("mapping", text, 1)
+            buffer.set_nested("mapping2", "sub", text)
+            buffer.append("list", text)
+            buffer.append_unique("set", text)
+            buffer.increment(text)
+            buffer.increment(StrKey(text))
+    snapshot = taken(buffer)
+    assert snapshot.data == {}
+    assert snapshot.dropped == 27
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 8  # one per key (both spellings of the key are one key)
+    assert all("U+0000" in m or "surrogate" in m for m in warned)
+    assert all("\x00" not in m and "\ud800" not in m for m in warned)
+
+
+def test_ints_must_fit_64_bits_and_counters_saturate(caplog: pytest.LogCaptureFixture) -> None:
+    top, bottom = 2**63 - 1, -(2**63)
+    buffer = Buffer()
+    with caplog.at_level(logging.WARNING, logger="telemetry"):
+        for value in (top + 1, bottom - 1, [top + 1], {"n": bottom - 1}, 10**5000):
+            buffer.set("value", value)
+            buffer.append("list", value)
+            buffer.append_unique("set", value)
+        buffer.add("rejected", top + 1)
+        buffer.add("up", top - 1)
+        buffer.increment("up")
+        buffer.increment("up")  # past the bound: stays there, dropped
+        buffer.add("up", 5)  # dropped
+        buffer.add("up", -1)  # back under it: counts again
+        buffer.add("down", bottom + 1)
+        buffer.add("down", -2)  # dropped
+        buffer.add("fresh", 1)
+        buffer.add("fresh", top)  # saturates on the slow path's first update too
+    snapshot = taken(buffer)
+    assert snapshot.data == {"up": top - 1, "down": bottom, "fresh": top}
+    assert snapshot.dropped == 15 + 1 + 2 + 1 + 1
+    saturated = [r for r in caplog.records if "64-bit bound" in r.getMessage()]
+    assert len(saturated) == 3  # once per key
+
+
+class _Raises:
+    """Methods that raise, for subclasses of the JSON container and scalar types."""
+
+    def __eq__(self, other: object) -> bool:
+        raise RuntimeError("__eq__")
+
+    def __hash__(self) -> int:
+        raise RuntimeError("__hash__")
+
+
+def _raising(base: type, *names: str) -> type:
+    def boom(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("boom")
+
+    return type(f"Bad{base.__name__}", (_Raises, base), dict.fromkeys(names, boom))
+
+
+BAD_SUBCLASS_VALUES = [  # (value, what its base type holds)
+    (_raising(list)([1, 2]), [1, 2]),
+    (_raising(dict)(a=1), {"a": 1}),
+    (_raising(list, "__iter__", "__len__")([1, 2]), [1, 2]),
+    (_raising(tuple, "__iter__", "__len__")((1, 2)), [1, 2]),
+    (_raising(dict, "__iter__", "__len__", "items", "keys", "values", "__getitem__")(a=1),
+     {"a": 1}),
+    (_raising(int, "__int__", "__index__", "__lt__", "__gt__", "__le__", "__ge__")(5), 5),
+    (_raising(float, "__float__", "__lt__", "__gt__")(1.5), 1.5),
+    (_raising(str, "__str__", "__len__", "__iter__", "__contains__", "encode")("s"), "s"),
+]
+
+
+@pytest.mark.parametrize(("value", "plain"), BAD_SUBCLASS_VALUES,
+                         ids=[type(v).__mro__[2].__name__ for v, _ in BAD_SUBCLASS_VALUES])
+def test_subclasses_with_raising_methods_are_read_as_their_base_type(
+    value: Any, plain: Any, caplog: pytest.LogCaptureFixture,
+    fail_on_internal_errors: List[BaseException],
+) -> None:
+    buffer = Buffer()
+    with caplog.at_level(logging.WARNING, logger="telemetry"):
+        for _ in range(1000):
+            buffer.set("value", value)
+            buffer.set_nested("mapping", "sub", value)
+            buffer.append("list", value)
+            buffer.append_unique("set", value)
+            buffer.add("counter", value)
+            buffer.set(value, 1)
+    errors = list(fail_on_internal_errors)
+    fail_on_internal_errors.clear()  # reported here, not by the fixture
+    assert errors == []
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(caplog.records) <= 6  # at most one warning per key, not one per call
+    data = taken(buffer).data
+    assert typed(data["value"]) == typed(plain)
+    assert typed(data["mapping"]) == typed({"sub": plain})
 
 
 def test_append_unique_takes_scalars_only() -> None:
@@ -465,10 +568,10 @@ def test_add_takes_int_only() -> None:
     buffer.add("counter", 0)
     buffer.add("zero", 0)
     buffer.add("counter", True)  # rejected on an existing counter too
-    buffer.add("counter", 2**64)
+    buffer.add("counter", 2**64)  # over 64 bits: rejected
     snapshot = taken(buffer)
-    assert typed(snapshot.data) == typed({"counter": 2**64 - 5, "zero": 0})
-    assert snapshot.dropped == 1
+    assert typed(snapshot.data) == typed({"counter": -5, "zero": 0})
+    assert snapshot.dropped == 2
 
 
 def test_increment_is_add_one() -> None:

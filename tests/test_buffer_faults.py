@@ -9,11 +9,10 @@ Randomness is seeded: the Hypothesis properties by ``derandomize``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any, Callable, List, Tuple
 
 import pytest
-from conftest import dead_endpoint, emitter_of, state_of
+from conftest import emitter_of
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -56,7 +55,8 @@ _SCALARS = (
     | st.sampled_from([2**64, -(2**63), -0.0, 5e-324, 1.7976931348623157e308,
                        "\ud800", "\x00", "x" * 1025, "\u2028"])
 )
-# More digits than str(int) allows: accepted by the buffer as a scalar, unencodable.
+# More digits than str(int) allows (an int subclass): refused at the call like any int
+# outside 64 bits.
 _HUGE_INTS = st.sampled_from([10**5000, -(10**4400)]).map(_HugeInt)
 _VALUES = st.recursive(
     _SCALARS,
@@ -106,43 +106,40 @@ def test_any_collection_call_is_delivered_intact(
     client.stop_emitting(timeout=1)
 
 
-def test_an_int_too_long_to_encode_drops_only_its_key(
+def test_ints_past_64_bits_never_reach_the_server(
     make_client: MakeClient, telemetry_server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Found by the fuzz above: json refuses an int of more than 4300 digits; encoding
-    # raised ValueError and killed the emitter thread. The buffer now refuses such a
-    # value ("huge"), but a counter can still grow past it ("grown").
+    # An int a store cannot sum must not cost the whole payload: it is refused at
+    # the call ("huge"), and a counter that grows past the bound stays at it ("grown").
     client = make_client()
-    client.set("huge", 10**5000)
-    for _ in range(10):
-        client.add("grown", 10**4299)  # each fits; the sum (4301 digits) does not
+    client.set("huge", 2**63)
+    for _ in range(3):
+        client.add("grown", 2**62)  # the second and third pass the bound
     client.increment("kept")
     client.start_emitting()
     assert client.flush(timeout=5)
     client.increment("after")
     assert client.flush(timeout=5)
     stats = telemetry_server.stats()
-    assert stats["keys"] == {"after": 1, "kept": 1}
-    assert stats["dropped"] == 2  # huge and grown, one item each
-    assert "cannot be encoded" in caplog.text
+    assert stats["keys"] == {"after": 1, "kept": 1, "grown": 2**63 - 1}
+    assert stats["dropped"] == 3  # huge, and the two calls past the bound
+    assert "signed 64-bit" in caplog.text
 
 
-def test_an_int_too_long_to_encode_never_reaches_the_spool(
-    make_client: MakeClient, caplog: pytest.LogCaptureFixture, tmp_path: Path
+def test_a_string_no_store_can_keep_never_costs_the_payload(
+    make_client: MakeClient, telemetry_server: Server
 ) -> None:
-    client = make_client(endpoint=dead_endpoint())
+    # U+0000 made a PostgreSQL-backed server refuse a whole payload: refused at the call.
+    client = make_client()
+    for _ in range(100):
+        client.increment("hits")
+    client.set("name", "a\x00b")
+    client.append_unique("agents", "\ud800")
     client.start_emitting()
-    for _ in range(10):
-        client.add("grown", 10**4299)  # each fits; the sum (4301 digits) does not
-    client.increment("kept")
-    client.stop_emitting(timeout=0.5)  # the last data was never encoded: now it is
-    spooled = state_of(tmp_path).spool.payloads()
-    assert [key for payload in spooled for key in payload.data] == ["kept"]
-    # The drop is counted: on the spooled payload, or carried by the next one.
-    carried = client.take_payload()
-    assert carried is not None
-    assert sum(payload.dropped for payload in spooled) + carried.dropped == 1
-    assert "cannot be encoded" in caplog.text
+    assert client.flush(timeout=5)
+    stats = telemetry_server.stats()
+    assert stats["keys"] == {"hits": 100}
+    assert stats["dropped"] == 2
 
 
 def test_an_int_too_long_to_encode_inside_a_container_is_a_rejected_value(

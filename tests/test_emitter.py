@@ -7,6 +7,7 @@ the real server over loopback, is in ``test_emission.py``.
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections import deque
@@ -46,11 +47,19 @@ class ScriptedSink:
 
 
 class RecordingSteering:
-    def __init__(self) -> None:
+    def __init__(self, resume_after: float = 0.0) -> None:
         self.responses: List[Response] = []
+        self.rate_limits: List[float] = []
+        self._resume_after = resume_after
 
     def apply(self, response: Response) -> None:
         self.responses.append(response)
+
+    def rate_limited(self, seconds: float) -> None:
+        self.rate_limits.append(seconds)
+
+    def resume_after(self) -> float:
+        return self._resume_after
 
 
 class Spooled:
@@ -76,8 +85,11 @@ class RecordingSpool:
         self.saved += requests
         return 0
 
-    def claim(self) -> List[Spooled]:
-        claimed, self.held = self.held, []
+    def trim(self) -> int:
+        return 0
+
+    def claim(self, limit: int) -> List[Spooled]:
+        claimed, self.held = self.held[:limit], self.held[limit:]
         return claimed
 
 
@@ -137,16 +149,29 @@ def test_a_delivered_payload_leaves_pending_and_its_response_is_applied(
 def test_retries_keep_the_payload_and_its_id_then_the_next_cycle_resends(
     rigs: List[Rig],
 ) -> None:
-    rig = started(rigs, RETRY, RETRY, RETRY, RETRY)
-    rig.time.advance(100)  # room for the backoffs, not for the next cycle
+    rig = started(rigs, *[RETRY] * 200)
+    rig.time.advance(100)  # room for some cycles' backoffs, then time stands still
     rig.buffer.increment("hits")
-    assert rig.emitter.flush(timeout=5) is False  # four attempts failed
-    assert len(rig.sink.requests) == 4
+    assert rig.emitter.flush(timeout=0.3) is False  # every attempt failed, until its timeout
+    assert len(rig.sink.requests) > 4  # a waiting flush tries again after each failed cycle
     assert len({p.payload_id for p in rig.sink.payloads}) == 1
     (kept,) = rig.emitter.pending
     assert kept.data == {"hits": 1}
+    tried = len(rig.sink.requests)
+    rig.sink.script.clear()  # the server is back
+    rig.time.advance(1000)
     assert rig.emitter.flush(timeout=5)  # delivered at last, with the same id
-    assert rig.sink.payloads[-1].payload_id == kept.payload_id
+    assert rig.sink.payloads[tried].payload_id == kept.payload_id
+
+
+def test_a_waiting_flush_retries_failed_cycles_until_delivered(rigs: List[Rig]) -> None:
+    rig = started(rigs, RETRY, RETRY, RETRY, RETRY)
+    rig.time.advance(100)
+    rig.buffer.increment("hits")
+    assert rig.emitter.flush(timeout=5)  # the cycle failed; the next try after a backoff
+    assert len(rig.sink.requests) == 5
+    assert len({p.payload_id for p in rig.sink.payloads}) == 1
+    assert rig.emitter.pending == []
 
 
 def test_backoffs_follow_the_schedule_and_its_random_source(rigs: List[Rig]) -> None:
@@ -206,10 +231,12 @@ def test_a_stop_applies_steering_then_discards_everything(rigs: List[Rig]) -> No
 
 def test_pending_is_bounded_and_the_overflow_is_counted(rigs: List[Rig]) -> None:
     rig = started(rigs, *[RETRY] * 12, max_pending=2,
-                  schedule=Schedule(min_interval=1000, max_interval=1000, retries=0))
+                  schedule=Schedule(min_interval=1000, max_interval=1000, retries=0, jitter=0))
     for cycle in range(4):
         rig.buffer.increment(f"k{cycle}")
-        assert rig.emitter.flush(timeout=5) is False
+        waits = len(rig.time.waits)
+        rig.time.advance(1000)  # exactly one more (failing) cycle
+        assert rig.time.wait_for_waits(waits + 1)
     assert [list(p.data) for p in rig.emitter.pending] == [["k2"], ["k3"]]
     assert sum(p.dropped for p in rig.emitter.pending) + rig.buffer.dropped == 2
 
@@ -256,8 +283,10 @@ def test_start_takes_back_the_spool_up_to_max_pending_and_sends_it_first(
     spooled = list(rig.spool.held)
     assert rig.emitter.start()
     assert rig.time.wait_for_waits(1)  # the first cycle: no check-in, the spool is the news
-    assert [p.data for p in rig.sink.payloads] == [{"old0": 1}, {"old1": 1}]
-    assert [s.settled for s in spooled] == [["done"], ["done"], ["release"]]
+    # One, leaving room in ``pending`` (2) for the first cycle's own payload.
+    assert [p.data for p in rig.sink.payloads] == [{"old0": 1}]
+    assert [s.settled for s in spooled] == [["done"], [], []]
+    assert rig.spool.held == spooled[1:]  # never claimed: they stay for a later process
 
 
 def test_a_spooled_payload_undelivered_at_stop_goes_back_as_it_was(rigs: List[Rig]) -> None:
@@ -413,3 +442,44 @@ def test_interval_table(next_update: Optional[int], fraction: float, expected: f
 def test_backoff_table(attempt: int, fraction: float, expected: float) -> None:
     """Full jitter: uniform between 0 and min(cap, base * 2**attempt)."""
     assert SCHEDULE.backoff(attempt, FixedJitter(fraction)) == pytest.approx(expected)
+
+
+class SlowDiskSpool(RecordingSpool):
+    """A spool whose ``save`` blocks until the test lets it go (a disk that hangs)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.go_on = threading.Event()
+        self.finished = threading.Event()
+
+    def save(self, requests: List[Request]) -> int:
+        self.entered.set()
+        self.go_on.wait(30)
+        lost = super().save(requests)
+        self.finished.set()
+        return lost
+
+
+def test_stop_keeps_its_bound_however_slow_the_spool_is(
+    rigs: List[Rig], caplog: pytest.LogCaptureFixture
+) -> None:
+    rig = Rig(ScriptedSink(*[RETRY] * 10))
+    rigs.append(rig)
+    spool = SlowDiskSpool()
+    rig.emitter.spool = spool
+    assert rig.emitter.start()
+    assert rig.time.wait_for_waits(1)  # the first send failed; a backoff waits
+    rig.buffer.increment("hits")
+    stopping = threading.Thread(target=rig.emitter.stop, args=(0.5,))
+    with caplog.at_level(logging.WARNING, logger="telemetry"):
+        stopping.start()
+        stopping.join(10)
+        try:
+            assert not stopping.is_alive(), "stop() waited for the disk"
+            assert spool.entered.is_set() and spool.saved == []
+        finally:
+            spool.go_on.set()
+    assert "still being written" in caplog.text
+    assert spool.finished.wait(10)  # finished in the background: nothing lost
+    assert [r.payload.data for r in spool.saved] == [{"hits": 1}]

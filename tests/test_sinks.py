@@ -1,20 +1,41 @@
-"""Sinks: the status policy as a table, the log and no-op sinks.
+"""Sinks: the status policy as a table, the log and no-op sinks, and the HTTP sink
+against servers that misbehave: slow drips, huge or endless answers, proxies, CA bundles.
 
 ``result_for_status`` is pure, so every row of the protocol's status table
-(``docs/protocol.md``, "Statuses") is checked here without a server; the HTTP
-sink against the real server is exercised by ``test_emission.py``.
+(``docs/protocol.md``, "Statuses") is checked here without a server. A server
+that drips bytes is a tiny raw socket server here, on 127.0.0.1, that stops as
+soon as the test ends (``server_stub`` answers whole responses).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import logging
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
 from datetime import datetime, timezone
-from typing import Dict, Optional
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
 
 import pytest
 
-from telemetry._sinks import LogSink, NoOpSink, Outcome, result_for_status
-from telemetry._wire import JSONValue, Payload, Response, encode_request
+from server_stub import Server
+from telemetry._sinks import (
+    MAX_ANSWER_BYTES,
+    HTTPSink,
+    LogSink,
+    NoOpSink,
+    Outcome,
+    SendResult,
+    result_for_status,
+)
+from telemetry._wire import JSONValue, Payload, Request, Response, encode_request
 
 NOW = 1_800_000_000.0  # 2027-01-15 08:00:00 UTC
 NS = 1_000_000_000
@@ -88,3 +109,281 @@ def test_the_log_sink_writes_one_line_per_payload(caplog: pytest.LogCaptureFixtu
 
 def test_the_no_op_sink_accepts_everything() -> None:
     assert NoOpSink()(encode_request(payload(x=1))[0], 0.0).outcome is D
+
+
+# -- the HTTP sink against misbehaving servers ---------------------------------------
+
+
+Answer = Callable[[socket.socket, threading.Event], None]
+
+
+class RawServer:
+    """Accepts connections on 127.0.0.1, reads each request, then runs ``answer`` on it.
+
+    ``answer(connection, stop)`` writes whatever it likes; ``stop`` is set when
+    the test ends, so every dripping loop ends then at the latest.
+    """
+
+    def __init__(self, answer: Answer, tls: Optional[ssl.SSLContext] = None) -> None:
+        self._answer = answer
+        self._tls = tls
+        self.stop = threading.Event()
+        self.request_lines: List[bytes] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._threads: List[threading.Thread] = []
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+        self._accepting.start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                connection, _ = self._listener.accept()
+            except OSError:
+                return  # closed by ``close``
+            thread = threading.Thread(target=self._serve, args=(connection,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        try:
+            if self._tls is not None:
+                connection = self._tls.wrap_socket(connection, server_side=True)
+            with connection:
+                self.request_lines.append(_read_request(connection))
+                self._answer(connection, self.stop)
+        except OSError:
+            connection.close()  # the client gave up on us: that is what the tests want
+
+    def close(self) -> None:
+        self.stop.set()
+        with socket.socket() as poke, contextlib.suppress(OSError):  # wake ``accept``
+            poke.connect(self._listener.getsockname())
+        self._listener.close()
+        self._accepting.join(5)
+        for thread in self._threads:
+            thread.join(5)
+
+
+def _read_request(connection: socket.socket) -> bytes:
+    """Read one request; returns its request line."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        piece = connection.recv(65536)
+        if not piece:
+            raise ConnectionError("client went away")
+        data += piece
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        piece = connection.recv(65536)
+        if not piece:
+            raise ConnectionError("client went away")
+        body += piece
+    return head.split(b"\r\n", 1)[0]
+
+
+@pytest.fixture
+def raw_server() -> Iterator[Callable[..., RawServer]]:
+    servers: List[RawServer] = []
+
+    def start(answer: Answer, tls: Optional[ssl.SSLContext] = None) -> RawServer:
+        server = RawServer(answer, tls)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def drip(data: bytes, interval: float = 0.05) -> Answer:
+    """Send ``data`` one byte at a time, ``interval`` seconds apart (until the test ends)."""
+
+    def answer(connection: socket.socket, stop: threading.Event) -> None:
+        for index in range(len(data)):
+            if stop.wait(interval):
+                return
+            connection.sendall(data[index : index + 1])
+
+    return answer
+
+
+def endless_chunks(connection: socket.socket, stop: threading.Event) -> None:
+    """A 200 whose chunked body never ends (until the client hangs up or the test ends)."""
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       b"Transfer-Encoding: chunked\r\n\r\n")
+    chunk = b"4000\r\n" + b" " * 0x4000 + b"\r\n"
+    for _ in range(4096):  # 64 MiB at most
+        if stop.is_set():
+            return
+        connection.sendall(chunk)
+
+
+def send_request() -> Request:
+    return encode_request(Payload(instance_id=str(uuid.uuid4()),
+                                  timestamp=datetime.now(timezone.utc), data={"hits": 1}))[0]
+
+
+def send_in_thread(sink: HTTPSink, timeout: float) -> Callable[[float], Optional[SendResult]]:
+    """Start one send; the returned function waits (really) for its result, or None."""
+    results: List[SendResult] = []
+    thread = threading.Thread(target=lambda: results.append(sink(send_request(), timeout)),
+                              daemon=True)
+    thread.start()
+
+    def result(wait: float) -> Optional[SendResult]:
+        thread.join(wait)
+        return results[0] if results else None
+
+    return result
+
+
+LONG_HEADERS = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                + b"".join(b"X-Filler-%d: %s\r\n" % (n, b"y" * 40) for n in range(200))
+                + b"Content-Length: 2\r\n\r\n{}")
+
+
+@pytest.mark.parametrize("where", ["status line and headers", "body"])
+def test_a_dripping_server_cannot_hold_an_attempt_past_its_deadline(
+    raw_server: Callable[..., RawServer], where: str
+) -> None:
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 9000\r\n\r\n"
+
+    def slow_body(connection: socket.socket, stop: threading.Event) -> None:
+        connection.sendall(head)
+        drip(b" " * 9000)(connection, stop)
+
+    # Each byte comes well within the per-read timeout.
+    answer = slow_body if where == "body" else drip(LONG_HEADERS)
+    server = raw_server(answer)
+    sink = HTTPSink(server.url)
+    # The drip would last minutes; the attempt ends at its 0.3 s deadline.
+    result = send_in_thread(sink, 0.3)(30)
+    assert result is not None, "the attempt outlived its deadline"
+    assert result.outcome is R
+    assert "within 0.3 s" in result.detail
+
+
+@pytest.mark.parametrize("framing", ["chunked", "content-length"])
+def test_an_endless_or_huge_answer_is_a_failed_attempt(
+    raw_server: Callable[..., RawServer], framing: str
+) -> None:
+    def huge(connection: socket.socket, stop: threading.Event) -> None:
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1073741824\r\n\r\n")
+        block = b" " * 65536
+        for _ in range(1024):  # 64 MiB of the promised GiB, unless the client hangs up first
+            if stop.is_set():
+                return
+            connection.sendall(block)
+
+    server = raw_server(endless_chunks if framing == "chunked" else huge)
+    result = send_in_thread(HTTPSink(server.url), 10.0)(30)
+    assert result is not None, "the sink kept reading"
+    assert result.outcome is R
+    assert f"larger than {MAX_ANSWER_BYTES} bytes" in result.detail
+
+
+def test_an_answer_over_the_cap_is_not_delivered_one_under_it_is(
+    telemetry_server: Server,
+) -> None:
+    sink = HTTPSink(telemetry_server.url)
+    # Padding is allowed JSON whitespace: only the size differs.
+    telemetry_server.script(status=200, body=b"{}" + b" " * MAX_ANSWER_BYTES)
+    telemetry_server.script(status=200, body=b"{}" + b" " * (MAX_ANSWER_BYTES - 2))
+    assert sink(send_request(), 5.0).outcome is R
+    assert sink(send_request(), 5.0).outcome is D
+
+
+def test_a_compressed_answer_is_held_to_the_same_cap(telemetry_server: Server) -> None:
+    sink = HTTPSink(telemetry_server.url)
+    bomb = gzip.compress(b"{}" + b" " * (10 * MAX_ANSWER_BYTES))  # ~1 KB on the wire
+    small = gzip.compress(b'{"next_update": 5}')
+    telemetry_server.script(status=200, body=bomb, headers={"Content-Encoding": "gzip"})
+    telemetry_server.script(status=200, body=small, headers={"Content-Encoding": "gzip"})
+    assert sink(send_request(), 5.0).outcome is R
+    result = sink(send_request(), 5.0)
+    assert result.outcome is D
+    assert result.response.next_update == 5
+
+
+def test_the_sink_asks_for_an_uncompressed_answer(telemetry_server: Server) -> None:
+    assert HTTPSink(telemetry_server.url)(send_request(), 5.0).outcome is D
+    assert telemetry_server.requests[-1].headers["Accept-Encoding"] == "identity"
+
+
+def answer_ok(connection: socket.socket, stop: threading.Event) -> None:
+    connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 2\r\n\r\n{}")
+
+
+@pytest.mark.parametrize("configured", ["environment", "argument"])
+def test_proxies_are_honoured_and_held_to_the_deadline(
+    raw_server: Callable[..., RawServer], monkeypatch: pytest.MonkeyPatch, configured: str
+) -> None:
+    proxy = raw_server(answer_ok)
+    target = "http://telemetry.example.invalid"  # never resolved: the proxy is asked instead
+    if configured == "environment":
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        sink = HTTPSink(target)
+    else:
+        sink = HTTPSink(target, proxies={"http": proxy.url})
+    assert sink(send_request(), 5.0).outcome is D
+    (line,) = proxy.request_lines
+    assert line.startswith(b"POST " + target.encode() + b"/v1/update/")
+    dripping = raw_server(drip(LONG_HEADERS))
+    result = send_in_thread(HTTPSink(target, proxies={"http": dripping.url}), 0.3)(30)
+    assert result is not None and result.outcome is R
+    assert "within 0.3 s" in result.detail
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A self-signed certificate (and its key, same file) for 127.0.0.1."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command")
+    directory = tmp_path_factory.mktemp("tls")
+    key, cert = directory / "key.pem", directory / "cert.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+         "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    both = directory / "both.pem"
+    both.write_bytes(cert.read_bytes() + key.read_bytes())
+    return both
+
+
+@pytest.mark.parametrize("configured", ["argument", "environment", "none"])
+def test_ca_bundles_are_honoured(
+    raw_server: Callable[..., RawServer], certificate: Path, monkeypatch: pytest.MonkeyPatch,
+    configured: str,
+) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certificate)
+    server = raw_server(answer_ok, tls=context)
+    https = server.url.replace("http://", "https://")
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    if configured == "environment":
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(certificate))
+        sink = HTTPSink(https)
+    else:
+        # A bundle given as an argument wins over one in the environment.
+        system_bundle = ssl.get_default_verify_paths().openssl_cafile
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", system_bundle)
+        sink = HTTPSink(https, verify=str(certificate) if configured == "argument" else None)
+    result = sink(send_request(), 10.0)
+    if configured == "none":
+        assert result.outcome is R
+        assert "CERTIFICATE_VERIFY_FAILED" in result.detail
+    else:
+        assert result.outcome is D, result.detail

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional
 import pytest
 from conftest import encoded
 
+from telemetry._files import UnsafeStateError
 from telemetry._spool import Claimed, SpoolSize
 from telemetry._state import STOP_REMEMBERED_FOR, ServerPolicy, State
 from telemetry._wire import Payload, encode_payload
@@ -379,9 +380,12 @@ def test_a_directory_where_a_file_should_be(
     state: State, warnings: Callable[[], List[str]]
 ) -> None:
     state.consent_path.mkdir(parents=True)
-    assert state.read_consent() is None
+    reason = state.check()
+    assert reason is not None and "is not a regular file" in reason
+    with pytest.raises(UnsafeStateError, match="is not a regular file"):
+        state.read_consent()  # never opened as if it were the file
     assert not state.write_consent("on")
-    assert len(warnings()) == 2
+    assert len(warnings()) == 1
 
 
 def test_corrupt_spool_files_are_deleted_on_claim_and_skipped_by_show(
