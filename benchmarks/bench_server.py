@@ -52,11 +52,12 @@ def ten_key_payload(instance_id: str, n: int) -> Dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _server_process(db: str) -> Iterator[str]:
-    """``python -m server_stub`` on a free port, as in production: its own process."""
+def _server_process(db: str, command: Optional[List[str]] = None) -> Iterator[str]:
+    """``python -m server_stub`` (or ``command``, given the same arguments) on a free port,
+    as in production: its own process."""
     with subprocess.Popen(
         # One client address posting as fast as it can: no per-address or total limit.
-        [sys.executable, "-m", "server_stub", "--port", "0", "--db", db,
+        [*(command or [sys.executable, "-m", "server_stub"]), "--port", "0", "--db", db,
          "--per-address", "0", "--total", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     ) as process:
@@ -75,7 +76,10 @@ def _server_process(db: str) -> Iterator[str]:
 
 
 def ingest(
-    n_payloads: int = 5000, threads: int = 4, db_path: Optional[str] = None
+    n_payloads: int = 5000,
+    threads: int = 4,
+    db_path: Optional[str] = None,
+    command: Optional[List[str]] = None,
 ) -> Dict[str, Any]:
     """Post ``n_payloads`` payloads from ``threads`` threads to ``python -m server_stub``.
 
@@ -83,12 +87,12 @@ def ingest(
     production; the client threads share this one. Returns payloads/s, request
     latency percentiles (ms), and the CPU time per payload spent by the server
     process and by the clients. Each thread uses its own ``requests.Session``
-    (kept-alive connections).
+    (kept-alive connections). ``command`` replaces ``python -m server_stub``.
     """
     with tempfile.TemporaryDirectory() as tmp:
         db = db_path or str(Path(tmp) / "bench.db")
         server_cpu_before = _children_cpu()
-        with _server_process(db) as url:
+        with _server_process(db, command) as url:
             per_thread = [
                 n_payloads // threads + (i < n_payloads % threads) for i in range(threads)
             ]
@@ -124,7 +128,8 @@ def ingest(
             for worker in workers:
                 worker.join()
             elapsed = time.perf_counter() - began
-            stored = requests.get(f"{url}/v1/stats", timeout=30).json()["payloads"]
+            stats_url = f"{url}/v1/stats?since=2000-01-01"
+            stored = requests.get(stats_url, timeout=30).json()["payloads"]
         # The server process has been waited for: its CPU time is now counted.
         server_cpu = _children_cpu() - server_cpu_before
     all_latencies = sorted(latency for per_worker in latencies for latency in per_worker)

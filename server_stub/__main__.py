@@ -1,14 +1,19 @@
-"""``python -m server_stub``: serve the collection server until Ctrl-C or SIGTERM."""
+"""``python -m server_stub``: serve the collection server until Ctrl-C or SIGTERM.
+
+``python -m server_stub policy show|set FILE|history``: a running server's policy.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from types import FrameType
 from typing import List, Optional
 
+from ._access import Access
 from ._app import App
 from ._backends import open_store
 from ._heavy import HeavyLane
@@ -32,6 +37,16 @@ def _parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         help="SQLite database file, or a postgresql:// URL (needs the 'postgres' extra)",
     )
     parser.add_argument("--policy", metavar="FILE", help="policy JSON file (re-read on change)")
+    parser.add_argument(
+        "--read-token",
+        default=os.environ.get("TELEMETRY_READ_TOKEN") or None,
+        help="bearer token for reading (default: $TELEMETRY_READ_TOKEN)",
+    )
+    parser.add_argument(
+        "--admin-token",
+        default=os.environ.get("TELEMETRY_ADMIN_TOKEN") or None,
+        help="bearer token for reading and changing the policy (default: $TELEMETRY_ADMIN_TOKEN)",
+    )
     limits = parser.add_argument_group("limits (see README: Running it in production)")
     limits.add_argument(
         "--max-connections", type=int, default=0, metavar="N",
@@ -73,7 +88,17 @@ def _terminate(signum: int, frame: Optional[FrameType]) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = _parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else argv
+    if arguments[:1] == ["policy"]:
+        from ._policy_cli import main as policy_main  # noqa: PLC0415 - only this command needs it
+
+        return policy_main(arguments[1:])
+    args = _parse_args(arguments)
+    try:
+        access = Access(args.read_token, args.admin_token)
+    except ValueError as exc:
+        print(f"server_stub: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         policy = Policy(args.policy)
@@ -108,7 +133,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     heavy = None if memory else HeavyLane(args.db, args.policy, limits)
     try:
         httpd = FrontServer(
-            App(store, policy, limits=limits, heavy_lane=heavy.handle if heavy else None),
+            App(
+                store,
+                policy,
+                limits=limits,
+                heavy_lane=heavy.handle if heavy else None,
+                access=access,
+            ),
             args.host,
             args.port,
             limits=front_limits,

@@ -27,6 +27,8 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 from urllib.parse import parse_qs
 
+from . import _queries
+from ._access import Access, Grant
 from ._backends import open_store
 from ._events import InvalidEvent, parse_event_query, validate_events
 from ._limits import (
@@ -39,8 +41,9 @@ from ._limits import (
     needs_check,
     value_bound,
 )
+from ._openapi import openapi_document
 from ._policy import Policy
-from ._storage import PayloadRecord, Store, UnstorablePayload
+from ._storage import PayloadRecord, Runner, Store, UnstorablePayload, format_time
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -71,6 +74,8 @@ _CHUNK = 64 << 10
 # so that the client sees the answer rather than a reset connection.
 _DRAIN_LIMIT = 16 << 20
 _MAX_PAGE = 1000
+_MAX_BREAKDOWN = 1000
+_CSV = "text/csv; charset=utf-8"
 _MAX_INT64 = 2**63 - 1
 # Decompressed bytes of each body that need no reservation from the shared budget
 # (bounded anyway by the number of threads), and how long to wait for the rest.
@@ -455,9 +460,13 @@ class App:
         limits: Optional[Limits] = None,
         heavy_lane: Optional[Callable[[bytes, str, str], Response]] = None,
         heavy_values: int = 100_000,
+        access: Optional[Access] = None,
     ) -> None:
         """``heavy_lane(decoded_body, instance_id, address)``, when given, answers
-        payloads of more than ``heavy_values`` JSON values (in another process)."""
+        payloads of more than ``heavy_values`` JSON values (in another process).
+        ``access``: who may read and change the policy (default: no tokens, loopback
+        only). The policy is bound to the store (see ``Policy.bind``).
+        """
         self.store = store
         self.heavy_lane = heavy_lane
         self.heavy_values = heavy_values
@@ -477,6 +486,17 @@ class App:
         self._stored_bytes = 0
         self._measured_at: Optional[float] = None
         self._full_logged_at: Optional[float] = None
+        self.access = access if access is not None else Access()
+        policy.bind(store)
+        self._readers: Dict[str, Callable[[WSGIEnvironment], Response]] = {
+            "/v1/stats": self.stats,
+            "/v1/events": self.events,
+            "/v1/series": self.series,
+            "/v1/breakdown": self.breakdown,
+            "/v1/active": self.active,
+            "/v1/policy/history": self.policy_history,
+            "/v1/openapi.json": self.openapi,
+        }
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> List[bytes]:
         request = request_body(environ, self.limits, self._decoded_budget)
@@ -505,16 +525,23 @@ class App:
                     _allow(method, "POST")
                     return self.update(environ, _instance_id(instance_id))
                 _allow(method, "GET")
+                self._require(environ, Grant.READ)
                 return self.instance(environ, _instance_id(instance_id))
-            if path == "/v1/stats":
-                _allow(method, "GET")
-                return Response(200, self.store.stats())
-            if path == "/v1/events":
-                _allow(method, "GET")
-                return self.events(environ)
             if path == "/healthz":
                 _allow(method, "GET")
                 return Response(200, {"status": "ok"})
+            if path == "/v1/policy":
+                _allow(method, "GET", "PUT")
+                if method == "PUT":
+                    self._require(environ, Grant.ADMIN)
+                    return self.put_policy(environ)
+                self._require(environ, Grant.READ)
+                return Response(200, self.policy.current().to_fields())
+            reader = self._readers.get(path)
+            if reader is not None:
+                _allow(method, "GET")
+                self._require(environ, Grant.READ)
+                return reader(environ)
             raise HTTPError(404, f"no such endpoint: {path}")
         except HTTPError as exc:
             return _error(exc.status, exc.message, exc.headers)
@@ -583,6 +610,83 @@ class App:
             raise HTTPError(400, f"payload cannot be stored: {exc}") from None
         return Response(200, rules.response_fields(instance_id))
 
+    def _require(self, environ: WSGIEnvironment, needed: Grant) -> None:
+        refusal = self.access.check(environ, needed)
+        if refusal is not None:
+            raise HTTPError(refusal.status, refusal.message, list(refusal.headers))
+
+    def put_policy(self, environ: WSGIEnvironment) -> Response:
+        """``PUT /v1/policy``: replace the whole policy (validated as a policy file is)."""
+        if _media_type(environ) != "application/json":
+            raise HTTPError(415, "Content-Type must be application/json")
+        body = request_body(environ).parse()
+        try:
+            rules = self.policy.set(body, "http")
+        except ValueError as exc:
+            raise HTTPError(400, f"invalid policy: {exc}") from None
+        logger.info("policy changed over HTTP: %s", rules.to_fields())
+        return Response(200, rules.to_fields())
+
+    def policy_history(self, environ: WSGIEnvironment) -> Response:
+        """``GET /v1/policy/history?limit=``: the latest changes, newest first."""
+        query = _query(environ)
+        limit = _query_int(query, "limit", 100, 1, _MAX_PAGE)
+        return Response(200, {"changes": self.policy.history(limit)})
+
+    def openapi(self, environ: WSGIEnvironment) -> Response:
+        return Response(200, openapi_document())
+
+    def stats(self, environ: WSGIEnvironment) -> Response:
+        """``GET /v1/stats?since=&until=``: totals within the window."""
+        query = _query(environ)
+        window = self._window(query)
+        answer = self._run(lambda run: _queries.stats(run, window))
+        # Events over the same whole UTC days as the rest, from their own hourly counts.
+        first_day, end_day = window.days()
+        answer["events"] = self.store.event_counts(_day_start(first_day), _day_start(end_day))
+        return _answer("stats", answer, query)
+
+    def series(self, environ: WSGIEnvironment) -> Response:
+        """``GET /v1/series?key=&bucket=``: one point per bucket, empty ones included."""
+        query = _query(environ)
+        key = _required(query, "key")
+        window = self._window(query)
+        bucket = _bucket(query)
+        answer = self._run(lambda run: _queries.series(run, key, bucket, window))
+        return _answer("series", answer, query)
+
+    def breakdown(self, environ: WSGIEnvironment) -> Response:
+        """``GET /v1/breakdown?key=&limit=``: a set key's latest values, a counting set's top."""
+        query = _query(environ)
+        key = _required(query, "key")
+        limit = _query_int(query, "limit", 10, 1, _MAX_BREAKDOWN)
+        window = self._window(query)
+        answer = self._run(lambda run: _queries.breakdown(run, key, limit, window))
+        return _answer("breakdown", answer, query)
+
+    def active(self, environ: WSGIEnvironment) -> Response:
+        """``GET /v1/active?bucket=``: distinct active instances (and payloads) per bucket."""
+        query = _query(environ)
+        window = self._window(query)
+        bucket = _bucket(query)
+        answer = self._run(lambda run: _queries.active(run, bucket, window))
+        return _answer("active", answer, query)
+
+    def _run(self, query: Callable[[Runner], Dict[str, Any]]) -> Dict[str, Any]:
+        """``query`` in a read transaction, on rollups up to date; a ``BadQuery`` is a 400."""
+        try:
+            self.store.fold_rollups()
+            with self.store.reading() as run:
+                return query(run)
+        except _queries.BadQuery as exc:
+            raise HTTPError(400, str(exc)) from None
+
+    def _window(self, query: Mapping[str, List[str]]) -> _queries.Window:
+        try:
+            return _queries.parse_window(query, self._clock())
+        except _queries.BadQuery as exc:
+            raise HTTPError(400, str(exc)) from None
+
     def _storage_full(self, now: float) -> bool:
         """Whether the database has reached ``max_storage_bytes`` (logged, at most once a minute).
 
@@ -624,7 +728,7 @@ class App:
         ``max_response_bytes`` of payloads; stored JSON is passed through as
         text, never rebuilt as objects.
         """
-        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        query = _query(environ)
         limit = _query_int(query, "limit", 50, 1, _MAX_PAGE)
         offset = _query_int(query, "offset", 0, 0, _MAX_INT64)
         rows, more = self.store.instance_page(
@@ -697,11 +801,45 @@ def _too_many(message: str, wait: float) -> Response:
     )
 
 
-def _allow(method: str, allowed: str) -> None:
-    if method == allowed or (method == "HEAD" and allowed == "GET"):
+def _day_start(day: int) -> str:
+    """The start of UTC day ``day`` (days since 1970-01-01), as stored times are written."""
+    return format_time(datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=day))
+
+
+def _allow(method: str, *allowed: str) -> None:
+    if method in allowed or (method == "HEAD" and "GET" in allowed):
         return
-    allow = "GET, HEAD" if allowed == "GET" else allowed
-    raise HTTPError(405, f"method {method} not allowed", [("Allow", allow)])
+    names = [name for each in allowed for name in ((each, "HEAD") if each == "GET" else (each,))]
+    raise HTTPError(405, f"method {method} not allowed", [("Allow", ", ".join(names))])
+
+
+def _query(environ: WSGIEnvironment) -> Dict[str, List[str]]:
+    return parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+
+
+def _required(query: Mapping[str, List[str]], name: str) -> str:
+    values = query.get(name)
+    if not values or not values[-1]:
+        raise HTTPError(400, f"{name} is required")
+    return values[-1]
+
+
+def _bucket(query: Mapping[str, List[str]]) -> str:
+    try:
+        return _queries.parse_bucket(query)
+    except _queries.BadQuery as exc:
+        raise HTTPError(400, str(exc)) from None
+
+
+def _answer(kind: str, answer: Dict[str, Any], query: Mapping[str, List[str]]) -> Response:
+    """The answer as JSON, or as CSV with ``?format=csv``."""
+    values = query.get("format")
+    answer_format = values[-1] if values else "json"
+    if answer_format == "json":
+        return Response(200, answer)
+    if answer_format == "csv":
+        return Response(200, _queries.to_csv(kind, answer).encode(), [("Content-Type", _CSV)])
+    raise HTTPError(400, f"format must be json or csv, not {answer_format!r}")
 
 
 def _instance_id(text: str) -> str:
@@ -718,15 +856,21 @@ def create_app(
     policy_file: Union[str, os.PathLike[str], None] = None,
     clock: Callable[[], float] = time.time,
     limits: Union[Limits, Mapping[str, Any], None] = None,
+    read_token: Optional[str] = None,
+    admin_token: Optional[str] = None,
 ) -> App:
     """The WSGI application; e.g. ``gunicorn 'server_stub:create_app(db="telemetry.db")'``.
 
     ``store`` defaults to the one ``db`` names: a SQLite file (or ``":memory:"``),
     or a ``postgresql://`` URL (``PostgresStore``: several workers can share it).
     ``policy`` defaults to one loaded from ``policy_file`` (re-read when it
-    changes, by every worker), or the default policy. ``limits``: what one
-    request, one address and the whole server may cost: a ``Limits``, or its
-    fields as a dict (``limits={"per_address": 0}``, handy in a gunicorn app string).
+    changes, by every worker), or the default policy; either way it is kept in
+    the store, which the file seeds when it holds no policy yet. ``limits``:
+    what one request, one address and the whole server may cost: a ``Limits``,
+    or its fields as a dict (``limits={"per_address": 0}``, handy in a gunicorn
+    app string). ``read_token``/``admin_token`` default to the environment's
+    ``TELEMETRY_READ_TOKEN``/``TELEMETRY_ADMIN_TOKEN``; with neither, reads and
+    policy changes are served to loopback clients only.
     """
     if limits is not None and not isinstance(limits, Limits):
         limits = Limits(**limits)
@@ -734,6 +878,10 @@ def create_app(
         raise ValueError("pass either policy or policy_file, not both")
     if policy is None:
         policy = Policy(policy_file)
+    access = Access(
+        read_token if read_token is not None else os.environ.get("TELEMETRY_READ_TOKEN") or None,
+        admin_token if admin_token is not None else os.environ.get("TELEMETRY_ADMIN_TOKEN") or None,
+    )
     if store is None:
         store = open_store(os.fspath(db))
-    return App(store, policy, clock=clock, limits=limits)
+    return App(store, policy, clock=clock, limits=limits, access=access)

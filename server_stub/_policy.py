@@ -15,6 +15,13 @@ so a typo (``disable_keys``) cannot silently do nothing.
 The file is re-read whenever its mtime, size or inode changes (one ``stat`` per
 request). A file that cannot be read or is invalid is logged and the previous
 policy stays in force.
+
+Bound to a store (``Policy.bind``, which the app does), the policy lives in the
+store: the file or the constructor's fields seed it only when the store holds
+no policy yet, a later change of the file is applied as one more change, and
+every process re-reads it at most ``refresh`` seconds after it changed
+elsewhere. Every change is kept with its time and source (``http``, ``file``,
+or ``api`` for ``update()``/``reset()`` in-process) in ``policy_changes``.
 """
 
 from __future__ import annotations
@@ -25,10 +32,21 @@ import logging
 import math
 import os
 import threading
+import time
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Tuple, Union
+from datetime import datetime, timezone
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple, Union
 
-__all__ = ["DEFAULT_NEXT_UPDATE", "Policy", "PolicyRules", "RateLimit"]
+from ._storage import Runner
+
+__all__ = [
+    "DEFAULT_NEXT_UPDATE",
+    "Policy",
+    "PolicyRules",
+    "PolicyStore",
+    "RateLimit",
+]
 
 logger = logging.getLogger("server_stub")
 
@@ -81,6 +99,40 @@ class PolicyRules:
         if self.stops(instance_id):
             fields["stop"] = True
         return fields
+
+    def to_fields(self) -> Dict[str, Any]:
+        """The whole policy in its file/JSON form (what ``GET /v1/policy`` answers)."""
+        next_update: Union[int, float] = self.next_update
+        if self.next_update.is_integer():
+            next_update = int(self.next_update)
+        stop: Union[bool, List[str]] = (
+            self.stop if isinstance(self.stop, bool) else sorted(self.stop)
+        )
+        rate_limit: Optional[Dict[str, Any]] = None
+        if self.rate_limit is not None:
+            window = self.rate_limit.window
+            rate_limit = {
+                "payloads": self.rate_limit.payloads,
+                "window": int(window) if window.is_integer() else window,
+            }
+        return {
+            "next_update": next_update,
+            "disabled_keys": list(self.disabled_keys),
+            "enabled_keys": list(self.enabled_keys),
+            "stop": stop,
+            "rate_limit": rate_limit,
+        }
+
+    @classmethod
+    def from_fields(cls, fields: object) -> PolicyRules:
+        """A whole policy from its JSON form: missing fields take their defaults.
+
+        Raises ``ValueError`` saying what is wrong (not an object, an unknown field,
+        a bad value).
+        """
+        if not isinstance(fields, Mapping):
+            raise ValueError("a policy is a JSON object")
+        return cls().replace(fields)
 
     def replace(self, fields: Mapping[str, Any]) -> PolicyRules:
         """A copy with ``fields`` (file/JSON spelling) validated and applied.
@@ -147,17 +199,58 @@ _PARSERS: dict[str, Any] = {
 }
 
 
+class PolicyStore(Protocol):
+    """What ``Policy`` needs of a store: a transaction that changes one thing at a time."""
+
+    def writing(self) -> AbstractContextManager[Runner]:
+        """A write transaction, serialised with every other one (across processes too)."""
+        ...
+
+    def reading(self) -> AbstractContextManager[Runner]:
+        """A read-only transaction on one snapshot."""
+        ...
+
+
+# The stores create the table: policy_changes (seq, changed_at, source, policy).
+SOURCES = ("http", "file", "api")
+
+
+def _stored_rules(run: Runner) -> Optional[PolicyRules]:
+    rows = run.fetchall("SELECT policy FROM policy_changes ORDER BY seq DESC LIMIT 1")
+    if not rows:
+        return None
+    return PolicyRules.from_fields(json.loads(rows[0][0]))
+
+
+def _record(run: Runner, rules: PolicyRules, source: str) -> None:
+    changed_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    run.execute(
+        "INSERT INTO policy_changes (changed_at, source, policy) VALUES (?, ?, ?)",
+        (changed_at, source, json.dumps(rules.to_fields(), separators=(",", ":"))),
+    )
+
+
 class Policy:
     """The live policy: a file (optional) plus in-process changes, safe across threads.
 
     ``update()`` changes fields in-process; when the file changes later, its
     content replaces the whole policy (fields it omits go back to defaults).
+    Once bound to a store (``bind``), the store holds it (see the module's doc).
     """
 
-    def __init__(self, path: Union[str, os.PathLike[str], None] = None, **fields: Any) -> None:
+    def __init__(
+        self,
+        path: Union[str, os.PathLike[str], None] = None,
+        *,
+        refresh: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        **fields: Any,
+    ) -> None:
         """Defaults updated by ``fields``, or, with ``path``, that file, loaded now.
 
-        Raises ``ValueError``/``OSError`` when the initial file is missing or invalid:
+        ``refresh``: at most this many seconds pass, once bound to a store, before
+        a change made elsewhere (another worker) applies here. Raises
+        ``ValueError``/``OSError`` when the initial file is missing or invalid:
         at start there is no previous policy to fall back on.
         """
         if path is not None and fields:
@@ -165,10 +258,16 @@ class Policy:
         self.path = os.fspath(path) if path is not None else None
         self._lock = threading.Lock()
         self._rules = PolicyRules().replace(fields)
+        self._seeded_by = "api" if fields else None
         self._signature: Optional[_FileSignature] = None
+        self._store: Optional[PolicyStore] = None
+        self._refresh = refresh
+        self._clock = clock
+        self._fetched_at = 0.0
         if self.path is not None:
             self._signature = _signature(self.path)
             self._rules = _read_rules(self.path)
+            self._seeded_by = "file"
 
     def __repr__(self) -> str:
         return f"Policy(path={self.path!r}, rules={self._rules!r})"
@@ -177,11 +276,29 @@ class Policy:
     def from_file(cls, path: Union[str, os.PathLike[str]]) -> Policy:
         return cls(path)
 
+    def bind(self, store: PolicyStore) -> None:
+        """Keep the policy in ``store`` from now on, seeding it when it holds none yet."""
+        with self._lock:
+            self._store = store
+            with store.writing() as run:
+                stored = _stored_rules(run)
+                if stored is None and self._seeded_by is not None:
+                    _record(run, self._rules, self._seeded_by)
+                    stored = self._rules
+            self._rules = stored if stored is not None else PolicyRules()
+            self._fetched_at = self._clock()
+
     def current(self) -> PolicyRules:
         """The rules in force, re-reading the file first if it changed."""
         with self._lock:
             if self.path is not None:
                 self._reload_if_changed(self.path)
+            if self._store is not None and not (
+                0 <= self._clock() - self._fetched_at < self._refresh
+            ):
+                with self._store.reading() as run:
+                    self._rules = _stored_rules(run) or PolicyRules()
+                self._fetched_at = self._clock()
             return self._rules
 
     def update(self, **fields: Any) -> None:
@@ -190,12 +307,63 @@ class Policy:
         Raises ``ValueError`` for an unknown field or a bad value (nothing changes).
         """
         with self._lock:
-            self._rules = self._rules.replace(fields)
+            if self._store is None:
+                self._rules = self._rules.replace(fields)
+                return
+            with self._store.writing() as run:
+                rules = (_stored_rules(run) or PolicyRules()).replace(fields)
+                _record(run, rules, "api")
+            self._set(rules)
+
+    def set(self, fields: object, source: str = "http") -> PolicyRules:
+        """Replace the whole policy with ``fields`` (its JSON form; omitted fields take
+        their defaults); the new rules. Raises ``ValueError`` saying what is wrong."""
+        if source not in SOURCES:
+            raise ValueError(f"source must be one of {SOURCES}")
+        rules = PolicyRules.from_fields(fields)
+        with self._lock:
+            if self._store is not None:
+                with self._store.writing() as run:
+                    _record(run, rules, source)
+            self._set(rules)
+        return rules
 
     def reset(self) -> None:
         """Back to defaults (the file, if any, is read again on its next change)."""
+        if self._store is not None:
+            self.set({}, "api")
+            return
         with self._lock:
             self._rules = PolicyRules()
+
+    def history(self, limit: int = 100) -> List[Dict[str, Any]]:
+        """The latest ``limit`` changes kept in the store, newest first:
+        ``{"time", "source", "policy", "changed"}`` (``changed``: the fields that differ
+        from the policy before it). Empty when not bound to a store."""
+        if self._store is None:
+            return []
+        with self._store.reading() as run:
+            rows = run.fetchall(
+                "SELECT changed_at, source, policy FROM policy_changes"
+                " ORDER BY seq DESC LIMIT ?",
+                (limit + 1,),
+            )
+        changes = []
+        policies = [json.loads(policy) for _, _, policy in rows]
+        for index, (changed_at, source, _) in enumerate(rows[:limit]):
+            before = (
+                policies[index + 1] if index + 1 < len(policies) else PolicyRules().to_fields()
+            )
+            after = policies[index]
+            changed = [name for name in PolicyRules.FIELDS if after.get(name) != before.get(name)]
+            changes.append(
+                {"time": changed_at, "source": source, "policy": after, "changed": changed}
+            )
+        return changes
+
+    def _set(self, rules: PolicyRules) -> None:
+        self._rules = rules
+        self._fetched_at = self._clock()
 
     def _reload_if_changed(self, path: str) -> None:
         try:
@@ -209,11 +377,17 @@ class Policy:
             return
         self._signature = signature
         try:
-            self._rules = _read_rules(path)
+            rules = _read_rules(path)
         except (OSError, ValueError) as exc:
             logger.error("policy file %s invalid, keeping previous policy: %s", path, exc)
-        else:
-            logger.info("policy reloaded from %s", path)
+            return
+        if self._store is not None:
+            # Every worker sees the change; the first one to get here records it.
+            with self._store.writing() as run:
+                if _stored_rules(run) != rules:
+                    _record(run, rules, "file")
+        self._set(rules)
+        logger.info("policy reloaded from %s", path)
 
 
 def _signature(path: str) -> _FileSignature:

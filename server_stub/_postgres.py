@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from ._rollups import ADD_PENDING, FOLD_EVERY, fold_pending, rollup_schema
 from ._storage import (
     INT64_MAX,
     INT64_MIN,
@@ -49,7 +50,7 @@ if TYPE_CHECKING:
     import psycopg
     import psycopg_pool
 
-__all__ = ["SCHEMA_VERSION", "PostgresStore", "migrate"]
+__all__ = ["SCHEMA_VERSION", "PostgresRunner", "PostgresStore", "migrate"]
 
 # pg_advisory_xact_lock key for migrations: any constant unlikely to be used by
 # another application on the same database ("telemetry" in ASCII).
@@ -104,9 +105,20 @@ _MIGRATIONS: Tuple[str, ...] = (
         count        bigint NOT NULL       -- payloads accepted in this window
     );
     """,
-    # 2: events, once per (instance_id, event_id), and their hourly counts.
+    # 2: the stored policy and the rollups (backfilled from stored payloads by migrate()).
+    """
+    CREATE TABLE policy_changes (
+        seq        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        changed_at text NOT NULL,   -- RFC 3339 UTC
+        source     text NOT NULL,   -- http, file or api
+        policy     text NOT NULL    -- the whole policy after the change, as JSON
+    );
+    """
+    + ";\n".join(rollup_schema(sqlite=False)),
+    # 3: events, once per (instance_id, event_id), and their hourly counts.
     _EVENTS_MIGRATION,
 )
+_ROLLUPS_SINCE = 2
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code creates and expects."""
 
@@ -117,6 +129,17 @@ _INSERT = """
 INSERT INTO payloads (payload_id, instance_id, sent_at, received_at, data, client, dropped)
 VALUES (%s, %s, %s, %s::timestamptz, %s::jsonb, %s::jsonb, %s)
 ON CONFLICT (payload_id) DO NOTHING
+RETURNING seq
+"""
+# pg_advisory_xact_lock keys serialising writing() transactions (policy changes),
+# and folds of pending payloads into the rollups.
+_WRITE_LOCK = _MIGRATION_LOCK + 1
+_FOLD_LOCK = _MIGRATION_LOCK + 2
+_SELECT_PENDING = """
+SELECT p.seq, p.instance_id, p.sent_at,
+       to_char(p.received_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+       p.data, p.dropped
+FROM rollup_pending AS r JOIN payloads AS p ON p.seq = r.seq ORDER BY r.seq LIMIT ?
 """
 
 # How aggregate_keys totals the value e.value: 'c' an integer counter (summed),
@@ -263,10 +286,41 @@ def migrate(connection: psycopg.Connection[Any]) -> int:
             )
         for ddl in _MIGRATIONS[found:]:
             connection.execute(ddl)
+        if 0 < found < _ROLLUPS_SINCE:
+            _backfill(connection)
         if found < SCHEMA_VERSION:
             connection.execute("DELETE FROM schema_version")
             connection.execute("INSERT INTO schema_version VALUES (%s)", (SCHEMA_VERSION,))
     return found
+
+
+def _backfill(connection: psycopg.Connection[Any]) -> None:
+    """Add the payloads stored before the rollups existed to them (inside migrate())."""
+    connection.execute("INSERT INTO rollup_pending (seq) SELECT seq FROM payloads")
+    fold_pending(PostgresRunner(connection), _SELECT_PENDING)
+
+
+class PostgresRunner:
+    """A ``Runner`` on a psycopg 3 connection (the caller holds the transaction)."""
+
+    def __init__(self, connection: Any) -> None:
+        self.connection = connection
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        rowcount: int = self.connection.execute(sql.replace("?", "%s"), params).rowcount
+        return rowcount
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self.connection.cursor() as cursor:
+            cursor.executemany(sql.replace("?", "%s"), rows)
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+        # Not prepared: a generic plan chosen without the window's bounds can be
+        # far worse than planning each query (which takes about a millisecond).
+        rows: List[Tuple[Any, ...]] = self.connection.execute(
+            sql.replace("?", "%s"), params, prepare=False
+        ).fetchall()
+        return rows
 
 
 class PostgresStore:
@@ -337,13 +391,46 @@ class PostgresStore:
         )
         try:
             with self._connection() as connection, connection.transaction():
-                stored = connection.execute(_INSERT, row).rowcount == 1
-                if stored:
-                    _insert_events(connection, record.events)
+                stored = connection.execute(_INSERT, row).fetchone()
+                if stored is None:
+                    return False
+                seq = stored[0]
+                # The rollups take it in with the next fold (see _rollups).
+                connection.execute(ADD_PENDING.replace("?", "%s"), (seq,))
+                _insert_events(connection, record.events)
+                if seq % FOLD_EVERY == 0:
+                    self._fold(connection)
         except self._psycopg.DataError as exc:
             # \u0000 or an unpaired surrogate: jsonb cannot hold them.
             raise UnstorablePayload(str(exc).splitlines()[0]) from None
-        return stored
+        return True
+
+    def _fold(self, connection: psycopg.Connection[Any]) -> int:
+        connection.execute("SELECT pg_advisory_xact_lock(%s)", (_FOLD_LOCK,))
+        return fold_pending(PostgresRunner(connection), _SELECT_PENDING)
+
+    def fold_rollups(self) -> int:
+        """Add the payloads stored since the last fold to the rollups; how many."""
+        with self._connection() as connection:
+            if connection.execute("SELECT 1 FROM rollup_pending LIMIT 1").fetchone() is None:
+                return 0
+            with connection.transaction():
+                return self._fold(connection)
+
+    @contextmanager
+    def writing(self) -> Iterator[PostgresRunner]:
+        """A write transaction, one at a time across every process (an advisory lock)."""
+        with self._connection() as connection, connection.transaction():
+            connection.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+            yield PostgresRunner(connection)
+
+    @contextmanager
+    def reading(self) -> Iterator[PostgresRunner]:
+        """A read-only transaction on one snapshot."""
+        with self._connection() as connection, connection.transaction():
+            connection.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            connection.execute("SET LOCAL jit = off")
+            yield PostgresRunner(connection)
 
     def stats(self) -> dict[str, Any]:
         with self._connection() as connection, connection.transaction():

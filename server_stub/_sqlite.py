@@ -2,16 +2,14 @@
 
 Standard library only. Stats are computed from every stored payload on each
 call with ``aggregate_keys``; rate-limit windows live in the database, so
-several processes sharing one file share one limit. Events are kept once per
-``(instance_id, event_id)``, with counts per hour kept at ingest. The schema
-version is ``PRAGMA user_version``.
+several processes sharing one file share one limit.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import queue
-import re
 import sqlite3
 import threading
 from collections import Counter
@@ -19,6 +17,7 @@ from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
+from ._rollups import ADD_PENDING, FOLD_EVERY, fold_pending, rollup_schema
 from ._storage import (
     RATE_WINDOW_PRUNE_INTERVAL,
     EventQuery,
@@ -33,7 +32,9 @@ from ._storage import (
     stored_payload,
 )
 
-__all__ = ["SCHEMA_VERSION", "SQLiteStore", "migrate"]
+__all__ = ["SQLiteRunner", "SQLiteStore"]
+
+logger = logging.getLogger("server_stub")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS payloads (
@@ -53,8 +54,20 @@ CREATE TABLE IF NOT EXISTS rate_windows (
     window_start REAL NOT NULL,
     count        INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
 """
-
+_POLICY_SCHEMA = """
+CREATE TABLE IF NOT EXISTS policy_changes (
+    seq        INTEGER PRIMARY KEY,
+    changed_at TEXT NOT NULL,   -- RFC 3339 UTC
+    source     TEXT NOT NULL,   -- http, file or api
+    policy     TEXT NOT NULL    -- the whole policy after the change, as JSON
+)
+"""
+# 1: payloads and rate-limit windows (a database without schema_version is one);
+# 2: the stored policy and the rollups, backfilled from the stored payloads;
+# 3: events, once per (instance_id, event_id), and their hourly counts.
+SQLITE_SCHEMA_VERSION = 3
 _EVENTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq         INTEGER PRIMARY KEY,  -- arrival order
@@ -81,43 +94,62 @@ CREATE TABLE IF NOT EXISTS event_counts (
     PRIMARY KEY (hour, event_type, event_name)
 );
 """
-
-_MIGRATIONS: Tuple[str, ...] = (
-    _SCHEMA,  # 1: payloads and rate-limit windows
-    _EVENTS_SCHEMA,  # 2: events and their hourly counts
-)
-SCHEMA_VERSION = len(_MIGRATIONS)
-"""The schema version this code creates and expects (``PRAGMA user_version``)."""
-
 # Every event ever counted: the window of stats().
 _ALL_TIME = ("0001-01-01T00:00:00.000000Z", "9999-12-31T23:59:59.999999Z")
+_SELECT_PENDING = """
+SELECT p.seq, p.instance_id, p.sent_at, p.received_at, p.data, p.dropped
+FROM rollup_pending AS r JOIN payloads AS p ON p.seq = r.seq ORDER BY r.seq LIMIT ?
+"""
 
 
-def migrate(connection: sqlite3.Connection) -> int:
-    """Bring the schema to ``SCHEMA_VERSION``; returns the version found (0: a new
-    database, or one made before versions were kept, whose tables all exist).
-
-    One ``BEGIN IMMEDIATE`` transaction, so concurrent starts migrate once.
-    Raises ``RuntimeError`` when the database was migrated by newer code.
-    """
+def _migrate(connection: sqlite3.Connection) -> int:
+    """Bring a SQLite database to ``SQLITE_SCHEMA_VERSION``; the version found before."""
     connection.execute("BEGIN IMMEDIATE")
     try:
-        (found,) = connection.execute("PRAGMA user_version").fetchone()
-        if found > SCHEMA_VERSION:
+        row = connection.execute("SELECT max(version) FROM schema_version").fetchone()
+        found = int(row[0]) if row[0] is not None else 1
+        if found > SQLITE_SCHEMA_VERSION:
             raise RuntimeError(
-                f"database schema version {found} is newer than this server's ({SCHEMA_VERSION})"
+                f"database schema version {found} is newer than this server's"
+                f" ({SQLITE_SCHEMA_VERSION})"
             )
-        for script in _MIGRATIONS[found:]:
-            for statement in re.sub(r"--[^\n]*", "", script).split(";"):
+        if found < 2:
+            connection.execute(_POLICY_SCHEMA)
+            for statement in rollup_schema(sqlite=True):
+                connection.execute(statement)
+            # Backfill: every payload stored so far is pending, and folded now.
+            connection.execute("INSERT INTO rollup_pending (seq) SELECT seq FROM payloads")
+            count = fold_pending(SQLiteRunner(connection), _SELECT_PENDING)
+            if count:
+                logger.info("rollups built for %d stored payloads", count)
+        if found < 3:
+            for statement in _EVENTS_SCHEMA.split(";"):
                 if statement.strip():
                     connection.execute(statement)
-        if found < SCHEMA_VERSION:
-            connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+        if found < SQLITE_SCHEMA_VERSION:
+            connection.execute("DELETE FROM schema_version")
+            connection.execute("INSERT INTO schema_version VALUES (?)", (SQLITE_SCHEMA_VERSION,))
     except BaseException:
         connection.execute("ROLLBACK")
         raise
     connection.execute("COMMIT")
-    return int(found)
+    return found
+
+
+class SQLiteRunner:
+    """A ``Runner`` on a ``sqlite3`` connection (the caller holds the transaction)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        return self.connection.execute(sql, params).rowcount
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.connection.executemany(sql, rows)
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
+        return self.connection.execute(sql, params).fetchall()
 
 
 class SQLiteStore:
@@ -144,7 +176,8 @@ class SQLiteStore:
         self._closed = False
         self._pruned_at: Optional[float] = None
         connection = self._connect()
-        migrate(connection)
+        connection.executescript(_SCHEMA)
+        _migrate(connection)
         if self._memory:
             self._idle.put(connection)
             self._opened = 1
@@ -215,23 +248,56 @@ class SQLiteStore:
             json.dumps(record.client, separators=(",", ":")) if record.client is not None else None,
             record.dropped,
         )
+        with self.writing() as run:
+            connection = run.connection
+            cursor = connection.execute(
+                "INSERT OR IGNORE INTO payloads"
+                " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                row,
+            )
+            if cursor.rowcount != 1:
+                return False
+            seq = cursor.lastrowid
+            assert seq is not None
+            # The rollups take it in with the next fold: every FOLD_EVERY payloads, or
+            # before the next query (see _rollups).
+            connection.execute(ADD_PENDING, (seq,))
+            _insert_events(connection, record.events)
+            if seq % FOLD_EVERY == 0:
+                fold_pending(run, _SELECT_PENDING)
+            return True
+
+    def fold_rollups(self) -> int:
+        """Add the payloads stored since the last fold to the rollups; how many."""
+        with self._connection() as connection:
+            pending = connection.execute("SELECT 1 FROM rollup_pending LIMIT 1").fetchone()
+        if pending is None:
+            return 0
+        with self.writing() as run:
+            return fold_pending(run, _SELECT_PENDING)
+
+    @contextmanager
+    def writing(self) -> Iterator[SQLiteRunner]:
+        """A write transaction (``BEGIN IMMEDIATE``), one at a time in this process."""
         with self._writing() as connection:
             connection.execute("BEGIN IMMEDIATE")
             try:
-                cursor = connection.execute(
-                    "INSERT OR IGNORE INTO payloads"
-                    " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    row,
-                )
-                stored = cursor.rowcount == 1
-                if stored:
-                    _insert_events(connection, record.events)
+                yield SQLiteRunner(connection)
             except BaseException:
                 connection.execute("ROLLBACK")
                 raise
             connection.execute("COMMIT")
-            return stored
+
+    @contextmanager
+    def reading(self) -> Iterator[SQLiteRunner]:
+        """A read transaction: every statement in it sees one snapshot."""
+        with self._connection() as connection:
+            connection.execute("BEGIN")
+            try:
+                yield SQLiteRunner(connection)
+            finally:
+                connection.execute("COMMIT")
 
     def stats(self) -> dict[str, Any]:
         # Computed from every stored payload on each call: exact and simple, and

@@ -10,9 +10,10 @@ module of the package: the backends, the app and the harness sit above it.
 from __future__ import annotations
 
 import json
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Dict, Iterable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "EventQuery",
     "EventRecord",
     "PayloadRecord",
+    "Runner",
     "Store",
     "StoredPayload",
     "UnstorablePayload",
@@ -159,6 +161,23 @@ class UnstorablePayload(ValueError):
     """The store cannot represent this (valid) payload, e.g. ``\\u0000`` in PostgreSQL's jsonb."""
 
 
+class Runner(Protocol):
+    """One open transaction on a store, with ``?`` placeholders whatever the backend.
+
+    The rollups, the window queries and the stored policy are written once
+    against it; each backend adapts its connection (PostgreSQL's rewrites
+    ``?`` to ``%s``: none of that SQL uses a literal ``?`` or ``%``).
+    """
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement; the number of rows it changed."""
+        ...
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None: ...
+
+    def fetchall(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]: ...
+
+
 class Store(Protocol):
     """Where payloads go. Implementations must be safe to call from many threads."""
 
@@ -216,6 +235,18 @@ class Store(Protocol):
         would be allowed (and nothing is counted). Windows that ended are deleted
         now and then, so the table holds only recent keys.
         """
+        ...
+
+    def fold_rollups(self) -> int:
+        """Add every payload stored so far to the rollups (queries call it first); how many."""
+        ...
+
+    def reading(self) -> AbstractContextManager[Runner]:
+        """A read-only transaction on one snapshot (queries, the stored policy)."""
+        ...
+
+    def writing(self) -> AbstractContextManager[Runner]:
+        """A write transaction, serialised with every other one (across processes too)."""
         ...
 
     def close(self) -> None: ...

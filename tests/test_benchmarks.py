@@ -143,3 +143,46 @@ def test_the_soak_runs_tiny_and_loses_nothing() -> None:
     assert result["left_in_spool"] == 0
     assert result["server_p99_ms"] > 0
     assert soak.main(["--instances", "2", "--cycles", "1", "--json"]) == 0
+
+
+def test_the_query_benchmark_runs_and_its_postgres_copy_answers_alike(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    import json
+    from datetime import datetime, timedelta, timezone
+
+    from benchmarks import bench_queries
+    from server_stub import PostgresStore, SQLiteStore
+    from server_stub import _queries as queries
+
+    output = tmp_path / "queries.json"
+    argv = ["--payloads", "300", "--instances", "20", "--days", "3", "--repeat", "1"]
+    argv += ["--ingest", "0", "--no-postgres", "--output", str(output)]
+    assert bench_queries.main(argv) == 0
+    figures = json.loads(output.read_text())
+    assert figures["sqlite_build"]["payloads"] == 300
+    assert set(figures["sqlite_queries"]) == set(bench_queries.query_set(datetime.now()))
+
+    end = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    path = str(tmp_path / "small.db")
+    bench_queries.build_sqlite(path, bench_queries.payload_rows(300, 20, 3, end))
+    bench_queries.copy_to_postgres(path, postgres_url)
+    window = queries.Window(
+        queries.parse_when("since", (end - timedelta(days=4)).strftime("%Y-%m-%d")),
+        queries.parse_when("until", (end + timedelta(days=1)).strftime("%Y-%m-%d")),
+    )
+    answers = []
+    for store in (SQLiteStore(path), PostgresStore(postgres_url)):
+        with store.reading() as run:
+            answers.append(
+                [
+                    queries.stats(run, window),
+                    queries.series(run, "requests", "hour", window),
+                    queries.breakdown(run, "version", 10, window),
+                    queries.breakdown(run, "user_agents", 10, window),
+                    queries.active(run, "day", window),
+                ]
+            )
+        store.close()
+    assert answers[0] == answers[1]
+    assert answers[0][0]["payloads"] == 300

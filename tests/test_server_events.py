@@ -16,6 +16,7 @@ import requests
 
 from server_stub import Limits, PostgresStore, SQLiteStore, open_store, serve
 from server_stub._harness import Server
+from server_stub._sqlite import SQLITE_SCHEMA_VERSION
 
 T0 = "2026-11-20T10:15:00.000000Z"
 
@@ -298,7 +299,9 @@ def test_a_sqlite_database_from_before_events_is_migrated(tmp_path: Path) -> Non
     connection.close()
     _check_migrated(db, instance)
     with sqlite3.connect(db) as connection:
-        assert connection.execute("PRAGMA user_version").fetchone() == (2,)
+        assert connection.execute("SELECT max(version) FROM schema_version").fetchone() == (
+            SQLITE_SCHEMA_VERSION,
+        )
     connection.close()
     SQLiteStore(db).close()  # opening a current database again changes nothing
 
@@ -306,7 +309,8 @@ def test_a_sqlite_database_from_before_events_is_migrated(tmp_path: Path) -> Non
 def test_a_sqlite_database_from_newer_code_is_refused(tmp_path: Path) -> None:
     db = str(tmp_path / "new.db")
     with sqlite3.connect(db) as connection:
-        connection.execute("PRAGMA user_version = 99")
+        connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        connection.execute("INSERT INTO schema_version VALUES (99)")
     connection.close()
     with pytest.raises(RuntimeError, match="newer"):
         SQLiteStore(db)
@@ -369,3 +373,20 @@ def test_a_page_of_events_stays_within_the_response_budget(backend_db: str) -> N
             rest = query(small, limit=5, offset=rest["next_offset"])
             seen += [e["attrs"]["n"] for e in rest["events"]]
         assert sorted(seen) == list(range(5))
+
+
+def test_stats_count_events_within_the_window(server: Server) -> None:
+    body = payload([event("login", at="2026-11-20T10:15:00Z"), event("login", at=T0),
+                    event("info", event_type="log", at="2026-11-22T23:59:59Z")])
+    assert post(server, body).status_code == 200
+
+    def counted(**window: str) -> Any:
+        response = requests.get(f"{server.url}/v1/stats", params=window, timeout=10)
+        assert response.status_code == 200
+        return response.json()["events"]
+
+    assert counted(since="2026-11-01", until="2026-12-01") == {
+        "behavioral": {"login": 2}, "log": {"info": 1},
+    }
+    assert counted(since="2026-11-21", until="2026-12-01") == {"log": {"info": 1}}
+    assert counted(since="2026-11-01", until="2026-11-02") == {}

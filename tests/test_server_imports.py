@@ -65,4 +65,14 @@ def test_the_command_line_does_not_load_the_test_harness() -> None:
 
 def test_what_every_store_shares_sits_at_the_bottom() -> None:
     assert GRAPH["_storage"] == set()
-    assert GRAPH["_sqlite"] == GRAPH["_postgres"] == {"_storage"}
+    # The rollups are shared by both stores, written against _storage's Runner.
+    assert GRAPH["_rollups"] == {"_storage"}
+    assert GRAPH["_sqlite"] == GRAPH["_postgres"] == {"_storage", "_rollups"}
+
+
+def test_the_operator_side_sits_beside_the_stores_not_below_them() -> None:
+    assert GRAPH["_access"] == set()
+    assert GRAPH["_openapi"] == set()
+    assert GRAPH["_queries"] == {"_storage", "_rollups"}
+    assert GRAPH["_policy"] == {"_storage"}
+    assert GRAPH["_policy_cli"] == {"_policy"}

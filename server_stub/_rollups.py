@@ -1,0 +1,590 @@
+"""Hourly, daily and weekly aggregates kept up to date at ingest: queries never scan payloads.
+
+Every ingest transaction that stores a payload also records it in
+``rollup_pending`` (a repeated ``payload_id`` stores nothing, so adds
+nothing). Pending payloads are folded into the aggregates in batches: by the
+ingest transaction whose ``seq`` is a multiple of ``FOLD_EVERY``, and before
+every query (``Store.fold_rollups()``), so answers always include every payload
+stored before them. A batch is merged in memory first (payloads of one batch
+share hours, days, keys and values), then written with one statement per
+table: one upsert per payload and key would cost more than the ingest itself.
+A database made before rollups existed is backfilled by marking every stored
+payload pending. The SQL is shared by both stores through a ``_storage.Runner``
+and uses only what SQLite 3.35+ and PostgreSQL 12+ both understand (``INSERT
+... ON CONFLICT``, row values); only one fold runs at a time (SQLite's write
+lock, a PostgreSQL advisory lock).
+
+A payload counts at its *effective time*: its ``timestamp``, or its arrival
+when the timestamp is later than that (a clock running ahead cannot put data
+in the future). Buckets are integers: hours and days since 1970-01-01 UTC,
+and weeks starting on Monday (``week_of(day)``).
+
+What is kept (sizes for N payloads from I instances over D days, K keys):
+
+- ``rollup_hours``: payloads and dropped items per hour (24·D rows).
+- ``rollup_members``: per instance and hour/day/week bucket, the keys it
+  reported there (rows ≈ the instance-hours with a payload, plus
+  instance-days and instance-weeks; the hour rows are at most N). Only used
+  at ingest, to count each instance once per bucket and key.
+- ``rollup_active``/``rollup_key_instances``: distinct instances per bucket,
+  overall and per key (3 resolutions · buckets · K rows).
+- ``rollup_key_hours``/``rollup_key_days``: per key and hour (day), the sum
+  of its integer reports; per day also the kind and value of its latest report.
+- ``rollup_instances``: per instance, the first and last day it reported.
+- ``rollup_latest``/``rollup_day_values``: per set key and instance, its
+  latest value overall and per day (I·K and instance-days·K rows).
+- ``rollup_cset_days``/``rollup_cset_spans``/``rollup_cset_members``: per
+  counting-set key and value, the count per day, and which instances
+  reported it (first/last day, and each day).
+- ``rollup_long_values``: the text of values too long to index (see
+  ``value_key``); the other tables hold a hash of them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import json.encoder
+import math
+import re
+from datetime import datetime, timedelta, timezone
+from typing import Any, Dict, List, Mapping, Tuple
+
+from ._storage import Runner
+
+__all__ = [
+    "ADD_PENDING",
+    "FOLD_EVERY",
+    "MAX_INT64",
+    "MIN_INT64",
+    "ROLLUP_TABLES",
+    "clamp",
+    "day_of",
+    "effective_micros",
+    "fold_pending",
+    "hour_of",
+    "identity",
+    "kind_of",
+    "parse_rfc3339",
+    "rollup_schema",
+    "value_key",
+    "week_of",
+]
+
+MAX_INT64 = 2**63 - 1
+MIN_INT64 = -(2**63)
+MICROS_PER_HOUR = 3_600_000_000
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NAIVE_EPOCH = datetime(1970, 1, 1)
+_MICROSECOND = timedelta(microseconds=1)
+
+_encode_string: Any = json.encoder.encode_basestring_ascii  # what json.dumps uses
+_RFC3339 = re.compile(
+    r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
+    r"(?:\.([0-9]+))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
+
+
+def parse_rfc3339(text: str) -> datetime:
+    """An RFC 3339 time with ``Z`` or a numeric offset; fractions finer than µs are truncated."""
+    match = _RFC3339.fullmatch(text)
+    if match is None:
+        raise ValueError(f"not an RFC 3339 time: {text!r}")
+    year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
+    fraction, offset = match.group(7) or "", match.group(8)
+    microsecond = int((fraction + "000000")[:6])
+    if offset in ("Z", "z"):
+        tz = timezone.utc
+    else:
+        sign = -1 if offset[0] == "-" else 1
+        hours, minutes = int(offset[1:3]), int(offset[4:6])
+        if minutes > 59:
+            raise ValueError("bad UTC offset")
+        tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
+    return datetime(year, month, day, hour, minute, second, microsecond, tzinfo=tz)
+
+
+def micros(moment: datetime) -> int:
+    """Microseconds since 1970-01-01 UTC (exact: no float)."""
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _fast_micros(text: str) -> int:
+    """``parse_rfc3339`` for what the Python client sends (``...:SS.ffffffZ``), faster."""
+    if len(text) == 27 and text[-1] == "Z" and text[19] == "." and text[10] in "Tt":
+        try:
+            moment = datetime.fromisoformat(text[:-1])
+        except ValueError:
+            pass
+        else:
+            return (moment - _NAIVE_EPOCH) // _MICROSECOND
+    return micros(parse_rfc3339(text))
+
+
+def effective_micros(timestamp: str, received_at: str) -> int:
+    """When a payload counts: its timestamp, or its arrival if the timestamp is later."""
+    arrival = _fast_micros(received_at)
+    try:
+        sent = _fast_micros(timestamp)
+    except ValueError:  # stored before validation was strict: count it on arrival
+        return arrival
+    return min(sent, arrival)
+
+
+def hour_of(at_micros: int) -> int:
+    return at_micros // MICROS_PER_HOUR
+
+
+def day_of(hour: int) -> int:
+    return hour // 24
+
+
+def week_of(day: int) -> int:
+    """The Monday-based week of ``day`` (1970-01-01 was a Thursday: day 4 is a Monday)."""
+    return (day + 3) // 7
+
+
+def clamp(total: int) -> int:
+    """``total`` saturated to the int64 range (sums saturate rather than overflow)."""
+    if MIN_INT64 <= total <= MAX_INT64:
+        return total
+    return MAX_INT64 if total > 0 else MIN_INT64
+
+
+def identity(value: object) -> str:
+    """A value's canonical JSON: the same for equal values (object member order ignored)."""
+    kind = type(value)
+    if kind is str:
+        encoded: str = _encode_string(value)
+        return encoded
+    if kind is bool:
+        return "true" if value else "false"
+    if kind is int:
+        return str(value)
+    if kind is float:
+        return repr(value) if math.isfinite(value) else json.dumps(value)  # type: ignore[arg-type]
+    if value is None:
+        return "null"
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+LONG_VALUE = 256
+"""Values whose canonical JSON is longer than this many characters are kept in the
+rollups under a hash (``value_key``), their text once in ``rollup_long_values``:
+a B-tree index row must stay small (PostgreSQL refuses one over ~2.7 kB)."""
+
+
+def value_key(canonical: str) -> str:
+    """What the rollups keep for a value: its canonical JSON, or ``#`` and a hash of it
+    when that is long (no JSON text starts with ``#``)."""
+    if len(canonical) <= LONG_VALUE:
+        return canonical
+    return "#" + hashlib.sha256(canonical.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def kind_of(value: object) -> str:
+    """``"c"`` an integer counter, ``"s"`` a counting set, ``"v"`` any other value."""
+    kind = type(value)
+    if kind is int:
+        return "c"
+    if kind is not list:
+        return "c" if isinstance(value, int) and not isinstance(value, bool) else "v"
+    if value and all(
+        type(item) is dict and len(item) == 2 and "value" in item and type(item.get("count")) is int
+        for item in value  # type: ignore[attr-defined]
+    ):
+        return "s"
+    return "v"
+
+
+_TABLES: Tuple[Tuple[str, str, str], ...] = (
+    # (name, columns, primary key)
+    (
+        "rollup_hours",
+        "hour bigint NOT NULL, payloads bigint NOT NULL, dropped bigint NOT NULL",
+        "hour",
+    ),
+    (
+        "rollup_members",
+        "instance_id text NOT NULL, res text NOT NULL, bucket bigint NOT NULL, keys text NOT NULL",
+        "instance_id, res, bucket",
+    ),
+    (
+        "rollup_active",
+        "res text NOT NULL, bucket bigint NOT NULL, instances bigint NOT NULL",
+        "res, bucket",
+    ),
+    (
+        "rollup_key_instances",
+        "key text NOT NULL, res text NOT NULL, bucket bigint NOT NULL, instances bigint NOT NULL",
+        "key, res, bucket",
+    ),
+    (
+        "rollup_key_hours",
+        "key text NOT NULL, hour bigint NOT NULL, total bigint NOT NULL",
+        "key, hour",
+    ),
+    (
+        "rollup_key_days",
+        "key text NOT NULL, day bigint NOT NULL, kind text NOT NULL,"
+        " last_ts bigint NOT NULL, last_seq bigint NOT NULL, total bigint NOT NULL,"
+        " value text, value_ts bigint, value_seq bigint",
+        "key, day",
+    ),
+    (
+        "rollup_instances",
+        "instance_id text NOT NULL, first_day bigint NOT NULL, last_day bigint NOT NULL",
+        "instance_id",
+    ),
+    (
+        "rollup_latest",
+        "key text NOT NULL, instance_id text NOT NULL, day bigint NOT NULL,"
+        " ts bigint NOT NULL, seq bigint NOT NULL, value text NOT NULL",
+        "key, instance_id",
+    ),
+    (
+        "rollup_day_values",
+        "key text NOT NULL, instance_id text NOT NULL, day bigint NOT NULL,"
+        " ts bigint NOT NULL, seq bigint NOT NULL, value text NOT NULL",
+        "key, instance_id, day",
+    ),
+    (
+        "rollup_cset_days",
+        "key text NOT NULL, day bigint NOT NULL, value text NOT NULL, count bigint NOT NULL",
+        "key, day, value",
+    ),
+    (
+        "rollup_cset_spans",
+        "key text NOT NULL, value text NOT NULL, instance_id text NOT NULL,"
+        " first_day bigint NOT NULL, last_day bigint NOT NULL",
+        "key, value, instance_id",
+    ),
+    (
+        "rollup_cset_members",
+        "key text NOT NULL, value text NOT NULL, instance_id text NOT NULL, day bigint NOT NULL",
+        "key, value, instance_id, day",
+    ),    ("rollup_long_values", "value_key text NOT NULL, value text NOT NULL", "value_key"),
+)
+ROLLUP_TABLES = tuple(name for name, _, _ in _TABLES)
+
+
+def rollup_schema(*, sqlite: bool) -> List[str]:
+    """``CREATE TABLE`` statements for the rollups (SQLite: clustered on the key)."""
+    suffix = " WITHOUT ROWID" if sqlite else ""
+    statements = [
+        f"CREATE TABLE IF NOT EXISTS {name} ({columns}, PRIMARY KEY ({key})){suffix}"
+        for name, columns, key in _TABLES
+    ]
+    statements.append(PENDING_SCHEMA)
+    # Covering indexes for the window queries: each count or breakdown over a
+    # window is one index range (the last three columns serve the rare
+    # instances that reported before and after the window).
+    statements += [
+        "CREATE INDEX IF NOT EXISTS rollup_latest_by_day ON rollup_latest (key, day, value)",
+        "CREATE INDEX IF NOT EXISTS rollup_instances_by_last"
+        " ON rollup_instances (last_day, first_day, instance_id)",
+        "CREATE INDEX IF NOT EXISTS rollup_cset_spans_by_last"
+        " ON rollup_cset_spans (key, value, last_day, first_day, instance_id)",
+    ]
+    return statements
+
+
+def _saturating_sum(a: str, b: str) -> str:
+    return (
+        f"CASE WHEN {b} > 0 AND {a} > {MAX_INT64} - {b} THEN {MAX_INT64}"
+        f" WHEN {b} < 0 AND {a} < {MIN_INT64} - {b} THEN {MIN_INT64}"
+        f" ELSE {a} + {b} END"
+    )
+
+
+def _later(new: str, old: str) -> str:
+    """Whether report ``new`` (``new_ts``/``new_seq`` columns) is later than ``old``."""
+    return f"({new}_ts > {old}_ts OR ({new}_ts = {old}_ts AND {new}_seq > {old}_seq))"
+
+
+_UPSERT_HOUR = f"""
+INSERT INTO rollup_hours AS r (hour, payloads, dropped) VALUES (?, ?, ?)
+ON CONFLICT (hour) DO UPDATE SET
+    payloads = r.payloads + excluded.payloads,
+    dropped = {_saturating_sum("r.dropped", "excluded.dropped")}
+"""  # noqa: S608 - constants only
+_UPSERT_MEMBER = """
+INSERT INTO rollup_members AS r (instance_id, res, bucket, keys) VALUES (?, ?, ?, ?)
+ON CONFLICT (instance_id, res, bucket) DO UPDATE SET keys = excluded.keys
+"""
+_UPSERT_ACTIVE = """
+INSERT INTO rollup_active AS r (res, bucket, instances) VALUES (?, ?, ?)
+ON CONFLICT (res, bucket) DO UPDATE SET instances = r.instances + excluded.instances
+"""
+_UPSERT_KEY_INSTANCES = """
+INSERT INTO rollup_key_instances AS r (key, res, bucket, instances) VALUES (?, ?, ?, ?)
+ON CONFLICT (key, res, bucket) DO UPDATE SET instances = r.instances + excluded.instances
+"""
+_UPSERT_INSTANCE = """
+INSERT INTO rollup_instances AS r (instance_id, first_day, last_day) VALUES (?, ?, ?)
+ON CONFLICT (instance_id) DO UPDATE SET
+    first_day = CASE WHEN excluded.first_day < r.first_day THEN excluded.first_day
+                ELSE r.first_day END,
+    last_day = CASE WHEN excluded.last_day > r.last_day THEN excluded.last_day ELSE r.last_day END
+"""
+_UPSERT_KEY_HOUR = f"""
+INSERT INTO rollup_key_hours AS r (key, hour, total) VALUES (?, ?, ?)
+ON CONFLICT (key, hour) DO UPDATE SET total = {_saturating_sum("r.total", "excluded.total")}
+"""  # noqa: S608 - constants only
+_LATER_LAST = _later("excluded.last", "r.last")
+_LATER_VALUE = (
+    "excluded.value_ts IS NOT NULL AND"
+    f" (r.value_ts IS NULL OR {_later('excluded.value', 'r.value')})"
+)
+_UPSERT_KEY_DAY = f"""
+INSERT INTO rollup_key_days AS r
+    (key, day, kind, last_ts, last_seq, total, value, value_ts, value_seq)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (key, day) DO UPDATE SET
+    kind = CASE WHEN {_LATER_LAST} THEN excluded.kind ELSE r.kind END,
+    last_ts = CASE WHEN {_LATER_LAST} THEN excluded.last_ts ELSE r.last_ts END,
+    last_seq = CASE WHEN {_LATER_LAST} THEN excluded.last_seq ELSE r.last_seq END,
+    total = {_saturating_sum("r.total", "excluded.total")},
+    value = CASE WHEN {_LATER_VALUE} THEN excluded.value ELSE r.value END,
+    value_ts = CASE WHEN {_LATER_VALUE} THEN excluded.value_ts ELSE r.value_ts END,
+    value_seq = CASE WHEN {_LATER_VALUE} THEN excluded.value_seq ELSE r.value_seq END
+"""  # noqa: S608 - constants only
+
+
+def _upsert_value(table: str, key: str) -> str:
+    return f"""
+INSERT INTO {table} AS r (key, instance_id, day, ts, seq, value) VALUES (?, ?, ?, ?, ?, ?)
+ON CONFLICT ({key}) DO UPDATE SET
+    day = excluded.day, ts = excluded.ts, seq = excluded.seq, value = excluded.value
+WHERE excluded.ts > r.ts OR (excluded.ts = r.ts AND excluded.seq > r.seq)
+"""  # noqa: S608 - constants only
+
+
+_UPSERT_LATEST = _upsert_value("rollup_latest", "key, instance_id")
+_UPSERT_DAY_VALUE = _upsert_value("rollup_day_values", "key, instance_id, day")
+_UPSERT_CSET_DAY = f"""
+INSERT INTO rollup_cset_days AS r (key, day, value, count) VALUES (?, ?, ?, ?)
+ON CONFLICT (key, day, value) DO UPDATE SET count = {_saturating_sum("r.count", "excluded.count")}
+"""  # noqa: S608 - constants only
+_UPSERT_CSET_SPAN = """
+INSERT INTO rollup_cset_spans AS r (key, value, instance_id, first_day, last_day)
+VALUES (?, ?, ?, ?, ?)
+ON CONFLICT (key, value, instance_id) DO UPDATE SET
+    first_day = CASE WHEN excluded.first_day < r.first_day THEN excluded.first_day
+                ELSE r.first_day END,
+    last_day = CASE WHEN excluded.last_day > r.last_day THEN excluded.last_day ELSE r.last_day END
+"""
+_INSERT_CSET_MEMBER = (
+    "INSERT INTO rollup_cset_members (key, value, instance_id, day) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT DO NOTHING"
+)
+_INSERT_LONG_VALUE = (
+    "INSERT INTO rollup_long_values (value_key, value) VALUES (?, ?) ON CONFLICT DO NOTHING"
+)
+_MEMBERS_PER_SELECT = 300
+
+PENDING_SCHEMA = "CREATE TABLE IF NOT EXISTS rollup_pending (seq bigint PRIMARY KEY)"
+"""Payloads stored but not yet added to the rollups (their ``seq``)."""
+ADD_PENDING = "INSERT INTO rollup_pending (seq) VALUES (?)"
+FOLD_EVERY = 256
+"""An ingest whose ``seq`` is a multiple of this folds every pending payload."""
+FOLD_BATCH = 2000
+
+Report = Tuple[int, int]
+"""When a report was made, for "latest" comparisons: (effective µs, seq)."""
+
+
+class _Batch:
+    """The rollup changes of a batch of payloads, merged in memory before one write per table.
+
+    Many payloads of a batch share hours, days and keys: merged first, they
+    cost one row each instead of one statement per payload and key.
+    """
+
+    def __init__(self) -> None:
+        self.hours: Dict[int, List[int]] = {}
+        self.members: Dict[Tuple[str, str, int], set[str]] = {}
+        self.instances: Dict[str, List[int]] = {}
+        self.key_hours: Dict[Tuple[str, int], int] = {}
+        # (key, day) -> [kind, last_ts, last_seq, total, value, value_ts, value_seq]
+        self.key_days: Dict[Tuple[str, int], List[Any]] = {}
+        self.latest: Dict[Tuple[str, str], Tuple[int, int, int, str]] = {}
+        self.day_values: Dict[Tuple[str, str, int], Tuple[int, int, str]] = {}
+        self.cset_days: Dict[Tuple[str, int, str], int] = {}
+        self.cset_spans: Dict[Tuple[str, str, str], List[int]] = {}
+        self.cset_members: set[Tuple[str, str, str, int]] = set()
+        self.long_values: Dict[str, str] = {}
+
+    def _key_of(self, value: object) -> str:
+        canonical = identity(value)
+        key = value_key(canonical)
+        if key is not canonical:
+            self.long_values[key] = canonical
+        return key
+
+    def add(
+        self,
+        seq: int,
+        instance_id: str,
+        *,
+        timestamp: str,
+        received_at: str,
+        data: Mapping[str, Any],
+        dropped: int,
+    ) -> None:
+        at = effective_micros(timestamp, received_at)
+        hour = hour_of(at)
+        day = day_of(hour)
+        hourly = self.hours.setdefault(hour, [0, 0])
+        hourly[0] += 1
+        hourly[1] = clamp(hourly[1] + dropped)
+        for bucket in (("h", hour), ("d", day), ("w", week_of(day))):
+            self.members.setdefault((instance_id, *bucket), set()).update(data)
+        span = self.instances.setdefault(instance_id, [day, day])
+        span[0], span[1] = min(span[0], day), max(span[1], day)
+        report = (at, seq)
+        for key, value in data.items():
+            kind = kind_of(value)
+            daily = self.key_days.get((key, day))
+            if daily is None:
+                daily = self.key_days[(key, day)] = [kind, at, seq, 0, None, None, None]
+            elif report > (daily[1], daily[2]):
+                daily[0], daily[1], daily[2] = kind, at, seq
+            if kind == "c":
+                total = clamp(value)
+                self.key_hours[(key, hour)] = clamp(self.key_hours.get((key, hour), 0) + total)
+                daily[3] = clamp(daily[3] + total)
+            elif kind == "v":
+                encoded = self._key_of(value)
+                if daily[5] is None or report > (daily[5], daily[6]):
+                    daily[4], daily[5], daily[6] = encoded, at, seq
+                latest = self.latest.get((key, instance_id))
+                if latest is None or report > (latest[0], latest[1]):
+                    self.latest[(key, instance_id)] = (at, seq, day, encoded)
+                of_day = self.day_values.get((key, instance_id, day))
+                if of_day is None or report > (of_day[0], of_day[1]):
+                    self.day_values[(key, instance_id, day)] = (at, seq, encoded)
+            else:
+                for item in value:
+                    item_id = self._key_of(item["value"])
+                    counted = (key, day, item_id)
+                    self.cset_days[counted] = clamp(self.cset_days.get(counted, 0) + item["count"])
+                    item_span = self.cset_spans.setdefault((key, item_id, instance_id), [day, day])
+                    item_span[0], item_span[1] = min(item_span[0], day), max(item_span[1], day)
+                    self.cset_members.add((key, item_id, instance_id, day))
+
+    def write(self, run: Runner) -> None:
+        """Apply the merged changes to the rollup tables (the caller holds the fold lock)."""
+        run.executemany(_UPSERT_HOUR, [(hour, n, lost) for hour, (n, lost) in self.hours.items()])
+        if self.long_values:
+            run.executemany(_INSERT_LONG_VALUE, sorted(self.long_values.items()))
+        self._write_members(run)
+        run.executemany(
+            _UPSERT_INSTANCE, [(instance, *span) for instance, span in self.instances.items()]
+        )
+        if self.key_hours:
+            run.executemany(
+                _UPSERT_KEY_HOUR, [(*slot, total) for slot, total in self.key_hours.items()]
+            )
+        if self.key_days:
+            run.executemany(_UPSERT_KEY_DAY, [(*slot, *row) for slot, row in self.key_days.items()])
+        if self.latest:
+            run.executemany(
+                _UPSERT_LATEST,
+                [
+                    (key, instance, day, at, seq, value)
+                    for (key, instance), (at, seq, day, value) in self.latest.items()
+                ],
+            )
+            run.executemany(
+                _UPSERT_DAY_VALUE,
+                [
+                    (key, instance, day, at, seq, value)
+                    for (key, instance, day), (at, seq, value) in self.day_values.items()
+                ],
+            )
+        if self.cset_days:
+            run.executemany(
+                _UPSERT_CSET_DAY, [(*slot, count) for slot, count in self.cset_days.items()]
+            )
+            run.executemany(
+                _UPSERT_CSET_SPAN, [(*slot, *span) for slot, span in self.cset_spans.items()]
+            )
+            run.executemany(_INSERT_CSET_MEMBER, sorted(self.cset_members))
+
+    def _write_members(self, run: Runner) -> None:
+        """Which instances and keys are new to each bucket: counted once per bucket."""
+        slots = sorted(self.members)
+        known: Dict[Tuple[str, str, int], set[str]] = {}
+        for start in range(0, len(slots), _MEMBERS_PER_SELECT):
+            chunk = slots[start : start + _MEMBERS_PER_SELECT]
+            values = ", ".join(["(?, ?, ?)"] * len(chunk))
+            # A join, not "IN (VALUES ...)": SQLite would scan the table for that.
+            rows = run.fetchall(
+                "SELECT m.instance_id, m.res, m.bucket, m.keys"  # noqa: S608
+                f" FROM (VALUES {values}) AS wanted JOIN rollup_members AS m"
+                " ON m.instance_id = wanted.column1 AND m.res = wanted.column2"
+                " AND m.bucket = wanted.column3",
+                [part for slot in chunk for part in slot],
+            )
+            for instance, res, bucket, keys in rows:
+                known[(instance, res, int(bucket))] = set(json.loads(keys))
+        active: Dict[Tuple[str, int], int] = {}
+        key_instances: Dict[Tuple[str, str, int], int] = {}
+        changed = []
+        for slot in slots:
+            instance, res, bucket = slot
+            before = known.get(slot)
+            if before is None:
+                active[(res, bucket)] = active.get((res, bucket), 0) + 1
+                before = set()
+            new_keys = self.members[slot] - before
+            if before and not new_keys:
+                continue
+            for key in new_keys:
+                key_instances[(key, res, bucket)] = key_instances.get((key, res, bucket), 0) + 1
+            changed.append((*slot, json.dumps(sorted(before | new_keys))))
+        if changed:
+            run.executemany(_UPSERT_MEMBER, changed)
+        if active:
+            run.executemany(_UPSERT_ACTIVE, [(*slot, n) for slot, n in active.items()])
+        if key_instances:
+            run.executemany(
+                _UPSERT_KEY_INSTANCES, [(*slot, n) for slot, n in key_instances.items()]
+            )
+
+
+PendingPayload = Tuple[int, str, str, str, Mapping[str, Any], int]
+"""(seq, instance_id, timestamp, received_at, data, dropped) of a stored payload."""
+
+
+def fold_pending(run: Runner, select_pending: str) -> int:
+    """Add every pending payload to the rollups and clear it from ``rollup_pending``.
+
+    ``select_pending`` selects up to ``?`` pending payloads as ``PendingPayload``
+    rows (``data`` as JSON text or already decoded), oldest first. The caller
+    holds a write transaction that no other fold runs beside. Returns how many
+    payloads were added.
+    """
+    folded = 0
+    while True:
+        rows = run.fetchall(select_pending, (FOLD_BATCH,))
+        if not rows:
+            return folded
+        batch = _Batch()
+        for seq, instance_id, timestamp, received_at, stored_data, dropped in rows:
+            data = json.loads(stored_data) if isinstance(stored_data, str) else stored_data
+            batch.add(
+                int(seq),
+                instance_id,
+                timestamp=timestamp,
+                received_at=received_at,
+                data=data,
+                dropped=int(dropped),
+            )
+        batch.write(run)
+        run.executemany("DELETE FROM rollup_pending WHERE seq = ?", [(row[0],) for row in rows])
+        folded += len(rows)
+        if len(rows) < FOLD_BATCH:
+            return folded
