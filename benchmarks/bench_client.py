@@ -402,9 +402,10 @@ FILLS: Dict[str, Callable[[telemetry.Client, int], None]] = {
 }
 """The buffers measured for memory and snapshot+encode time."""
 
+
 def fill_events(client: telemetry.Client, items: int) -> None:
     """``items`` events of 50 names, each with a few attributes (``max_events`` permitting)."""
-    record = client.record  # type: ignore[attr-defined]
+    record = client.record
     for index in range(items):
         record("behavioral", f"click-{index % 50}", page=f"/page/{index % 100}", n=index)
 
@@ -415,11 +416,9 @@ STALL_FILLS: Dict[str, Callable[[telemetry.Client, int], None]] = {
     "lists": fill_lists,
     "mappings": fill_mappings,
     "mixed": fill_mixed,
+    "events": fill_events,
 }
-"""Every shape of buffer the stall test emits: one kind each, and all kinds mixed
-(and events, where the client records them)."""
-if hasattr(telemetry.Client, "record"):
-    STALL_FILLS["events"] = fill_events
+"""Every shape of buffer the stall test emits: one kind each, all kinds mixed, and events."""
 
 
 def buffer_memory(items: int = 100_000) -> Dict[str, Dict[str, float]]:

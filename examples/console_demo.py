@@ -4,7 +4,7 @@ Runs ``server_stub`` on 127.0.0.1 (``--port``, default 8080) with an in-memory
 database, then has a fleet of ``telemetry`` clients report to it over loopback,
 one payload a day for the last 30 days, their wall clocks set back so that
 the console's day charts fill in: more instances join over the month, a new
-version rolls out, features are counted, one client drops items. Then it
+version rolls out, features are counted, events are recorded, one client drops items. Then it
 prints the console's address and serves until Ctrl-C. Open it in a browser
 on the same machine (no token is configured: loopback clients only).
 
@@ -75,6 +75,9 @@ def fill(url: str, instances: int, state_root: Path) -> None:
                 client.add("errors", rng.randrange(0, 5))
                 for feature in rng.sample(FEATURES, rng.randrange(1, len(FEATURES))):
                     client.append_unique("features", feature)
+                client.record("behavioral", "config_reload", source=rng.choice(("api", "file")))
+                if rng.random() < 0.3:
+                    client.log("error", "upstream timed out", upstream="10.0.0.7:443")
                 client.flush(10.0)
         finally:
             client.stop_emitting()

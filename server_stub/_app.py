@@ -21,6 +21,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 from datetime import datetime, timedelta, timezone
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -30,6 +31,7 @@ from . import _queries
 from ._access import Access, Grant
 from ._backends import open_store
 from ._console import Console, is_console_path
+from ._events import InvalidEvent, parse_event_query, validate_events
 from ._limits import (
     Admission,
     InFlightBudget,
@@ -42,7 +44,7 @@ from ._limits import (
 )
 from ._openapi import openapi_document
 from ._policy import Policy
-from ._storage import PayloadRecord, Runner, Store, UnstorablePayload
+from ._storage import PayloadRecord, Runner, Store, UnstorablePayload, format_time
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -384,9 +386,10 @@ def _validate_client(client: object) -> Optional[Dict[str, Any]]:
     for name in ("name", "version"):
         if name in client and not isinstance(client[name], str):
             raise HTTPError(400, f"client.{name} must be a string")
-    dropped = client.get("dropped", 0)
-    if isinstance(dropped, bool) or not isinstance(dropped, int) or not 0 <= dropped <= _MAX_INT64:
-        raise HTTPError(400, "client.dropped must be a non-negative integer")
+    for name in ("dropped", "dropped_events"):
+        count = client.get(name, 0)
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _MAX_INT64:
+            raise HTTPError(400, f"client.{name} must be a non-negative integer")
     return client
 
 
@@ -421,6 +424,10 @@ def validate_payload(body: object, instance_id: str, received_at: str) -> Payloa
         data = {}
     if not isinstance(data, dict):
         raise HTTPError(400, "data must be an object")
+    try:
+        events = validate_events(body.get("events"), instance_id, payload_id, received_at)
+    except (InvalidEvent, ValueError) as exc:
+        raise HTTPError(400, str(exc)) from None
     return PayloadRecord(
         payload_id=payload_id,
         instance_id=instance_id,
@@ -428,6 +435,7 @@ def validate_payload(body: object, instance_id: str, received_at: str) -> Payloa
         received_at=received_at,
         data=data,
         client=_validate_client(body.get("client")),
+        events=events,
     )
 
 
@@ -498,6 +506,7 @@ class App:
         policy.bind(store)
         self._readers: Dict[str, Callable[[WSGIEnvironment], Response]] = {
             "/v1/stats": self.stats,
+            "/v1/events": self.events,
             "/v1/series": self.series,
             "/v1/breakdown": self.breakdown,
             "/v1/active": self.active,
@@ -588,15 +597,17 @@ class App:
     def store_payload(self, request: RequestBody, instance_id: str, address: str) -> Response:
         """Parse, check, rate-limit and store an admitted body; the answer (or HTTPError)."""
         body = request.parse()
+        now = self._clock()
+        received_at = _utc_text(now)
+        # The payload's shape first (it walks no nested value): a bad event is
+        # named by its index and field, not only by where the document walk found it.
+        record = validate_payload(body, instance_id, received_at)
         if needs_check(request.decoded or b"", self.limits):
             problem = check_document(body, self.limits)
         else:
             problem = check_data_keys(body, self.limits)
         if problem is not None:
             raise HTTPError(400, problem)
-        now = self._clock()
-        received_at = _utc_text(now)
-        record = validate_payload(body, instance_id, received_at)
         rules = self.policy.current()
         if rules.rate_limit is not None:
             # Keyed by instance and address: posts that claim an instance's id from
@@ -649,6 +660,9 @@ class App:
         query = _query(environ)
         window = self._window(query)
         answer = self._run(lambda run: _queries.stats(run, window))
+        # Events over the same whole UTC days as the rest, from their own hourly counts.
+        first_day, end_day = window.days()
+        answer["events"] = self.store.event_counts(_day_start(first_day), _day_start(end_day))
         return _answer("stats", answer, query)
 
     def series(self, environ: WSGIEnvironment) -> Response:
@@ -759,6 +773,33 @@ class App:
         parts += [b'],"next_offset":', _json_bytes(next_offset), b"}"]
         return Response(200, b"".join(parts), [("Content-Type", "application/json")])
 
+    def events(self, environ: WSGIEnvironment) -> Response:
+        """``GET /v1/events?type=&name=&instance=&since=&until=&limit=&offset=``: newest first,
+        in pages of at most ``limit`` events and about ``max_response_bytes``."""
+        query = parse_qs(environ.get("QUERY_STRING", ""), keep_blank_values=True)
+        now = datetime.fromtimestamp(self._clock(), timezone.utc)
+        try:
+            selection = parse_event_query(query, now)
+        except ValueError as exc:
+            raise HTTPError(400, str(exc)) from None
+        page = self.store.events(dataclass_replace(selection, limit=selection.limit + 1))
+        more = len(page) > selection.limit
+        del page[selection.limit :]
+        # At least one event, then no more than ``max_response_bytes`` (as for payloads).
+        size = 0
+        for index, row in enumerate(page):
+            size += len(json.dumps(row, separators=(",", ":")))
+            if index and size > self.limits.max_response_bytes:
+                del page[index:]
+                more = True
+                break
+        return Response(200, {
+            "since": selection.since,
+            "until": selection.until,
+            "events": page,
+            "next_offset": selection.offset + len(page) if more else None,
+        })
+
 
 def check_value_count(values: int, limits: Limits) -> None:
     """HTTPError 413 when a body holds more JSON values than ``limits`` allow."""
@@ -777,6 +818,11 @@ def _too_many(message: str, wait: float) -> Response:
         {"error": message, "next_update": retry_after * 1_000_000_000},
         [("Retry-After", str(retry_after))],
     )
+
+
+def _day_start(day: int) -> str:
+    """The start of UTC day ``day`` (days since 1970-01-01), as stored times are written."""
+    return format_time(datetime(1970, 1, 1, tzinfo=timezone.utc) + timedelta(days=day))
 
 
 def _allow(method: str, *allowed: str) -> None:

@@ -46,14 +46,57 @@ _SCHEMAS: Dict[str, Any] = {
             "timestamp": _TIME,
             "payload_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
             "data": {"type": ["object", "null"]},
+            "events": {"type": ["array", "null"], "items": _ref("Event")},
             "client": {
                 "type": ["object", "null"],
                 "properties": {
                     "name": {"type": "string"},
                     "version": {"type": "string"},
                     "dropped": _COUNT,
+                    "dropped_events": _COUNT,
                 },
             },
+        },
+    },
+    "Event": {
+        "type": "object",
+        "description": "one flat event: its four fields, then scalar attributes",
+        "required": ["event_id", "event_time", "event_type", "event_name"],
+        "properties": {
+            "event_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+            "event_time": _TIME,
+            "event_type": {"type": "string", "minLength": 1, "maxLength": 256},
+            "event_name": {"type": "string", "minLength": 1, "maxLength": 256},
+        },
+        "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
+    },
+    "StoredEvent": {
+        "type": "object",
+        "required": ["instance_id", "event_id", "event_time", "event_type", "event_name",
+                     "attrs", "received_at"],
+        "additionalProperties": False,
+        "properties": {
+            "instance_id": {"type": "string"},
+            "event_id": {"type": "string"},
+            "event_time": _TIME,
+            "event_type": {"type": "string"},
+            "event_name": {"type": "string"},
+            "attrs": {
+                "type": "object",
+                "additionalProperties": {"type": ["string", "number", "boolean", "null"]},
+            },
+            "received_at": _TIME,
+        },
+    },
+    "Events": {
+        "type": "object",
+        "required": ["since", "until", "events", "next_offset"],
+        "additionalProperties": False,
+        "properties": {
+            "since": _TIME,
+            "until": _TIME,
+            "events": {"type": "array", "items": _ref("StoredEvent")},
+            "next_offset": {"type": ["integer", "null"]},
         },
     },
     "UpdateAnswer": {
@@ -321,6 +364,19 @@ _PATHS: Dict[str, Any] = {
         ],
     ),
     "/v1/stats": _read("Totals within the window (whole UTC days)", "Stats", _WINDOW, csv=True),
+    "/v1/events": _read(
+        "Stored events, newest first (an event counts at its event_time, or its arrival"
+        " when that is earlier)",
+        "Events",
+        [
+            _parameter("type", "only this event_type", {"type": "string"}),
+            _parameter("name", "only this event_name", {"type": "string"}),
+            _parameter("instance", "only this instance id", {"type": "string"}),
+            _parameter("limit", "1..1000, default 100", {"type": "integer"}),
+            _parameter("offset", "default 0", {"type": "integer"}),
+            *_WINDOW[:2],
+        ],
+    ),
     "/v1/series": _read(
         "A key over time: one point per bucket, empty ones included",
         "Series",

@@ -34,9 +34,13 @@ from ._storage import (
     INT64_MAX,
     INT64_MIN,
     RATE_WINDOW_PRUNE_INTERVAL,
+    EventQuery,
+    EventRecord,
     PayloadRecord,
     StoredPayload,
     UnstorablePayload,
+    count_tree,
+    event_row,
     redact_url,
     saturate,
     stored_payload,
@@ -52,6 +56,34 @@ __all__ = ["SCHEMA_VERSION", "PostgresRunner", "PostgresStore", "migrate"]
 # pg_advisory_xact_lock key for migrations: any constant unlikely to be used by
 # another application on the same database ("telemetry" in ASCII).
 _MIGRATION_LOCK = 0x74656C656D657472
+
+_EVENTS_MIGRATION = """
+    CREATE TABLE events (
+        seq         bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,  -- arrival order
+        instance_id text NOT NULL,
+        event_id    text NOT NULL,
+        event_time  timestamptz NOT NULL,
+        counted_at  timestamptz NOT NULL,  -- event_time, or the arrival if that is earlier
+        event_type  text NOT NULL,
+        event_name  text NOT NULL,
+        attrs       jsonb NOT NULL,
+        payload_id  text NOT NULL,
+        received_at timestamptz NOT NULL,
+        UNIQUE (instance_id, event_id)
+    );
+    -- /v1/events newest first: all, by type (and name), by instance.
+    CREATE INDEX events_by_time ON events (counted_at, seq);
+    CREATE INDEX events_by_name ON events (event_type, event_name, counted_at, seq);
+    CREATE INDEX events_by_instance ON events (instance_id, counted_at, seq);
+    CREATE TABLE event_counts (
+        hour       timestamptz NOT NULL,
+        event_type text NOT NULL,
+        event_name text NOT NULL,
+        count      bigint NOT NULL,
+        PRIMARY KEY (hour, event_type, event_name)
+    );
+"""
+"""Appended to ``_MIGRATIONS``: a database made before events gains their tables."""
 
 _MIGRATIONS: Tuple[str, ...] = (
     # 1: payloads and rate-limit windows.
@@ -84,10 +116,15 @@ _MIGRATIONS: Tuple[str, ...] = (
     );
     """
     + ";\n".join(rollup_schema(sqlite=False)),
+    # 3: events, once per (instance_id, event_id), and their hourly counts.
+    _EVENTS_MIGRATION,
 )
 _ROLLUPS_SINCE = 2
 SCHEMA_VERSION = len(_MIGRATIONS)
 """The schema version this code creates and expects."""
+
+# Every event ever counted: the window of stats().
+_ALL_TIME = ("0001-01-01T00:00:00.000000Z", "9999-12-31T23:59:59.999999Z")
 
 _INSERT_ONE = """
 INSERT INTO payloads (payload_id, instance_id, sent_at, received_at, data, client, dropped)
@@ -394,6 +431,12 @@ class PostgresStore:
                     # The rollups take them in with the next fold (see _rollups).
                     seqs = sorted(inserted.values())
                     connection.execute(_ADD_PENDING_MANY, (seqs,))
+                    # The events of the payloads stored now, in the batch's order
+                    # (sorted by payload_id, so two workers take locks alike).
+                    _insert_events(connection, [
+                        event for record in batch if record.payload_id in inserted
+                        for event in record.events
+                    ])
                     if any(seq % FOLD_EVERY == 0 for seq in seqs):
                         self._fold(connection)
         except self._psycopg.DataError as exc:
@@ -422,6 +465,7 @@ class PostgresStore:
                 seq = stored[0]
                 # The rollups take it in with the next fold (see _rollups).
                 connection.execute(ADD_PENDING.replace("?", "%s"), (seq,))
+                _insert_events(connection, record.events)
                 if seq % FOLD_EVERY == 0:
                     self._fold(connection)
         except self._psycopg.DataError as exc:
@@ -470,12 +514,22 @@ class PostgresStore:
             assert row is not None
             instances, payloads, dropped = row
             key_rows = connection.execute(_KEY_TOTALS).fetchall()
+            events = _event_counts(connection, *_ALL_TIME)
         return {
             "instances": instances,
             "payloads": payloads,
             "dropped": saturate(int(dropped)),
             "keys": _key_totals(key_rows),
+            "events": events,
         }
+
+    def events(self, query: EventQuery) -> list[dict[str, Any]]:
+        with self._connection() as connection:
+            return _query_events(connection, query)
+
+    def event_counts(self, since: str, until: str) -> dict[str, dict[str, int]]:
+        with self._connection() as connection:
+            return _event_counts(connection, since, until)
 
     def instance_payloads(self, instance_id: str, limit: int, offset: int) -> list[dict[str, Any]]:
         with self._connection() as connection:
@@ -587,3 +641,95 @@ def _key_totals(rows: list[Tuple[str, str, Optional[str], Optional[str]]]) -> di
         items.sort(key=lambda entry: entry[0])
         totals[key] = [{"value": item, "count": count} for _, item, count in items]
     return dict(sorted(totals.items()))
+
+
+_TIME = """to_char({} AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"')"""
+
+# Rows come in as arrays (one statement for the whole payload); the counts are
+# bumped in a fixed order, so two workers never wait for each other's rows crosswise.
+_INSERT_EVENTS = """
+WITH new AS (
+    INSERT INTO events (instance_id, event_id, event_time, counted_at, event_type, event_name,
+                        attrs, payload_id, received_at)
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::timestamptz[], %s::timestamptz[],
+                         %s::text[], %s::text[], %s::jsonb[], %s::text[], %s::timestamptz[])
+    ON CONFLICT (instance_id, event_id) DO NOTHING
+    RETURNING date_trunc('hour', counted_at, 'UTC') AS hour, event_type, event_name
+)
+INSERT INTO event_counts AS c (hour, event_type, event_name, count)
+SELECT hour, event_type, event_name, count(*) FROM new
+GROUP BY hour, event_type, event_name ORDER BY hour, event_type, event_name
+ON CONFLICT (hour, event_type, event_name) DO UPDATE SET count = c.count + excluded.count
+"""
+
+_EVENT_COUNTS = """
+WITH bounds AS (
+    SELECT %(since)s::timestamptz AS since, %(until)s::timestamptz AS until,
+           date_trunc('hour', %(until)s::timestamptz, 'UTC') AS last_hour,
+           CASE WHEN date_trunc('hour', %(since)s::timestamptz, 'UTC') = %(since)s::timestamptz
+                THEN %(since)s::timestamptz
+                ELSE date_trunc('hour', %(since)s::timestamptz, 'UTC') + interval '1 hour'
+           END AS first_hour
+)
+SELECT c.event_type, c.event_name, sum(c.count)
+FROM event_counts AS c, bounds AS b
+WHERE b.first_hour < b.last_hour AND c.hour >= b.first_hour AND c.hour < b.last_hour
+GROUP BY c.event_type, c.event_name
+UNION ALL
+SELECT e.event_type, e.event_name, count(*)
+FROM events AS e, bounds AS b
+WHERE e.counted_at >= b.since AND e.counted_at < b.until
+  AND (b.first_hour >= b.last_hour OR e.counted_at < b.first_hour OR e.counted_at >= b.last_hour)
+GROUP BY e.event_type, e.event_name
+"""
+
+
+def _insert_events(connection: psycopg.Connection[Any], events: Sequence[EventRecord]) -> None:
+    """Insert the events not stored yet and count them per hour (in the caller's
+    transaction, with the payload's row)."""
+    if not events:
+        return
+    columns: Tuple[List[Any], ...] = tuple([] for _ in range(9))
+    for event in events:
+        for column, value in zip(columns, (
+            event.instance_id, event.event_id, event.event_time, event.counted_at,
+            event.event_type, event.event_name, _encode(event.attrs),
+            event.payload_id, event.received_at,
+        )):
+            column.append(value)
+    connection.execute(_INSERT_EVENTS, columns)
+
+
+def _query_events(connection: psycopg.Connection[Any], query: EventQuery) -> List[Dict[str, Any]]:
+    """The page of events ``query`` asks for, newest first."""
+    conditions = ["counted_at >= %s", "counted_at < %s"]
+    parameters: List[Any] = [query.since, query.until]
+    for column, value in (
+        ("event_type", query.event_type),
+        ("event_name", query.event_name),
+        ("instance_id", query.instance_id),
+    ):
+        if value is not None:
+            conditions.append(f"{column} = %s")
+            parameters.append(value)
+    # The conditions are constants; values are parameters.
+    sql = (
+        f"SELECT instance_id, event_id, {_TIME.format('event_time')}, event_type,"  # noqa: S608
+        f" event_name, attrs, {_TIME.format('received_at')}"
+        f" FROM events WHERE {' AND '.join(conditions)}"
+        " ORDER BY counted_at DESC, seq DESC LIMIT %s OFFSET %s"
+    )
+    rows = connection.execute(sql, (*parameters, query.limit, query.offset)).fetchall()
+    return [
+        event_row(instance_id, event_id, event_time, event_type, event_name, attrs, received_at)
+        for instance_id, event_id, event_time, event_type, event_name, attrs, received_at in rows
+    ]
+
+
+def _event_counts(
+    connection: psycopg.Connection[Any], since: str, until: str
+) -> Dict[str, Dict[str, int]]:
+    """``{type: {name: count}}`` of the events counted in ``[since, until)``: whole hours
+    from ``event_counts``, the partial hours at the ends from the events themselves."""
+    rows = connection.execute(_EVENT_COUNTS, {"since": since, "until": until}).fetchall()
+    return count_tree(rows)

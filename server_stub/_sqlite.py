@@ -12,16 +12,23 @@ import logging
 import queue
 import sqlite3
 import threading
+from collections import Counter
 from contextlib import contextmanager
-from typing import Any, Iterator, List, Optional, Sequence, Tuple
+from datetime import datetime, timedelta, timezone
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ._group_commit import GroupCommit
 from ._rollups import ADD_PENDING, FOLD_EVERY, fold_pending, rollup_schema
 from ._storage import (
     RATE_WINDOW_PRUNE_INTERVAL,
+    EventQuery,
+    EventRecord,
     PayloadRecord,
     StoredPayload,
     aggregate_keys,
+    count_tree,
+    event_row,
+    format_time,
     saturate,
     stored_payload,
 )
@@ -59,8 +66,37 @@ CREATE TABLE IF NOT EXISTS policy_changes (
 )
 """
 # 1: payloads and rate-limit windows (a database without schema_version is one);
-# 2: the stored policy and the rollups, backfilled from the stored payloads.
-SQLITE_SCHEMA_VERSION = 2
+# 2: the stored policy and the rollups, backfilled from the stored payloads;
+# 3: events, once per (instance_id, event_id), and their hourly counts.
+SQLITE_SCHEMA_VERSION = 3
+_EVENTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq         INTEGER PRIMARY KEY,  -- arrival order
+    instance_id TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    event_time  TEXT NOT NULL,        -- UTC, as the client sent it (normalized)
+    counted_at  TEXT NOT NULL,        -- event_time, or the arrival if that is earlier
+    event_type  TEXT NOT NULL,
+    event_name  TEXT NOT NULL,
+    attrs       TEXT NOT NULL,        -- JSON object
+    payload_id  TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    UNIQUE (instance_id, event_id)
+);
+-- /v1/events newest first: all, by type (and name), by instance.
+CREATE INDEX IF NOT EXISTS events_by_time ON events (counted_at, seq);
+CREATE INDEX IF NOT EXISTS events_by_name ON events (event_type, event_name, counted_at, seq);
+CREATE INDEX IF NOT EXISTS events_by_instance ON events (instance_id, counted_at, seq);
+CREATE TABLE IF NOT EXISTS event_counts (
+    hour       TEXT NOT NULL,         -- the hour's start, in counted_at's form
+    event_type TEXT NOT NULL,
+    event_name TEXT NOT NULL,
+    count      INTEGER NOT NULL,
+    PRIMARY KEY (hour, event_type, event_name)
+);
+"""
+# Every event ever counted: the window of stats().
+_ALL_TIME = ("0001-01-01T00:00:00.000000Z", "9999-12-31T23:59:59.999999Z")
 _SELECT_PENDING = """
 SELECT p.seq, p.instance_id, p.sent_at, p.received_at, p.data, p.dropped
 FROM rollup_pending AS r JOIN payloads AS p ON p.seq = r.seq ORDER BY r.seq LIMIT ?
@@ -87,6 +123,10 @@ def _migrate(connection: sqlite3.Connection) -> int:
             count = fold_pending(SQLiteRunner(connection), _SELECT_PENDING)
             if count:
                 logger.info("rollups built for %d stored payloads", count)
+        if found < 3:
+            for statement in _EVENTS_SCHEMA.split(";"):
+                if statement.strip():
+                    connection.execute(statement)
         if found < SQLITE_SCHEMA_VERSION:
             connection.execute("DELETE FROM schema_version")
             connection.execute("INSERT INTO schema_version VALUES (?)", (SQLITE_SCHEMA_VERSION,))
@@ -233,13 +273,14 @@ class SQLiteStore:
         with self.writing() as run:
             connection = run.connection
             fold = False
-            for row in rows:
+            for record, row in zip(records, rows):
                 cursor = connection.execute(_INSERT, row)
                 stored.append(cursor.rowcount == 1)
                 if cursor.rowcount == 1:
                     seq = cursor.lastrowid
                     assert seq is not None
                     connection.execute(ADD_PENDING, (seq,))
+                    _insert_events(connection, record.events)
                     fold = fold or seq % FOLD_EVERY == 0
             if fold:
                 fold_pending(run, _SELECT_PENDING)
@@ -297,6 +338,7 @@ class SQLiteStore:
                         yield json.loads(data)
 
                 keys = aggregate_keys(datas())
+                events = _event_counts(connection, *_ALL_TIME)
             finally:
                 connection.execute("COMMIT")
         payloads, dropped = totals
@@ -305,7 +347,16 @@ class SQLiteStore:
             "payloads": payloads,
             "dropped": saturate(dropped),
             "keys": keys,
+            "events": events,
         }
+
+    def events(self, query: EventQuery) -> list[dict[str, Any]]:
+        with self._connection() as connection:
+            return _query_events(connection, query)
+
+    def event_counts(self, since: str, until: str) -> dict[str, dict[str, int]]:
+        with self._connection() as connection:
+            return _event_counts(connection, since, until)
 
     def instance_payloads(self, instance_id: str, limit: int, offset: int) -> list[dict[str, Any]]:
         with self._connection() as connection:
@@ -416,3 +467,131 @@ class SQLiteStore:
 
 def _json_or_none(text: Optional[str]) -> Any:
     return json.loads(text) if text is not None else None
+
+
+_HOUR_SUFFIX = ":00:00.000000Z"
+_LOOKUP_BATCH = 500  # event ids per look-up (SQLite allows 999 parameters at least)
+
+
+def _hour_of(moment: str) -> str:
+    """The start of the hour holding ``moment`` (both in ``format_time``'s form)."""
+    return moment[:13] + _HOUR_SUFFIX
+
+
+def _next_hour_start(moment: str) -> str:
+    """The first hour start at or after ``moment``."""
+    start = _hour_of(moment)
+    if start == moment:
+        return start
+    return format_time(
+        datetime.fromisoformat(start[:-1]).replace(tzinfo=timezone.utc) + timedelta(hours=1)
+    )
+
+
+def _insert_events(connection: sqlite3.Connection, events: Sequence[EventRecord]) -> int:
+    """Insert the events not stored yet and count them per hour; how many were new.
+
+    Runs inside the caller's write transaction (with the payload's row), so
+    nothing can store the same events between the look-up and the insert.
+    """
+    if not events:
+        return 0
+    instance_id = events[0].instance_id
+    stored: Set[str] = set()
+    ids = [event.event_id for event in events]
+    for start in range(0, len(ids), _LOOKUP_BATCH):
+        batch = ids[start : start + _LOOKUP_BATCH]
+        marks = ",".join("?" * len(batch))
+        stored.update(
+            event_id
+            for (event_id,) in connection.execute(
+                f"SELECT event_id FROM events WHERE instance_id = ? AND event_id IN ({marks})",  # noqa: S608
+                (instance_id, *batch),
+            )
+        )
+    new: List[EventRecord] = []
+    for event in events:
+        if event.event_id not in stored:
+            stored.add(event.event_id)  # a payload may carry the same event twice
+            new.append(event)
+    connection.executemany(
+        "INSERT INTO events (instance_id, event_id, event_time, counted_at,"
+        " event_type, event_name, attrs, payload_id, received_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [
+            (
+                event.instance_id, event.event_id, event.event_time, event.counted_at,
+                event.event_type, event.event_name,
+                json.dumps(event.attrs, separators=(",", ":")), event.payload_id,
+                event.received_at,
+            )
+            for event in new
+        ],
+    )
+    counts = Counter((_hour_of(event.counted_at), event.event_type, event.event_name)
+                     for event in new)
+    connection.executemany(
+        "INSERT INTO event_counts (hour, event_type, event_name, count) VALUES (?, ?, ?, ?)"
+        " ON CONFLICT (hour, event_type, event_name) DO UPDATE SET count = count + excluded.count",
+        [(*key, count) for key, count in sorted(counts.items())],
+    )
+    return len(new)
+
+
+def _query_events(connection: sqlite3.Connection, query: EventQuery) -> List[Dict[str, Any]]:
+    """The page of events ``query`` asks for, newest first."""
+    conditions = ["counted_at >= ?", "counted_at < ?"]
+    parameters: List[Any] = [query.since, query.until]
+    for column, value in (
+        ("event_type", query.event_type),
+        ("event_name", query.event_name),
+        ("instance_id", query.instance_id),
+    ):
+        if value is not None:
+            conditions.append(f"{column} = ?")
+            parameters.append(value)
+    # The conditions are constants; values are parameters.
+    sql = (
+        "SELECT instance_id, event_id, event_time, event_type, event_name, attrs, received_at"  # noqa: S608
+        f" FROM events WHERE {' AND '.join(conditions)}"
+        " ORDER BY counted_at DESC, seq DESC LIMIT ? OFFSET ?"
+    )
+    rows = connection.execute(sql, (*parameters, query.limit, query.offset)).fetchall()
+    return [
+        event_row(instance_id, event_id, event_time, event_type, event_name, json.loads(attrs),
+                  received_at)
+        for instance_id, event_id, event_time, event_type, event_name, attrs, received_at in rows
+    ]
+
+
+def _event_counts(
+    connection: sqlite3.Connection, since: str, until: str
+) -> Dict[str, Dict[str, int]]:
+    """``{type: {name: count}}`` of the events counted in ``[since, until)``.
+
+    Whole hours come from ``event_counts``; the parts of an hour at either end
+    of the window, from the events themselves (at most an hour's worth each).
+    """
+    totals: Counter[Tuple[str, str]] = Counter()
+
+    def from_events(start: str, end: str) -> None:
+        for event_type, event_name, count in connection.execute(
+            "SELECT event_type, event_name, count(*) FROM events"
+            " WHERE counted_at >= ? AND counted_at < ? GROUP BY event_type, event_name",
+            (start, end),
+        ):
+            totals[(event_type, event_name)] += count
+
+    first_hour, last_hour = _next_hour_start(since), _hour_of(until)
+    if first_hour < last_hour:
+        for event_type, event_name, count in connection.execute(
+            "SELECT event_type, event_name, sum(count) FROM event_counts"
+            " WHERE hour >= ? AND hour < ? GROUP BY event_type, event_name",
+            (first_hour, last_hour),
+        ):
+            totals[(event_type, event_name)] += count
+        from_events(since, first_hour)
+        from_events(last_hour, until)
+    else:
+        from_events(since, until)
+    return count_tree((t, n, c) for (t, n), c in totals.items())

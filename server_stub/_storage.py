@@ -12,19 +12,26 @@ from __future__ import annotations
 import json
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
+from datetime import datetime, timezone
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
+    "DEFAULT_EVENT_PAGE",
     "INT64_MAX",
     "INT64_MIN",
     "RATE_WINDOW_PRUNE_INTERVAL",
+    "EventQuery",
+    "EventRecord",
     "PayloadRecord",
     "Runner",
     "Store",
     "StoredPayload",
     "UnstorablePayload",
     "aggregate_keys",
+    "count_tree",
+    "event_row",
+    "format_time",
     "is_counting_set",
     "is_postgres_url",
     "redact_url",
@@ -32,6 +39,72 @@ __all__ = [
     "stored_payload",
     "value_identity",
 ]
+
+
+DEFAULT_EVENT_PAGE = 100
+
+
+def format_time(moment: datetime) -> str:
+    """``moment`` in UTC as ``YYYY-MM-DDTHH:MM:SS.ffffffZ``: how times are stored (as
+    text, this sorts as time)."""
+    utc = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return utc.isoformat(timespec="microseconds") + "Z"
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One validated event, as the app hands it to the store (with its payload)."""
+
+    instance_id: str
+    event_id: str
+    event_time: str
+    """UTC, microseconds, ``Z`` (``format_time``)."""
+    counted_at: str
+    """When the event counts: its ``event_time``, or its arrival if that is earlier."""
+    event_type: str
+    event_name: str
+    attrs: Mapping[str, Any]
+    payload_id: str
+    received_at: str
+
+
+@dataclass(frozen=True)
+class EventQuery:
+    """``GET /v1/events``: filters, the ``[since, until)`` window (``format_time``
+    strings, on ``counted_at``), and the page."""
+
+    since: str
+    until: str
+    event_type: Optional[str] = None
+    event_name: Optional[str] = None
+    instance_id: Optional[str] = None
+    limit: int = DEFAULT_EVENT_PAGE
+    offset: int = 0
+
+
+def event_row(  # noqa: PLR0917 - one argument per column, in the tables' order
+    instance_id: str, event_id: str, event_time: str, event_type: str, event_name: str,
+    attrs: Mapping[str, Any], received_at: str,
+) -> Dict[str, Any]:
+    """One stored event as ``/v1/events`` answers it: its fields, its attributes apart."""
+    return {
+        "instance_id": instance_id,
+        "event_id": event_id,
+        "event_time": event_time,
+        "event_type": event_type,
+        "event_name": event_name,
+        "attrs": dict(attrs),
+        "received_at": received_at,
+    }
+
+
+def count_tree(rows: Iterable[Sequence[Any]]) -> Dict[str, Dict[str, int]]:
+    """``(type, name, count)`` rows as ``{type: {name: total}}``, sorted."""
+    totals: Dict[str, Dict[str, int]] = {}
+    for event_type, event_name, count in rows:
+        names = totals.setdefault(event_type, {})
+        names[event_name] = names.get(event_name, 0) + int(count)
+    return {t: dict(sorted(names.items())) for t, names in sorted(totals.items())}
 
 
 @dataclass(frozen=True)
@@ -46,6 +119,8 @@ class PayloadRecord:
     """When the server received it, RFC 3339 UTC."""
     data: Mapping[str, Any]
     client: Optional[Mapping[str, Any]] = None
+    events: Sequence[EventRecord] = ()
+    """Its events, validated; stored once per ``(instance_id, event_id)``."""
 
     @property
     def dropped(self) -> int:
@@ -114,7 +189,17 @@ class Store(Protocol):
         ...
 
     def stats(self) -> dict[str, Any]:
-        """``{"instances", "payloads", "dropped", "keys"}``, see ``aggregate_keys``."""
+        """``{"instances", "payloads", "dropped", "keys", "events"}``, see ``aggregate_keys``;
+        ``events`` is ``{type: {name: count}}``."""
+        ...
+
+    def events(self, query: EventQuery) -> list[dict[str, Any]]:
+        """The events ``query`` selects, newest first (``event_row`` dicts)."""
+        ...
+
+    def event_counts(self, since: str, until: str) -> dict[str, dict[str, int]]:
+        """``{type: {name: count}}`` of the events counted in ``[since, until)``
+        (``format_time`` strings), from hourly counts kept at ingest."""
         ...
 
     def instance_payloads(self, instance_id: str, limit: int, offset: int) -> list[dict[str, Any]]:

@@ -9,11 +9,18 @@ Every module-level function delegates to one process-wide default ``Client``
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from telemetry._client import DEFAULT_CLIENT as _DEFAULT
 from telemetry._client import Client, Status, fast_hash
+from telemetry._events import (
+    EVENT_TYPE_BEHAVIORAL,
+    EVENT_TYPE_LOG,
+    EVENT_TYPE_METRIC,
+    LEVELS,
+    Recorder,
+)
 from telemetry._version import __version__
 
 if TYPE_CHECKING:
@@ -25,8 +32,13 @@ if TYPE_CHECKING:
     R = TypeVar("R")
 
 __all__ = [
+    "EVENT_TYPE_BEHAVIORAL",
+    "EVENT_TYPE_LOG",
+    "EVENT_TYPE_METRIC",
+    "LEVELS",
     "Client",
     "Payload",
+    "Recorder",
     "Response",
     "Status",
     "__version__",
@@ -37,6 +49,9 @@ __all__ = [
     "flush",
     "increment",
     "init",
+    "log",
+    "record",
+    "record_raw",
     "reset",
     "set",
     "set_consent",
@@ -45,6 +60,7 @@ __all__ = [
     "status",
     "stop_emitting",
     "take_payload",
+    "with_attrs",
 ]
 
 
@@ -94,6 +110,22 @@ def append_unique(key: str, value: object) -> None:
 def reset() -> None:
     """Empty the buffer."""
     _DEFAULT.collector.reset()
+
+def record(event_type: str, event_name: str, /, **attrs: Any) -> None:
+    """Buffer one event: what happened (type and name), when, and scalar attributes."""
+    _DEFAULT.event_target.record(event_type, event_name, attrs, None)
+
+def log(level: str, message: Any, /, **attrs: Any) -> None:
+    """A log event at ``level`` (error, warn, info, debug, trace) with a message."""
+    _DEFAULT.event_target.log(level, message, attrs, None)
+
+def record_raw(event: Mapping[str, Any]) -> bool:
+    """Proxy an event built elsewhere (e.g. by a UI), keeping its id and time."""
+    return _DEFAULT.event_target.record_raw(event, None)
+
+def with_attrs(**attrs: Any) -> Recorder:
+    """A ``Recorder`` whose events all carry ``attrs``."""
+    return Recorder._owning(_DEFAULT, attrs)
 
 def __getattr__(name: str) -> Any:
     # The wire types need attrs; load them on first use so `import telemetry` stays light.

@@ -17,12 +17,34 @@ import random
 import threading
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Callable, Dict, FrozenSet, NamedTuple, Optional, Protocol, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    FrozenSet,
+    NamedTuple,
+    Optional,
+    Protocol,
+    Union,
+)
 
 from telemetry import _consent
 from telemetry._buffer import DEFAULT_MAX_ITEMS, DEFAULT_MAX_VALUES_PER_KEY, Buffer
+from telemetry._events import (
+    DEFAULT_LOG_LEVEL,
+    DEFAULT_MAX_EVENTS,
+    EVENT_TYPE_BEHAVIORAL,
+    EVENT_TYPE_LOG,
+    EVENT_TYPE_METRIC,
+    NULL_EVENTS,
+    EventBuffer,
+    EventFilter,
+    EventTarget,
+    Recorder,
+)
 from telemetry._log import capture_internal_errors, logger, report_internal_error
 
 if TYPE_CHECKING:
@@ -133,10 +155,17 @@ class Client:
     telemetry is on, so they cost next to nothing when it is off.
     """
 
+    EVENT_TYPE_LOG = EVENT_TYPE_LOG
+    EVENT_TYPE_METRIC = EVENT_TYPE_METRIC
+    EVENT_TYPE_BEHAVIORAL = EVENT_TYPE_BEHAVIORAL
+
     def __init__(self) -> None:
         self.collector: Collector = NULL_COLLECTOR
         """Where collection calls go now: the buffer, or a null object when off."""
+        self.event_target: EventTarget = NULL_EVENTS
+        """Where event calls go now: the event buffer, or a null object when off."""
         self._buffer = Buffer()
+        self._events = EventBuffer()
         # Set once by init():
         self._options: Optional[Options] = None
         self._state: Optional[State] = None
@@ -165,6 +194,9 @@ class Client:
         disabled_keys: Iterable[str] = (),
         max_items: int = DEFAULT_MAX_ITEMS,
         max_values_per_key: int = DEFAULT_MAX_VALUES_PER_KEY,
+        log_level: str = DEFAULT_LOG_LEVEL,
+        max_events: int = DEFAULT_MAX_EVENTS,
+        event_filter: Optional[EventFilter] = None,
         default_interval: float = 3600.0,
         min_interval: float = 60.0,
         max_interval: float = 86400.0,
@@ -182,7 +214,10 @@ class Client:
         """Initialise once, at start-up. Raises only for misuse.
 
         ``endpoint`` is the collection server's base URL (default: the
-        ``TELEMETRY_ENDPOINT`` environment variable). ``clock``/``wait``/``rng``
+        ``TELEMETRY_ENDPOINT`` environment variable). ``log_level`` is the least
+        severe level ``log()`` records; ``max_events`` bounds the buffered events;
+        ``event_filter(event)`` sees each event in wire form and drops it by
+        answering false (or by raising: it fails closed). ``clock``/``wait``/``rng``
         /``wall_clock`` exist so tests can drive time. Raises ``ValueError``
         for a nil or unparsable ``instance_id`` or a bad argument,
         ``RuntimeError`` when called a second time.
@@ -199,6 +234,7 @@ class Client:
             options = Options(
                 app=app, endpoint=endpoint, consent=consent, disabled_keys=disabled_keys,
                 max_items=max_items, max_values_per_key=max_values_per_key,
+                log_level=log_level, max_events=max_events, event_filter=event_filter,
                 default_interval=default_interval, min_interval=min_interval,
                 max_interval=max_interval, max_pending=max_pending, send_timeout=send_timeout,
                 verify=verify, proxies=proxies, sink=sink, state_dir=state_dir,
@@ -214,7 +250,14 @@ class Client:
                 max_values_per_key=options.max_values_per_key,
                 disabled_keys=options.disabled_keys,
             )
-            self._source = BufferSource(self._buffer, options.wall_clock)
+            self._events = EventBuffer(
+                max_events=options.max_events,
+                log_level=options.log_level,
+                event_filter=options.event_filter,
+                wall_clock=options.wall_clock,
+                disabled_keys=options.disabled_keys,
+            )
+            self._source = BufferSource(self._buffer, options.wall_clock, self._events)
             self._steering = ClientSteering(
                 buffer=self._buffer,
                 state=state,
@@ -222,6 +265,7 @@ class Client:
                 wall_clock=options.wall_clock,
                 lock=lambda: self._lifecycle_lock,
                 silence=self._silence,
+                events=self._events,
             )
             self.instance_id = parsed_id
             self._apply_decision(self._resolve(self._read_persisted_consent()))
@@ -281,6 +325,7 @@ class Client:
                 self._emitter.discard()
                 self._emitter = None
             self._buffer.take()  # data and drop counts alike: what was collected never existed
+            self._events.take()
             if self._state_refused is None:
                 self._state.delete_all()
             return
@@ -290,6 +335,7 @@ class Client:
             self._steering.restore()
         if was_off:
             self._buffer.take()  # start empty: nothing from before counts
+            self._events.take()
         if self._steering.stopped:
             self._silence()
         else:
@@ -303,11 +349,13 @@ class Client:
         """Collection calls go to the buffer, and the emitter may take payloads."""
         assert self._source is not None
         self.collector = self._buffer
+        self.event_target = self._events
         self._source.instance_id = str(self.instance_id)
 
     def _silence(self) -> None:
         """Collection calls do nothing, and nothing more is taken (off, or the server's stop)."""
         self.collector = NULL_COLLECTOR
+        self.event_target = NULL_EVENTS
         if self._source is not None:
             self._source.instance_id = None
 
@@ -378,6 +426,25 @@ class Client:
     def reset(self) -> None:
         """Empty the buffer."""
         self.collector.reset()
+
+    # -- events: one-line delegations to the event target ---------------------
+
+    def record(self, event_type: str, event_name: str, /, **attrs: Any) -> None:
+        """Buffer one event: what happened (type and name), when, and scalar attributes."""
+        self.event_target.record(event_type, event_name, attrs, None)
+
+    def log(self, level: str, message: Any, /, **attrs: Any) -> None:
+        """A log event at ``level`` (error, warn, info, debug, trace) with a message."""
+        self.event_target.log(level, message, attrs, None)
+
+    def record_raw(self, event: Mapping[str, Any]) -> bool:
+        """Proxy an event built elsewhere, keeping its ``event_id`` and ``event_time``;
+        False (counted as rejected, warned once) when it is not a valid event."""
+        return self.event_target.record_raw(event, None)
+
+    def with_attrs(self, **attrs: Any) -> Recorder:
+        """A ``Recorder`` whose events all carry ``attrs``."""
+        return Recorder._owning(self, attrs)
 
     @staticmethod
     def fast_hash(data: Union[str, bytes, bytearray, memoryview]) -> str:
@@ -463,6 +530,7 @@ class Client:
     def _after_fork_in_child(self) -> None:
         self._lifecycle_lock = threading.RLock()
         self._buffer.after_fork_in_child()
+        self._events.after_fork_in_child()
         if self._emitter is not None:
             self._emitter.after_fork_in_child()
             self._emitter = None

@@ -422,7 +422,7 @@ class Emitter:
         finally:
             with self._lock:
                 self._taking = False
-        empty = payload is None or not (payload.data or payload.dropped)
+        empty = payload is None or not payload.carries_data
         orphan = None
         with self._lock:
             if payload is not None and (not empty or (check_in and not self._pending)):
@@ -589,7 +589,7 @@ class Emitter:
             leftovers = list(self._pending)
             self._pending.clear()
         last = self.source.take()
-        if last is not None and (last.data or last.dropped):
+        if last is not None and last.carries_data:
             leftovers.append(_Pending(last))
         self._spool_leftovers(leftovers)
 
@@ -598,7 +598,7 @@ class Emitter:
         for entry in leftovers:
             if entry.on_return is not None:
                 entry.on_return()  # a claimed spool file goes back as it was
-            elif not (entry.payload.data or entry.payload.dropped):
+            elif not entry.payload.carries_data:
                 continue  # an empty check-in can go
             elif entry.request is not None:
                 to_spool.append(entry.request)  # encoded once already

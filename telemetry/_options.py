@@ -19,6 +19,7 @@ import attrs
 from telemetry._buffer import DEFAULT_MAX_ITEMS, DEFAULT_MAX_VALUES_PER_KEY
 from telemetry._consent import normalize_consent
 from telemetry._emitter import Emitter, PayloadSource, Schedule, Spool, Steering, Wait, event_wait
+from telemetry._events import DEFAULT_LOG_LEVEL, DEFAULT_MAX_EVENTS, EventFilter, parse_log_level
 from telemetry._log import logger
 from telemetry._sinks import HTTPSink, LogSink, Sink
 
@@ -58,6 +59,13 @@ def _not_below_min_interval(
         raise ValueError(f"max_interval {value!r} is below min_interval {instance.min_interval!r}")
 
 
+def _callable_or_none(
+    instance: object, attribute: attrs.Attribute[Optional[EventFilter]], value: object
+) -> None:
+    if value is not None and not callable(value):
+        raise ValueError(f"{attribute.name} must be callable, not {value!r}")
+
+
 def _monotonic_if_none(clock: Optional[Callable[[], float]]) -> Callable[[], float]:
     return time.monotonic if clock is None else clock
 
@@ -91,6 +99,9 @@ class Options:
         default=86400.0, validator=[_seconds, _not_below_min_interval]
     )
     max_pending: int = attrs.field(default=8, validator=_count_from(1))
+    log_level: str = attrs.field(default=DEFAULT_LOG_LEVEL, converter=parse_log_level)
+    max_events: int = attrs.field(default=DEFAULT_MAX_EVENTS, validator=_count_from(0))
+    event_filter: Optional[EventFilter] = attrs.field(default=None, validator=_callable_or_none)
     send_timeout: float = attrs.field(default=10.0, validator=[_seconds, _positive])
     verify: Union[bool, str, None] = None
     proxies: Optional[Dict[str, str]] = None

@@ -374,8 +374,20 @@ def _format_field(value: object) -> str:
     return json.dumps(text) if (" " in text or not text) else text
 
 
+def _event_line(event: Mapping[str, Any]) -> str:
+    """``<type>/<name> key=value ...``: the event's id and time, then its attributes."""
+    head = f"{event.get('event_type')}/{event.get('event_name')}"
+    fields = [
+        f"{key}={_format_field(value)}"
+        for key, value in event.items()
+        if key not in ("event_type", "event_name")
+    ]
+    return " ".join([head, *fields])
+
+
 class LogSink:
-    """Writes one ``[telemetry] key=value ...`` line per payload: the ``local`` dry run."""
+    """Writes one ``[telemetry] key=value ...`` line per payload, and one
+    ``[telemetry] event <type>/<name> key=value ...`` line per event: the ``local`` dry run."""
 
     def __init__(self, log: logging.Logger = logger, level: int = logging.INFO) -> None:
         self._log = log
@@ -384,8 +396,12 @@ class LogSink:
     def __call__(self, request: Request, timeout: float) -> SendResult:
         payload = request.payload
         fields = [f"payload_id={payload.payload_id}", f"dropped={payload.dropped}"]
+        if payload.dropped_events:
+            fields.append(f"dropped_events={payload.dropped_events}")
         fields += [f"{key}={_format_field(value)}" for key, value in payload.data.items()]
         self._log.log(self._level, "[telemetry] %s", " ".join(fields))
+        for event in payload.events:
+            self._log.log(self._level, "[telemetry] event %s", _event_line(event))
         return SendResult(Outcome.DELIVERED)
 
 

@@ -14,6 +14,7 @@ from typing import Callable, ContextManager, Optional
 import attrs
 
 from telemetry._buffer import Buffer
+from telemetry._events import EventBuffer
 from telemetry._log import logger, printable
 from telemetry._state import ServerPolicy, State
 from telemetry._wire import Response
@@ -24,7 +25,8 @@ class ClientSteering:
 
     ``lock`` is the client's lifecycle lock (a callable returning it, because a
     forked child replaces it); ``silence`` makes the client's collection calls
-    no-ops, called under that lock when the server says stop.
+    no-ops, called under that lock when the server says stop. ``events`` follow
+    the disabled keys ``events``, ``events:<type>`` and ``events:<type>:<name>``.
     """
 
     def __init__(
@@ -36,8 +38,10 @@ class ClientSteering:
         wall_clock: Callable[[], float],
         lock: Callable[[], ContextManager[object]],
         silence: Callable[[], None],
+        events: Optional[EventBuffer] = None,
     ) -> None:
         self.buffer = buffer
+        self.events = events
         self.state = state
         self.endpoint = endpoint
         self.wall_clock = wall_clock
@@ -55,6 +59,7 @@ class ClientSteering:
         self._policy = policy
         self.stopped = policy.stopped(self.wall_clock())
         self.buffer.disable_keys(policy.disabled_keys)
+        self._sync_events()
 
     def rate_limited(self, seconds: float) -> None:
         """A 429 asked not to send for ``seconds``: remembered, so a restart waits too."""
@@ -83,13 +88,23 @@ class ClientSteering:
                 self.buffer.disable_keys(disable)
             after = self.buffer.server_disabled_keys
             if after != before:
+                self._sync_events()
                 self._remember(attrs.evolve(self._policy, disabled_keys=after))
+
+    def _sync_events(self) -> None:
+        """Give the events the disabled keys now in force (the application's and ours)."""
+        if self.events is not None:
+            self.events.set_disabled_keys(
+                self.buffer.app_disabled_keys | self.buffer.server_disabled_keys
+            )
 
     def _stop(self) -> None:
         logger.info("telemetry: the server asked this client to stop sending; stopped")
         self.stopped = True
         self._silence()
         self.buffer.reset()
+        if self.events is not None:
+            self.events.reset()
         policy = attrs.evolve(self._policy, disabled_keys=self.buffer.server_disabled_keys)
         self._remember(policy.remember_stop(self.wall_clock()))
 

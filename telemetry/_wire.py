@@ -50,6 +50,7 @@ _SURROGATE = re.compile("[\ud800-\udfff]")
 # incrementally (see ``iter_encoded_payload``).
 ENCODE_CHUNK_KEYS = 512
 ENCODE_CHUNK_ELEMENTS = 1024
+ENCODE_CHUNK_EVENTS = 64
 # Keys of the buffer's tables merged into one between two GIL hand-offs (see ``wire_data``).
 WIRE_ITEMS_PER_PAUSE = 1000
 # Longest the encoder runs before it hands the GIL back (seconds). A hand-off costs
@@ -101,17 +102,23 @@ def _container_of(
 
 
 def _items_of_data(payload: Payload) -> int:
-    return estimate_items(payload.data)
+    return estimate_items(payload.data) + len(payload.events)
+
+
+def _event_tuple(events: Iterable[Mapping[str, JSONValue]]) -> Tuple[Mapping[str, JSONValue], ...]:
+    return tuple(events)
 
 
 @attrs.frozen
 class Payload:
     """One update sent to the server: a snapshot of the buffer, fixed for life.
 
-    ``items`` is the payload's weight in buffer items: what is counted as
-    dropped when the payload is lost or rejected. The buffer knows it exactly;
-    by default it is estimated from ``data``. It is local bookkeeping, not part
-    of the wire format.
+    ``events`` are flat event objects in recording order (absent on the wire
+    when there are none); ``dropped_events`` counts events the client had no
+    room for. ``items`` is the payload's weight in buffer items (an event is
+    one): what is counted as dropped when the payload is lost or rejected. The
+    buffer knows it exactly; by default it is estimated from ``data`` and
+    ``events``. It is local bookkeeping, not part of the wire format.
     """
 
     instance_id: str
@@ -121,6 +128,8 @@ class Payload:
     dropped: int = 0
     client_name: str = CLIENT_NAME
     client_version: str = __version__
+    events: Tuple[Mapping[str, JSONValue], ...] = attrs.field(default=(), converter=_event_tuple)
+    dropped_events: int = 0
     items: int = attrs.field(
         default=attrs.Factory(_items_of_data, takes_self=True), eq=False
     )
@@ -129,6 +138,11 @@ class Payload:
     def _check_payload_id(self, attribute: attrs.Attribute[str], value: str) -> None:
         if not (isinstance(value, str) and _PAYLOAD_ID.fullmatch(value)):
             raise ValueError(f"payload_id must be 32 lowercase hex digits, got {value!r}")
+
+    @property
+    def carries_data(self) -> bool:
+        """Whether it says anything (data, events or counts): else it is a check-in."""
+        return bool(self.data or self.dropped or self.events or self.dropped_events)
 
 
 @attrs.frozen
@@ -284,16 +298,19 @@ def parse_timestamp(text: str) -> datetime:
 
 
 def payload_header(payload: Payload) -> Dict[str, Any]:
-    """The payload's fields other than ``data``, as the wire has them."""
+    """The payload's fields other than ``data`` and ``events``, as the wire has them."""
+    client: Dict[str, Any] = {
+        "name": payload.client_name,
+        "version": payload.client_version,
+        "dropped": payload.dropped,
+    }
+    if payload.dropped_events:
+        client["dropped_events"] = payload.dropped_events
     return {
         "instance_id": payload.instance_id,
         "timestamp": format_timestamp(payload.timestamp),
         "payload_id": payload.payload_id,
-        "client": {
-            "name": payload.client_name,
-            "version": payload.client_version,
-            "dropped": payload.dropped,
-        },
+        "client": client,
     }
 
 
@@ -384,7 +401,15 @@ def iter_encoded_payload(
         parts.append(separator + _dumps(batch)[1:-1])
     if parts:
         yield "".join(parts)
-    yield "}}"
+    if not payload.events:
+        yield "}}"
+        return
+    events = payload.events
+    separator = '},"events":['
+    for start in range(0, len(events), ENCODE_CHUNK_EVENTS):
+        yield separator + _dumps(list(events[start : start + ENCODE_CHUNK_EVENTS]))[1:-1]
+        separator = ","
+    yield "]}"
 
 
 def _iter_encoded_elements(
@@ -491,12 +516,14 @@ def encode_request(payload: Payload, limits: WireLimits = SERVER_LIMITS) -> Tupl
 def split_to_fit(
     payload: Payload, limits: WireLimits = SERVER_LIMITS
 ) -> Tuple[List[Request], int]:
-    """Requests that each fit ``limits``, split by key; and how many items were dropped.
+    """Requests that each fit ``limits``, split by key and by event; and how many items
+    were dropped.
 
     A payload that fits is one request for the payload itself. One that does not
-    is halved by key, each half a new payload with its own ``payload_id`` (the
-    first half carries the drop count), recursively. A key that cannot fit even
-    alone, or cannot be encoded at all, is dropped (with a warning) and counted.
+    is split in two, each part a new payload with its own ``payload_id`` (the
+    first part carries the drop counts), recursively: its data apart from its
+    events first, then each in halves. A key that cannot fit even alone, or
+    cannot be encoded at all, is dropped (with a warning) and counted.
     """
     try:
         request, raw_size = encode_request(payload, limits)
@@ -507,22 +534,29 @@ def split_to_fit(
             return [request], 0
         problem = "is too large to send even alone"
     keys = list(payload.data)
-    if len(keys) <= 1:
-        logger.warning(
-            "telemetry: payload key %r %s; dropped", keys[0] if keys else "(none)", problem
-        )
+    events = list(payload.events)
+    if len(keys) + len(events) <= 1:
+        what = f"key {keys[0]!r}" if keys else "event" if events else "(empty)"
+        logger.warning("telemetry: payload %s %s; dropped", what, problem)
         return [], payload.items + payload.dropped
-    half = len(keys) // 2
+    if keys and events:
+        parts: List[Tuple[List[str], List[Mapping[str, JSONValue]]]] = [(keys, []), ([], events)]
+    elif keys:
+        parts = [(keys[: len(keys) // 2], []), (keys[len(keys) // 2 :], [])]
+    else:
+        parts = [([], events[: len(events) // 2]), ([], events[len(events) // 2 :])]
     requests: List[Request] = []
     dropped = 0
-    for index, part in enumerate((keys[:half], keys[half:])):
-        data = {key: payload.data[key] for key in part}
+    for index, (part_keys, part_events) in enumerate(parts):
+        data = {key: payload.data[key] for key in part_keys}
         piece = attrs.evolve(
             payload,
             payload_id=new_payload_id(),
             data=data,
+            events=part_events,
             dropped=payload.dropped if index == 0 else 0,
-            items=estimate_items(data),
+            dropped_events=payload.dropped_events if index == 0 else 0,
+            items=estimate_items(data) + len(part_events),
         )
         part_requests, part_dropped = split_to_fit(piece, limits)
         requests += part_requests
@@ -550,6 +584,12 @@ def decode_payload(body: Union[bytes, str, Mapping[str, Any]]) -> Payload:
     _require(isinstance(client, dict), "payload client is not an object")
     dropped = client.get("dropped", 0)
     _require(type(dropped) is int and dropped >= 0, "payload client.dropped is not a count")
+    dropped_events = client.get("dropped_events", 0)
+    _require(type(dropped_events) is int and dropped_events >= 0,
+             "payload client.dropped_events is not a count")
+    events = obj.get("events", [])
+    _require(isinstance(events, list) and all(isinstance(event, dict) for event in events),
+             "payload events is not an array of objects")
     return Payload(
         instance_id=instance_id,
         timestamp=parse_timestamp(timestamp),
@@ -558,6 +598,8 @@ def decode_payload(body: Union[bytes, str, Mapping[str, Any]]) -> Payload:
         dropped=dropped,
         client_name=str(client.get("name", CLIENT_NAME)),
         client_version=str(client.get("version", __version__)),
+        events=events,
+        dropped_events=dropped_events,
     )
 
 

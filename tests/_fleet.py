@@ -79,8 +79,8 @@ def send_fleet(url: str, state_root: Path, *, instances: int = 3, days: int = 4)
     """Have ``instances`` clients report once a day for the last ``days`` days (today last).
 
     Instance ``i`` adds ``i + 1`` to ``requests`` each day, sets ``version``,
-    counts ``features`` and, for the first one, the hostile key; it records an
-    event whose attribute holds ``</script>`` when the client can record events.
+    counts ``features`` and, for the first one, the hostile key and an event
+    whose attribute holds ``</script>``.
     """
     fleet = Fleet(days=days)
     now = time.time()
@@ -109,7 +109,7 @@ def send_fleet(url: str, state_root: Path, *, instances: int = 3, days: int = 4)
                     fleet.dropped += number == 2
                 if number == 0:
                     client.increment(HOSTILE_KEY)
-                    _record_event(client, day)
+                    client.record("behavioral", "click", note=HOSTILE_TEXT, day=day)
                 assert client.flush(10.0), "the server did not take a payload"
                 fleet.payloads += 1
         finally:
@@ -124,12 +124,6 @@ class _WallClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-def _record_event(client: telemetry.Client, day: int) -> None:
-    record: Any = getattr(client, "record", None)
-    if record is not None:
-        record("behavioral", "click", note=HOSTILE_TEXT, day=day)
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # ``benchmarks`` is not installed: it lives next to ``tests``
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import bench_client, run  # noqa: E402
+from benchmarks import bench_client, bench_events, run  # noqa: E402
 
 TINY = run.TINY
 
@@ -39,14 +39,18 @@ def _assert_beside_floor(calls: Dict[str, Dict[str, float]]) -> None:
 def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -> None:
     assert set(results) == {
         "calls_on", "calls_off", "contended", "import", "memory", "snapshot_encode", "stall",
-        "server", "server_app_cpu", "spool_start",
+        "server", "server_app_cpu", "spool_start", "events_on", "events_off",
     }
     spool = results["spool_start"]
     assert spool["files"] == TINY.spool_files
     assert spool["start_ms"] > 0 and spool["baseline_ms"] > 0
     _assert_beside_floor(results["calls_on"])
     _assert_beside_floor(results["calls_off"])
-
+    for calls in (results["events_on"], results["events_off"]):
+        assert set(calls) == set(bench_events.EVENT_CALLS)
+        for figures in calls.values():
+            assert figures["ns"] > 0 and figures["floor_ns"] > 0
+            assert figures["ratio"] == pytest.approx(figures["ns"] / figures["floor_ns"], abs=0.01)
     contended = results["contended"]
     assert contended["threads"] == 4
     assert contended["calls_per_s"] > 0

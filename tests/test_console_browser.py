@@ -403,9 +403,6 @@ def test_a_hostile_key_is_text_and_runs_nothing(
     context.close()
 
 
-@pytest.mark.skipif(
-    not hasattr(telemetry.Client, "record"), reason="this client cannot record events yet"
-)
 def test_events_are_counted_as_the_api_says_and_their_attributes_run_nothing(
     browser: Browser, fleet_server: Tuple[RunningServer, Fleet]
 ) -> None:

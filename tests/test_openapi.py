@@ -73,6 +73,24 @@ def _exchanges(url: str, token_url: str) -> List[Tuple[str, str, requests.Respon
         ),
         ("POST", f"/v1/update/{INSTANCE}", {"json": {"instance_id": INSTANCE}}),
         ("POST", f"/v1/update/{INSTANCE}", {"data": b"{}"}),
+        (
+            "POST",
+            f"/v1/update/{INSTANCE}",
+            {
+                "json": {
+                    **_payload({}),
+                    "events": [
+                        {"event_id": uuid.uuid4().hex, "event_time": "2026-11-23T10:00:00Z",
+                         "event_type": "behavioral", "event_name": "login", "ok": True},
+                        {"event_id": uuid.uuid4().hex, "event_time": "2026-11-23T10:00:01Z",
+                         "event_type": "log", "event_name": "warn", "message": "m", "n": 1.5},
+                    ],
+                }
+            },
+        ),
+        ("GET", f"/v1/events?{window}", {}),
+        ("GET", f"/v1/events?type=log&name=warn&instance={INSTANCE}&limit=1&{window}", {}),
+        ("GET", "/v1/events?limit=0", {}),
         ("GET", f"/v1/instances/{INSTANCE}?limit=1", {}),
         ("GET", f"/v1/instances/{INSTANCE}?limit=0", {}),
         ("GET", f"/v1/stats?{window}", {}),

@@ -137,7 +137,9 @@ def test_file_database_survives_a_restart(tmp_path: Path, backend_db: str) -> No
         assert post(server, payload).status_code == 200
     with serve(db=db) as server:
         assert post(server, payload).status_code == 200  # still a duplicate
-        assert server.stats() == {"instances": 1, "payloads": 1, "dropped": 0, "keys": {"n": 7}}
+        assert server.stats() == {
+            "instances": 1, "payloads": 1, "dropped": 0, "keys": {"n": 7}, "events": {},
+        }
     assert (tmp_path / "telemetry.db").exists() == (db != backend_db)
 
 
@@ -182,6 +184,8 @@ def test_each_backend_is_a_whole_store(backend_db: str) -> None:
                 "client": first["client"],
             }
         ]
-        assert store.stats() == {"instances": 1, "payloads": 1, "dropped": 0, "keys": {"n": 1}}
+        assert store.stats() == {
+            "instances": 1, "payloads": 1, "dropped": 0, "keys": {"n": 1}, "events": {},
+        }
     finally:
         store.close()
