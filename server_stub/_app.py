@@ -44,6 +44,7 @@ from ._limits import (
 )
 from ._openapi import openapi_document
 from ._policy import Policy
+from ._rollups import rfc3339_datetime
 from ._storage import PayloadRecord, Runner, Store, UnstorablePayload, format_time
 
 if TYPE_CHECKING:
@@ -356,19 +357,8 @@ def _parse_timestamp(value: str) -> datetime:
     match = _RFC3339.fullmatch(value)
     if match is None:
         raise ValueError("not an RFC 3339 timestamp")
-    year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
-    fraction, offset = match.group(7) or "", match.group(8)
     # datetime holds microseconds; Go sends nanoseconds: truncate.
-    microsecond = int((fraction + "000000")[:6])
-    if offset in ("Z", "z"):
-        tz = timezone.utc
-    else:
-        sign = -1 if offset[0] == "-" else 1
-        hours, minutes = int(offset[1:3]), int(offset[4:6])
-        if minutes > 59:
-            raise ValueError("bad UTC offset")
-        tz = timezone(sign * timedelta(hours=hours, minutes=minutes))
-    return datetime(year, month, day, hour, minute, second, microsecond, tzinfo=tz)
+    return rfc3339_datetime(match)
 
 
 def _utc_text(seconds: float) -> str:

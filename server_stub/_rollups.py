@@ -66,6 +66,7 @@ __all__ = [
     "identity",
     "kind_of",
     "parse_rfc3339",
+    "rfc3339_datetime",
     "rollup_schema",
     "value_key",
     "week_of",
@@ -90,6 +91,11 @@ def parse_rfc3339(text: str) -> datetime:
     match = _RFC3339.fullmatch(text)
     if match is None:
         raise ValueError(f"not an RFC 3339 time: {text!r}")
+    return rfc3339_datetime(match)
+
+
+def rfc3339_datetime(match: re.Match[str]) -> datetime:
+    """The time an RFC 3339 pattern's ``match`` spells (groups: date, time, fraction, offset)."""
     year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
     fraction, offset = match.group(7) or "", match.group(8)
     microsecond = int((fraction + "000000")[:6])
