@@ -40,6 +40,7 @@ from ._storage import (
     StoredPayload,
     UnstorablePayload,
     count_tree,
+    event_filters,
     event_row,
     redact_url,
     saturate,
@@ -702,16 +703,7 @@ def _insert_events(connection: psycopg.Connection[Any], events: Sequence[EventRe
 
 def _query_events(connection: psycopg.Connection[Any], query: EventQuery) -> List[Dict[str, Any]]:
     """The page of events ``query`` asks for, newest first."""
-    conditions = ["counted_at >= %s", "counted_at < %s"]
-    parameters: List[Any] = [query.since, query.until]
-    for column, value in (
-        ("event_type", query.event_type),
-        ("event_name", query.event_name),
-        ("instance_id", query.instance_id),
-    ):
-        if value is not None:
-            conditions.append(f"{column} = %s")
-            parameters.append(value)
+    conditions, parameters = event_filters(query, "%s")
     # The conditions are constants; values are parameters.
     sql = (
         f"SELECT instance_id, event_id, {_TIME.format('event_time')}, event_type,"  # noqa: S608

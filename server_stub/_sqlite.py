@@ -27,6 +27,7 @@ from ._storage import (
     StoredPayload,
     aggregate_keys,
     count_tree,
+    event_filters,
     event_row,
     format_time,
     saturate,
@@ -540,16 +541,7 @@ def _insert_events(connection: sqlite3.Connection, events: Sequence[EventRecord]
 
 def _query_events(connection: sqlite3.Connection, query: EventQuery) -> List[Dict[str, Any]]:
     """The page of events ``query`` asks for, newest first."""
-    conditions = ["counted_at >= ?", "counted_at < ?"]
-    parameters: List[Any] = [query.since, query.until]
-    for column, value in (
-        ("event_type", query.event_type),
-        ("event_name", query.event_name),
-        ("instance_id", query.instance_id),
-    ):
-        if value is not None:
-            conditions.append(f"{column} = ?")
-            parameters.append(value)
+    conditions, parameters = event_filters(query, "?")
     # The conditions are constants; values are parameters.
     sql = (
         "SELECT instance_id, event_id, event_time, event_type, event_name, attrs, received_at"  # noqa: S608

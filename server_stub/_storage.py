@@ -30,6 +30,7 @@ __all__ = [
     "UnstorablePayload",
     "aggregate_keys",
     "count_tree",
+    "event_filters",
     "event_row",
     "format_time",
     "is_counting_set",
@@ -80,6 +81,22 @@ class EventQuery:
     instance_id: Optional[str] = None
     limit: int = DEFAULT_EVENT_PAGE
     offset: int = 0
+
+
+def event_filters(query: EventQuery, placeholder: str) -> Tuple[List[str], List[Any]]:
+    """The ``WHERE`` conditions (joined by ``AND``) and their parameters for ``query``'s
+    window and filters; ``placeholder`` is the driver's (``?`` or ``%s``)."""
+    conditions = [f"counted_at >= {placeholder}", f"counted_at < {placeholder}"]
+    parameters: List[Any] = [query.since, query.until]
+    for column, value in (
+        ("event_type", query.event_type),
+        ("event_name", query.event_name),
+        ("instance_id", query.instance_id),
+    ):
+        if value is not None:
+            conditions.append(f"{column} = {placeholder}")
+            parameters.append(value)
+    return conditions, parameters
 
 
 def event_row(  # noqa: PLR0917 - one argument per column, in the tables' order
