@@ -113,14 +113,6 @@ def expected_status(
     return 403 if is_reader else 401
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend_db(request: pytest.FixtureRequest) -> str:
-    if request.param == "postgres":
-        url: str = request.getfixturevalue("postgres_url")
-        return url
-    return ":memory:"
-
-
 @pytest.fixture
 def apps(backend_db: str) -> Iterator[Dict[str, App]]:
     """One app per token configuration, all on one store."""

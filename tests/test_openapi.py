@@ -18,14 +18,6 @@ from server_stub._openapi import openapi_document
 INSTANCE = str(uuid.uuid4())
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend_db(request: pytest.FixtureRequest) -> str:
-    if request.param == "postgres":
-        url: str = request.getfixturevalue("postgres_url")
-        return url
-    return ":memory:"
-
-
 @pytest.fixture
 def token_server() -> Iterator[str]:
     """A server with a read token and no admin token; its URL."""

@@ -462,14 +462,6 @@ def test_window_parameters() -> None:
 # -- over HTTP: empty buckets, CSV, errors -------------------------------------------------------
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def backend_db(request: pytest.FixtureRequest) -> str:
-    if request.param == "postgres":
-        url: str = request.getfixturevalue("postgres_url")
-        return url
-    return ":memory:"
-
-
 def _post(url: str, instance_id: str, timestamp: str, data: Dict[str, Any]) -> None:
     body = {
         "instance_id": instance_id,
