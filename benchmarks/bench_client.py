@@ -35,10 +35,12 @@ __all__ = [
     "CALLS",
     "FILLS",
     "STALL_FILLS",
+    "best_beside_floor",
     "buffer_memory",
     "collection_calls",
     "consent_off",
     "contended",
+    "figures",
     "fill_counters",
     "fill_counting_sets",
     "fill_events",
@@ -117,24 +119,46 @@ def init_default_client(state_dir: str) -> None:
         raise RuntimeError(f"telemetry is not on: {telemetry.status().rule}")
 
 
-def _best_ns(stmt: str, setup: Callable[[], None], number: int, rounds: int) -> Tuple[float, float]:
-    """Best-of-``rounds`` ns per call of ``stmt`` and of the floor, rounds interleaved.
+def best_beside_floor(
+    subject: timeit.Timer, baseline: timeit.Timer, before_round: Callable[[], object],
+    number: int, rounds: int,
+) -> Tuple[float, float]:
+    """Best-of-``rounds`` ns per call of ``subject`` and of ``baseline`` (the floor),
+    rounds interleaved, ``before_round()`` before each.
 
     A first, shorter round warms both up and is not counted.
     """
-    subject = timeit.Timer(stmt, globals=_NAMESPACE)
-    baseline = timeit.Timer(FLOOR_STMT, globals=_NAMESPACE)
     best_subject = best_floor = float("inf")
     for round_number in range(rounds + 1):
-        telemetry.reset()
-        _NAMESPACE["fresh"] = itertools.count()
-        setup()
+        before_round()
         calls = number if round_number else max(number // 10, 1)
         floor_ns = baseline.timeit(calls) / calls * 1e9
         subject_ns = subject.timeit(calls) / calls * 1e9
         if round_number:
             best_floor, best_subject = min(best_floor, floor_ns), min(best_subject, subject_ns)
     return best_subject, best_floor
+
+
+def figures(call_ns: float, floor_ns: float) -> Dict[str, float]:
+    """One call's figures: its ns, the floor's, and the ratio."""
+    return {
+        "ns": round(call_ns, 1),
+        "floor_ns": round(floor_ns, 1),
+        "ratio": round(call_ns / floor_ns, 3),
+    }
+
+
+def _best_ns(stmt: str, setup: Callable[[], None], number: int, rounds: int) -> Tuple[float, float]:
+    """Best-of-``rounds`` ns per call of ``stmt`` and of the floor, from a fresh default client."""
+
+    def before_round() -> None:
+        telemetry.reset()
+        _NAMESPACE["fresh"] = itertools.count()
+        setup()
+
+    subject = timeit.Timer(stmt, globals=_NAMESPACE)
+    baseline = timeit.Timer(FLOOR_STMT, globals=_NAMESPACE)
+    return best_beside_floor(subject, baseline, before_round, number, rounds)
 
 
 def collection_calls(number: int = 200_000, rounds: int = 5) -> Dict[str, Dict[str, float]]:
@@ -144,12 +168,7 @@ def collection_calls(number: int = 200_000, rounds: int = 5) -> Dict[str, Dict[s
     """
     results: Dict[str, Dict[str, float]] = {}
     for name, (stmt, setup) in CALLS.items():
-        call_ns, floor_ns = _best_ns(stmt, setup, number, rounds)
-        results[name] = {
-            "ns": round(call_ns, 1),
-            "floor_ns": round(floor_ns, 1),
-            "ratio": round(call_ns / floor_ns, 3),
-        }
+        results[name] = figures(*_best_ns(stmt, setup, number, rounds))
     telemetry.reset()
     return results
 

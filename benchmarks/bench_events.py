@@ -17,7 +17,7 @@ import timeit
 from typing import Any, Dict, Tuple
 
 import telemetry
-from benchmarks.bench_client import FLOOR_STMT, floor
+from benchmarks.bench_client import FLOOR_STMT, best_beside_floor, figures, floor
 
 __all__ = ["EVENT_CALLS", "event_calls"]
 
@@ -55,15 +55,8 @@ def _best_ns(stmt: str, number: int, rounds: int) -> Tuple[float, float]:
     """Best-of-``rounds`` ns per call of ``stmt`` and of the floor, rounds interleaved."""
     subject = timeit.Timer(stmt, globals=_NAMESPACE, timer=time.thread_time)
     baseline = timeit.Timer(FLOOR_STMT, globals=_NAMESPACE, timer=time.thread_time)
-    best_subject = best_floor = float("inf")
-    for round_number in range(rounds + 1):
-        telemetry.take_payload()  # no events left over: each is kept, not dropped
-        calls = number if round_number else max(number // 10, 1)
-        floor_ns = baseline.timeit(calls) / calls * 1e9
-        subject_ns = subject.timeit(calls) / calls * 1e9
-        if round_number:
-            best_floor, best_subject = min(best_floor, floor_ns), min(best_subject, subject_ns)
-    return best_subject, best_floor
+    # No events left over before a round: each is kept, not dropped.
+    return best_beside_floor(subject, baseline, telemetry.take_payload, number, rounds)
 
 
 def event_calls(number: int = 5_000, rounds: int = 20) -> Dict[str, Dict[str, float]]:
@@ -76,11 +69,6 @@ def event_calls(number: int = 5_000, rounds: int = 20) -> Dict[str, Dict[str, fl
     _NAMESPACE["recorder"] = telemetry.with_attrs(service="api")  # on today's default client
     results: Dict[str, Dict[str, float]] = {}
     for name, stmt in EVENT_CALLS.items():
-        call_ns, floor_ns = _best_ns(stmt, number, rounds)
-        results[name] = {
-            "ns": round(call_ns, 1),
-            "floor_ns": round(floor_ns, 1),
-            "ratio": round(call_ns / floor_ns, 3),
-        }
+        results[name] = figures(*_best_ns(stmt, number, rounds))
     telemetry.take_payload()
     return results
