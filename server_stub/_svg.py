@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from html import escape
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 __all__ = ["Point", "bar_chart", "format_number", "line_chart", "nice_ticks", "ranking_chart"]
 
@@ -113,6 +113,28 @@ def _x_labels(labels: Sequence[str], centres: Sequence[float], y: float) -> List
     return parts
 
 
+def _y_scale(values: Sequence[float], plot_bottom: float) -> Tuple[List[float], float]:
+    """The y axis's ticks for ``values`` and the pixels per unit above ``plot_bottom``."""
+    ticks = nice_ticks(max(values, default=0))
+    return ticks, (plot_bottom - _TOP) / ticks[-1]
+
+
+def _from_to(points: Sequence[Point]) -> str:
+    """``", from <first> to <last>"`` for a chart's description; empty without points."""
+    return f", from {points[0].label} to {points[-1].label}" if points else ""
+
+
+def _x_axis(
+    points: Sequence[Point], centres: Sequence[float], plot_bottom: float, width: int, height: int
+) -> List[str]:
+    """The baseline under the marks and a label (its tick, else its label) under each point."""
+    baseline = (
+        f'<line class="baseline" x1="{_LEFT}" x2="{width - _RIGHT}" '
+        f'y1="{plot_bottom}" y2="{plot_bottom}"/>'
+    )
+    return [baseline, *_x_labels([p.tick or p.label for p in points], centres, height - 8)]
+
+
 def _tooltip(label: str, value: Optional[float], unit: str) -> str:
     suffix = f" {unit}" if unit else ""
     return f"{label}: {format_number(value)}{suffix}"
@@ -128,15 +150,11 @@ def bar_chart(
 ) -> str:
     """Vertical bars, one per point, in order (e.g. one per day); None draws no bar."""
     plot_bottom = height - _BOTTOM
-    plot_height = plot_bottom - _TOP
     values = [p.value for p in points if p.value is not None]
-    ticks = nice_ticks(max(values, default=0))
-    scale = plot_height / ticks[-1]
+    ticks, scale = _y_scale(values, plot_bottom)
     slot = (width - _LEFT - _RIGHT) / max(1, len(points))
     bar_width = max(1.0, slot * 0.8)
-    description = f"{len(points)} bars" + (
-        f", from {points[0].label} to {points[-1].label}" if points else ""
-    )
+    description = f"{len(points)} bars" + _from_to(points)
     parts = _open(title, description, width, height, "bar")
     parts += _y_axis(ticks, scale, plot_bottom, width)
     parts.append('<g class="marks">')
@@ -154,11 +172,7 @@ def bar_chart(
             f"<title>{escape(_tooltip(point.label, point.value, unit))}</title></rect>"
         )
     parts.append("</g>")
-    parts.append(
-        f'<line class="baseline" x1="{_LEFT}" x2="{width - _RIGHT}" '
-        f'y1="{plot_bottom}" y2="{plot_bottom}"/>'
-    )
-    parts += _x_labels([p.tick or p.label for p in points], centres, height - 8)
+    parts += _x_axis(points, centres, plot_bottom, width, height)
     parts.append("</svg>")
     return "".join(parts)
 
@@ -173,16 +187,12 @@ def line_chart(
 ) -> str:
     """A line through the points, in order, with a dot on each; None breaks the line."""
     plot_bottom = height - _BOTTOM
-    plot_height = plot_bottom - _TOP
     values = [p.value for p in points if p.value is not None]
-    ticks = nice_ticks(max(values, default=0))
-    scale = plot_height / ticks[-1]
+    ticks, scale = _y_scale(values, plot_bottom)
     span = width - _LEFT - _RIGHT
     step = span / max(1, len(points) - 1)
     centres = [_LEFT + (i * step if len(points) > 1 else span / 2) for i in range(len(points))]
-    description = f"{len(values)} points" + (
-        f", from {points[0].label} to {points[-1].label}" if points else ""
-    )
+    description = f"{len(values)} points" + _from_to(points)
     parts = _open(title, description, width, height, "line")
     parts += _y_axis(ticks, scale, plot_bottom, width)
     parts.append('<g class="marks">')
@@ -202,11 +212,7 @@ def line_chart(
     parts += [f'<polyline class="line" points="{" ".join(run)}"/>' for run in runs if len(run) > 1]
     parts += dots
     parts.append("</g>")
-    parts.append(
-        f'<line class="baseline" x1="{_LEFT}" x2="{width - _RIGHT}" '
-        f'y1="{plot_bottom}" y2="{plot_bottom}"/>'
-    )
-    parts += _x_labels([p.tick or p.label for p in points], centres, height - 8)
+    parts += _x_axis(points, centres, plot_bottom, width, height)
     parts.append("</svg>")
     return "".join(parts)
 
