@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 import pytest
 
 from server_stub import PayloadRecord, PostgresStore, SQLiteStore, UnstorablePayload, open_store
+from server_stub._storage import EventQuery, EventRecord
 
 AnyStore = Union[SQLiteStore, PostgresStore]
 
@@ -100,3 +101,27 @@ def test_a_payload_postgresql_cannot_hold_fails_alone(store: AnyStore) -> None:
     with pytest.raises(UnstorablePayload):
         store.add(bad)
     assert [row["payload_id"] for row in store.all_payloads()] == [good.payload_id]
+
+
+def _event(payload: PayloadRecord, event_id: str) -> EventRecord:
+    return EventRecord(
+        instance_id=payload.instance_id, event_id=event_id,
+        event_time="2026-11-23T09:59:00.000000Z", counted_at="2026-11-23T09:59:00.000000Z",
+        event_type="behavioral", event_name="click", attrs={"page": "/"},
+        payload_id=payload.payload_id, received_at=payload.received_at,
+    )
+
+
+def test_a_batch_stores_the_events_of_its_new_payloads_once(store: AnyStore) -> None:
+    first, second = _record({"n": 1}), _record({"n": 2})
+    first = PayloadRecord(**{**first.__dict__, "events": (_event(first, "a" * 32),)})
+    # The second payload carries a new event and, proxied twice, the first one's.
+    second = PayloadRecord(**{
+        **second.__dict__, "events": (_event(second, "b" * 32), _event(second, "a" * 32)),
+    })
+    resent = PayloadRecord(**{**first.__dict__, "received_at": "2026-11-23T11:00:00.000000Z"})
+    assert store._add_batch([first, second, resent]) == [True, True, False]
+    window = EventQuery(since="2026-11-01T00:00:00.000000Z", until="2026-12-01T00:00:00.000000Z")
+    stored = store.events(window)
+    assert sorted(event["event_id"] for event in stored) == ["a" * 32, "b" * 32]
+    assert store.stats()["events"] == {"behavioral": {"click": 2}}
