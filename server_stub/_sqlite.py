@@ -18,7 +18,14 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from ._group_commit import GroupCommit
-from ._rollups import ADD_PENDING, FOLD_EVERY, fold_pending, rollup_schema
+from ._rollups import (
+    ADD_PENDING,
+    FOLD_AT_ONCE_BYTES,
+    FOLD_EVERY,
+    PreparedFold,
+    fold_pending,
+    rollup_schema,
+)
 from ._storage import (
     RATE_WINDOW_PRUNE_INTERVAL,
     EventQuery,
@@ -254,7 +261,10 @@ class SQLiteStore:
         """Insert ``records`` in one transaction, in order; whether each was new.
 
         Each new payload is also queued for the rollups, which take it in with the
-        next fold: every ``FOLD_EVERY`` payloads, or before the next query.
+        next fold: every ``FOLD_EVERY`` payloads, or before the next query. A
+        payload of over ``FOLD_AT_ONCE_BYTES`` of data is folded in this
+        transaction instead, its values encoded before it (``PreparedFold``), so
+        that no fold holds the writer (or the GIL) long to decode and encode it.
         """
         rows = [
             (
@@ -270,17 +280,31 @@ class SQLiteStore:
             )
             for record in records
         ]
+        prepared = [
+            PreparedFold(record.data) if len(row[4]) > FOLD_AT_ONCE_BYTES else None
+            for record, row in zip(records, rows)
+        ]
         stored: List[bool] = []
         with self.writing() as run:
             connection = run.connection
             fold = False
-            for record, row in zip(records, rows):
+            for record, row, at_once in zip(records, rows, prepared):
                 cursor = connection.execute(_INSERT, row)
                 stored.append(cursor.rowcount == 1)
                 if cursor.rowcount == 1:
                     seq = cursor.lastrowid
                     assert seq is not None
-                    connection.execute(ADD_PENDING, (seq,))
+                    if at_once is not None:
+                        at_once.write(
+                            run,
+                            seq,
+                            record.instance_id,
+                            timestamp=record.timestamp,
+                            received_at=record.received_at,
+                            dropped=record.dropped,
+                        )
+                    else:
+                        connection.execute(ADD_PENDING, (seq,))
                     _insert_events(connection, record.events)
                     fold = fold or seq % FOLD_EVERY == 0
             if fold:

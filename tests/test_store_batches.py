@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 import pytest
 
 from server_stub import PayloadRecord, PostgresStore, SQLiteStore, UnstorablePayload, open_store
+from server_stub._rollups import ROLLUP_TABLES
 from server_stub._storage import EventQuery, EventRecord
 
 AnyStore = Union[SQLiteStore, PostgresStore]
@@ -125,3 +126,51 @@ def test_a_batch_stores_the_events_of_its_new_payloads_once(store: AnyStore) -> 
     stored = store.events(window)
     assert sorted(event["event_id"] for event in stored) == ["a" * 32, "b" * 32]
     assert store.stats()["events"] == {"behavioral": {"click": 2}}
+
+
+def _rollup_rows(store: SQLiteStore) -> Dict[str, List[Any]]:
+    with store.reading() as run:
+        return {
+            table: sorted(run.fetchall(f"SELECT * FROM {table}"))
+            for table in ROLLUP_TABLES
+        }
+
+
+def test_a_large_payload_folded_as_it_is_stored_gives_the_same_rollups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Over FOLD_AT_ONCE_BYTES (lowered to 10 kB) of data: a long value, a counter, a counting set.
+    monkeypatch.setattr("server_stub._sqlite.FOLD_AT_ONCE_BYTES", 10_000)
+    large = {
+        "x": [{"a": n % 7} for n in range(2_000)],
+        "n": 5,
+        "seen": [{"value": {"v": n}, "count": 2} for n in range(3)],
+    }
+    other = "4f2b1c3d-0000-4000-8000-000000000002"
+    first = _record(large, instance_id=other)
+    records = [
+        _record({"n": 1, "x": "short"}, instance_id=other),
+        first,
+        _record({"n": 2, "x": [1], "seen": [{"value": {"v": 1}, "count": 1}]}),
+        PayloadRecord(**{**first.__dict__, "received_at": "2026-11-23T12:00:00.000000Z"}),
+        _record(large, instance_id=other),
+    ]
+    at_once = SQLiteStore(str(tmp_path / "at_once.db"))
+    with monkeypatch.context() as patched:
+        patched.setattr("server_stub._sqlite.FOLD_AT_ONCE_BYTES", 1 << 40)  # every one pending
+        pending = SQLiteStore(str(tmp_path / "pending.db"))
+        try:
+            assert [pending.add(record) for record in records] == [True, True, True, False, True]
+            assert pending.fold_rollups() == 4
+        except BaseException:
+            pending.close()
+            raise
+    try:
+        assert [at_once.add(record) for record in records] == [True, True, True, False, True]
+        assert at_once.fold_rollups() == 2  # the two large ones were folded as they were stored
+        expected = _rollup_rows(pending)
+        assert expected["rollup_hours"] and expected["rollup_cset_members"]
+        assert _rollup_rows(at_once) == expected
+    finally:
+        at_once.close()
+        pending.close()
