@@ -224,7 +224,7 @@ SPOOL_APP = textwrap.dedent(
                    state_dir=sys.argv[2])
     telemetry.increment("{key}")
     telemetry.start_emitting()
-    print("flushed", telemetry.flush(5), flush=True)
+    print("flushed", telemetry.flush(float(sys.argv[3])), flush=True)
     telemetry.stop_emitting(1.0)
     """
 )
@@ -237,18 +237,20 @@ def test_spool_hands_over_between_processes_exactly_once(
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "DO_NOT_TRACK")}
     state_root = str(tmp_path / "state")
 
-    def run(endpoint: str, key: str) -> str:
+    def run(endpoint: str, key: str, flush_timeout: float) -> str:
         done = subprocess.run(
             [sys.executable, "-c", SPOOL_APP.format(instance=instance, key=key), endpoint,
-             state_root],
+             state_root, str(flush_timeout)],
             check=True, env=env, capture_output=True, text=True, timeout=60,
         )
         return done.stdout
 
-    assert "flushed False" in run(dead_endpoint(), "first")
+    # Nothing can be delivered to a dead endpoint: the flush is False at any timeout, and
+    # 1 s (not 5) is the real time it costs.
+    assert "flushed False" in run(dead_endpoint(), "first", 1.0)
     (spooled,) = State("spoolapp", root=state_root).spool.payloads()
     assert spooled.data == {"first": 1}
-    assert "flushed True" in run(telemetry_server.url, "second")
+    assert "flushed True" in run(telemetry_server.url, "second", 5.0)
     stored = telemetry_server.stored_payloads()
     ids = [p["payload_id"] for p in stored]
     assert ids.count(spooled.payload_id) == 1

@@ -142,18 +142,26 @@ class SteppedTime(VirtualTime):
             return self.parked_on
 
 
+# A flush whose answer is not checked: longer than a cycle takes (at most ~1 s here,
+# each "slow" answer costing SEND_TIMEOUT), shorter than the 10 s a failed cycle's
+# flush would otherwise wait out in real time.
+UNCHECKED_FLUSH_TIMEOUT = 2.0
 CYCLE_HORIZON = 500.0  # room for every backoff of a cycle; under 900, the shortest interval
 
 
-def run_cycle(client: telemetry.Client, clock: SteppedTime) -> bool:
+def run_cycle(client: telemetry.Client, clock: SteppedTime, flush_timeout: float = 10.0) -> bool:
     """One cycle now, through ``flush``; returns with the emitter parked again.
 
     Virtual time lets the cycle's backoffs pass, and a 429 wait the emitter is holding
     (which a flush never cuts short), but not the 1000 s interval after it.
+
+    A cycle that fails leaves its flush waiting (real time) for a retry that virtual time
+    holds back: the flush can only time out. Where the answer is not needed, a short
+    ``flush_timeout`` ends that wait sooner; ``settled`` still waits for the cycle's end.
     """
     rate_limited = max(0.0, emitter_of(client).not_before - clock.now)
     clock.advance(rate_limited + CYCLE_HORIZON)
-    delivered = client.flush(timeout=10)
+    delivered = client.flush(timeout=flush_timeout)
     assert settled(client, clock), f"the emitter never settled: {emitter_state(client)}"
     return delivered
 
@@ -247,7 +255,7 @@ def test_random_server_faults_lose_nothing_and_count_nothing_twice(
     # Each round: the threads collect while the emitter runs a cycle through the faults.
     for _ in range(ROUNDS):
         barrier.wait()
-        run_cycle(client, clock)
+        run_cycle(client, clock, flush_timeout=UNCHECKED_FLUSH_TIMEOUT)
     for thread in threads:
         thread.join(30)
     assert not failures, failures
@@ -255,7 +263,7 @@ def test_random_server_faults_lose_nothing_and_count_nothing_twice(
     cycles = 0
     while telemetry_server.scripts_pending and cycles < FAULTS_PER_SEED:
         client.increment("drain")  # something to send, or flush() makes no request
-        run_cycle(client, clock)
+        run_cycle(client, clock, flush_timeout=UNCHECKED_FLUSH_TIMEOUT)
         cycles += 1
     assert telemetry_server.scripts_pending == 0, f"script not used up after {cycles} cycles"
     # The faults have stopped: delivery completes within two more cycles.
