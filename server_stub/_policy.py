@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Tuple, Union
 
-from ._storage import Runner
+from ._storage import Runner, format_time
 
 __all__ = [
     "DEFAULT_NEXT_UPDATE",
@@ -223,7 +223,7 @@ def _stored_rules(run: Runner) -> Optional[PolicyRules]:
 
 
 def _record(run: Runner, rules: PolicyRules, source: str) -> None:
-    changed_at = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    changed_at = format_time(datetime.now(timezone.utc))
     run.execute(
         "INSERT INTO policy_changes (changed_at, source, policy) VALUES (?, ?, ?)",
         (changed_at, source, json.dumps(rules.to_fields(), separators=(",", ":"))),
