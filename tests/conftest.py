@@ -2,7 +2,8 @@
 
 The real loopback server comes from ``server_stub``'s pytest plugin
 (``telemetry_server``); ``backend_server`` is the same on each storage backend
-(in-memory SQLite, then an empty schema of a real PostgreSQL). Every test runs
+(in-memory SQLite, then a schema of a real PostgreSQL with the current tables
+and no rows). Every test runs
 with a clean environment (no CI, DO_NOT_TRACK or *_TELEMETRY variables), its
 own state directory, and an internal-error hook that turns errors swallowed by
 telemetry's boundary into test failures.
@@ -18,11 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, NamedTuple
 
+import psycopg
 import pytest
 from _net import free_port
 
 import telemetry
 from server_stub import RecordedRequest, Server, serve
+from server_stub._pgtemp import TemporaryPostgres
+from server_stub._postgres import SCHEMA_VERSION, migrate
 from telemetry import _log
 from telemetry._buffer import Buffer, member_value
 from telemetry._emitter import Emitter
@@ -208,11 +212,110 @@ def state_of(tmp_path: Path, app: str = "testapp") -> State:
     return State(app, root=tmp_path / "state")
 
 
+class MigratedSchemas:
+    """PostgreSQL schemas at the current schema version, each used by one test at a time.
+
+    Creating the tables costs a new schema about 150 ms; emptying a used one
+    (every row deleted, identity counters back at 1) costs about 10, so used
+    schemas are emptied and handed to the next test. A schema whose tables,
+    columns, indexes or constraints a test changed is dropped, never reused:
+    every test starts from what ``migrate()`` makes, with no rows.
+    """
+
+    def __init__(self, cluster: TemporaryPostgres) -> None:
+        self._cluster = cluster
+        self._admin = psycopg.connect(cluster.url(), autocommit=True)
+        self._admin.execute("SET lock_timeout = '10s'")  # a leftover connection must not hang us
+        self._free: List[str] = []
+        self._numbers = iter(range(1, 1_000_000))
+        self._shape = ""
+
+    def close(self) -> None:
+        self._admin.close()
+
+    def take(self) -> str:
+        """The URL of a migrated schema with no rows, for one test."""
+        schema = self._free.pop() if self._free else self._create()
+        return self._cluster.url(search_path=schema)
+
+    def give_back(self, url: str) -> None:
+        schema = url.rsplit("%3D", 1)[1]
+        if self._shape_of(schema) != self._shape:
+            self._admin.execute(f"DROP SCHEMA {schema} CASCADE")
+            return
+        with self._admin.transaction():
+            for (table,) in self._admin.execute(
+                "SELECT tablename FROM pg_tables WHERE schemaname = %s", (schema,)
+            ).fetchall():
+                self._admin.execute(f"DELETE FROM {schema}.{table}")
+            self._admin.execute(
+                "SELECT setval(format('%%I.%%I', schemaname, sequencename), 1, false)"
+                " FROM pg_sequences WHERE schemaname = %s",
+                (schema,),
+            )
+            self._admin.execute(
+                f"INSERT INTO {schema}.schema_version VALUES (%s)", (SCHEMA_VERSION,)
+            )
+        self._free.append(schema)
+
+    def _create(self) -> str:
+        schema = f"migrated_{next(self._numbers)}"
+        self._admin.execute(f"CREATE SCHEMA {schema}")
+        with psycopg.connect(self._cluster.url(search_path=schema), autocommit=True) as connection:
+            migrate(connection)
+        shape = self._shape_of(schema)
+        if not self._shape:
+            self._shape = shape
+        assert shape == self._shape, "migrate() made two different schemas"
+        return schema
+
+    def _shape_of(self, schema: str) -> str:
+        """Every table, column, index and constraint of ``schema``, as text."""
+        row = self._admin.execute(
+            """
+            SELECT concat_ws(' | ',
+                (SELECT string_agg(format('%%s.%%s %%s %%s %%s %%s', table_name, column_name,
+                                          data_type, is_nullable, column_default, is_identity),
+                                   ', ' ORDER BY table_name, column_name)
+                 FROM information_schema.columns WHERE table_schema = %(s)s),
+                (SELECT string_agg(indexdef, ', ' ORDER BY indexname)
+                 FROM pg_indexes WHERE schemaname = %(s)s),
+                (SELECT string_agg(pg_get_constraintdef(c.oid), ', ' ORDER BY c.conname)
+                 FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+                 WHERE n.nspname = %(s)s))
+            """,
+            {"s": schema},
+        ).fetchone()
+        assert row is not None
+        shape: str = row[0].replace(schema + ".", "")
+        return shape
+
+
+@pytest.fixture(scope="session")
+def migrated_schemas(postgres_cluster: TemporaryPostgres) -> Iterator[MigratedSchemas]:
+    schemas = MigratedSchemas(postgres_cluster)
+    try:
+        yield schemas
+    finally:
+        schemas.close()
+
+
+@pytest.fixture
+def migrated_postgres_url(migrated_schemas: MigratedSchemas) -> Iterator[str]:
+    """``postgresql://...`` for a schema of its own, migrated, with no rows."""
+    url = migrated_schemas.take()
+    try:
+        yield url
+    finally:
+        migrated_schemas.give_back(url)
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def backend_db(request: pytest.FixtureRequest) -> str:
-    """``db`` for a server under test: in-memory SQLite, or an empty PostgreSQL schema."""
+    """``db`` for a server under test: in-memory SQLite, or a PostgreSQL schema of its own
+    with the current tables and no rows."""
     if request.param == "postgres":
-        url: str = request.getfixturevalue("postgres_url")
+        url: str = request.getfixturevalue("migrated_postgres_url")
         return url
     return ":memory:"
 
