@@ -4,8 +4,12 @@ The server is filled with real payloads sent by ``telemetry`` clients over
 loopback (``_fleet.send_fleet``). Every page must load with no console error,
 no failed request and no blocked script or style (the Content-Security-Policy
 would say so in the console); its numbers must be the JSON API's; its charts
-must have a mark per bucket or value. Screenshots of every page are written to
-``tests/screenshots/`` (or ``$CONSOLE_SCREENSHOTS``) for people to look at.
+must have a mark per bucket or value. With ``CONSOLE_SCREENSHOTS`` set to a folder,
+screenshots of every page are written there for people to look at (they take a few
+seconds, and assert nothing, so they are not taken otherwise).
+
+Signed-in tests open a page (a tab) in one reader's context, signed in once; the
+sign-in itself, and signing out, are tested with a context of their own.
 
 The browser is ``/usr/bin/chromium`` (the README's test command installs it);
 Playwright's own browser download is never used.
@@ -51,9 +55,10 @@ CHROMIUM_ARGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SCREENSHOTS = Path(
-    os.environ.get("CONSOLE_SCREENSHOTS") or Path(__file__).parent / "screenshots"
-).resolve()
+SCREENSHOTS = (
+    Path(os.environ["CONSOLE_SCREENSHOTS"]).resolve() if os.environ.get("CONSOLE_SCREENSHOTS")
+    else None
+)
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 
@@ -67,8 +72,9 @@ def fleet_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tuple[Run
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    print(f"\nconsole screenshots: {SCREENSHOTS}")
+    if SCREENSHOTS is not None:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        print(f"\nconsole screenshots: {SCREENSHOTS}")
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
@@ -142,7 +148,39 @@ def sign_in(page: Page, url: str, token: str) -> None:
 
 
 def shoot(page: Page, name: str) -> None:
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+    if SCREENSHOTS is not None:
+        page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def reader(
+    browser: Browser, fleet_server: Tuple[RunningServer, Fleet]
+) -> Iterator[BrowserContext]:
+    """A browser context signed in with the read token (its session cookie), for the module."""
+    server, _ = fleet_server
+    context = browser.new_context(viewport=DESKTOP)  # type: ignore[arg-type]
+    page = context.new_page()
+    watch = Watch()
+    watch.attach(page)
+    sign_in(page, server.url, READ_TOKEN)
+    watch.check()
+    page.close()
+    try:
+        yield context
+    finally:
+        context.close()
+
+
+@pytest.fixture
+def reader_page(reader: BrowserContext) -> Iterator[Tuple[Page, Watch]]:
+    """A new page of the signed-in reader, watched; closed after the test."""
+    page = reader.new_page()
+    watch = Watch()
+    watch.attach(page)
+    try:
+        yield page, watch
+    finally:
+        page.close()
 
 
 def window_of(page: Page) -> Dict[str, str]:
@@ -188,9 +226,10 @@ def test_every_page_loads_cleanly_on_a_desktop_and_a_phone(
 ) -> None:
     server, fleet = fleet_server
     phone_pages = {"overview", "key-features", "events", "instance", "policy"}
+    context, page, watch = new_page(browser)
+    sign_in(page, server.url, ADMIN_TOKEN)
     for size, viewport in (("desktop", DESKTOP), ("phone", PHONE)):
-        context, page, watch = new_page(browser, viewport)
-        sign_in(page, server.url, ADMIN_TOKEN)
+        page.set_viewport_size(viewport)  # type: ignore[arg-type]
         for name, path in pages_of(fleet):
             if size == "phone" and name not in phone_pages:
                 continue
@@ -202,16 +241,16 @@ def test_every_page_loads_cleanly_on_a_desktop_and_a_phone(
             width = page.evaluate("document.documentElement.scrollWidth")
             assert width <= viewport["width"], (path, width)
             shoot(page, f"{size}-{name}")
-        watch.check()
-        context.close()
+    watch.check()
+    context.close()
 
 
 def test_the_numbers_shown_are_the_json_apis(
-    browser: Browser, fleet_server: Tuple[RunningServer, Fleet]
+    reader_page: Tuple[Page, Watch], fleet_server: Tuple[RunningServer, Fleet]
 ) -> None:
     server, fleet = fleet_server
-    context, page, watch = new_page(browser)
-    sign_in(page, server.url, READ_TOKEN)
+    page, watch = reader_page
+    page.goto(f"{server.url}/")  # signed in as a reader
     window = window_of(page)
     stats = server.api("/v1/stats", **window)
     assert stats["payloads"] == fleet.payloads and stats["instances"] == len(fleet.instance_ids)
@@ -260,15 +299,14 @@ def test_the_numbers_shown_are_the_json_apis(
         [v["value"], format_number(v["instances"])] for v in breakdown["values"]
     ]
     watch.check()
-    context.close()
 
 
 def test_charts_have_a_mark_per_bucket_and_value(
-    browser: Browser, fleet_server: Tuple[RunningServer, Fleet]
+    reader_page: Tuple[Page, Watch], fleet_server: Tuple[RunningServer, Fleet]
 ) -> None:
     server, _ = fleet_server
-    context, page, watch = new_page(browser)
-    sign_in(page, server.url, READ_TOKEN)
+    page, watch = reader_page
+    page.goto(f"{server.url}/")  # signed in as a reader
     for days in (7, 30, 90):
         page.goto(f"{server.url}/?days={days}")
         for heading in ("Active instances per day", "Payloads per day", "Dropped items per day"):
@@ -287,7 +325,6 @@ def test_charts_have_a_mark_per_bucket_and_value(
         breakdown["values"][0]["count"]
     )
     watch.check()
-    context.close()
 
 
 def test_signing_in_is_required_and_the_session_cookie_is_strict(
@@ -330,12 +367,12 @@ def test_signing_in_is_required_and_the_session_cookie_is_strict(
 
 
 def test_a_policy_edited_in_the_form_is_the_next_update_answer(
-    browser: Browser, fleet_server: Tuple[RunningServer, Fleet], tmp_path: Path
+    reader_page: Tuple[Page, Watch], fleet_server: Tuple[RunningServer, Fleet], tmp_path: Path
 ) -> None:
     server, _ = fleet_server
-    context, page, watch = new_page(browser)
+    page, watch = reader_page
     watch.expected_statuses["/policy"] = 400
-    sign_in(page, server.url, READ_TOKEN)
+    page.goto(f"{server.url}/")  # signed in as a reader
     page.get_by_role("link", name="Policy").click()
     page.get_by_label("Disabled keys").fill("version\nfeatures")
     page.get_by_label("Seconds between check-ins").fill("soon")
@@ -371,7 +408,6 @@ def test_a_policy_edited_in_the_form_is_the_next_update_answer(
             client.stop_emitting()
     assert server.api("/v1/policy")["next_update"] == 600
     watch.check()
-    context.close()
 
 
 def assert_nothing_ran(page: Page, url: str, paths: List[str]) -> None:
@@ -384,11 +420,11 @@ def assert_nothing_ran(page: Page, url: str, paths: List[str]) -> None:
 
 
 def test_a_hostile_key_is_text_and_runs_nothing(
-    browser: Browser, fleet_server: Tuple[RunningServer, Fleet]
+    reader_page: Tuple[Page, Watch], fleet_server: Tuple[RunningServer, Fleet]
 ) -> None:
     server, fleet = fleet_server
-    context, page, watch = new_page(browser)
-    sign_in(page, server.url, READ_TOKEN)
+    page, watch = reader_page
+    page.goto(f"{server.url}/")  # signed in as a reader
     page.goto(f"{server.url}/keys")
     link = page.get_by_role("link", name=HOSTILE_KEY, exact=True)
     assert link.is_visible()
@@ -400,15 +436,14 @@ def test_a_hostile_key_is_text_and_runs_nothing(
     paths = ["/", "/keys", f"/key?name={quote(HOSTILE_KEY)}", f"/instance/{fleet.instance_ids[0]}"]
     assert_nothing_ran(page, server.url, paths)
     watch.check()  # no alert() dialog ever opened
-    context.close()
 
 
 def test_events_are_counted_as_the_api_says_and_their_attributes_run_nothing(
-    browser: Browser, fleet_server: Tuple[RunningServer, Fleet]
+    reader_page: Tuple[Page, Watch], fleet_server: Tuple[RunningServer, Fleet]
 ) -> None:
     server, fleet = fleet_server
-    context, page, watch = new_page(browser)
-    sign_in(page, server.url, READ_TOKEN)
+    page, watch = reader_page
+    page.goto(f"{server.url}/")  # signed in as a reader
     page.goto(f"{server.url}/events")
     counts = server.api("/v1/stats", **window_of(page))["events"]
     assert counts == {"behavioral": {"click": fleet.days}}
@@ -421,15 +456,14 @@ def test_events_are_counted_as_the_api_says_and_their_attributes_run_nothing(
     assert page.get_by_text(HOSTILE_TEXT, exact=True).count() == fleet.days
     assert_nothing_ran(page, server.url, ["/events", f"/instance/{fleet.instance_ids[0]}"])
     watch.check()  # no alert() dialog ever opened
-    context.close()
 
 
 def test_the_keyboard_reaches_everything(
-    browser: Browser, fleet_server: Tuple[RunningServer, Fleet]
+    reader_page: Tuple[Page, Watch], fleet_server: Tuple[RunningServer, Fleet]
 ) -> None:
     server, _ = fleet_server
-    context, page, watch = new_page(browser)
-    sign_in(page, server.url, READ_TOKEN)
+    page, watch = reader_page
+    page.goto(f"{server.url}/")  # signed in as a reader
     focused: List[str] = []
     for _ in range(10):
         page.keyboard.press("Tab")
@@ -457,4 +491,3 @@ def test_the_keyboard_reaches_everything(
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.closest('main') !== null")
     watch.check()
-    context.close()
