@@ -15,12 +15,11 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional
 
 import psycopg
 import pytest
@@ -63,9 +62,17 @@ def pg_store(postgres_url: str) -> Iterator[PostgresStore]:
         store.close()
 
 
-def _truncate(url: str) -> None:
-    with psycopg.connect(url, autocommit=True) as connection:
-        connection.execute("TRUNCATE payloads, rate_windows")
+@pytest.fixture
+def pg_connection(postgres_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """A connection to the test's schema, for emptying it between Hypothesis examples."""
+    with psycopg.connect(postgres_url, autocommit=True) as connection:
+        yield connection
+
+
+def _empty(connection: psycopg.Connection[Any]) -> None:
+    # DELETE, not TRUNCATE: on tables this small it costs a millisecond, not tens.
+    connection.execute("DELETE FROM payloads")
+    connection.execute("DELETE FROM rate_windows")
 
 
 # -- the same answers as SQLite ---------------------------------------------------------------
@@ -131,13 +138,15 @@ _DATAS = st.lists(
 @settings(
     max_examples=150,
     deadline=None,
+    derandomize=True,  # the same examples on every run: a failure is reproducible
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(datas=_DATAS)
 def test_stats_equal_sqlite_stats(
-    pg_store: PostgresStore, postgres_url: str, datas: List[Dict[str, Any]]
+    pg_store: PostgresStore, pg_connection: psycopg.Connection[Any], datas: List[Dict[str, Any]]
 ) -> None:
-    _truncate(postgres_url)
+    _empty(pg_connection)
     sqlite = SQLiteStore()
     try:
         for index, data in enumerate(datas):
@@ -366,25 +375,89 @@ def test_command_line_refuses_an_unreachable_database() -> None:
 # -- four gunicorn workers --------------------------------------------------------------------
 
 
-@pytest.fixture
-def gunicorn_server(postgres_url: str, tmp_path: Path) -> Iterator[tuple[str, Path, Path]]:
-    """``gunicorn -w 4`` serving ``create_app(db=<postgres>, policy_file=...)``, all workers up.
+class Workers:
+    """What gunicorn's workers told through the hooks' pipe: lines read by a thread."""
 
-    Yields the base URL, the policy file and the access log (``<pid> <request> <status>``).
+    def __init__(self, read_fd: int) -> None:
+        self._lines: List[str] = []
+        self._changed = threading.Condition()
+        self._file = os.fdopen(read_fd, "r")
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        with self._file:
+            for line in self._file:  # ends when every worker and the master closed the pipe
+                with self._changed:
+                    self._lines.append(line.rstrip("\n"))
+                    self._changed.notify_all()
+
+    def count(self, kind: str, path: str = "") -> int:
+        """Lines of ``kind`` (``ready``, or ``request`` for ``path``)."""
+        with self._changed:
+            return sum(
+                1
+                for line in self._lines
+                if line.split(" ", 1)[0] == kind and (not path or line.endswith(f" {path}"))
+            )
+
+    def await_count(
+        self, count: int, process: subprocess.Popen[bytes], kind: str, path: str = ""
+    ) -> None:
+        """Wait until there are ``count`` such lines (a 30 s guard against a hang)."""
+        with self._changed:
+            arrived = self._changed.wait_for(
+                lambda: self.count(kind, path) >= count or process.poll() is not None, 30
+            )
+        assert process.poll() is None, "gunicorn exited"
+        assert arrived, f"only {self.count(kind, path)} of {count} {kind} {path} signals"
+
+    def close(self) -> None:
+        self._thread.join(10)
+
+
+START = 1000.0  # the workers' policy clock at start
+
+
+def set_clock(path: Path, now: float) -> None:
+    """Move the workers' policy clock to ``now`` (replaced whole: never read half-written)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(repr(now))
+    os.replace(partial, path)
+
+
+class Gunicorn(NamedTuple):
+    url: str
+    policy_file: Path
+    access_log: Path
+    clock: Path
+    workers: Workers
+    process: subprocess.Popen[bytes]
+
+
+@pytest.fixture
+def gunicorn_server(postgres_url: str, tmp_path: Path) -> Iterator[Gunicorn]:
+    """``gunicorn -w 4`` serving ``create_app(db=<postgres>, policy=<file>)``, all workers up.
+
+    The workers' policy clock is the number in ``clock`` (``set_clock``); each
+    worker writes ``ready <pid>`` to a pipe once it has loaded the app, and
+    ``request <pid> <path>`` once it has read a request's head.
     """
     policy_file = tmp_path / "policy.json"
     policy_file.write_text("{}")
+    clock = tmp_path / "clock"
+    set_clock(clock, START)
     access_log = tmp_path / "access.log"
-    ready = tmp_path / "ready"
-    ready.mkdir()
+    read_fd, write_fd = os.pipe()
     config = tmp_path / "gunicorn.conf.py"
     config.write_text(
-        "import pathlib\n"
+        "import os\n"
         "def post_worker_init(worker):\n"
-        f"    (pathlib.Path({str(ready)!r}) / str(worker.pid)).touch()\n"
+        f"    os.write({write_fd}, f'ready {{worker.pid}}\\n'.encode())\n"
+        "def pre_request(worker, req):\n"
+        f"    os.write({write_fd}, f'request {{worker.pid}} {{req.path}}\\n'.encode())\n"
     )
     port = free_port()
-    app = f"server_stub:create_app(db={postgres_url!r}, policy_file={str(policy_file)!r})"
     command = [
         sys.executable,
         "-m",
@@ -401,23 +474,35 @@ def gunicorn_server(postgres_url: str, tmp_path: Path) -> Iterator[tuple[str, Pa
         "5",
         "--config",
         str(config),
-        app,
+        "--pythonpath",
+        str(Path(__file__).parent),
+        "_gunicorn_app:app",
     ]
+    environment = {
+        **os.environ,
+        "TEST_GUNICORN_CLOCK": str(clock),
+        "TEST_GUNICORN_DB": postgres_url,
+        "TEST_GUNICORN_POLICY_FILE": str(policy_file),
+    }
     with (tmp_path / "gunicorn.log").open("w") as output:
         process = subprocess.Popen(
-            command, cwd=REPO, stdout=output, stderr=output, start_new_session=True
+            command,
+            cwd=REPO,
+            env=environment,
+            stdout=output,
+            stderr=output,
+            start_new_session=True,
+            pass_fds=(write_fd,),
         )
+    os.close(write_fd)
+    workers = Workers(read_fd)
     url = f"http://127.0.0.1:{port}"
     try:
         # Every worker has loaded the app (so none of them is still starting when
         # the test needs all four), and the server answers.
-        deadline = time.monotonic() + 30
-        while len(list(ready.iterdir())) < 4:
-            assert process.poll() is None, (tmp_path / "gunicorn.log").read_text()
-            assert time.monotonic() < deadline, "gunicorn's workers did not start within 30 s"
-            time.sleep(0.02)
+        workers.await_count(4, process, "ready")
         assert requests.get(f"{url}/healthz", timeout=10).status_code == 200
-        yield url, policy_file, access_log
+        yield Gunicorn(url, policy_file, access_log, clock, workers, process)
     finally:
         process.terminate()
         try:
@@ -425,6 +510,7 @@ def gunicorn_server(postgres_url: str, tmp_path: Path) -> Iterator[tuple[str, Pa
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)  # the session we started: master and workers
             process.wait(10)
+        workers.close()
 
 
 def _post(url: str, payload: Dict[str, Any]) -> requests.Response:
@@ -450,27 +536,31 @@ def _payload(
     }
 
 
-def _post_on_several_workers(url: str, payloads: List[Dict[str, Any]]) -> List[int]:
+def _post_on_several_workers(server: Gunicorn, payloads: List[Dict[str, Any]]) -> List[int]:
     """Post each payload on its own connection at once; the statuses, in order.
 
-    Every request is sent but for its last byte until all of them are: a sync
-    worker busy reading one request cannot take another, so the requests are
-    held by different workers (spread, not serialised by one fast worker).
+    Every request is sent but for its last byte until a worker has read the head
+    of each (its ``pre_request`` hook says so): a sync worker busy reading one
+    request cannot take another, so the requests are held by different workers
+    (spread, not serialised by one fast worker).
     """
-    host, port = url.rsplit("/", 1)[1].split(":")
+    host, port = server.url.rsplit("/", 1)[1].split(":")
+    paths = Counter(f"/v1/update/{payload['instance_id']}" for payload in payloads)
+    heads_read = {path: server.workers.count("request", path) for path in paths}
     connections = []
     for payload in payloads:
+        path = f"/v1/update/{payload['instance_id']}"
         body = json.dumps(payload).encode()
         head = (
-            f"POST /v1/update/{payload['instance_id']} HTTP/1.1\r\nHost: {host}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {host}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n"
         ).encode()
         connection = socket.create_connection((host, int(port)), timeout=10)
         connection.sendall(head + body[:-1])
         connections.append((connection, body[-1:]))
-    # Time for the other workers to accept theirs (only the spreading depends on it).
-    time.sleep(0.2)
+    for path, count in paths.items():
+        server.workers.await_count(heads_read[path] + count, server.process, "request", path)
     statuses = []
     for connection, last_byte in connections:
         with connection:
@@ -493,13 +583,14 @@ def _workers_that_served(access_log: Path, instance_id: str, status: int) -> Cou
 
 
 def test_four_gunicorn_workers_share_dedup_totals_policy_and_rate_limit(
-    gunicorn_server: tuple[str, Path, Path],
+    gunicorn_server: Gunicorn,
 ) -> None:
-    url, policy_file, access_log = gunicorn_server
+    server = gunicorn_server
+    url, policy_file, access_log = server.url, server.policy_file, server.access_log
 
     # One payload posted to four workers at once, then 16 more times: stored once.
     duplicate = _payload(str(uuid.uuid4()), {"dup": 1, "set": [{"value": "d", "count": 2}]})
-    assert _post_on_several_workers(url, [duplicate] * 4) == [200] * 4
+    assert _post_on_several_workers(server, [duplicate] * 4) == [200] * 4
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda _: _post(url, duplicate), range(16)))
     assert [answer.status_code for answer in answers] == [200] * 16
@@ -538,9 +629,9 @@ def test_four_gunicorn_workers_share_dedup_totals_policy_and_rate_limit(
     # then every worker refuses the 7th.
     policy_file.write_text(json.dumps({"rate_limit": {"payloads": 6, "window": 600}}))
     limited = str(uuid.uuid4())
-    accepted = _post_on_several_workers(url, [_payload(limited, {"n": 1}) for _ in range(4)])
+    accepted = _post_on_several_workers(server, [_payload(limited, {"n": 1}) for _ in range(4)])
     accepted += [_post(url, _payload(limited, {"n": 1})).status_code for _ in range(2)]
-    refused = _post_on_several_workers(url, [_payload(limited, {"n": 1}) for _ in range(4)])
+    refused = _post_on_several_workers(server, [_payload(limited, {"n": 1}) for _ in range(4)])
     assert accepted == [200] * 6
     assert refused == [429] * 4
     assert _post(url, _payload(str(uuid.uuid4()), {})).status_code == 200  # another instance
@@ -553,15 +644,16 @@ def test_four_gunicorn_workers_share_dedup_totals_policy_and_rate_limit(
     assert len(_workers_that_served(access_log, limited, 429)) >= 2
 
     # A PUT /v1/policy, answered by one worker, reaches every worker within a
-    # second (each re-reads the stored policy at most once a second): that
-    # documented bound is waited out, then every worker applies the new limit.
+    # second (each re-reads the stored policy at most once a second): the workers'
+    # policy clock is moved on by that documented bound, then every worker
+    # applies the new limit.
     tighter = {"rate_limit": {"payloads": 1, "window": 600}}
     assert requests.put(f"{url}/v1/policy", json=tighter, timeout=10).status_code == 200
-    time.sleep(1.1)
+    set_clock(server.clock, START + 1.0)
     capped = str(uuid.uuid4())
     assert _post(url, _payload(capped, {"n": 1})).status_code == 200
     capped_payloads = [_payload(capped, {"n": 1}) for _ in range(4)]
-    assert _post_on_several_workers(url, capped_payloads) == [429] * 4
+    assert _post_on_several_workers(server, capped_payloads) == [429] * 4
     assert len(_workers_that_served(access_log, capped, 429)) >= 2
     history = requests.get(f"{url}/v1/policy/history", timeout=10).json()["changes"]
     # Newest first: the PUT, the file's change, the file seeding the empty store.
