@@ -115,17 +115,25 @@ class SteppedTime(VirtualTime):
     def __init__(self) -> None:
         super().__init__()
         self.parked_on: Optional[threading.Event] = None
+        self.parked_until = 0.0
+        self.parks = 0  # waits that parked, so far
         self._park = threading.Condition()
 
     def wait(self, event: threading.Event, seconds: float) -> None:
         with self._park:
             self.waits.append(seconds)
             end = self.now + seconds
+            counted = False
             while end > self.horizon and not event.is_set():
                 self.parked_on = event
+                self.parked_until = end
+                if not counted:
+                    self.parks += 1
+                    counted = True
                 self._park.notify_all()
                 self._park.wait(0.01)  # the event is set without telling us: poll it
             self.parked_on = None
+            self._park.notify_all()
             if end <= self.horizon:
                 self.now = max(self.now, end)
 
@@ -135,6 +143,28 @@ class SteppedTime(VirtualTime):
             self.parked_on = None
             self._park.notify_all()
 
+    def let_the_parked_wait_pass(self) -> None:
+        """Move the horizon to the end of the wait the emitter is parked in, however long."""
+        with self._park:
+            if self.parked_on is not None:
+                self.horizon = max(self.horizon, self.parked_until)
+                self.parked_on = None
+                self._park.notify_all()
+
+    def parked(self) -> bool:
+        """Parked, and not about to wake (its event is not set)."""
+        return self.parked_on is not None and not self.parked_on.is_set()
+
+    def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Until ``condition()`` (checked whenever the emitter waits, parks or wakes)."""
+        with self._park:
+            return self._park.wait_for(condition, timeout)
+
+    def poke(self) -> None:
+        """Have ``wait_until`` check its condition again."""
+        with self._park:
+            self._park.notify_all()
+
     def wait_parked(self, timeout: float) -> Optional[threading.Event]:
         """The event the emitter is parked on, once it is; None at ``timeout``."""
         with self._park:
@@ -142,28 +172,48 @@ class SteppedTime(VirtualTime):
             return self.parked_on
 
 
-# A flush whose answer is not checked: longer than a cycle takes (at most ~1 s here,
-# each "slow" answer costing SEND_TIMEOUT), shorter than the 10 s a failed cycle's
-# flush would otherwise wait out in real time.
-UNCHECKED_FLUSH_TIMEOUT = 2.0
 CYCLE_HORIZON = 500.0  # room for every backoff of a cycle; under 900, the shortest interval
+HANG_GUARD = 30.0  # seconds: a guard against a hang (never reached when the test passes)
 
 
-def run_cycle(client: telemetry.Client, clock: SteppedTime, flush_timeout: float = 10.0) -> bool:
-    """One cycle now, through ``flush``; returns with the emitter parked again.
+def run_cycle(client: telemetry.Client, clock: SteppedTime) -> bool:
+    """One cycle now, through ``flush``, retried until the flush has its answer; returns
+    that answer, with the emitter parked again.
 
-    Virtual time lets the cycle's backoffs pass, and a 429 wait the emitter is holding
-    (which a flush never cuts short), but not the 1000 s interval after it.
-
-    A cycle that fails leaves its flush waiting (real time) for a retry that virtual time
-    holds back: the flush can only time out. Where the answer is not needed, a short
-    ``flush_timeout`` ends that wait sooner; ``settled`` still waits for the cycle's end.
+    While the flush waits, every wait the emitter parks in with something to resend
+    is let pass in virtual time: the backoffs, a 429 wait (which a flush never cuts
+    short), however long. A failing cycle is retried, against the next scripted
+    answers, until one delivers or the server says stop; nothing is waited out in
+    real time but the server's scripted delays and the client's send timeout.
     """
-    rate_limited = max(0.0, emitter_of(client).not_before - clock.now)
+    emitter = emitter_of(client)
+    answer: List[bool] = []
+
+    def flush() -> None:
+        try:
+            answer.append(client.flush(timeout=HANG_GUARD))
+        finally:
+            clock.poke()
+
+    flusher = threading.Thread(target=flush, name="test-flush", daemon=True)
+    rate_limited = max(0.0, emitter.not_before - clock.now)
     clock.advance(rate_limited + CYCLE_HORIZON)
-    delivered = client.flush(timeout=flush_timeout)
+    flusher.start()
+    for _ in range(10_000):  # bounded: each turn is a resend, or the emitter parking anew
+        parks = clock.parks
+        clock.wait_until(lambda: not flusher.is_alive() or clock.parked(), HANG_GUARD)
+        if not flusher.is_alive():
+            break
+        if clock.parked() and (emitter.pending or emitter.not_before > clock.now):
+            clock.let_the_parked_wait_pass()  # a resend the flush is waiting for
+        else:  # nothing to resend: the flush's own cycle is coming, or its answer is
+            clock.wait_until(
+                lambda: not flusher.is_alive() or clock.parks != parks, HANG_GUARD  # noqa: B023
+            )
+    flusher.join(HANG_GUARD)
+    assert answer, f"the flush never returned: {emitter_state(client)}"
     assert settled(client, clock), f"the emitter never settled: {emitter_state(client)}"
-    return delivered
+    return answer[0]
 
 
 def settled(client: telemetry.Client, clock: SteppedTime, timeout: float = 10.0) -> bool:
@@ -255,7 +305,7 @@ def test_random_server_faults_lose_nothing_and_count_nothing_twice(
     # Each round: the threads collect while the emitter runs a cycle through the faults.
     for _ in range(ROUNDS):
         barrier.wait()
-        run_cycle(client, clock, flush_timeout=UNCHECKED_FLUSH_TIMEOUT)
+        run_cycle(client, clock)
     for thread in threads:
         thread.join(30)
     assert not failures, failures
@@ -263,7 +313,7 @@ def test_random_server_faults_lose_nothing_and_count_nothing_twice(
     cycles = 0
     while telemetry_server.scripts_pending and cycles < FAULTS_PER_SEED:
         client.increment("drain")  # something to send, or flush() makes no request
-        run_cycle(client, clock, flush_timeout=UNCHECKED_FLUSH_TIMEOUT)
+        run_cycle(client, clock)
         cycles += 1
     assert telemetry_server.scripts_pending == 0, f"script not used up after {cycles} cycles"
     # The faults have stopped: delivery completes within two more cycles.
