@@ -44,6 +44,7 @@ class ScriptedResponse:
     body: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
     delay: float = 0.0
+    hold: Optional[threading.Event] = None
     drop: bool = False
     drop_after_store: bool = False
     store: bool = False
@@ -127,6 +128,7 @@ class Server:
         self._scripts: Deque[ScriptedResponse] = deque()
         self._requests: List[RecordedRequest] = []
         self._payloads: List[Dict[str, Any]] = []
+        self._holds: List[threading.Event] = []
         try:
             self._httpd = make_server(host, port, self._handle, access_log_level=logging.DEBUG)
         except BaseException:
@@ -192,6 +194,7 @@ class Server:
         *,
         headers: Optional[Mapping[str, str]] = None,
         delay: float = 0.0,
+        hold: Optional[threading.Event] = None,
         drop: bool = False,
         drop_after_store: bool = False,
         store: bool = False,
@@ -201,6 +204,9 @@ class Server:
 
         - ``delay``: seconds to wait first (cut short, and the connection
           dropped, by ``close()``).
+        - ``hold``: an event to wait for first, once the request has arrived
+          (set by the test when it wants the answer; ``close()`` cuts it short
+          and drops the connection, as for ``delay``).
         - ``drop``: read the request, then close the connection without
           answering; nothing is stored.
         - ``drop_after_store``: process (and store) the payload normally, then
@@ -230,6 +236,7 @@ class Server:
             body=body,
             headers=dict(headers or {}),
             delay=delay,
+            hold=hold,
             drop=drop,
             drop_after_store=drop_after_store,
             store=store,
@@ -271,6 +278,9 @@ class Server:
             return
         self._closed = True
         self._closing.set()
+        with self._changed:
+            for hold in self._holds:
+                hold.set()
         self._httpd.shutdown()
         if not self._httpd.close_connections():
             logger.warning("%r: request threads still running after close", self)
@@ -301,6 +311,13 @@ class Server:
             return [body]
 
         closing = entry.delay > 0 and self._closing.wait(entry.delay)
+        if entry.hold is not None and not closing:
+            with self._changed:
+                self._holds.append(entry.hold)
+            if self._closing.is_set():  # close() may have set the holds it knew of already
+                entry.hold.set()
+            entry.hold.wait()
+            closing = self._closing.is_set()
         if entry.drop or closing:
             self._read_body(environ)
             return self._drop(environ)

@@ -137,6 +137,36 @@ def test_close_while_a_request_waits_in_a_scripted_delay() -> None:
     assert server.requests[-1].dropped
 
 
+def test_a_scripted_hold_answers_once_released_and_close_cuts_it_short() -> None:
+    release = threading.Event()
+    answers: List[int] = []
+    errors: List[BaseException] = []
+
+    def client() -> None:
+        try:
+            answers.append(post(server, make_payload()).status_code)
+        except requests.ConnectionError as exc:
+            errors.append(exc)
+
+    with serve() as server:
+        server.script(hold=release)
+        first = threading.Thread(target=client)
+        first.start()
+        assert server.wait_for(lambda: server.scripts_pending == 0)
+        assert server.requests == []  # arrived, held: not answered yet
+        release.set()
+        first.join(10)
+        assert answers == [200]
+        server.script(hold=threading.Event())  # never released by the test
+        second = threading.Thread(target=client)
+        second.start()
+        assert server.wait_for(lambda: server.scripts_pending == 0)
+    second.join(10)
+    assert not second.is_alive()
+    assert len(errors) == 1
+    assert server.requests[-1].dropped
+
+
 def test_wait_for_requests(backend_server: Server) -> None:
     assert not backend_server.wait_for_requests(1, timeout=0.01)
     assert_healthy(backend_server)

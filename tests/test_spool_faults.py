@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import uuid
 from pathlib import Path
 from typing import Any, Callable, List, NoReturn
@@ -72,7 +73,9 @@ def spool_files(state_dir: Path) -> List[str]:
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="POSIX signals")
-@pytest.mark.parametrize("held", ["then-stored", "then-dropped"])
+@pytest.mark.parametrize(
+    "held", ["stored-before-the-takeover", "stored-after-the-takeover", "dropped"]
+)
 def test_killed_mid_send_the_spooled_data_is_delivered_exactly_once(
     telemetry_server: Server, tmp_path: Path, held: str
 ) -> None:
@@ -82,8 +85,10 @@ def test_killed_mid_send_the_spooled_data_is_delivered_exactly_once(
     assert first.wait(30) == 0
     (spooled,) = spool_files(state_dir)
     # 2. The next start claims the spool file and sends it; the server holds the
-    #    request (and later stores it, or drops it); the app is SIGKILLed meanwhile.
-    telemetry_server.script(delay=1.5, drop=held == "then-dropped")
+    #    request (and stores it, or drops it, when released); the app is SIGKILLed
+    #    meanwhile.
+    release = threading.Event()
+    telemetry_server.script(hold=release, drop=held == "dropped")
     killed = run_child("killed", instance, telemetry_server.url, state_dir)
     try:
         assert telemetry_server.wait_for(lambda: telemetry_server.scripts_pending == 0, 30)
@@ -91,12 +96,16 @@ def test_killed_mid_send_the_spooled_data_is_delivered_exactly_once(
     finally:
         killed.send_signal(signal.SIGKILL)
         killed.wait(30)  # reaped: its pid is dead, not a zombie that still "exists"
+    if held != "stored-after-the-takeover":
+        release.set()
+        assert telemetry_server.wait_for_requests(1, timeout=10)  # answered (or dropped)
     # 3. The next start takes over the dead process's claim and delivers it.
     third = run_child("deliver", instance, telemetry_server.url, state_dir)
     assert third.wait(30) == 0
-    # Both sends of the payload have been answered (the held one last, or first).
+    release.set()
+    # Both sends of the payload have been answered (the held one first, or last).
     assert telemetry_server.wait_for_requests(2, timeout=10)
-    held_status = 200 if held == "then-stored" else None  # None: dropped, unanswered
+    held_status = None if held == "dropped" else 200  # None: dropped, unanswered
     assert sorted(r.status or 0 for r in telemetry_server.requests) == sorted(
         [held_status or 0, 200])
     stats = telemetry_server.stats()
