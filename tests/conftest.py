@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import threading
 import uuid
 from collections.abc import Iterator
@@ -34,6 +35,13 @@ from telemetry._state import State
 from telemetry._wire import CountingSet, JSONValue, Payload, Request, encode_request, wire_data
 
 pytest_plugins = ["server_stub.pytest_plugin"]
+
+# Bytecode is cached even under PYTHONDONTWRITEBYTECODE: the suite imports the test
+# modules (rewriting their asserts), the packages and Hypothesis, and starts Python
+# some sixty times; compiling all of it afresh every time cost about a fifth of the
+# run. The child processes inherit this. (``__pycache__`` is ignored by git.)
+sys.dont_write_bytecode = False
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
 
 
 @pytest.fixture(autouse=True)
