@@ -1,13 +1,22 @@
 """The thread-safe, bounded store behind the collection calls — no I/O, no clock.
 
-Every write takes one short lock. The common case (updating a key that already
-exists) is a single dictionary operation under that lock; validation of new
-keys and values, item accounting and kind checks happen on a slower path.
+``increment`` and ``add`` take no lock: each appends one entry to a queue (a
+``collections.deque``, whose append is atomic), and the queue is folded into
+the store when it reaches ``FOLD_AT`` entries, before anything reads or empties
+the store, and before another call could be affected by what it holds (a new
+key, a full buffer). The fold counts repeated entries at C speed and gives the
+outcome the calls would have had one by one, in call order.
+
+The other writes take one short lock. The common case (updating a key that
+already exists) is a single dictionary operation under that lock; validation of
+new keys and values, item accounting and kind checks happen on a slower path.
 Warnings are logged after the lock is released: logging may do I/O.
 """
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import math
 import threading
@@ -16,6 +25,7 @@ from typing import (
     TYPE_CHECKING,
     Any,
     Callable,
+    Deque,
     Dict,
     FrozenSet,
     List,
@@ -50,6 +60,12 @@ _INT_MIN = -(2**63)
 _INT_MAX = 2**63 - 1
 _NUL = "\x00"
 _SATURATED = "counter reached the signed 64-bit bound; it stays there and the excess is dropped"
+# Queued increment/add calls that make the calling thread fold the queue into the store.
+FOLD_AT = 4096
+_count_elements = collections._count_elements  # type: ignore[attr-defined]  # Counter's, in C
+_QUEUE_END = object()  # never queued: ends ``iter(queue.popleft, _QUEUE_END)``
+# Where collection calls' queue entries go while the buffer is not collecting: nowhere.
+_NOWHERE: Deque[object] = collections.deque(maxlen=0)
 
 
 class _InvalidValue(Exception):
@@ -251,6 +267,43 @@ class Snapshot(NamedTuple):
     dropped: int
 
 
+def _amount_problem(amount: object) -> Optional[str]:
+    """Why ``amount`` cannot be added to a counter, or None."""
+    if type(amount) is not int:
+        return f"add() takes an int amount, not {type(amount).__name__}"
+    if not _INT_MIN <= amount <= _INT_MAX:
+        return "add() amount does not fit in a signed 64-bit integer"
+    return None
+
+
+def _entry(op: Any) -> Tuple[Any, Any]:
+    """The key and amount of a queue entry: a key (``increment``) or ``(key, amount)``."""
+    return (op, 1) if type(op) is str else op
+
+
+def _sum_counts(counts: Dict[Any, int]) -> Optional[Dict[str, List[int]]]:
+    """Per key of the counted queue entries: [calls, total, positive part, negative part].
+
+    None when an amount does not fit 64 bits: then the calls replay one by one.
+    """
+    sums: Dict[str, List[int]] = {}
+    for op, calls in counts.items():
+        if type(op) is str:
+            key, amount = op, 1
+        else:
+            key, amount = op
+            if not _INT_MIN <= amount <= _INT_MAX:
+                return None
+        entry = sums.get(key)
+        if entry is None:
+            entry = sums[key] = [0, 0, 0, 0]
+        change = amount * calls
+        entry[0] += calls
+        entry[1] += change
+        entry[2 if change > 0 else 3] += change
+    return sums
+
+
 class Buffer:
     """Thread-safe, bounded collection buffer with item accounting (README.md, "API")."""
 
@@ -271,68 +324,134 @@ class Buffer:
         self._dropped = 0
         self._warned_keys: Set[str] = set()
         self._warned_full = False
+        self._collecting = True
+        self._new_queue()
+
+    def _new_queue(self) -> None:
+        # The lock-free part: ``increment`` appends its key and ``add`` its
+        # ``(key, amount)`` to ``_queue``; only ``fold`` (one at a time) pops.
+        self._queue: Deque[object] = collections.deque()
+        self._ops = self._queue if self._collecting else _NOWHERE
+        self._fold_lock = threading.Lock()
+
+    def configure(
+        self, *, max_items: int, max_values_per_key: int, disabled_keys: Iterable[str]
+    ) -> None:
+        """Set the caps and the application's disabled keys (before any collection)."""
+        self.max_items = max_items
+        self.max_values_per_key = max_values_per_key
+        self.app_disabled_keys = frozenset(disabled_keys)
+
+    def set_collecting(self, collecting: bool) -> None:
+        """Whether the collection calls store anything; when not, they return at once."""
+        self._collecting = collecting
+        self._ops = self._queue if collecting else _NOWHERE
 
     # -- the collection calls -------------------------------------------------
-    # Each call tries the common case first: a valid key that already exists,
-    # updated with one dictionary operation under the lock. Anything else takes
-    # ``_write_new``, which validates, checks the key's kind and accounts items.
+    # ``increment`` and ``add`` queue their call for ``fold``. The others try
+    # the common case first: a valid key that already exists, updated with one
+    # dictionary operation under the lock. Anything else takes ``_write_new``,
+    # which folds the queue first, then validates, checks the key's kind and
+    # accounts items.
 
     def add(self, key: object, amount: object) -> None:
         """Add ``amount`` (an int) to the counter ``key``; a new key starts at ``amount``."""
+        if type(amount) is int and type(key) is str:
+            ops = self._ops
+            ops.append((key, amount))  # the amount's range is checked by ``fold``
+            if len(ops) >= FOLD_AT:
+                self.fold()
+            return
         try:
-            if type(amount) is int and _INT_MIN <= amount <= _INT_MAX:
-                try:
-                    with self._lock:
-                        counters = self._store.counters
-                        current = counters.get(key)  # type: ignore[call-overload]
-                        if current is not None:
-                            total = current + amount
-                            if _INT_MIN <= total <= _INT_MAX:
-                                counters[key] = total  # type: ignore[index]
-                                return
-                            counters[key] = _INT_MAX if total > 0 else _INT_MIN  # type: ignore[index]
-                            self._dropped += 1
-                            saturated = True
-                        else:
-                            saturated = False
-                    if saturated:
-                        self._warn(key, _SATURATED)  # type: ignore[arg-type]
-                        return
-                except Exception:  # noqa: S110 - unhashable or odd key: the slow path reports it
-                    pass
-                problem = None
-            elif type(amount) is int:
-                problem = "add() amount does not fit in a signed 64-bit integer"
-            else:
-                problem = f"add() takes an int amount, not {type(amount).__name__}"
-            self._write_new(key, COUNTER, problem, self._new_count, amount)
+            if not self._collecting:
+                return
+            self._write_new(key, COUNTER, _amount_problem(amount), self._new_count, amount)
         except Exception as exc:
             report_internal_error("add", exc)
 
     def increment(self, key: object) -> None:
         """``add(key, 1)``."""
+        if type(key) is str:
+            ops = self._ops
+            ops.append(key)
+            if len(ops) >= FOLD_AT:
+                self.fold()
+            return
         try:
-            try:
-                with self._lock:
-                    counters = self._store.counters
-                    current = counters.get(key)  # type: ignore[call-overload]
-                    if current is not None:
-                        if current < _INT_MAX:
-                            counters[key] = current + 1  # type: ignore[index]
-                            return
-                        self._dropped += 1
-                if current is not None:
-                    self._warn(key, _SATURATED)  # type: ignore[arg-type]
-                    return
-            except Exception:  # noqa: S110 - unhashable or odd key: the slow path reports it
-                pass
-            self._write_new(key, COUNTER, None, self._new_count, 1)
+            if self._collecting:
+                self._write_new(key, COUNTER, None, self._new_count, 1)
         except Exception as exc:
             report_internal_error("increment", exc)
+
+    def fold(self) -> None:
+        """Apply the queued ``increment``/``add`` calls to the store, as if each had done it.
+
+        Entries are counted at C speed (repeats of one entry cost no Python
+        work), then summed per key, and the store is touched once per key. A
+        key whose sums could cross a signed 64-bit bound on the way is replayed
+        call by call, so saturation drops exactly the calls it would have. Keys
+        are created in the order of their first call (what ``max_items``
+        admits). Any entry that is not a plain key and amount makes the whole
+        batch replay call by call, through the slow path.
+        """
+        try:
+            with self._fold_lock:
+                queue = self._queue
+                # Only folders pop, one at a time: the first len(queue) pops cannot fail,
+                # and entries appended meanwhile stay for the next fold.
+                ops = list(itertools.islice(iter(queue.popleft, _QUEUE_END), len(queue)))
+                if ops:
+                    self._fold(ops)
+        except Exception as exc:
+            report_internal_error("fold", exc)
+
+    def _fold(self, ops: List[object]) -> None:
+        counts: Dict[object, int] = {}
+        _count_elements(counts, ops)
+        sums = _sum_counts(counts)
+        if sums is None:
+            for op in ops:
+                key, amount = _entry(op)
+                self._write(key, COUNTER, _amount_problem(amount), self._new_count, amount)
+            return
+        warnings: List[Tuple[str, str]] = []
+        replay: Set[str] = set()
+        with self._lock:
+            counters = self._store.counters
+            for key, (calls, total, up, down) in sums.items():
+                current = counters.get(key)
+                if current is None:
+                    name, problem = normalize_key(key)
+                    if problem is None:
+                        problem = self._check(name, COUNTER) or self._admit(1)
+                    if problem is not None:
+                        if problem is not _DISABLED:
+                            self._dropped += calls
+                            warnings.append((name, problem))
+                        continue
+                    current = counters[key] = 0
+                if current + up <= _INT_MAX and current + down >= _INT_MIN:
+                    counters[key] = current + total
+                else:
+                    replay.add(key)
+            for op in ops if replay else ():
+                key, amount = _entry(op)
+                if key in replay:
+                    total = counters[key] + amount
+                    if _INT_MIN <= total <= _INT_MAX:
+                        counters[key] = total
+                    else:
+                        counters[key] = _INT_MAX if total > 0 else _INT_MIN
+                        self._dropped += 1
+                        warnings.append((key, _SATURATED))
+        for name, problem in warnings:
+            self._warn(name, problem)
 
     def set(self, key: object, value: object) -> None:
         """Store ``value`` under ``key``, overwriting."""
         try:
+            if not self._collecting:
+                return
             normalized, problem = checked_value(value)
             if problem is None and type(key) is str:
                 with self._lock:
@@ -347,6 +466,8 @@ class Buffer:
     def set_nested(self, key: object, subkey: object, value: object) -> None:
         """Store ``value`` under ``key`` → ``subkey``."""
         try:
+            if not self._collecting:
+                return
             normalized, problem = checked_value(value)
             if (type(subkey) is str and 0 < len(subkey) <= MAX_KEY_LENGTH
                     and subkey.isascii() and _NUL not in subkey):
@@ -361,14 +482,11 @@ class Buffer:
                         if subname in mapping:
                             mapping[subname] = normalized
                             return
-                        problem = self._admit_member(len(mapping))
-                        if problem is None:
+                        if (len(mapping) < self.max_values_per_key
+                                and self._items + len(self._queue) < self.max_items):
+                            self._items += 1  # ``_admit_member``, inlined for the common case
                             mapping[subname] = normalized
                             return
-                        self._dropped += 1
-                if problem is not None:
-                    self._warn(key, problem)
-                    return
             self._write_new(key, NESTED, problem, self._new_nested, subname, normalized)
         except Exception as exc:
             report_internal_error("set_nested", exc)
@@ -376,23 +494,17 @@ class Buffer:
     def append(self, key: object, value: object) -> None:
         """Append ``value`` to the list ``key``."""
         try:
+            if not self._collecting:
+                return
             normalized, problem = checked_value(value)
             if problem is None and type(key) is str:
                 with self._lock:
                     values = self._store.lists.get(key)
-                    if values is not None:
-                        if len(values) < self.max_values_per_key and self._items < self.max_items:
-                            self._items += 1  # ``_admit_member``, inlined for the common case
-                            values.append(normalized)
-                            return
-                        problem = self._admit_member(len(values))
-                        if problem is None:
-                            values.append(normalized)
-                            return
-                        self._dropped += 1
-                if problem is not None:
-                    self._warn(key, problem)
-                    return
+                    if (values is not None and len(values) < self.max_values_per_key
+                            and self._items + len(self._queue) < self.max_items):
+                        self._items += 1  # ``_admit_member``, inlined for the common case
+                        values.append(normalized)
+                        return
             self._write_new(key, LIST, problem, self._new_element, normalized)
         except Exception as exc:
             report_internal_error("append", exc)
@@ -400,6 +512,8 @@ class Buffer:
     def append_unique(self, key: object, value: object) -> None:
         """Add ``value`` to the counting set ``key``, counting repeats."""
         try:
+            if not self._collecting:
+                return
             member: Hashable
             if type(value) is str:
                 plain = len(value) <= MAX_STRING_LENGTH and value.isascii() and _NUL not in value
@@ -420,18 +534,11 @@ class Buffer:
                         if count is not None:
                             counts[member] = count + 1
                             return
-                        if len(counts) < self.max_values_per_key and self._items < self.max_items:
+                        if (len(counts) < self.max_values_per_key
+                                and self._items + len(self._queue) < self.max_items):
                             self._items += 1  # ``_admit_member``, inlined for the common case
                             counts[member] = 1
                             return
-                        problem = self._admit_member(len(counts))
-                        if problem is None:
-                            counts[member] = 1
-                            return
-                        self._dropped += 1
-                if problem is not None:
-                    self._warn(key, problem)
-                    return
             self._write_new(key, COUNTING_SET, problem, self._new_member, member)
         except Exception as exc:
             report_internal_error("append_unique", exc)
@@ -444,7 +551,20 @@ class Buffer:
         write: Callable[..., Optional[str]],
         *args: Any,
     ) -> None:
-        """The slow path: validate ``key``, then ``write(name, *args)`` under the lock.
+        """The slow path: fold the queued calls (they came first), then ``_write``."""
+        if self._queue:
+            self.fold()
+        self._write(key, kind, problem, write, *args)
+
+    def _write(
+        self,
+        key: object,
+        kind: str,
+        problem: Optional[str],
+        write: Callable[..., Optional[str]],
+        *args: Any,
+    ) -> None:
+        """Validate ``key``, then ``write(name, *args)`` under the lock.
 
         ``write`` returns why it could not write (full, per-key cap) or None.
         A failed write is counted as dropped and warned about once per key.
@@ -591,6 +711,7 @@ class Buffer:
 
     def disable_keys(self, keys: Iterable[str]) -> None:
         """Server-disable ``keys``: drop what they hold and refuse them from now on."""
+        self.fold()  # calls made before the disable are kept until it drops them
         with self._lock:
             self._server_disabled_keys = self._server_disabled_keys | frozenset(keys)
             # Copying the key list is C-speed; the per-key test runs off the lock.
@@ -603,11 +724,16 @@ class Buffer:
 
     def enable_keys(self, keys: Iterable[str]) -> None:
         """Lift a server disable of ``keys`` (application-disabled keys stay disabled)."""
+        self.fold()  # calls made while disabled stay dropped
         with self._lock:
             self._server_disabled_keys = self._server_disabled_keys - frozenset(keys)
 
     def take(self) -> Snapshot:
-        """Remove and return everything buffered; O(1) under the lock, no copy."""
+        """Remove and return everything buffered; O(1) under the lock, no copy.
+
+        Queued calls are folded in first (by the caller: the emitter's thread).
+        """
+        self.fold()
         with self._lock:
             store, self._store = self._store, _Store()
             items, self._items = self._items, 0
@@ -618,7 +744,7 @@ class Buffer:
 
     def has_data(self) -> bool:
         """Whether a snapshot now would carry anything (items or drop counts)."""
-        return self._items > 0 or self._dropped > 0
+        return self._items > 0 or self._dropped > 0 or bool(self._queue)
 
     def count_dropped(self, items: int) -> None:
         """Add ``items`` lost outside the buffer (e.g. a rejected payload) to the next report."""
@@ -627,6 +753,7 @@ class Buffer:
 
     def reset(self) -> None:
         """Empty the buffer (drop counts still reach the server)."""
+        self.fold()  # the queued calls' drops are decided; then their data goes
         with self._lock:
             self._store = _Store()
             self._items = 0
@@ -634,14 +761,17 @@ class Buffer:
 
     @property
     def item_count(self) -> int:
+        self.fold()
         return self._items
 
     @property
     def dropped(self) -> int:
+        self.fold()
         return self._dropped
 
     def after_fork_in_child(self) -> None:
-        """Start empty with a fresh lock: the parent's threads may have held the old one."""
+        """Start empty with fresh locks: the parent's threads may have held the old ones."""
+        self._new_queue()  # the parent's queued calls are the parent's
         self._lock = threading.Lock()
         self._store = _Store()
         self._items = 0
