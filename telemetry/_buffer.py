@@ -355,7 +355,7 @@ class Buffer:
     # accounts items.
 
     def add(self, key: object, amount: object) -> None:
-        """Add ``amount`` (an int) to the counter ``key``; a new key starts at ``amount``."""
+        """Add ``amount`` to the integer counter ``key``; a new key starts at ``amount``."""
         if type(amount) is int and type(key) is str:
             ops = self._ops
             ops.append((key, amount))  # the amount's range is checked by ``fold``
@@ -370,7 +370,7 @@ class Buffer:
             report_internal_error("add", exc)
 
     def increment(self, key: object) -> None:
-        """``add(key, 1)``."""
+        """Add 1 to the integer counter ``key``."""
         if type(key) is str:
             ops = self._ops
             ops.append(key)
@@ -510,7 +510,7 @@ class Buffer:
             report_internal_error("append", exc)
 
     def append_unique(self, key: object, value: object) -> None:
-        """Add ``value`` to the counting set ``key``, counting repeats."""
+        """Add ``value`` to the counting set ``key``, counting how often each value came."""
         try:
             if not self._collecting:
                 return
