@@ -1,7 +1,7 @@
 """The thread-safe, bounded store behind the collection calls — no I/O, no clock.
 
 ``increment`` and ``add`` take no lock: each appends one entry to a queue (a
-``collections.deque``, whose append is atomic), and the queue is folded into
+list: ``list.append`` is atomic), and the queue is folded into
 the store when it reaches ``FOLD_AT`` entries, before anything reads or empties
 the store, and before another call could be affected by what it holds (a new
 key, a full buffer). The fold counts repeated entries at C speed and gives the
@@ -16,7 +16,6 @@ Warnings are logged after the lock is released: logging may do I/O.
 from __future__ import annotations
 
 import collections
-import itertools
 import json
 import math
 import threading
@@ -25,7 +24,6 @@ from typing import (
     TYPE_CHECKING,
     Any,
     Callable,
-    Deque,
     Dict,
     FrozenSet,
     List,
@@ -63,9 +61,6 @@ _SATURATED = "counter reached the signed 64-bit bound; it stays there and the ex
 # Queued increment/add calls that make the calling thread fold the queue into the store.
 FOLD_AT = 4096
 _count_elements = collections._count_elements  # type: ignore[attr-defined]  # Counter's, in C
-_QUEUE_END = object()  # never queued: ends ``iter(queue.popleft, _QUEUE_END)``
-# Where collection calls' queue entries go while the buffer is not collecting: nowhere.
-_NOWHERE: Deque[object] = collections.deque(maxlen=0)
 
 
 class _InvalidValue(Exception):
@@ -329,9 +324,8 @@ class Buffer:
 
     def _new_queue(self) -> None:
         # The lock-free part: ``increment`` appends its key and ``add`` its
-        # ``(key, amount)`` to ``_queue``; only ``fold`` (one at a time) pops.
-        self._queue: Deque[object] = collections.deque()
-        self._ops = self._queue if self._collecting else _NOWHERE
+        # ``(key, amount)`` to ``_queue``; only ``fold`` (one at a time) removes.
+        self._queue: List[object] = []
         self._fold_lock = threading.Lock()
 
     def configure(
@@ -345,7 +339,6 @@ class Buffer:
     def set_collecting(self, collecting: bool) -> None:
         """Whether the collection calls store anything; when not, they return at once."""
         self._collecting = collecting
-        self._ops = self._queue if collecting else _NOWHERE
 
     # -- the collection calls -------------------------------------------------
     # ``increment`` and ``add`` queue their call for ``fold``. The others try
@@ -356,30 +349,31 @@ class Buffer:
 
     def add(self, key: object, amount: object) -> None:
         """Add ``amount`` to the integer counter ``key``; a new key starts at ``amount``."""
+        if not self._collecting:
+            return
         if type(amount) is int and type(key) is str:
-            ops = self._ops
-            ops.append((key, amount))  # the amount's range is checked by ``fold``
-            if len(ops) >= FOLD_AT:
+            queue = self._queue
+            queue.append((key, amount))  # the amount's range is checked by ``fold``
+            if len(queue) >= FOLD_AT:
                 self.fold()
             return
         try:
-            if not self._collecting:
-                return
             self._write_new(key, COUNTER, _amount_problem(amount), self._new_count, amount)
         except Exception as exc:
             report_internal_error("add", exc)
 
     def increment(self, key: object) -> None:
         """Add 1 to the integer counter ``key``."""
+        if not self._collecting:
+            return
         if type(key) is str:
-            ops = self._ops
-            ops.append(key)
-            if len(ops) >= FOLD_AT:
+            queue = self._queue
+            queue.append(key)
+            if len(queue) >= FOLD_AT:
                 self.fold()
             return
         try:
-            if self._collecting:
-                self._write_new(key, COUNTER, None, self._new_count, 1)
+            self._write_new(key, COUNTER, None, self._new_count, 1)
         except Exception as exc:
             report_internal_error("increment", exc)
 
@@ -397,9 +391,12 @@ class Buffer:
         try:
             with self._fold_lock:
                 queue = self._queue
-                # Only folders pop, one at a time: the first len(queue) pops cannot fail,
-                # and entries appended meanwhile stay for the next fold.
-                ops = list(itertools.islice(iter(queue.popleft, _QUEUE_END), len(queue)))
+                # Other threads only append: the first ``taken`` entries are these
+                # ``ops`` until this fold removes them, and entries appended
+                # meanwhile stay for the next fold. Copy and removal are C speed.
+                taken = len(queue)
+                ops = queue[:taken]
+                del queue[:taken]
                 if ops:
                     self._fold(ops)
         except Exception as exc:
