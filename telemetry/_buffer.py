@@ -279,7 +279,9 @@ def _entry(op: Any) -> Tuple[Any, Any]:
 def _sum_counts(counts: Dict[Any, int]) -> Optional[Dict[str, List[int]]]:
     """Per key of the counted queue entries: [calls, total, positive part, negative part].
 
-    None when an amount does not fit 64 bits: then the calls replay one by one.
+    None when a key is not a plain ``str`` or an amount does not fit 64 bits: then
+    the calls replay one by one. (A ``str`` subclass key equal to a plain key is
+    counted under the plain key, as the store's dictionary would.)
     """
     sums: Dict[str, List[int]] = {}
     for op, calls in counts.items():
@@ -287,7 +289,7 @@ def _sum_counts(counts: Dict[Any, int]) -> Optional[Dict[str, List[int]]]:
             key, amount = op, 1
         else:
             key, amount = op
-            if not _INT_MIN <= amount <= _INT_MAX:
+            if type(key) is not str or not _INT_MIN <= amount <= _INT_MAX:
                 return None
         entry = sums.get(key)
         if entry is None:
@@ -351,9 +353,9 @@ class Buffer:
         """Add ``amount`` to the integer counter ``key``; a new key starts at ``amount``."""
         if not self._collecting:
             return
-        if type(amount) is int and type(key) is str:
+        if type(amount) is int:
             queue = self._queue
-            queue.append((key, amount))  # the amount's range is checked by ``fold``
+            queue.append((key, amount))  # the key and the amount's range are checked by ``fold``
             if len(queue) >= FOLD_AT:
                 self.fold()
             return
@@ -404,9 +406,12 @@ class Buffer:
 
     def _fold(self, ops: List[object]) -> None:
         counts: Dict[object, int] = {}
-        _count_elements(counts, ops)
-        sums = _sum_counts(counts)
-        if sums is None:
+        try:
+            _count_elements(counts, ops)
+            sums = _sum_counts(counts)
+        except Exception:  # a key that cannot be hashed or compared
+            sums = None
+        if sums is None:  # some call needs the slow path's checks: all replay, in order
             for op in ops:
                 key, amount = _entry(op)
                 self._write(key, COUNTER, _amount_problem(amount), self._new_count, amount)
