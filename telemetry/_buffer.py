@@ -454,7 +454,12 @@ class Buffer:
         try:
             if not self._collecting:
                 return
-            normalized, problem = checked_value(value)
+            if (type(value) is str and len(value) <= MAX_STRING_LENGTH  # ``checked_value``'s
+                    and value.isascii() and _NUL not in value):  # common case, inlined
+                normalized: JSONValue = value
+                problem = None
+            else:
+                normalized, problem = checked_value(value)
             if problem is None and type(key) is str:
                 with self._lock:
                     values = self._store.values
@@ -470,7 +475,12 @@ class Buffer:
         try:
             if not self._collecting:
                 return
-            normalized, problem = checked_value(value)
+            if (type(value) is str and len(value) <= MAX_STRING_LENGTH  # ``checked_value``'s
+                    and value.isascii() and _NUL not in value):  # common case, inlined
+                normalized: JSONValue = value
+                problem = None
+            else:
+                normalized, problem = checked_value(value)
             if (type(subkey) is str and 0 < len(subkey) <= MAX_KEY_LENGTH
                     and subkey.isascii() and _NUL not in subkey):
                 subname = subkey  # ``normalize_key``'s common case, inlined
@@ -498,7 +508,12 @@ class Buffer:
         try:
             if not self._collecting:
                 return
-            normalized, problem = checked_value(value)
+            if (type(value) is str and len(value) <= MAX_STRING_LENGTH  # ``checked_value``'s
+                    and value.isascii() and _NUL not in value):  # common case, inlined
+                normalized: JSONValue = value
+                problem = None
+            else:
+                normalized, problem = checked_value(value)
             if problem is None and type(key) is str:
                 with self._lock:
                     values = self._store.lists.get(key)
