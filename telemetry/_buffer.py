@@ -58,8 +58,10 @@ _INT_MIN = -(2**63)
 _INT_MAX = 2**63 - 1
 _NUL = "\x00"
 _SATURATED = "counter reached the signed 64-bit bound; it stays there and the excess is dropped"
-# Queued increment/add calls that make the calling thread fold the queue into the store.
+# Queued calls that make the calling thread fold the queue into the store.
 FOLD_AT = 4096
+# Queue entries: a key (increment), (key, amount) (add), else a tag first.
+_SET, _NESTED, _APPEND, _UNIQUE = object(), object(), object(), object()
 _count_elements = collections._count_elements  # type: ignore[attr-defined]  # Counter's, in C
 
 
@@ -287,10 +289,12 @@ def _sum_counts(counts: Dict[Any, int]) -> Optional[Dict[str, List[int]]]:
     for op, calls in counts.items():
         if type(op) is str:
             key, amount = op, 1
-        else:
+        elif len(op) == 2:
             key, amount = op
             if type(key) is not str or not _INT_MIN <= amount <= _INT_MAX:
                 return None
+        else:  # another kind of call
+            return None
         entry = sums.get(key)
         if entry is None:
             entry = sums[key] = [0, 0, 0, 0]
@@ -343,26 +347,11 @@ class Buffer:
         self._collecting = collecting
 
     # -- the collection calls -------------------------------------------------
-    # ``increment`` and ``add`` queue their call for ``fold``. The others try
-    # the common case first: a valid key that already exists, updated with one
-    # dictionary operation under the lock. Anything else takes ``_write_new``,
-    # which folds the queue first, then validates, checks the key's kind and
-    # accounts items.
-
-    def add(self, key: object, amount: object) -> None:
-        """Add ``amount`` to the integer counter ``key``; a new key starts at ``amount``."""
-        if not self._collecting:
-            return
-        if type(amount) is int:
-            queue = self._queue
-            queue.append((key, amount))  # the key and the amount's range are checked by ``fold``
-            if len(queue) >= FOLD_AT:
-                self.fold()
-            return
-        try:
-            self._write_new(key, COUNTER, _amount_problem(amount), self._new_count, amount)
-        except Exception as exc:
-            report_internal_error("add", exc)
+    # Each call does at once only what cannot wait: the checks of its argument
+    # types and of its value (a mutable value is copied now), then it appends
+    # one entry to the queue, taking no lock. ``fold`` applies the entries in
+    # call order. A call the slow path must refuse at once (a key that is not a
+    # ``str``, an invalid value) folds the queue first, then takes ``_write_now``.
 
     def increment(self, key: object) -> None:
         """Add 1 to the integer counter ``key``."""
@@ -375,20 +364,130 @@ class Buffer:
                 self.fold()
             return
         try:
-            self._write_new(key, COUNTER, None, self._new_count, 1)
+            self._write_now(key, COUNTER, None, self._new_count, 1)
         except Exception as exc:
             report_internal_error("increment", exc)
 
-    def fold(self) -> None:
-        """Apply the queued ``increment``/``add`` calls to the store, as if each had done it.
+    def add(self, key: object, amount: object) -> None:
+        """Add ``amount`` to the integer counter ``key``; a new key starts at ``amount``."""
+        if not self._collecting:
+            return
+        if type(amount) is int:
+            queue = self._queue
+            queue.append((key, amount))  # the key and the amount's range are checked by ``fold``
+            if len(queue) >= FOLD_AT:
+                self.fold()
+            return
+        try:
+            self._write_now(key, COUNTER, _amount_problem(amount), self._new_count, amount)
+        except Exception as exc:
+            report_internal_error("add", exc)
 
-        Entries are counted at C speed (repeats of one entry cost no Python
-        work), then summed per key, and the store is touched once per key. A
-        key whose sums could cross a signed 64-bit bound on the way is replayed
-        call by call, so saturation drops exactly the calls it would have. Keys
-        are created in the order of their first call (what ``max_items``
-        admits). Any entry that is not a plain key and amount makes the whole
-        batch replay call by call, through the slow path.
+    def set(self, key: object, value: object) -> None:
+        """Store ``value`` under ``key``, overwriting."""
+        if not self._collecting:
+            return
+        try:
+            if (type(value) is str and len(value) <= MAX_STRING_LENGTH  # ``checked_value``'s
+                    and value.isascii() and _NUL not in value):  # common case, inlined
+                normalized: JSONValue = value
+                problem = None
+            else:
+                normalized, problem = checked_value(value)
+            if problem is None and type(key) is str:
+                queue = self._queue
+                queue.append((_SET, key, normalized))
+                if len(queue) >= FOLD_AT:
+                    self.fold()
+                return
+            self._write_now(key, VALUE, problem, self._new_value, normalized)
+        except Exception as exc:
+            report_internal_error("set", exc)
+
+    def set_nested(self, key: object, subkey: object, value: object) -> None:
+        """Store ``value`` under ``key`` → ``subkey``."""
+        if not self._collecting:
+            return
+        try:
+            if (type(value) is str and len(value) <= MAX_STRING_LENGTH  # ``checked_value``'s
+                    and value.isascii() and _NUL not in value):  # common case, inlined
+                normalized: JSONValue = value
+                problem = None
+            else:
+                normalized, problem = checked_value(value)
+            if (type(subkey) is str and 0 < len(subkey) <= MAX_KEY_LENGTH
+                    and subkey.isascii() and _NUL not in subkey):
+                subname = subkey  # ``normalize_key``'s common case, inlined
+            else:
+                subname, subkey_problem = normalize_key(subkey)
+                problem = (subkey_problem and "sub" + subkey_problem) or problem
+            if problem is None and type(key) is str:
+                queue = self._queue
+                queue.append((_NESTED, key, subname, normalized))
+                if len(queue) >= FOLD_AT:
+                    self.fold()
+                return
+            self._write_now(key, NESTED, problem, self._new_nested, subname, normalized)
+        except Exception as exc:
+            report_internal_error("set_nested", exc)
+
+    def append(self, key: object, value: object) -> None:
+        """Append ``value`` to the list ``key``."""
+        if not self._collecting:
+            return
+        try:
+            if (type(value) is str and len(value) <= MAX_STRING_LENGTH  # ``checked_value``'s
+                    and value.isascii() and _NUL not in value):  # common case, inlined
+                normalized: JSONValue = value
+                problem = None
+            else:
+                normalized, problem = checked_value(value)
+            if problem is None and type(key) is str:
+                queue = self._queue
+                queue.append((_APPEND, key, normalized))
+                if len(queue) >= FOLD_AT:
+                    self.fold()
+                return
+            self._write_now(key, LIST, problem, self._new_element, normalized)
+        except Exception as exc:
+            report_internal_error("append", exc)
+
+    def append_unique(self, key: object, value: object) -> None:
+        """Add ``value`` to the counting set ``key``, counting how often each value came."""
+        if not self._collecting:
+            return
+        try:
+            member: Hashable
+            if type(value) is str:
+                plain = len(value) <= MAX_STRING_LENGTH and value.isascii() and _NUL not in value
+            else:
+                plain = type(value) is int and _INT_MIN <= value <= _INT_MAX
+            if plain:
+                member, problem = value, None  # valid, and its own member key
+            else:
+                normalized, problem = checked_value(value)
+                if problem is None and isinstance(normalized, (list, dict)):
+                    problem = "append_unique() takes a scalar (hashable) value"
+                member = _member_key(normalized)
+            if problem is None and type(key) is str:
+                queue = self._queue
+                queue.append((_UNIQUE, key, member))
+                if len(queue) >= FOLD_AT:
+                    self.fold()
+                return
+            self._write_now(key, COUNTING_SET, problem, self._new_member, member)
+        except Exception as exc:
+            report_internal_error("append_unique", exc)
+
+    # -- folding the queue ----------------------------------------------------
+
+    def fold(self) -> None:
+        """Apply the queued calls to the store, each with the outcome it would have had alone.
+
+        A batch of counter calls only is counted at C speed (repeats of one
+        entry cost no Python work), summed per key, and the store is touched
+        once per key; any other batch is applied entry by entry, in call order,
+        under one lock acquisition. Warnings are logged after the lock is released.
         """
         try:
             with self._fold_lock:
@@ -397,25 +496,33 @@ class Buffer:
                 # ``ops`` until this fold removes them, and entries appended
                 # meanwhile stay for the next fold. Copy and removal are C speed.
                 taken = len(queue)
+                if not taken:
+                    return
                 ops = queue[:taken]
                 del queue[:taken]
-                if ops:
-                    self._fold(ops)
+                if not self._fold_counters(ops):
+                    self._fold_in_order(ops)
         except Exception as exc:
             report_internal_error("fold", exc)
 
-    def _fold(self, ops: List[object]) -> None:
+    def _fold_counters(self, ops: List[Any]) -> bool:
+        """Fold ``ops`` if they are all plain counter calls; False (nothing done) if not.
+
+        A key whose sums could cross a signed 64-bit bound on the way is
+        replayed call by call, so saturation drops exactly the calls it would
+        have. New keys are admitted in the order of their first call.
+        """
+        for end in (ops[0], ops[-1]):
+            if type(end) is tuple and len(end) > 2:
+                return False  # another kind of call is in the batch: no use counting
         counts: Dict[object, int] = {}
         try:
             _count_elements(counts, ops)
             sums = _sum_counts(counts)
-        except Exception:  # a key that cannot be hashed or compared
-            sums = None
-        if sums is None:  # some call needs the slow path's checks: all replay, in order
-            for op in ops:
-                key, amount = _entry(op)
-                self._write(key, COUNTER, _amount_problem(amount), self._new_count, amount)
-            return
+        except Exception:  # an unhashable value, or a key that cannot be hashed or compared
+            return False
+        if sums is None:
+            return False
         warnings: List[Tuple[str, str]] = []
         replay: Set[str] = set()
         with self._lock:
@@ -448,119 +555,79 @@ class Buffer:
                         warnings.append((key, _SATURATED))
         for name, problem in warnings:
             self._warn(name, problem)
+        return True
 
-    def set(self, key: object, value: object) -> None:
-        """Store ``value`` under ``key``, overwriting."""
-        try:
-            if not self._collecting:
-                return
-            if (type(value) is str and len(value) <= MAX_STRING_LENGTH  # ``checked_value``'s
-                    and value.isascii() and _NUL not in value):  # common case, inlined
-                normalized: JSONValue = value
-                problem = None
-            else:
-                normalized, problem = checked_value(value)
-            if problem is None and type(key) is str:
-                with self._lock:
-                    values = self._store.values
+    def _fold_in_order(self, ops: List[Any]) -> None:
+        """Apply ``ops`` one by one in call order: the common cases inline, the rest ``_decide``."""
+        warnings: List[Tuple[str, str]] = []
+        with self._lock:
+            store = self._store
+            counters, values, nested = store.counters, store.values, store.nested
+            lists, sets = store.lists, store.sets
+            cap, max_items = self.max_values_per_key, self.max_items
+            for op in ops:
+                if type(op) is str:  # increment
+                    current = counters.get(op)
+                    if current is not None and current < _INT_MAX:
+                        counters[op] = current + 1
+                        continue
+                    warning = self._decide(op, COUNTER, None, self._new_count, 1)
+                elif len(op) == 2:  # add
+                    key, amount = op
+                    current = counters.get(key) if type(key) is str else None
+                    if (current is not None and _INT_MIN <= amount <= _INT_MAX
+                            and _INT_MIN <= current + amount <= _INT_MAX):
+                        counters[key] = current + amount
+                        continue
+                    warning = self._decide(
+                        key, COUNTER, _amount_problem(amount), self._new_count, amount)
+                elif op[0] is _SET:
+                    _, key, value = op
                     if key in values:
-                        values[key] = normalized
-                        return
-            self._write_new(key, VALUE, problem, self._new_value, normalized)
-        except Exception as exc:
-            report_internal_error("set", exc)
-
-    def set_nested(self, key: object, subkey: object, value: object) -> None:
-        """Store ``value`` under ``key`` → ``subkey``."""
-        try:
-            if not self._collecting:
-                return
-            if (type(value) is str and len(value) <= MAX_STRING_LENGTH  # ``checked_value``'s
-                    and value.isascii() and _NUL not in value):  # common case, inlined
-                normalized: JSONValue = value
-                problem = None
-            else:
-                normalized, problem = checked_value(value)
-            if (type(subkey) is str and 0 < len(subkey) <= MAX_KEY_LENGTH
-                    and subkey.isascii() and _NUL not in subkey):
-                subname = subkey  # ``normalize_key``'s common case, inlined
-            else:
-                subname, subkey_problem = normalize_key(subkey)
-                problem = (subkey_problem and "sub" + subkey_problem) or problem
-            if problem is None and type(key) is str:
-                with self._lock:
-                    mapping = self._store.nested.get(key)
-                    if mapping is not None:
-                        if subname in mapping:
-                            mapping[subname] = normalized
-                            return
-                        if (len(mapping) < self.max_values_per_key
-                                and self._items + len(self._queue) < self.max_items):
-                            self._items += 1  # ``_admit_member``, inlined for the common case
-                            mapping[subname] = normalized
-                            return
-            self._write_new(key, NESTED, problem, self._new_nested, subname, normalized)
-        except Exception as exc:
-            report_internal_error("set_nested", exc)
-
-    def append(self, key: object, value: object) -> None:
-        """Append ``value`` to the list ``key``."""
-        try:
-            if not self._collecting:
-                return
-            if (type(value) is str and len(value) <= MAX_STRING_LENGTH  # ``checked_value``'s
-                    and value.isascii() and _NUL not in value):  # common case, inlined
-                normalized: JSONValue = value
-                problem = None
-            else:
-                normalized, problem = checked_value(value)
-            if problem is None and type(key) is str:
-                with self._lock:
-                    values = self._store.lists.get(key)
-                    if (values is not None and len(values) < self.max_values_per_key
-                            and self._items + len(self._queue) < self.max_items):
+                        values[key] = value
+                        continue
+                    warning = self._decide(key, VALUE, None, self._new_value, value)
+                elif op[0] is _APPEND:
+                    _, key, value = op
+                    elements = lists.get(key)
+                    if elements is not None and len(elements) < cap and self._items < max_items:
                         self._items += 1  # ``_admit_member``, inlined for the common case
-                        values.append(normalized)
-                        return
-            self._write_new(key, LIST, problem, self._new_element, normalized)
-        except Exception as exc:
-            report_internal_error("append", exc)
-
-    def append_unique(self, key: object, value: object) -> None:
-        """Add ``value`` to the counting set ``key``, counting how often each value came."""
-        try:
-            if not self._collecting:
-                return
-            member: Hashable
-            if type(value) is str:
-                plain = len(value) <= MAX_STRING_LENGTH and value.isascii() and _NUL not in value
-            else:
-                plain = type(value) is int and _INT_MIN <= value <= _INT_MAX
-            if plain:
-                member, problem = value, None  # valid, and its own member key
-            else:
-                normalized, problem = checked_value(value)
-                if problem is None and isinstance(normalized, (list, dict)):
-                    problem = "append_unique() takes a scalar (hashable) value"
-                member = _member_key(normalized)
-            if problem is None and type(key) is str:
-                with self._lock:
-                    counts = self._store.sets.get(key)
+                        elements.append(value)
+                        continue
+                    warning = self._decide(key, LIST, None, self._new_element, value)
+                elif op[0] is _UNIQUE:
+                    _, key, member = op
+                    counts = sets.get(key)
                     if counts is not None:
                         count = counts.get(member)
                         if count is not None:
                             counts[member] = count + 1
-                            return
-                        if (len(counts) < self.max_values_per_key
-                                and self._items + len(self._queue) < self.max_items):
-                            self._items += 1  # ``_admit_member``, inlined for the common case
+                            continue
+                        if len(counts) < cap and self._items < max_items:
+                            self._items += 1
                             counts[member] = 1
-                            return
-            self._write_new(key, COUNTING_SET, problem, self._new_member, member)
-        except Exception as exc:
-            report_internal_error("append_unique", exc)
+                            continue
+                    warning = self._decide(key, COUNTING_SET, None, self._new_member, member)
+                else:  # _NESTED
+                    _, key, subname, value = op
+                    mapping = nested.get(key)
+                    if mapping is not None:
+                        if subname in mapping:
+                            mapping[subname] = value
+                            continue
+                        if len(mapping) < cap and self._items < max_items:
+                            self._items += 1
+                            mapping[subname] = value
+                            continue
+                    warning = self._decide(key, NESTED, None, self._new_nested, subname, value)
+                if warning is not None:
+                    warnings.append(warning)
+        for name, problem in warnings:
+            self._warn(name, problem)
 
-    def _write_new(
+    # -- the slow path ----------------------------------------------------------
+
+    def _write_now(
         self,
         key: object,
         kind: str,
@@ -568,38 +635,41 @@ class Buffer:
         write: Callable[..., Optional[str]],
         *args: Any,
     ) -> None:
-        """The slow path: fold the queued calls (they came first), then ``_write``."""
+        """A call decided at once: fold the queue (those calls came first), then ``_decide``."""
         if self._queue:
             self.fold()
-        self._write(key, kind, problem, write, *args)
+        with self._lock:
+            warning = self._decide(key, kind, problem, write, *args)
+        if warning is not None:
+            self._warn(*warning)
 
-    def _write(
+    def _decide(
         self,
         key: object,
         kind: str,
         problem: Optional[str],
         write: Callable[..., Optional[str]],
         *args: Any,
-    ) -> None:
-        """Validate ``key``, then ``write(name, *args)`` under the lock.
+    ) -> Optional[Tuple[str, str]]:
+        """Validate ``key``, then ``write(name, *args)``; the lock is held.
 
-        ``write`` returns why it could not write (full, per-key cap) or None.
-        A failed write is counted as dropped and warned about once per key.
+        ``write`` returns why it could not write (full, per-key cap) or None. A
+        failed write is counted as dropped; the returned (key, problem) is for
+        ``_warn`` (once per key), after the lock is released.
         """
         name, key_problem = normalize_key(key)
         if key_problem is None and self.is_disabled(name):
-            return  # dropped silently, whatever the value: the key is not wanted at all
+            return None  # dropped silently, whatever the value: the key is not wanted at all
         problem = key_problem or problem
-        with self._lock:
+        if problem is None:
+            problem = self._check(name, kind) or write(name, *args)
             if problem is None:
-                problem = self._check(name, kind) or write(name, *args)
-                if problem is None:
-                    return
-            if problem is not _DISABLED:
-                self._dropped += 1
-        self._warn(name, problem)
+                return None
+        if problem is not _DISABLED:
+            self._dropped += 1
+        return name, problem
 
-    # The ``write`` callbacks of ``_write_new``; called with the lock held. Each
+    # The ``write`` callbacks of ``_decide``; called with the lock held. Each
     # also handles the key having appeared since the caller's fast path looked.
 
     def _new_count(self, name: str, amount: int) -> Optional[str]:
