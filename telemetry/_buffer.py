@@ -564,64 +564,73 @@ class Buffer:
             store = self._store
             counters, values, nested = store.counters, store.values, store.nested
             lists, sets = store.lists, store.sets
-            cap, max_items = self.max_values_per_key, self.max_items
-            for op in ops:
-                if type(op) is str:  # increment
-                    current = counters.get(op)
-                    if current is not None and current < _INT_MAX:
-                        counters[op] = current + 1
-                        continue
-                    warning = self._decide(op, COUNTER, None, self._new_count, 1)
-                elif len(op) == 2:  # add
-                    key, amount = op
-                    current = counters.get(key) if type(key) is str else None
-                    if (current is not None and _INT_MIN <= amount <= _INT_MAX
-                            and _INT_MIN <= current + amount <= _INT_MAX):
-                        counters[key] = current + amount
-                        continue
-                    warning = self._decide(
-                        key, COUNTER, _amount_problem(amount), self._new_count, amount)
-                elif op[0] is _SET:
-                    _, key, value = op
-                    if key in values:
-                        values[key] = value
-                        continue
-                    warning = self._decide(key, VALUE, None, self._new_value, value)
-                elif op[0] is _APPEND:
-                    _, key, value = op
-                    elements = lists.get(key)
-                    if elements is not None and len(elements) < cap and self._items < max_items:
-                        self._items += 1  # ``_admit_member``, inlined for the common case
-                        elements.append(value)
-                        continue
-                    warning = self._decide(key, LIST, None, self._new_element, value)
-                elif op[0] is _UNIQUE:
-                    _, key, member = op
-                    counts = sets.get(key)
-                    if counts is not None:
-                        count = counts.get(member)
-                        if count is not None:
-                            counts[member] = count + 1
+            cap, room = self.max_values_per_key, self.max_items - self._items
+            # ``room`` is ``max_items - self._items``, kept in a local across the
+            # inline cases and written back around ``_decide`` (which admits too).
+            try:
+                for op in ops:
+                    if type(op) is str:  # increment
+                        current = counters.get(op)
+                        if current is not None and current < _INT_MAX:
+                            counters[op] = current + 1
                             continue
-                        if len(counts) < cap and self._items < max_items:
-                            self._items += 1
-                            counts[member] = 1
-                            continue
-                    warning = self._decide(key, COUNTING_SET, None, self._new_member, member)
-                else:  # _NESTED
-                    _, key, subname, value = op
-                    mapping = nested.get(key)
-                    if mapping is not None:
-                        if subname in mapping:
-                            mapping[subname] = value
-                            continue
-                        if len(mapping) < cap and self._items < max_items:
-                            self._items += 1
-                            mapping[subname] = value
-                            continue
-                    warning = self._decide(key, NESTED, None, self._new_nested, subname, value)
-                if warning is not None:
-                    warnings.append(warning)
+                        args: Tuple[Any, ...] = (op, COUNTER, None, self._new_count, 1)
+                    else:
+                        tag = op[0]
+                        if tag is _APPEND:
+                            key, value = op[1], op[2]
+                            elements = lists.get(key)
+                            if elements is not None and len(elements) < cap and room > 0:
+                                room -= 1  # ``_admit_member``, inlined for the common case
+                                elements.append(value)
+                                continue
+                            args = (key, LIST, None, self._new_element, value)
+                        elif tag is _SET:
+                            key, value = op[1], op[2]
+                            if key in values:
+                                values[key] = value
+                                continue
+                            args = (key, VALUE, None, self._new_value, value)
+                        elif tag is _UNIQUE:
+                            key, member = op[1], op[2]
+                            counts = sets.get(key)
+                            if counts is not None:
+                                count = counts.get(member)
+                                if count is not None:
+                                    counts[member] = count + 1
+                                    continue
+                                if len(counts) < cap and room > 0:
+                                    room -= 1
+                                    counts[member] = 1
+                                    continue
+                            args = (key, COUNTING_SET, None, self._new_member, member)
+                        elif tag is _NESTED:
+                            key, subname, value = op[1], op[2], op[3]
+                            mapping = nested.get(key)
+                            if mapping is not None:
+                                if subname in mapping:
+                                    mapping[subname] = value
+                                    continue
+                                if len(mapping) < cap and room > 0:
+                                    room -= 1
+                                    mapping[subname] = value
+                                    continue
+                            args = (key, NESTED, None, self._new_nested, subname, value)
+                        else:  # add: (key, amount)
+                            key, amount = op
+                            current = counters.get(key) if type(key) is str else None
+                            if (current is not None and _INT_MIN <= amount <= _INT_MAX
+                                    and _INT_MIN <= current + amount <= _INT_MAX):
+                                counters[key] = current + amount
+                                continue
+                            args = (key, COUNTER, _amount_problem(amount), self._new_count, amount)
+                    self._items = self.max_items - room
+                    warning = self._decide(*args)
+                    room = self.max_items - self._items
+                    if warning is not None:
+                        warnings.append(warning)
+            finally:
+                self._items = self.max_items - room
         for name, problem in warnings:
             self._warn(name, problem)
 
