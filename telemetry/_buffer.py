@@ -644,9 +644,12 @@ class Buffer:
         write: Callable[..., Optional[str]],
         *args: Any,
     ) -> None:
-        """A call decided at once: fold the queue (those calls came first), then ``_decide``."""
-        if self._queue:
-            self.fold()
+        """A call decided at once: fold the queue (those calls came first), then ``_decide``.
+
+        Always through ``fold``: even with the queue empty, a fold in another
+        thread may be applying this thread's earlier calls; it waits for that.
+        """
+        self.fold()
         with self._lock:
             warning = self._decide(key, kind, problem, write, *args)
         if warning is not None:
@@ -839,8 +842,13 @@ class Buffer:
         return Snapshot(plain, store.sets, items, dropped)
 
     def has_data(self) -> bool:
-        """Whether a snapshot now would carry anything (items or drop counts)."""
-        return self._items > 0 or self._dropped > 0 or bool(self._queue)
+        """Whether a snapshot now would carry anything (queued calls, items or drop counts).
+
+        Read in the direction calls move (queue, then a fold in progress, then
+        the store), so a call on its way from the queue to the store is seen.
+        """
+        return (bool(self._queue) or self._fold_lock.locked()
+                or self._items > 0 or self._dropped > 0)
 
     def count_dropped(self, items: int) -> None:
         """Add ``items`` lost outside the buffer (e.g. a rejected payload) to the next report."""

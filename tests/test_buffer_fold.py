@@ -22,6 +22,10 @@ TOP, BOTTOM = 2**63 - 1, -(2**63)
 Call = Tuple[str, Tuple[Any, ...]]
 
 
+class StrKey(str):
+    """A ``str`` subclass key: always the slow path."""
+
+
 class BadHash(str):
     """A str key whose hash raises: the batch it is in cannot be counted."""
 
@@ -275,3 +279,55 @@ def test_calls_while_not_collecting_store_and_count_nothing(call: Callable[[Buff
     buffer.set_collecting(True)
     call(buffer)
     assert buffer.has_data()
+
+
+class _SignallingLock:
+    """A lock that sets ``asked`` whenever a thread asks for it."""
+
+    def __init__(self, asked: threading.Event) -> None:
+        self._lock = threading.Lock()
+        self._asked = asked
+
+    def __enter__(self) -> bool:
+        self._asked.set()
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    def acquire(self) -> bool:
+        return self._lock.acquire()
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
+def test_a_fold_under_way_still_has_data_and_is_waited_for() -> None:
+    buffer = Buffer()
+    assert not buffer.has_data()
+    with buffer._fold_lock:  # as if another thread's fold had taken the queue, not yet stored it
+        assert buffer.has_data()  # so flush() does not answer "nothing to send"
+
+    progress = threading.Event()  # the slow path asked for the fold lock, or finished
+    lock = _SignallingLock(progress)
+    buffer._fold_lock = lock  # type: ignore[assignment]
+    buffer.increment("k")
+    lock.acquire()  # a fold under way in "another thread": it took the queued increment
+    ops = buffer._queue[:]
+    del buffer._queue[:]
+
+    def slow_path() -> None:
+        buffer.set(StrKey("k"), "v")  # a str subclass key: decided at once, after the increment
+        progress.set()
+
+    caller = threading.Thread(target=slow_path)
+    caller.start()
+    progress.wait()
+    buffer._fold_in_order(ops)  # the fold under way ends
+    lock.release()
+    caller.join()
+    assert taken(buffer) == Taken(data={"k": 1}, items=1, dropped=1)
+
