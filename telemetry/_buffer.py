@@ -273,6 +273,30 @@ def _amount_problem(amount: object) -> Optional[str]:
     return None
 
 
+def _member_problem(member: Hashable) -> Optional[str]:
+    """Why a new counting-set member queued as a plain ``str`` or ``int`` is invalid, or None.
+
+    (Other members were checked by the call: ``_member_key`` wraps them in a tuple.)
+    """
+    kind = type(member)
+    if kind is str:
+        if (len(member) <= MAX_STRING_LENGTH  # type: ignore[arg-type]
+                and member.isascii() and _NUL not in member):  # type: ignore[attr-defined,operator]
+            return None
+        return checked_value(member)[1]
+    if kind is int and not _INT_MIN <= member <= _INT_MAX:  # type: ignore[operator]
+        return checked_value(member)[1]
+    return None
+
+
+def _subkey_problem(subkey: str) -> Optional[str]:
+    """Why a new ``set_nested`` subkey (a plain ``str``) is invalid, or None."""
+    if 0 < len(subkey) <= MAX_KEY_LENGTH and subkey.isascii() and _NUL not in subkey:
+        return None  # ``normalize_key``'s common case, inlined
+    problem = normalize_key(subkey)[1]
+    return problem and "sub" + problem
+
+
 def _entry(op: Any) -> Tuple[Any, Any]:
     """The key and amount of a queue entry: a key (``increment``) or ``(key, amount)``."""
     return (op, 1) if type(op) is str else op
@@ -415,18 +439,14 @@ class Buffer:
                 problem = None
             else:
                 normalized, problem = checked_value(value)
-            if (type(subkey) is str and 0 < len(subkey) <= MAX_KEY_LENGTH
-                    and subkey.isascii() and _NUL not in subkey):
-                subname = subkey  # ``normalize_key``'s common case, inlined
-            else:
-                subname, subkey_problem = normalize_key(subkey)
-                problem = (subkey_problem and "sub" + subkey_problem) or problem
-            if problem is None and type(key) is str:
+            if problem is None and type(key) is str and type(subkey) is str:
                 queue = self._queue
-                queue.append((_NESTED, key, subname, normalized))
-                if len(queue) >= FOLD_AT:
+                queue.append((_NESTED, key, subkey, normalized))  # a new subkey is checked
+                if len(queue) >= FOLD_AT:  # by ``fold``: a subkey already there is valid
                     self.fold()
                 return
+            subname, subkey_problem = normalize_key(subkey)
+            problem = (subkey_problem and "sub" + subkey_problem) or problem
             self._write_now(key, NESTED, problem, self._new_nested, subname, normalized)
         except Exception as exc:
             report_internal_error("set_nested", exc)
@@ -458,12 +478,10 @@ class Buffer:
             return
         try:
             member: Hashable
-            if type(value) is str:
-                plain = len(value) <= MAX_STRING_LENGTH and value.isascii() and _NUL not in value
-            else:
-                plain = type(value) is int and _INT_MIN <= value <= _INT_MAX
-            if plain:
-                member, problem = value, None  # valid, and its own member key
+            if type(value) is str or type(value) is int:
+                # Its own member key. A member already counted is valid; a new one
+                # is checked by ``fold`` (``_member_problem``).
+                member, problem = value, None
             else:
                 normalized, problem = checked_value(value)
                 if problem is None and isinstance(normalized, (list, dict)):
@@ -578,7 +596,7 @@ class Buffer:
                     else:
                         tag = op[0]
                         if tag is _APPEND:
-                            key, value = op[1], op[2]
+                            _, key, value = op
                             elements = lists.get(key)
                             if elements is not None and len(elements) < cap and room > 0:
                                 room -= 1  # ``_admit_member``, inlined for the common case
@@ -586,36 +604,42 @@ class Buffer:
                                 continue
                             args = (key, LIST, None, self._new_element, value)
                         elif tag is _SET:
-                            key, value = op[1], op[2]
+                            _, key, value = op
                             if key in values:
                                 values[key] = value
                                 continue
                             args = (key, VALUE, None, self._new_value, value)
                         elif tag is _UNIQUE:
-                            key, member = op[1], op[2]
+                            _, key, member = op
                             counts = sets.get(key)
                             if counts is not None:
                                 count = counts.get(member)
                                 if count is not None:
                                     counts[member] = count + 1
                                     continue
-                                if len(counts) < cap and room > 0:
+                                problem = _member_problem(member)
+                                if problem is None and len(counts) < cap and room > 0:
                                     room -= 1
                                     counts[member] = 1
                                     continue
-                            args = (key, COUNTING_SET, None, self._new_member, member)
+                            else:
+                                problem = _member_problem(member)
+                            args = (key, COUNTING_SET, problem, self._new_member, member)
                         elif tag is _NESTED:
-                            key, subname, value = op[1], op[2], op[3]
+                            _, key, subname, value = op
                             mapping = nested.get(key)
                             if mapping is not None:
                                 if subname in mapping:
                                     mapping[subname] = value
                                     continue
-                                if len(mapping) < cap and room > 0:
+                                problem = _subkey_problem(subname)
+                                if problem is None and len(mapping) < cap and room > 0:
                                     room -= 1
                                     mapping[subname] = value
                                     continue
-                            args = (key, NESTED, None, self._new_nested, subname, value)
+                            else:
+                                problem = _subkey_problem(subname)
+                            args = (key, NESTED, problem, self._new_nested, subname, value)
                         else:  # add: (key, amount)
                             key, amount = op
                             current = counters.get(key) if type(key) is str else None

@@ -68,9 +68,11 @@ def random_calls(rng: random.Random, count: int) -> List[Call]:
         elif name == "add":
             calls.append((name, (key, rng.choice(amounts))))
         elif name == "set_nested":
-            calls.append((name, (key, rng.choice(["s", "t", "u"]), rng.choice(values))))
+            subkey = rng.choice(["s", "t", "u", "", "n" * 300, "a\x00b", 5])  # some invalid
+            calls.append((name, (key, subkey, rng.choice(values))))
         elif name == "append_unique":
-            calls.append((name, (key, rng.choice(["x", "y", 3, 3.0, True]))))
+            member = rng.choice(["x", "y", 3, 3.0, True, "\x00", "\ud800", "é", 2**70, "m" * 2000])
+            calls.append((name, (key, member)))
         else:
             calls.append((name, (key, rng.choice(values))))
     return calls
