@@ -617,7 +617,10 @@ class Buffer:
                                 if count is not None:
                                     counts[member] = count + 1
                                     continue
-                                problem = _member_problem(member)
+                                kind = type(member)
+                                problem = (
+                                    None if (kind is int and _INT_MIN <= member <= _INT_MAX)
+                                    or kind is tuple else _member_problem(member))
                                 if problem is None and len(counts) < cap and room > 0:
                                     room -= 1
                                     counts[member] = 1
