@@ -1,16 +1,14 @@
 """The thread-safe, bounded store behind the collection calls — no I/O, no clock.
 
-``increment`` and ``add`` take no lock: each appends one entry to a queue (a
-list: ``list.append`` is atomic), and the queue is folded into
-the store when it reaches ``FOLD_AT`` entries, before anything reads or empties
-the store, and before another call could be affected by what it holds (a new
-key, a full buffer). The fold counts repeated entries at C speed and gives the
-outcome the calls would have had one by one, in call order.
-
-The other writes take one short lock. The common case (updating a key that
-already exists) is a single dictionary operation under that lock; validation of
-new keys and values, item accounting and kind checks happen on a slower path.
-Warnings are logged after the lock is released: logging may do I/O.
+The collection calls take no lock: each checks its arguments (copying a mutable
+value), appends one entry to a queue (a list: ``list.append`` is atomic) and
+returns. ``fold`` applies the queued entries to the store, in call order and
+under one short lock, when the queue reaches ``FOLD_AT`` entries, before
+anything reads or empties the store, and before a call that is decided at once
+(a key that is not a ``str``, an invalid value). Every call gets the outcome it
+would have had alone: kinds, item accounting, per-key caps, 64-bit saturation
+and drops are decided per call. A batch of counter calls only is counted at C
+speed. Warnings are logged after the lock is released: logging may do I/O.
 """
 
 from __future__ import annotations
@@ -60,7 +58,8 @@ _NUL = "\x00"
 _SATURATED = "counter reached the signed 64-bit bound; it stays there and the excess is dropped"
 # Queued calls that make the calling thread fold the queue into the store.
 FOLD_AT = 4096
-# Queue entries: a key (increment), (key, amount) (add), else a tag first.
+# Queue entries: ``key`` (increment), ``(key, amount)`` (add), ``(_SET, key, value)``,
+# ``(_NESTED, key, subkey, value)``, ``(_APPEND, key, value)``, ``(_UNIQUE, key, member)``.
 _SET, _NESTED, _APPEND, _UNIQUE = object(), object(), object(), object()
 _count_elements = collections._count_elements  # type: ignore[attr-defined]  # Counter's, in C
 
@@ -353,8 +352,8 @@ class Buffer:
         self._new_queue()
 
     def _new_queue(self) -> None:
-        # The lock-free part: ``increment`` appends its key and ``add`` its
-        # ``(key, amount)`` to ``_queue``; only ``fold`` (one at a time) removes.
+        # The lock-free part: the collection calls append to ``_queue`` (see the
+        # entries' shapes by ``_SET``); only ``fold``, one at a time, removes.
         self._queue: List[object] = []
         self._fold_lock = threading.Lock()
 
