@@ -2,7 +2,8 @@
 
 The rule every test here checks: a batch folded at once has exactly the outcome
 of the same calls applied one at a time, in call order (data, items, drops and
-warnings), whether the fold counts the batch at C speed or replays it in order.
+warnings), whether the fold takes a C-speed path (a batch of counter calls, or
+of one other kind) or replays the batch entry by entry (the reference here).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 import pytest
 from conftest import Taken, taken
@@ -33,7 +34,15 @@ class BadHash(str):
         raise ValueError("no hash for you")
 
 
+def _in_order_only(buffer: Buffer) -> None:
+    """Make ``buffer`` fold every batch entry by entry (the reference for the fast folds)."""
+    buffer._fold_counters = lambda ops: False  # type: ignore[method-assign]
+    buffer._fold_one_kind = lambda ops: False  # type: ignore[method-assign]
+
+
 def apply(buffer: Buffer, calls: List[Call], fold_each: bool) -> None:
+    if fold_each:
+        _in_order_only(buffer)
     for name, args in calls:
         getattr(buffer, name)(*args)
         if fold_each:
@@ -333,3 +342,45 @@ def test_a_fold_under_way_still_has_data_and_is_waited_for() -> None:
     caller.join()
     assert taken(buffer) == Taken(data={"k": 1}, items=1, dropped=1)
 
+
+
+ONE_KIND: Dict[str, Callable[[random.Random, str], Call]] = {
+    "set": lambda rng, key: ("set", (key, rng.choice(["v", 1, [1], None]))),
+    "set_nested": lambda rng, key: (
+        "set_nested", (key, rng.choice(["s", "t", "u", "w", "", "n" * 300]), rng.choice([1, "x"]))
+    ),
+    "append": lambda rng, key: ("append", (key, rng.choice(["e", 2, {"k": 1}]))),
+    "append_unique": lambda rng, key: (
+        "append_unique", (key, rng.choice(["x", "y", "z", 3, 3.0, True, "\x00", 2**70]))
+    ),
+}
+
+
+@pytest.mark.parametrize("case", range(108))
+@pytest.mark.parametrize("kind", sorted(ONE_KIND))
+def test_a_batch_of_one_kind_matches_one_by_one(
+    kind: str, case: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Calls of one kind on keys that exist: the fold's C-speed path for such batches,
+    with caps and room small enough to refuse some calls (every combination below)."""
+    rng = random.Random(case)
+    keys = [["a"], ["a", "b"], ["a", "b", "missing"]][case % 3]
+    max_items = [5, 8, 1000][case // 3 % 3]
+    per_key = [1, 3, 100, 1000][case // 9 % 4]
+    count = [1, 5, 60][case // 36]
+    make = ONE_KIND[kind]
+    setup: List[Call] = [make(rng, key) for key in keys[:2]]
+    calls = [make(rng, rng.choice(keys)) for _ in range(count)]
+
+    def run(fold_each: bool) -> Tuple[Taken, List[str]]:
+        caplog.clear()
+        buffer = Buffer(max_items=max_items, max_values_per_key=per_key)
+        with caplog.at_level(logging.WARNING, logger="telemetry"):
+            apply(buffer, setup, fold_each=True)
+            if not fold_each:  # the setup's reference folds are over: the real ones again
+                del buffer._fold_counters, buffer._fold_one_kind
+            apply(buffer, calls, fold_each)
+            result = taken(buffer)
+        return result, sorted(record.getMessage() for record in caplog.records)
+
+    assert run(False) == run(True)
