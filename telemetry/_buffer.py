@@ -62,8 +62,7 @@ FOLD_AT = 4096
 # Queue entries: ``key`` (increment), ``(key, amount)`` (add), ``(_SET, key, value)``,
 # ``(_NESTED, key, subkey, value)``, ``(_APPEND, key, value)``, ``(_UNIQUE, key, member)``.
 _SET, _NESTED, _APPEND, _UNIQUE = object(), object(), object(), object()
-_first, _second, _third, _fourth = (operator.itemgetter(index) for index in range(4))
-_key_and_member = operator.itemgetter(1, 2)  # of a set_nested or append_unique entry
+_first, _second, _third = (operator.itemgetter(index) for index in range(3))
 _count_elements = collections._count_elements  # type: ignore[attr-defined]  # Counter's, in C
 
 
@@ -520,7 +519,7 @@ class Buffer:
                     return
                 ops = queue[:taken]
                 del queue[:taken]
-                if not (self._fold_counters(ops) or self._fold_one_kind(ops)):
+                if not (self._fold_counters(ops) or self._fold_appends(ops)):
                     self._fold_in_order(ops)
         except Exception as exc:
             report_internal_error("fold", exc)
@@ -577,72 +576,29 @@ class Buffer:
             self._warn(name, problem)
         return True
 
-    def _fold_one_kind(self, ops: List[Any]) -> bool:
-        """Fold ``ops`` at C speed if they are all ``set``, ``set_nested``, ``append`` or
-        ``append_unique`` calls and no call's outcome can depend on the others'
-        order; False (nothing done) if not.
-
-        Such a batch touches keys of its own kind that exist already, and admits
-        what each call would have admitted alone: ``set`` keeps the last value
-        per key; ``append`` extends one list; ``append_unique`` counts repeats
-        and ``set_nested`` keeps the last value per subkey, admitting new members
-        and subkeys in the order of their first call (a refused one refuses
-        every call of it: nothing frees room during a fold).
+    def _fold_appends(self, ops: List[Any]) -> bool:
+        """Fold ``ops`` at C speed if they all append to one existing list with room
+        for every one of them; False (nothing done) if not.
         """
-        first = ops[0]
-        if type(first) is not tuple or len(first) < 3:
-            return False
-        tag = first[0]
+        for end in (ops[0], ops[-1]):  # a quick look first: most mixed batches end here
+            if type(end) is not tuple or end[0] is not _APPEND:
+                return False
         try:
-            if set(map(_first, ops)) != {tag} or set(map(len, ops)) != {len(first)}:
+            if set(map(_first, ops)) != {_APPEND}:
                 return False
-        except Exception:  # an increment of "" (no first character): not one kind
+            keys = set(map(_second, ops))
+            values = list(map(_third, ops))  # raises (so nothing is done) for a short entry
+        except Exception:  # an increment of "" (no first character), or an add entry
             return False
-        warnings: List[Tuple[str, str]] = []
+        if len(keys) != 1:
+            return False
         with self._lock:
-            store = self._store
-            if tag is _SET:
-                last = dict(zip(map(_second, ops), map(_third, ops)))
-                if not last.keys() <= store.values.keys():
-                    return False
-                store.values.update(last)
-                return True
-            if tag is _APPEND:
-                keys = set(map(_second, ops))
-                elements = store.lists.get(keys.pop()) if len(keys) == 1 else None
-                if (elements is None or len(elements) + len(ops) > self.max_values_per_key
-                        or self._items + len(ops) > self.max_items):
-                    return False
-                elements.extend(map(_third, ops))
-                self._items += len(ops)
-                return True
-            tables: Mapping[str, Dict[Any, Any]] = store.sets if tag is _UNIQUE else store.nested
-            calls: Dict[Tuple[str, Any], int] = {}
-            _count_elements(calls, map(_key_and_member, ops))
-            if not all(key in tables for key, _ in calls):
+            elements = self._store.lists.get(keys.pop())
+            if (elements is None or len(elements) + len(values) > self.max_values_per_key
+                    or self._items + len(values) > self.max_items):
                 return False
-            last = dict(zip(map(_key_and_member, ops), map(_fourth, ops))) if tag is _NESTED else {}
-            for (key, member), count in calls.items():
-                table = tables[key]
-                if member in table:
-                    table[member] = table[member] + count if tag is _UNIQUE else last[key, member]
-                    continue
-                if tag is _UNIQUE:
-                    kind = type(member)
-                    problem = (
-                        None if (kind is int and _INT_MIN <= member <= _INT_MAX)
-                        or kind is tuple else _member_problem(member))
-                else:
-                    problem = _subkey_problem(member)
-                if problem is None:
-                    problem = self._admit_member(len(table))
-                if problem is None:
-                    table[member] = count if tag is _UNIQUE else last[key, member]
-                else:
-                    self._dropped += count
-                    warnings.append((key, problem))
-        for name, problem in warnings:
-            self._warn(name, problem)
+            elements.extend(values)
+            self._items += len(values)
         return True
 
     def _fold_in_order(self, ops: List[Any]) -> None:

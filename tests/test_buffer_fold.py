@@ -3,7 +3,7 @@
 The rule every test here checks: a batch folded at once has exactly the outcome
 of the same calls applied one at a time, in call order (data, items, drops and
 warnings), whether the fold takes a C-speed path (a batch of counter calls, or
-of one other kind) or replays the batch entry by entry (the reference here).
+of appends to one list) or replays the batch entry by entry (the reference here).
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ class BadHash(str):
 def _in_order_only(buffer: Buffer) -> None:
     """Make ``buffer`` fold every batch entry by entry (the reference for the fast folds)."""
     buffer._fold_counters = lambda ops: False  # type: ignore[method-assign]
-    buffer._fold_one_kind = lambda ops: False  # type: ignore[method-assign]
+    buffer._fold_appends = lambda ops: False  # type: ignore[method-assign]
 
 
 def apply(buffer: Buffer, calls: List[Call], fold_each: bool) -> None:
@@ -361,7 +361,7 @@ ONE_KIND: Dict[str, Callable[[random.Random, str], Call]] = {
 def test_a_batch_of_one_kind_matches_one_by_one(
     kind: str, case: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Calls of one kind on keys that exist: the fold's C-speed path for such batches,
+    """Calls of one kind on keys that exist (appends to one list take a C-speed path),
     with caps and room small enough to refuse some calls (every combination below)."""
     rng = random.Random(case)
     keys = [["a"], ["a", "b"], ["a", "b", "missing"]][case % 3]
@@ -378,7 +378,7 @@ def test_a_batch_of_one_kind_matches_one_by_one(
         with caplog.at_level(logging.WARNING, logger="telemetry"):
             apply(buffer, setup, fold_each=True)
             if not fold_each:  # the setup's reference folds are over: the real ones again
-                del buffer._fold_counters, buffer._fold_one_kind
+                del buffer._fold_counters, buffer._fold_appends
             apply(buffer, calls, fold_each)
             result = taken(buffer)
         return result, sorted(record.getMessage() for record in caplog.records)
