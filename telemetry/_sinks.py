@@ -44,7 +44,8 @@ class Outcome(enum.Enum):
     RETRY = "retry"
     """A transient failure: try again later, keep the payload."""
     RATE_LIMITED = "rate_limited"
-    """429: keep the payload, wait ``retry_after``."""
+    """The server asked to wait (429, or a 408/5xx with ``Retry-After``): keep the
+    payload, wait ``retry_after`` (None: the server named no time)."""
     REJECTED = "rejected"
     """The server refused this payload for good: drop it."""
 
@@ -93,6 +94,12 @@ def result_for_status(
                 retry_after = min(next_update, MAX_DURATION_NS) / 1e9
         return SendResult(Outcome.RATE_LIMITED, retry_after=retry_after, detail=detail)
     if status == 408 or status >= 500:
+        # A busy server (503) says when to come back: that is a wait, like a 429's,
+        # and held to the same floor; without a usable time it is a failed attempt.
+        header = headers.get("Retry-After")
+        retry_after = None if header is None else parse_retry_after(header, now)
+        if retry_after is not None:
+            return SendResult(Outcome.RATE_LIMITED, retry_after=retry_after, detail=detail)
         return SendResult(Outcome.RETRY, detail=detail)
     if 300 <= status < 400:
         # Never follow: the data must not go to another host.

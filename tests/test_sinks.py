@@ -65,7 +65,12 @@ D, R, L, X = Outcome.DELIVERED, Outcome.RETRY, Outcome.RATE_LIMITED, Outcome.REJ
         (429, b"", {}, L, Response(), None),
         (408, b"", {}, R, Response(), None),
         (500, b"", {}, R, Response(), None),
-        (503, b"", {"Retry-After": "5"}, R, Response(), None),
+        (503, b"", {"Retry-After": "5"}, L, Response(), 5.0),
+        (503, b"", {"Retry-After": "0"}, L, Response(), 0.0),  # the emitter floors it
+        (500, b"", {"Retry-After": "Thu, 01 Jan 2026 08:00:00 GMT"}, L, Response(), 0.0),
+        (408, b"", {"Retry-After": "2"}, L, Response(), 2.0),
+        (503, b"", {"Retry-After": "soon"}, R, Response(), None),
+        (503, b'{"next_update": 7000000000}', {}, R, Response(), None),
         (301, b"", {"Location": "http://elsewhere/"}, R, Response(), None),
         (307, b"", {}, R, Response(), None),
         (400, b'{"error": "bad"}', {}, X, Response(), None),
