@@ -106,6 +106,8 @@ def run_all(sizes: Sizes = FULL, log: Callable[[str], object] = print) -> Dict[s
     )
     log("start_emitting() with a spool far over its bounds ...")
     results["spool_start"] = bench_client.spool_start(sizes.spool_files, wait_for_trim=False)
+    log("set_consent(False) with a spool far over its bounds ...")
+    results["withdraw_spool"] = bench_client.withdraw_spool(sizes.spool_files)
     log("stall test ...")
     results["stall"] = bench_client.stall_every_shape(sizes.stall_items, sizes.stall_baseline_s)
     log("server ingest ...")
@@ -193,6 +195,13 @@ def table_rows(results: Dict[str, Any]) -> List[Row]:
         f"start_emitting() with {spool['files']:,} spooled files", f"{spool['start_ms']:.1f} ms",
         f"{spool['baseline_ms']:.1f} ms", f"+{spool['start_ms'] - spool['baseline_ms']:.1f} ms",
         "<= +5 ms", spool["start_ms"] - spool["baseline_ms"] <= 5,
+    ))
+    withdrawn = results["withdraw_spool"]
+    rows.append(Row(
+        f"set_consent(False) with {withdrawn['files']:,} spooled files",
+        f"{withdrawn['off_ms']:.1f} ms", f"{withdrawn['baseline_ms']:.1f} ms",
+        f"+{withdrawn['off_ms'] - withdrawn['baseline_ms']:.1f} ms",
+        "<= +5 ms", withdrawn["off_ms"] - withdrawn["baseline_ms"] <= 5,
     ))
 
     for shape, stall in results["stall"].items():

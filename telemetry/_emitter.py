@@ -590,6 +590,8 @@ class Emitter:
     def _abandon(self) -> None:
         """After a stop: spool what is still pending, then the buffer's last data."""
         with self._lock:
+            if self.phase is Phase.DISCARDED:
+                return  # consent withdrawn meanwhile: nothing may be kept
             self.phase = Phase.STOPPED
             leftovers = list(self._pending)
             self._pending.clear()
@@ -613,8 +615,9 @@ class Emitter:
                 if dropped:
                     self.source.count_dropped(dropped)
                 to_spool += parts
-        if not to_spool:
-            return
+        with self._lock:
+            if self.phase is Phase.DISCARDED or not to_spool:
+                return  # consent withdrawn while this stop was under way: not kept
         if self.spool is None:
             lost = sum(r.payload.items + r.payload.dropped for r in to_spool)
             logger.warning("telemetry: %d undelivered payloads (%d items) were lost at stop",
