@@ -464,8 +464,8 @@ class Emitter:
         failed = False
         while work:
             entry = work.popleft()
-            if self._given_up() and not final:
-                break
+            if self.phase is Phase.DISCARDED or (self._given_up() and not final):
+                break  # consent withdrawn (or the server's stop): not one more send
             if entry.request is None:
                 parts = self._prepare(entry)
                 if parts is not None:
