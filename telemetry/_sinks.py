@@ -143,11 +143,15 @@ class _NameLookupTimedOut(Exception):
     """The name was not resolved within the attempt's deadline (internal signal)."""
 
 
+class _NameLookupFailed(OSError):
+    """The lookup failed; one new exception per waiting attempt, never a shared one."""
+
+
 @attrs.define(eq=False)
 class _Lookup:
     done: threading.Event = attrs.field(factory=threading.Event)
     addresses: Sequence[AddressInfo] = ()
-    error: Optional[BaseException] = None
+    error: str = ""
 
 
 class BoundedResolver:
@@ -168,7 +172,7 @@ class BoundedResolver:
 
     def resolve(self, host: str, port: int, family: int, kind: int,
                 timeout: float) -> Sequence[AddressInfo]:
-        """The addresses of ``host``; raises ``_NameLookupTimedOut`` or the lookup's error."""
+        """The addresses of ``host``; raises ``_NameLookupTimedOut`` or ``_NameLookupFailed``."""
         if _is_ip_address(host):  # nothing to look up: answered at once, on this thread
             return self._getaddrinfo(host, port, family, kind)
         key = (host, port, family, kind)
@@ -180,15 +184,15 @@ class BoundedResolver:
                                  name="telemetry-name-lookup").start()
         if not lookup.done.wait(max(timeout, 0.0)):
             raise _NameLookupTimedOut
-        if lookup.error is not None:
-            raise lookup.error
+        if lookup.error:
+            raise _NameLookupFailed(lookup.error)
         return lookup.addresses
 
     def _look_up(self, key: Tuple[str, int, int, int], lookup: _Lookup) -> None:
         try:
             lookup.addresses = list(self._getaddrinfo(*key))
-        except Exception as exc:  # handed to the attempts that wait for it
-            lookup.error = exc
+        except Exception as exc:  # told to the attempts that wait for it
+            lookup.error = f"{type(exc).__name__}: {exc}"
         finally:
             with self._lock:
                 self._running.pop(key, None)

@@ -68,12 +68,15 @@ class _ClaimRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.deleting = threading.Lock()
+        """Guards every ``Spool``'s background deleter of withdrawn spools."""
         self._paths: Set[str] = set()
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._after_fork_in_child)
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # the parent's may have been held mid-claim
+        self.deleting = threading.Lock()  # ... or while a deleter was being started
 
     def reserve(self, path: Path) -> bool:
         with self._lock:
@@ -151,7 +154,6 @@ class Spool:
         self.directory = directory
         self.max_files = max_files
         self.max_bytes = max_bytes
-        self._deleting = threading.Lock()
         self._deleter: Optional[threading.Thread] = None  # deleting withdrawn spools
         self._deleter_pid = 0  # a forked child has no deleter, whatever it inherited
         self._delete_again = False
@@ -352,22 +354,29 @@ class Spool:
             f"{self.directory.name}{_WITHDRAWN}{os.getpid()}-{secrets.token_hex(4)}")
         try:
             os.rename(self.directory, aside)
+            moved = True
         except (FileNotFoundError, NotADirectoryError):
-            pass  # no spool: perhaps only withdrawn ones are left to delete
+            moved = False  # no spool: perhaps only withdrawn ones are left to delete
         except OSError as exc:
             # Cannot set it aside (e.g. open files elsewhere): delete in place, now.
             warn("set aside for deletion", self.directory, exc)
             return self._delete_files(self.directory) and self._delete_withdrawn()
         if in_background:
-            self._delete_withdrawn_in_background()
+            if moved or self._withdrawn():  # no thread when there is nothing to delete
+                self._delete_withdrawn_in_background()
             return True
         return self._delete_withdrawn()
+
+    def _withdrawn(self) -> List[Path]:
+        prefix = self.directory.name + _WITHDRAWN
+        return [self.directory.parent / name for name in list_dir(self.directory.parent)
+                if name.startswith(prefix)]
 
     def _deleter_running(self) -> bool:
         return self._deleter is not None and self._deleter_pid == os.getpid()
 
     def _delete_withdrawn_in_background(self) -> None:
-        with self._deleting:
+        with _CLAIMS.deleting:
             self._delete_again = True
             if self._deleter_running():
                 return  # it looks again before it ends
@@ -379,24 +388,22 @@ class Spool:
     def _keep_deleting(self) -> None:
         try:
             while True:
-                with self._deleting:
+                with _CLAIMS.deleting:
                     if not self._delete_again:
                         self._deleter = None
                         return
                     self._delete_again = False
                 self._delete_withdrawn()
         except Exception as exc:
-            with self._deleting:
+            with _CLAIMS.deleting:
                 self._deleter = None
             report_internal_error("spool deletion", exc)
 
     def _delete_withdrawn(self) -> bool:
         """Delete every withdrawn spool beside this one (ours and dead processes')."""
         deleted = True
-        prefix = self.directory.name + _WITHDRAWN
-        for name in list_dir(self.directory.parent):
-            if name.startswith(prefix):
-                deleted = self._delete_files(self.directory.parent / name) and deleted
+        for directory in self._withdrawn():
+            deleted = self._delete_files(directory) and deleted
         return deleted
 
     @staticmethod
