@@ -75,37 +75,64 @@ def test_a_huge_spool_costs_the_caller_nothing_and_is_trimmed_to_its_bounds(
 # -- consent withdrawn: the spool is set aside at once, deleted elsewhere ---------------
 
 
+@pytest.fixture
+def spool_work_on(monkeypatch: pytest.MonkeyPatch) -> List[str]:
+    """The thread of every listing of a spool (or one set aside) and of every file
+    deletion in one, from now on."""
+    threads: List[str] = []
+
+    def recording_list_dir(directory: Path) -> List[str]:
+        if directory.name.startswith("telemetry-spool"):
+            threads.append(threading.current_thread().name)
+        return list_dir(directory)
+
+    def recording_remove(path: Path, what: str) -> bool:
+        if path.parent.name.startswith("telemetry-spool"):
+            threads.append(threading.current_thread().name)
+        return remove(path, what)
+
+    monkeypatch.setattr(_spool, "list_dir", recording_list_dir)
+    monkeypatch.setattr(_spool, "remove", recording_remove)
+    return threads
+
+
 def test_withdrawing_consent_sets_a_huge_spool_aside_and_deletes_it_off_the_callers_thread(
     make_client: MakeClient, telemetry_server: Server, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    spool_work_on: List[str],
 ) -> None:
     instance = uuid.uuid4()
     spool = state_of(tmp_path).spool
     fill_spool(spool.directory, str(instance), SPOOLED)
     client = make_client(instance_id=instance)
-    work_on: List[str] = []  # the thread of every listing and deletion in the spool
-    real_list_dir, real_remove = list_dir, remove
-
-    def recording_list_dir(directory: Path) -> List[str]:
-        work_on.append(threading.current_thread().name)
-        return real_list_dir(directory)
-
-    def recording_remove(path: Path, what: str) -> bool:
-        work_on.append(threading.current_thread().name)
-        return real_remove(path, what)
-
-    monkeypatch.setattr(_spool, "list_dir", recording_list_dir)
-    monkeypatch.setattr(_spool, "remove", recording_remove)
+    spool_work_on.clear()
     client.set_consent(False)
     caller = threading.current_thread().name
-    assert caller not in work_on, "set_consent(False) walked the spool on the caller's thread"
+    assert caller not in spool_work_on, "set_consent(False) walked the spool on its thread"
     # Set aside at once, before any file is deleted: no sender can find it any more.
     assert not spool.directory.exists()
     wait_for_spool_deletion()
-    assert caller not in work_on
-    assert work_on.count("telemetry-spool-delete") > SPOOLED  # every file, off the caller
-    assert not spool.directory.exists()
+    assert caller not in spool_work_on
+    assert spool_work_on.count("telemetry-spool-delete") > SPOOLED  # every file, elsewhere
     assert os.listdir(spool.directory.parent) == []  # instance id, marker, spool: all gone
+    assert telemetry_server.requests == []
+
+
+def test_do_not_track_still_wins_and_deletes_a_huge_spool_off_the_callers_thread(
+    make_client: MakeClient, telemetry_server: Server, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, spool_work_on: List[str],
+) -> None:
+    instance = uuid.uuid4()
+    spool = state_of(tmp_path).spool
+    fill_spool(spool.directory, str(instance), SPOOLED)
+    monkeypatch.setenv("DO_NOT_TRACK", "1")
+    client = make_client(instance_id=instance)  # consent=True, outranked
+    client.set_consent(True)
+    assert client.mode == "off"
+    assert threading.current_thread().name not in spool_work_on
+    assert not spool.directory.exists()
+    client.start_emitting()
+    wait_for_spool_deletion()
+    assert os.listdir(spool.directory.parent) == []
     assert telemetry_server.requests == []
 
 
