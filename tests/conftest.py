@@ -72,6 +72,8 @@ def default_client(monkeypatch: pytest.MonkeyPatch) -> telemetry.Client:
     """A fresh process-wide default client, so module-level calls start uninitialised."""
     client = telemetry.Client()
     monkeypatch.setattr(telemetry, "_DEFAULT", client)
+    for name in telemetry._BUFFER_CALLS:  # the default client's buffer's own methods
+        monkeypatch.setattr(telemetry, name, getattr(client._buffer, name))
     return client
 
 
@@ -213,6 +215,14 @@ def emitter_of(client: telemetry.Client) -> Emitter:
     emitter = client._emitter
     assert emitter is not None, "the client has no emitter (start_emitting() not called?)"
     return emitter
+
+
+def wait_for_spool_deletion(timeout: float = 30.0) -> None:
+    """Wait for the threads deleting withdrawn spools (consent turned off) to end."""
+    for thread in threading.enumerate():
+        if thread.name == "telemetry-spool-delete":
+            thread.join(timeout)
+            assert not thread.is_alive(), "the withdrawn spool is still being deleted"
 
 
 def state_of(tmp_path: Path, app: str = "testapp") -> State:
