@@ -33,6 +33,7 @@ import io
 import itertools
 import json
 import logging
+import random
 import socket
 import socketserver
 import sys
@@ -260,7 +261,8 @@ def drop_connection(environ: WSGIEnvironment) -> None:
 # -- the production front ------------------------------------------------------------
 
 _SMALL_BODY = 64 << 10
-CLOSE_TIMEOUT = 5.0
+# Request deadlines fall at random between request_timeout and this much more.
+_DEADLINE_SPREAD = 0.25
 
 
 _DEFAULT_MAX_CONNECTIONS = 4096
@@ -288,6 +290,9 @@ class FrontLimits:
       ``max_per_address`` from one client address.
     - ``request_timeout``: seconds to deliver a whole request (from connecting,
       or from the previous answer on a kept-alive connection), and to take an answer.
+      A connection that overruns it is cut at a random moment within the next
+      quarter of it, so that connections opened in one burst are not all cut
+      (and re-opened) in one burst.
     - ``max_header_bytes`` for the request line and headers; ``max_body_bytes``
       per body as sent; ``max_buffered_bytes``: bodies over 64 KiB held at
       once, over all connections (beyond it: 503).
@@ -388,6 +393,7 @@ class FrontServer:
         self._waiting: OrderedDict[int, _FrontConnection] = OrderedDict()
         self._waiting_by_address: Dict[str, OrderedDict[int, _FrontConnection]] = {}
         self._numbers = itertools.count()
+        self._random = random.Random()
         self._buffered = 0
         self._small_pool = concurrent.futures.ThreadPoolExecutor(
             self.limits.workers, thread_name_prefix="server_stub-app"
@@ -548,8 +554,11 @@ class FrontServer:
         while not connection.evicted:
             self._set_waiting(connection, True)
             # A timer rather than asyncio.wait_for: no task per request, which counts
-            # when thousands of connections arrive at once.
-            timer = loop.call_later(timeout, self._expire, connection)
+            # when thousands of connections arrive at once. Each deadline is stretched
+            # by a random part of _DEADLINE_SPREAD: connections opened in one burst are
+            # then not all cut (and re-opened by their client) in the same instant.
+            spread = self._random.random() * _DEADLINE_SPREAD * timeout
+            timer = loop.call_later(timeout + spread, self._expire, connection)
             try:
                 request = await self._read_head(reader)
             except _BadRequest as exc:
