@@ -167,7 +167,7 @@ class RequestBody:
         self.max_bytes = limits.max_body_bytes
         self.max_decoded_bytes = limits.max_decoded_bytes
         self._stream = environ["wsgi.input"]
-        self._encoding = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+        self._encoding: str = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
         self._consumed = 0
         self._to_eof = False
         self.length: Optional[int] = None
@@ -230,6 +230,26 @@ class RequestBody:
             raise HTTPError(413, f"body over {self.max_decoded_bytes} bytes once decompressed")
         self.decoded = decoded
         return decoded
+
+    @property
+    def encoding(self) -> str:
+        """The Content-Encoding, lower case ("" when none)."""
+        return self._encoding
+
+    def measure(self, keep_values: int) -> Tuple[int, int]:
+        """The body's size once decompressed and its ``value_bound``, found in bounded steps.
+
+        The decompressed body is kept (``decoded``) only while that bound is within
+        ``keep_values``; a bigger gzip body is measured without being held in memory.
+        """
+        if self.decoded is None and self._encoding in ("gzip", "x-gzip"):
+            decoded, size, bound = inflate(
+                self.read(), self.max_decoded_bytes, self._reserve, keep_values
+            )
+            self.decoded = decoded
+            return size, bound
+        decoded = self.decode()
+        return len(decoded), value_bound(decoded)
 
     def _reserve(self, size: int) -> None:
         free = min(size, self._unreserved)
@@ -321,8 +341,28 @@ def gunzip(data: bytes, limit: int, reserve: Optional[Callable[[int], None]] = N
     produced ``limit`` bytes, never inflated in full first. ``reserve(n)`` is
     called before each step keeps ``n`` more bytes (it may raise HTTPError).
     """
+    decoded, _, _ = inflate(data, limit, reserve)
+    assert decoded is not None  # kept whole without keep_values
+    return decoded
+
+
+def inflate(
+    data: bytes,
+    limit: int,
+    reserve: Optional[Callable[[int], None]] = None,
+    keep_values: Optional[int] = None,
+) -> Tuple[Optional[bytes], int, int]:
+    """As ``gunzip``: the output, its size, and (with ``keep_values``) its ``value_bound``.
+
+    With ``keep_values``, the bound is counted step by step (no call holds the
+    GIL for long, however big the output), and the output is kept only while
+    the bound is within ``keep_values``: beyond it, the rest is only measured
+    and None is returned in place of the output. Without, the bound is 0.
+    """
     chunks: List[bytes] = []
     total = 0
+    bound = 1
+    keeping = True
     pending = data
     while True:
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -333,16 +373,22 @@ def gunzip(data: bytes, limit: int, reserve: Optional[Callable[[int], None]] = N
                 total += len(chunk)
                 if total > limit:
                     raise HTTPError(413, f"body over {limit} bytes once decompressed")
-                if reserve is not None:
-                    reserve(2 * len(chunk))  # the chunk, and its copy when they are joined
-                chunks.append(chunk)
+                if keep_values is not None:
+                    bound += value_bound(chunk) - 1
+                    if keeping and bound > keep_values:
+                        keeping = False
+                        chunks = []
+                if keeping:
+                    if reserve is not None:
+                        reserve(2 * len(chunk))  # the chunk, and its copy when they are joined
+                    chunks.append(chunk)
                 if not chunk and not pending:
                     raise HTTPError(400, "truncated gzip body")
         except zlib.error as exc:
             raise HTTPError(400, f"invalid gzip body: {exc}") from None
         pending = inflater.unused_data
         if not pending:
-            return b"".join(chunks)
+            return (b"".join(chunks) if keeping else None), total, bound if keep_values else 0
 
 
 def _reject_constant(name: str) -> object:
@@ -454,12 +500,13 @@ class App:
         *,
         clock: Callable[[], float] = time.time,
         limits: Optional[Limits] = None,
-        heavy_lane: Optional[Callable[[bytes, str, str], Response]] = None,
+        heavy_lane: Optional[Callable[[bytes, str, str, str], Response]] = None,
         heavy_values: int = 100_000,
         access: Optional[Access] = None,
     ) -> None:
-        """``heavy_lane(decoded_body, instance_id, address)``, when given, answers
-        payloads of more than ``heavy_values`` JSON values (in another process).
+        """``heavy_lane(body, content_encoding, instance_id, address)``, when given,
+        answers payloads of more than ``heavy_values`` JSON values (in another
+        process), from the body as sent (admitted, and measured once decompressed).
         ``access``: who may read and change the policy (default: no tokens, loopback
         only). The policy is bound to the store (see ``Policy.bind``).
         """
@@ -561,13 +608,19 @@ class App:
         if wait is not None:
             return _too_many("too many payloads from this address or in total", wait)
         request = request_body(environ, self.limits)
-        decoded = request.decode()
-        wait = self.admission.charge(address, len(decoded))
+        if self.heavy_lane is None:
+            size, bound = len(request.decode()), 0
+        else:
+            # A big gzip body is measured in small steps and not kept: the child
+            # process gets it as sent.
+            size, bound = request.measure(self.heavy_values)
+        wait = self.admission.charge(address, size)
         if wait is not None:
             return _too_many("too many bytes from this address", wait)
-        if self.heavy_lane is not None and value_bound(decoded) > self.heavy_values:
+        if self.heavy_lane is not None and bound > self.heavy_values:
             # Counting exactly (and then parsing) would hold the GIL for long: elsewhere.
-            return self.heavy_lane(decoded, instance_id, address)
+            return self.heavy_lane(request.read(), request.encoding, instance_id, address)
+        decoded = request.decode()
         values = count_values(decoded, self.limits.max_values)
         check_value_count(values, self.limits)
         if not self._budget.acquire(values, self.limits.budget_wait):
