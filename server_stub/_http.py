@@ -262,7 +262,7 @@ def drop_connection(environ: WSGIEnvironment) -> None:
 
 _SMALL_BODY = 64 << 10
 # Request deadlines fall at random between request_timeout and this much more.
-_DEADLINE_SPREAD = 0.25
+_DEADLINE_SPREAD = 0.5
 
 
 _DEFAULT_MAX_CONNECTIONS = 4096
