@@ -291,7 +291,7 @@ class FrontLimits:
     - ``request_timeout``: seconds to deliver a whole request (from connecting,
       or from the previous answer on a kept-alive connection), and to take an answer.
       A connection that overruns it is cut at a random moment within the next
-      quarter of it, so that connections opened in one burst are not all cut
+      half of it, so that connections opened in one burst are not all cut
       (and re-opened) in one burst.
     - ``max_header_bytes`` for the request line and headers; ``max_body_bytes``
       per body as sent; ``max_buffered_bytes``: bodies over 64 KiB held at
