@@ -6,6 +6,7 @@ stop, or drip it; every wait is on the socket (``select``) and bounded.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import os
@@ -155,6 +156,29 @@ def test_slow_headers_are_cut_at_the_deadline(front: FrontServer) -> None:
         assert closed_by_server(sock, 5.0) == b""
 
 
+def test_connections_waiting_for_their_head_hold_no_task(front: FrontServer) -> None:
+    """A slow client costs the front a buffer and a timer: no task per connection."""
+    assert front._loop is not None
+
+    async def tasks() -> int:
+        return len(asyncio.all_tasks())
+
+    def count() -> int:
+        assert front._loop is not None
+        return asyncio.run_coroutine_threadsafe(tasks(), front._loop).result(5)
+
+    idle = count()
+    with ExitStack() as stack:
+        for n in range(2, 8):
+            sock = stack.enter_context(
+                slow_connection(front.host, front.port, source=f"127.0.0.{n}")
+            )
+            sock.sendall(b"X-Drip: a")  # a byte more of the head: still no task
+        assert healthy_post(front.url) == 200
+        assert front.open_connections >= 6
+        assert count() == idle
+
+
 def test_at_the_connection_cap_the_longest_waiting_connection_goes(front: FrontServer) -> None:
     with ExitStack() as stack:
         slow = [
@@ -281,6 +305,10 @@ def test_the_biggest_payloads_are_stored_by_a_child_process(
             ]
             stats = requests.get(f"{server.url}/v1/stats", timeout=5).json()
             child = lane._process
+            assert child is not None and child.pid is not None
+            # Below the serving process: where they share a CPU, small requests go first.
+            niceness = os.getpriority(os.PRIO_PROCESS, child.pid)
+            assert niceness > os.getpriority(os.PRIO_PROCESS, 0)
     finally:
         lane.close()
         app.store.close()

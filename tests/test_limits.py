@@ -31,6 +31,7 @@ from server_stub._limits import (
     count_values,
     needs_check,
     saturate,
+    value_bound,
 )
 
 MIB = 1 << 20
@@ -241,6 +242,39 @@ def test_count_values_counts_every_json_value_outside_strings() -> None:
             return 1
 
         assert count_values(document.encode()) == values(json.loads(document)), document
+
+
+def test_check_document_finds_a_problem_anywhere_in_wide_and_deep_documents() -> None:
+    limits = Limits(max_depth=8)
+    wide: List[Any] = [{"a": [1, "s"]}] * 50_000
+    assert check_document({"data": {"list": wide}}, limits) is None
+    for bad, words in [
+        (2**63, "list: integer outside signed 64 bits"),
+        (float("inf"), "list: number is not finite"),
+        ("x" * 1025, "list: string longer than 1024"),
+        ({"n" * (16 * 1024 + 1): 1}, "member name longer"),
+        ([[[[[[[[]]]]]]]], "nested deeper than 8 levels"),
+    ]:
+        document = {"data": {"list": [*wide, {"a": [1, bad]}], "n": 1}}
+        problem = check_document(document, limits)
+        assert problem is not None and words in problem, (bad, problem)
+
+
+def test_a_big_gzip_body_is_measured_without_being_kept() -> None:
+    values = [{"a": n} for n in range(200_000)]
+    document = json.dumps({"data": {"x": values}}).encode()
+    body = gzip.compress(document)
+    environ = {"wsgi.input": io.BytesIO(body), "CONTENT_LENGTH": str(len(body)),
+               "HTTP_CONTENT_ENCODING": "gzip"}
+    request = RequestBody(environ)
+    assert request.measure(100_000) == (len(document), value_bound(document))
+    assert request.decoded is None and request.raw == body
+    small = gzip.compress(b'{"data": {"x": [1, 2]}}')
+    environ = {"wsgi.input": io.BytesIO(small), "CONTENT_LENGTH": str(len(small)),
+               "HTTP_CONTENT_ENCODING": "gzip"}
+    request = RequestBody(environ)
+    assert request.measure(100_000) == (23, value_bound(b'{"data": {"x": [1, 2]}}'))
+    assert request.decoded == b'{"data": {"x": [1, 2]}}'
 
 
 def test_check_document_names_the_data_key() -> None:
