@@ -56,6 +56,7 @@ __all__ = [
     "spool_start",
     "stall",
     "stall_every_shape",
+    "withdraw_spool",
 ]
 
 # -- the floor: what a fire-and-forget call cannot beat ------------------------------
@@ -321,6 +322,43 @@ def spool_start(
         "baseline_ms": best["empty"] * 1000,
         "trimmed_in_s": trim_s,
         "files_left": left,
+    }
+
+
+def withdraw_spool(files: int = 20_000, rounds: int = 1) -> Dict[str, float]:
+    """``set_consent(False)`` on the caller's thread with ``files`` spooled, vs an empty spool.
+
+    Also how long the background thread then took to delete the files (the
+    caller does not wait for it). Filling the spool takes seconds, so each
+    round has one full case and five empty ones (the best of each is kept).
+    """
+    best = {"empty": float("inf"), "full": float("inf")}
+    deleted_s = float("inf")
+    for _ in range(rounds):
+        for case in ("empty",) * 5 + ("full",):
+            with tempfile.TemporaryDirectory() as state_dir:
+                instance = uuid.uuid4()
+                spool = os.path.join(state_dir, "bench", "state", "telemetry-spool")
+                if case == "full":
+                    _fill_spool(spool, str(instance), files)
+                client = telemetry.Client()
+                client.init(instance, app="bench", consent=True, state_dir=state_dir,
+                            endpoint="http://127.0.0.1:9")
+                started = time.perf_counter()
+                client.set_consent(False)
+                best[case] = min(best[case], time.perf_counter() - started)
+                for thread in threading.enumerate():
+                    if thread.name == "telemetry-spool-delete":
+                        thread.join(120)
+                if case == "full":
+                    deleted_s = min(deleted_s, time.perf_counter() - started)
+                    if os.listdir(os.path.dirname(spool)):
+                        raise RuntimeError("the withdrawn spool was not deleted")
+    return {
+        "files": files,
+        "off_ms": best["full"] * 1000,
+        "baseline_ms": best["empty"] * 1000,
+        "deleted_in_s": deleted_s,
     }
 
 

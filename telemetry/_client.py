@@ -327,7 +327,8 @@ class Client:
             self._buffer.take()  # data and drop counts alike: what was collected never existed
             self._events.take()
             if self._state_refused is None:
-                self._state.delete_all()
+                # However much the spool holds, this thread only sets it aside.
+                self._state.delete_all(in_background=True)
             return
         if self.instance_id is None:
             self.instance_id = self._state.instance_id()

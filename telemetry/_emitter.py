@@ -36,9 +36,10 @@ from telemetry._wire import (
 
 _SEND_FAILED = "telemetry: sending failed (%s); will retry"
 
-RATE_LIMIT_FLOOR = 1.0
-"""The shortest wait after a 429 (seconds), whatever the server says; it doubles
-while 429s repeat, up to ``max_interval``."""
+SERVER_WAIT_FLOOR = 1.0
+"""The shortest wait the server can ask for (seconds), whatever it says: after a
+429 or a 503 with ``Retry-After`` the floor doubles while such answers repeat, up
+to ``max_interval``; a ``next_update`` is never taken below it either."""
 SPOOL_RESERVE_SHARE = 0.25
 SPOOL_RESERVE_MAX = 0.5
 """Of ``stop(timeout)``, the final send leaves this share (at most this many
@@ -69,8 +70,9 @@ class Schedule:
         """The wait before the next cycle: clamped, then spread by the jitter."""
         seconds = None
         if next_update_ns and next_update_ns > 0:
-            # Capped first: a JSON integer can be too big for a float.
-            seconds = min(next_update_ns, MAX_DURATION_NS) / 1e9
+            # Capped first: a JSON integer can be too big for a float. Floored: a
+            # server must not be able to make the client send in a tight loop.
+            seconds = max(min(next_update_ns, MAX_DURATION_NS) / 1e9, SERVER_WAIT_FLOOR)
         base = self.default_interval if seconds is None else seconds
         clamped = min(max(base, self.min_interval), self.max_interval)
         return clamped * (1 + rng.uniform(-self.jitter, self.jitter))
@@ -343,8 +345,9 @@ class Emitter:
     def _run(self) -> None:
         try:
             self._take_back_spool()
-            # The first send happens at once, unless an earlier process got a 429.
-            due = self._clock() + self.steering.resume_after()
+            # The first send happens at once, unless an earlier process got a 429
+            # (never waiting longer than a 429 could ask for: the wall clock may jump).
+            due = self._clock() + min(self.steering.resume_after(), self.schedule.max_interval)
             self._not_before = due
             while True:
                 self._wakeup.clear()
@@ -461,8 +464,8 @@ class Emitter:
         failed = False
         while work:
             entry = work.popleft()
-            if self._given_up() and not final:
-                break
+            if self.phase is Phase.DISCARDED or (self._given_up() and not final):
+                break  # consent withdrawn (or the server's stop): not one more send
             if entry.request is None:
                 parts = self._prepare(entry)
                 if parts is not None:
@@ -473,7 +476,7 @@ class Emitter:
                 failed = True
                 break
             if result.outcome is Outcome.RATE_LIMITED:
-                return self._rate_limited(result.retry_after)
+                return self._rate_limited(result.retry_after, result.detail)
             self._rate_limited_in_a_row = 0
             if result.outcome is Outcome.REJECTED:
                 self._finish(entry)
@@ -505,19 +508,21 @@ class Emitter:
             self._failed_cycles = 0
         return self.schedule.interval(self._next_update, self._rng)
 
-    def _rate_limited(self, retry_after: Optional[float]) -> float:
-        """After a 429: how long to wait (also remembered across restarts)."""
+    def _rate_limited(self, retry_after: Optional[float], detail: str) -> float:
+        """After the server asked to wait (a 429, a 503 with ``Retry-After``): how long
+        to wait (also remembered across restarts)."""
         self._rate_limited_in_a_row += 1
         wait = retry_after
         if wait is None:
             wait = self.schedule.interval(self._next_update, self._rng)
-        # At least a second, doubling while 429s repeat: a server answering
+        # At least a second, doubling while such answers repeat: a server answering
         # "Retry-After: 0" (or a date in the past) must not get a tight loop.
-        floor = RATE_LIMIT_FLOOR * 2.0 ** min(self._rate_limited_in_a_row - 1, 64)
+        floor = SERVER_WAIT_FLOOR * 2.0 ** min(self._rate_limited_in_a_row - 1, 64)
         wait = min(max(wait, floor), self.schedule.max_interval)
         self._not_before = self._clock() + wait
         self.steering.rate_limited(wait)
-        self._quiet.log(logging.INFO, "telemetry: server is rate limiting; waiting %.0f s", wait)
+        self._quiet.log(logging.INFO, "telemetry: the server asked to wait (%s); waiting %.0f s",
+                        detail, wait)
         return wait
 
     def _finish(self, entry: _Pending) -> None:
@@ -585,6 +590,8 @@ class Emitter:
     def _abandon(self) -> None:
         """After a stop: spool what is still pending, then the buffer's last data."""
         with self._lock:
+            if self.phase is Phase.DISCARDED:
+                return  # consent withdrawn meanwhile: nothing may be kept
             self.phase = Phase.STOPPED
             leftovers = list(self._pending)
             self._pending.clear()
@@ -608,8 +615,9 @@ class Emitter:
                 if dropped:
                     self.source.count_dropped(dropped)
                 to_spool += parts
-        if not to_spool:
-            return
+        with self._lock:
+            if self.phase is Phase.DISCARDED or not to_spool:
+                return  # consent withdrawn while this stop was under way: not kept
         if self.spool is None:
             lost = sum(r.payload.items + r.payload.dropped for r in to_spool)
             logger.warning("telemetry: %d undelivered payloads (%d items) were lost at stop",

@@ -12,10 +12,23 @@ import enum
 import http.client
 import logging
 import socket
+import sys
 import threading
 import time
 import zlib
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Protocol, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    Callable,
+    Dict,
+    List,
+    Mapping,
+    Optional,
+    Protocol,
+    Sequence,
+    Tuple,
+    Union,
+)
 
 import attrs
 
@@ -44,7 +57,8 @@ class Outcome(enum.Enum):
     RETRY = "retry"
     """A transient failure: try again later, keep the payload."""
     RATE_LIMITED = "rate_limited"
-    """429: keep the payload, wait ``retry_after``."""
+    """The server asked to wait (429, or a 408/5xx with ``Retry-After``): keep the
+    payload, wait ``retry_after`` (None: the server named no time)."""
     REJECTED = "rejected"
     """The server refused this payload for good: drop it."""
 
@@ -93,6 +107,12 @@ def result_for_status(
                 retry_after = min(next_update, MAX_DURATION_NS) / 1e9
         return SendResult(Outcome.RATE_LIMITED, retry_after=retry_after, detail=detail)
     if status == 408 or status >= 500:
+        # A busy server (503) says when to come back: that is a wait, like a 429's,
+        # and held to the same floor; without a usable time it is a failed attempt.
+        header = headers.get("Retry-After")
+        retry_after = None if header is None else parse_retry_after(header, now)
+        if retry_after is not None:
+            return SendResult(Outcome.RATE_LIMITED, retry_after=retry_after, detail=detail)
         return SendResult(Outcome.RETRY, detail=detail)
     if 300 <= status < 400:
         # Never follow: the data must not go to another host.
@@ -112,6 +132,83 @@ class _AnswerTooLarge(Exception):
     """The server's answer is over ``MAX_ANSWER_BYTES`` (internal signal)."""
 
 
+AddressInfo = Tuple[Any, Any, int, str, Any]
+"""One of ``socket.getaddrinfo``'s answers: (family, type, proto, canonname, sockaddr)."""
+
+GetAddrInfo = Callable[[str, int, int, int], Sequence[AddressInfo]]
+"""``getaddrinfo(host, port, family, type)``, as ``socket.getaddrinfo``."""
+
+
+class _NameLookupTimedOut(Exception):
+    """The name was not resolved within the attempt's deadline (internal signal)."""
+
+
+class _NameLookupFailed(OSError):
+    """The lookup failed; one new exception per waiting attempt, never a shared one."""
+
+
+@attrs.define(eq=False)
+class _Lookup:
+    done: threading.Event = attrs.field(factory=threading.Event)
+    addresses: Sequence[AddressInfo] = ()
+    error: str = ""
+
+
+class BoundedResolver:
+    """Name resolution that an attempt waits for no longer than its deadline.
+
+    ``getaddrinfo`` cannot be interrupted (a dead DNS server holds it for tens
+    of seconds), so it runs on a helper thread that the attempt waits for
+    until its deadline. An attempt that gives up leaves the lookup running,
+    and the next attempt for the same name waits for that same lookup instead
+    of starting another: a resolver that hangs costs one thread per name, never
+    one per attempt. Answers are not cached (the system's resolver does that).
+    """
+
+    def __init__(self, getaddrinfo: GetAddrInfo = socket.getaddrinfo) -> None:
+        self._getaddrinfo = getaddrinfo
+        self._lock = threading.Lock()
+        self._running: Dict[Tuple[str, int, int, int], _Lookup] = {}
+
+    def resolve(self, host: str, port: int, family: int, kind: int,
+                timeout: float) -> Sequence[AddressInfo]:
+        """The addresses of ``host``; raises ``_NameLookupTimedOut`` or ``_NameLookupFailed``."""
+        if _is_ip_address(host):  # nothing to look up: answered at once, on this thread
+            return self._getaddrinfo(host, port, family, kind)
+        key = (host, port, family, kind)
+        with self._lock:
+            lookup = self._running.get(key)
+            if lookup is None:
+                lookup = self._running[key] = _Lookup()
+                threading.Thread(target=self._look_up, args=(key, lookup), daemon=True,
+                                 name="telemetry-name-lookup").start()
+        if not lookup.done.wait(max(timeout, 0.0)):
+            raise _NameLookupTimedOut
+        if lookup.error:
+            raise _NameLookupFailed(lookup.error)
+        return lookup.addresses
+
+    def _look_up(self, key: Tuple[str, int, int, int], lookup: _Lookup) -> None:
+        try:
+            lookup.addresses = list(self._getaddrinfo(*key))
+        except Exception as exc:  # told to the attempts that wait for it
+            lookup.error = f"{type(exc).__name__}: {exc}"
+        finally:
+            with self._lock:
+                self._running.pop(key, None)
+            lookup.done.set()
+
+
+def _is_ip_address(host: str) -> bool:
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host.split("%", 1)[0])
+        except (OSError, ValueError):
+            continue
+        return True
+    return False
+
+
 class _Watchdog:
     """Cuts one attempt's connection at its deadline, in whatever phase the attempt is.
 
@@ -119,10 +216,15 @@ class _Watchdog:
     an attempt for ever; this bounds the whole attempt. The connection pool
     tells the watchdog about the connection an attempt uses (see
     ``_watched_pool_classes``); at the deadline a timer thread shuts its socket
-    down, which wakes the blocked read with an error.
+    down, which wakes the blocked read with an error. Name resolution and
+    connecting, before there is a socket to cut, are bounded by waiting for
+    them no longer than what is left (``remaining``).
     """
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float, resolver: Optional[BoundedResolver] = None) -> None:
+        self.resolver = resolver
+        self.deadline = time.monotonic() + seconds
+        self.late = ""  # what the attempt was doing when the deadline passed, if known
         self._lock = threading.Lock()
         self._connections: List[Any] = []
         self._new_sockets: List[socket.socket] = []  # our duplicates, closed by ``close``
@@ -152,6 +254,10 @@ class _Watchdog:
             self._new_sockets.append(duplicate)
             if self.expired:
                 self._cut()
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline (never below 0)."""
+        return max(0.0, self.deadline - time.monotonic())
 
     def close(self) -> None:
         self._timer.cancel()
@@ -196,9 +302,16 @@ def _watched_pool_class(pool_class: type) -> type:
             return watched
         connection_class = pool_class.ConnectionCls  # type: ignore[attr-defined]
 
+        # Only where the plain TCP connect is used; a class that connects its own way
+        # (a SOCKS proxy) keeps it.
+        plain_tcp = _plain_tcp_new_conn(connection_class)
+
         def _new_conn(self: Any) -> Any:
-            sock = connection_class._new_conn(self)
             watchdog = _watchdog()
+            if plain_tcp and watchdog is not None and watchdog.resolver is not None:
+                sock = _connect_within(self, watchdog, watchdog.resolver)
+            else:
+                sock = connection_class._new_conn(self)
             if watchdog is not None:
                 watchdog.watch_new_socket(sock)
             return sock
@@ -220,6 +333,57 @@ def _watched_pool_class(pool_class: type) -> type:
         )
         _WATCHED[pool_class] = watched
         return watched
+
+
+def _plain_tcp_new_conn(connection_class: type) -> bool:
+    from urllib3.connection import HTTPConnection  # noqa: PLC0415 - requests' transport
+
+    new_conn = getattr(connection_class, "_new_conn", None)
+    return new_conn is getattr(HTTPConnection, "_new_conn", None)
+
+
+def _connect_within(connection: Any, watchdog: _Watchdog, resolver: BoundedResolver) -> Any:
+    """``HTTPConnection._new_conn``, with resolving and connecting inside the deadline."""
+    from urllib3.exceptions import ConnectTimeoutError, NewConnectionError  # noqa: PLC0415
+    from urllib3.util.connection import allowed_gai_family  # noqa: PLC0415
+
+    host = str(getattr(connection, "_dns_host", connection.host)).strip("[]")
+    try:
+        addresses = resolver.resolve(host, connection.port, allowed_gai_family(),
+                                     socket.SOCK_STREAM, watchdog.remaining())
+    except _NameLookupTimedOut:
+        watchdog.late = f"still resolving {host!r}"
+        raise ConnectTimeoutError(
+            connection, f"name resolution of {host} took longer than the attempt's deadline"
+        ) from None
+    except (OSError, UnicodeError) as exc:  # socket.gaierror: no such name
+        raise NewConnectionError(connection, f"Failed to resolve {host!r}: {exc}") from exc
+    timeout = connection.timeout  # a number, None (blocking) or urllib3's "default"
+    if timeout is not None and not isinstance(timeout, (int, float)):
+        timeout = socket.getdefaulttimeout()
+    error: Optional[OSError] = None
+    for family, kind, proto, _, address in addresses:
+        remaining = watchdog.remaining()
+        if remaining <= 0:
+            break
+        sock = socket.socket(family, kind, proto)
+        try:
+            for option in connection.socket_options or ():
+                sock.setsockopt(*option)
+            sock.settimeout(remaining if timeout is None else min(timeout, remaining))
+            if connection.source_address:
+                sock.bind(connection.source_address)
+            sock.connect(address)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        sock.settimeout(timeout)  # as urllib3 leaves it; the watchdog bounds what follows
+        sys.audit("http.client.connect", connection, connection.host, connection.port)
+        return sock
+    if error is None or isinstance(error, socket.timeout):
+        raise ConnectTimeoutError(connection, f"Connection to {host} timed out")
+    raise NewConnectionError(connection, f"Failed to establish a new connection: {error}")
 
 
 def _watch_pools(manager: Any) -> Any:
@@ -282,13 +446,20 @@ def _read_answer(answer: requests.Response) -> bytes:
     return decoded
 
 
+def _too_late(timeout: float, watchdog: _Watchdog) -> str:
+    said = f"no complete answer within {timeout:g} s"
+    return f"{said} ({watchdog.late})" if watchdog.late else said
+
+
 class HTTPSink:
     """POSTs payloads with a ``requests.Session``: proxies and CA bundles as requests does.
 
     ``verify`` and ``proxies`` override the environment (``REQUESTS_CA_BUNDLE``,
     ``HTTPS_PROXY`` ...), which requests honours by default. Each attempt has a
-    total deadline (``timeout``), however slowly the server answers, and reads
-    at most ``MAX_ANSWER_BYTES`` of the answer.
+    total deadline (``timeout``), name resolution included, however slowly the
+    server (or DNS) answers, and reads at most ``MAX_ANSWER_BYTES`` of the answer.
+    ``getaddrinfo`` resolves names (``socket.getaddrinfo``'s signature; a seam for
+    tests).
     """
 
     def __init__(
@@ -298,8 +469,10 @@ class HTTPSink:
         verify: Union[bool, str, None] = None,
         proxies: Optional[Dict[str, str]] = None,
         wall_clock: Any = time.time,
+        getaddrinfo: GetAddrInfo = socket.getaddrinfo,
     ) -> None:
         self.endpoint = endpoint.rstrip("/")
+        self._resolver = BoundedResolver(getaddrinfo)
         self._verify = verify
         self._proxies = proxies
         self._wall_clock = wall_clock
@@ -327,7 +500,7 @@ class HTTPSink:
             headers["Content-Encoding"] = "gzip"
         url = f"{self.endpoint}/v1/update/{request.payload.instance_id}"
         timeout = max(timeout, 0.001)
-        watchdog = _Watchdog(timeout)
+        watchdog = _Watchdog(timeout, self._resolver)
         _current.watchdog = watchdog
         try:
             answer = session.post(
@@ -349,14 +522,14 @@ class HTTPSink:
             return SendResult(Outcome.RETRY, detail=f"answer larger than {MAX_ANSWER_BYTES} bytes")
         except (requests.RequestException, urllib3.exceptions.HTTPError, OSError,
                 http.client.HTTPException, ValueError) as exc:
-            if watchdog.expired:
-                return SendResult(Outcome.RETRY, detail=f"no complete answer within {timeout:g} s")
+            if watchdog.expired or watchdog.late:
+                return SendResult(Outcome.RETRY, detail=_too_late(timeout, watchdog))
             return SendResult(Outcome.RETRY, detail=f"{type(exc).__name__}: {exc}")
         finally:
             _current.watchdog = None
             watchdog.close()
         if watchdog.expired:
-            return SendResult(Outcome.RETRY, detail=f"no complete answer within {timeout:g} s")
+            return SendResult(Outcome.RETRY, detail=_too_late(timeout, watchdog))
         return result_for_status(answer.status_code, body, answer.headers, self._wall_clock())
 
     def close(self) -> None:

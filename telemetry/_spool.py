@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import threading
 import zlib
 from collections.abc import Iterable
@@ -34,6 +35,7 @@ from telemetry._files import (
     remove_dead_temporaries,
     warn,
 )
+from telemetry._log import report_internal_error
 from telemetry._wire import Payload, Request, decode_payload
 
 logger = logging.getLogger("telemetry")
@@ -43,6 +45,8 @@ DEFAULT_MAX_SPOOL_BYTES = 16 * 1024 * 1024
 
 _SPOOLED = re.compile(r"^([0-9a-f]{32})\.json$")
 _CLAIMED = re.compile(r"^([0-9a-f]{32})\.json\.claimed-([0-9]+)$")
+_WITHDRAWN = ".withdrawn-"
+"""``<spool dir>.withdrawn-<pid>-<token>``: a spool set aside for deletion, never read."""
 
 
 class SpoolSize(NamedTuple):
@@ -64,12 +68,15 @@ class _ClaimRegistry:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self.deleting = threading.Lock()
+        """Guards every ``Spool``'s background deleter of withdrawn spools."""
         self._paths: Set[str] = set()
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._after_fork_in_child)
 
     def _after_fork_in_child(self) -> None:
         self._lock = threading.Lock()  # the parent's may have been held mid-claim
+        self.deleting = threading.Lock()  # ... or while a deleter was being started
 
     def reserve(self, path: Path) -> bool:
         with self._lock:
@@ -147,6 +154,9 @@ class Spool:
         self.directory = directory
         self.max_files = max_files
         self.max_bytes = max_bytes
+        self._deleter: Optional[threading.Thread] = None  # deleting withdrawn spools
+        self._deleter_pid = 0  # a forked child has no deleter, whatever it inherited
+        self._delete_again = False
 
     def __repr__(self) -> str:
         return f"Spool({str(self.directory)!r})"
@@ -223,8 +233,10 @@ class Spool:
 
         For a spool that grew past its bounds (other processes, a smaller bound
         now, files copied in): nothing the spool holds may cost more than its
-        bounds allow.
+        bounds allow. Also finishes deleting spools withdrawn by a process that
+        ended before it could.
         """
+        self._delete_withdrawn()
         return self._enforce_bounds({})
 
     def claim(self, limit: Optional[int] = None) -> List[Claimed]:
@@ -327,17 +339,84 @@ class Spool:
                 logger.warning("telemetry: discarding the corrupt spool file %s (%s)", path, exc)
             return None
 
-    def delete_all(self) -> bool:
-        """Delete every spool file (claimed or not) and the directory; False if some stayed."""
-        deleted = True
-        for name in list_dir(self.directory):
-            if _SPOOLED.match(name) or _CLAIMED.match(name) or TEMPORARY.match(name):
-                deleted = remove(self.directory / name, "spool file") and deleted
+    def delete_all(self, *, in_background: bool = False) -> bool:
+        """Delete every spool file (claimed or not) and the directory; False if some stayed.
+
+        The directory is first renamed aside (``<dir>.withdrawn-<pid>-<token>``),
+        one atomic step whatever it holds: from then on nothing of it can be
+        claimed or sent, by this process or another, even if this one dies
+        before the files are gone (a later ``delete_all`` or ``trim`` finishes
+        the job). With ``in_background`` the files are then deleted on a
+        background thread (consent withdrawn on the application's thread); the
+        answer is then whether the spool was set aside.
+        """
+        aside = self.directory.with_name(
+            f"{self.directory.name}{_WITHDRAWN}{os.getpid()}-{secrets.token_hex(4)}")
         try:
-            self.directory.rmdir()
+            os.rename(self.directory, aside)
+            moved = True
+        except (FileNotFoundError, NotADirectoryError):
+            moved = False  # no spool: perhaps only withdrawn ones are left to delete
+        except OSError as exc:
+            # Cannot set it aside (e.g. open files elsewhere): delete in place, now.
+            warn("set aside for deletion", self.directory, exc)
+            return self._delete_files(self.directory) and self._delete_withdrawn()
+        if in_background:
+            if moved or self._withdrawn():  # no thread when there is nothing to delete
+                self._delete_withdrawn_in_background()
+            return True
+        return self._delete_withdrawn()
+
+    def _withdrawn(self) -> List[Path]:
+        prefix = self.directory.name + _WITHDRAWN
+        return [self.directory.parent / name for name in list_dir(self.directory.parent)
+                if name.startswith(prefix)]
+
+    def _deleter_running(self) -> bool:
+        return self._deleter is not None and self._deleter_pid == os.getpid()
+
+    def _delete_withdrawn_in_background(self) -> None:
+        with _CLAIMS.deleting:
+            self._delete_again = True
+            if self._deleter_running():
+                return  # it looks again before it ends
+            self._deleter = threading.Thread(target=self._keep_deleting, daemon=True,
+                                             name="telemetry-spool-delete")
+            self._deleter_pid = os.getpid()
+            self._deleter.start()
+
+    def _keep_deleting(self) -> None:
+        try:
+            while True:
+                with _CLAIMS.deleting:
+                    if not self._delete_again:
+                        self._deleter = None
+                        return
+                    self._delete_again = False
+                self._delete_withdrawn()
+        except Exception as exc:
+            with _CLAIMS.deleting:
+                self._deleter = None
+            report_internal_error("spool deletion", exc)
+
+    def _delete_withdrawn(self) -> bool:
+        """Delete every withdrawn spool beside this one (ours and dead processes')."""
+        deleted = True
+        for directory in self._withdrawn():
+            deleted = self._delete_files(directory) and deleted
+        return deleted
+
+    @staticmethod
+    def _delete_files(directory: Path) -> bool:
+        deleted = True
+        for name in list_dir(directory):
+            if _SPOOLED.match(name) or _CLAIMED.match(name) or TEMPORARY.match(name):
+                deleted = remove(directory / name, "spool file") and deleted
+        try:
+            directory.rmdir()
         except (FileNotFoundError, NotADirectoryError):
             pass
         except OSError as exc:
-            warn("delete", self.directory, exc)
+            warn("delete", directory, exc)
             deleted = False
         return deleted

@@ -331,14 +331,16 @@ class State:
 
     # -- deletion ---------------------------------------------------------------------------
 
-    def delete_all(self) -> bool:
+    def delete_all(self, *, in_background: bool = False) -> bool:
         """Consent turned off: delete the spool, policies, instance id and first-run marker.
 
         The consent file stays. Returns False (after warnings) when something
-        could not be deleted.
+        could not be deleted. ``in_background``: the spool's files are deleted on
+        a background thread, once it is set aside where nothing sends it
+        (``Spool.delete_all``); the few other files at once.
         """
         self._unsaved_instance_id = None
-        deleted = self.spool.delete_all()
+        deleted = self.spool.delete_all(in_background=in_background)
         for name in self._own_state_files():
             deleted = remove(self._state_dir / name, "state file") and deleted
         return deleted

@@ -203,6 +203,14 @@ def emitter_of(client: telemetry.Client) -> Emitter:
     return emitter
 
 
+def wait_for_spool_deletion(timeout: float = 30.0) -> None:
+    """Wait for the threads deleting withdrawn spools (consent turned off) to end."""
+    for thread in threading.enumerate():
+        if thread.name == "telemetry-spool-delete":
+            thread.join(timeout)
+            assert not thread.is_alive(), "the withdrawn spool is still being deleted"
+
+
 def state_of(tmp_path: Path, app: str = "testapp") -> State:
     """The state files ``make_client`` clients keep (their default ``state_dir``)."""
     return State(app, root=tmp_path / "state")

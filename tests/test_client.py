@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, List
 
 import pytest
-from conftest import WALL_CLOCK_START, dead_endpoint, update_requests
+from conftest import WALL_CLOCK_START, dead_endpoint, update_requests, wait_for_spool_deletion
 
 import telemetry
 from server_stub import Server
@@ -89,6 +89,7 @@ def test_runtime_off_deletes_everything_and_on_starts_empty(
     assert any(name.startswith("testapp/state/telemetry-spool/") for name in on_disk)
     client.set_consent(False)
     assert client.status().mode == "off"
+    wait_for_spool_deletion()  # the spool's files go on a background thread
     # Only the consent file remains: no id, no policy, no spool, no marker.
     assert files_under(state_root) == ["testapp/config/telemetry-consent.json"]
     client.increment("while_off")

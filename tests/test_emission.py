@@ -405,11 +405,13 @@ def test_local_mode_logs_payloads_instead_of_sending(
 
 
 def test_end_to_end_totals_are_exact(telemetry_server: Server, tmp_path: Path) -> None:
-    """4 threads collect while the client emits every few ms; totals match exactly."""
-    telemetry_server.policy.update(next_update=0.005)
+    """4 threads collect while the client emits every few ms; totals match exactly.
+
+    The client's own ``max_interval`` makes the cycles that short: a server's
+    ``next_update`` is never taken below a second."""
     client = telemetry.Client()
     client.init(uuid.uuid4(), app="e2e", endpoint=telemetry_server.url, consent=True,
-                min_interval=0.001, state_dir=tmp_path / "state")
+                min_interval=0.001, max_interval=0.005, state_dir=tmp_path / "state")
     client.start_emitting()
     per_thread = 25_000
 

@@ -490,3 +490,65 @@ def test_stop_keeps_its_bound_however_slow_the_spool_is(
     assert "still being written" in caplog.text
     assert spool.finished.wait(10)  # finished in the background: nothing lost
     assert [r.payload.data for r in spool.saved] == [{"hits": 1}]
+
+
+def test_consent_withdrawn_while_a_stop_still_spools_keeps_nothing(
+    rigs: List[Rig], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rig = Rig(ScriptedSink(*[RETRY] * 10))
+    rigs.append(rig)
+    rig.buffer.increment("hits")
+    assert rig.emitter.start()
+    assert rig.time.wait_for_waits(1)  # the first send failed: the payload is pending
+    taking, go_on = threading.Event(), threading.Event()
+    real_take = rig.source.take
+
+    def slow_take(*args: Any) -> Optional[Payload]:
+        if threading.current_thread().name == "telemetry-spool-writer":
+            taking.set()  # the stop's writer holds the leftovers, not yet on disk
+            go_on.wait(30)
+        return real_take(*args)
+
+    monkeypatch.setattr(rig.source, "take", slow_take)
+    stopping = threading.Thread(target=rig.emitter.stop, args=(0.5,))
+    stopping.start()
+    try:
+        assert taking.wait(10)
+        rig.emitter.discard()  # consent withdrawn now
+    finally:
+        go_on.set()
+    stopping.join(10)
+    for thread in threading.enumerate():
+        if thread.name == "telemetry-spool-writer":
+            thread.join(10)
+    assert rig.spool.saved == []  # nothing of it may wait on disk for a later process
+    assert rig.emitter.phase is Phase.DISCARDED
+
+
+def test_consent_withdrawn_during_the_final_send_sends_nothing_more(rigs: List[Rig]) -> None:
+    sending, go_on = threading.Event(), threading.Event()
+
+    class HoldingSink(ScriptedSink):
+        def __call__(self, request: Request, timeout: float) -> SendResult:
+            result = super().__call__(request, timeout)
+            if len(self.requests) == 2:  # the final send's first payload
+                sending.set()
+                go_on.wait(30)
+            return result
+
+    rig = Rig(HoldingSink(RETRY))  # the first attempt fails: its payload stays pending
+    rigs.append(rig)
+    rig.buffer.increment("first")
+    assert rig.emitter.start()
+    assert rig.time.wait_for_waits(1)  # a backoff waits, cut short by the stop
+    rig.buffer.increment("second")  # the final send takes it: two payloads to send
+    stopping = threading.Thread(target=rig.emitter.stop, args=(5.0,))
+    stopping.start()
+    try:
+        assert sending.wait(10)
+        rig.emitter.discard()  # consent withdrawn while the final send is under way
+    finally:
+        go_on.set()
+    stopping.join(10)
+    # The payload on the wire could not be called back; the one after it never left.
+    assert [p.data for p in rig.sink.payloads] == [{"first": 1}] * 2

@@ -62,6 +62,59 @@ def test_429_waits_at_least_a_second_and_doubles_while_repeated(
     assert telemetry_server.payloads[-1]["data"] == {"hits": 1}
 
 
+@pytest.mark.parametrize(("status", "retry_after"),
+                         [(503, "0"), (503, "past date"), (500, "0"), (408, "0")])
+def test_a_retry_after_on_any_failure_is_a_wait_with_the_same_floor(
+    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime,
+    status: int, retry_after: str,
+) -> None:
+    header = retry_after if retry_after != "past date" else format_datetime(
+        datetime.fromtimestamp(WALL_CLOCK_START - 3600, timezone.utc), usegmt=True)
+    telemetry_server.script(status=status, headers={"Retry-After": header}, times=5)
+    client = make_client(max_interval=10.0)
+    client.increment("hits")
+    virtual_time.advance(1000)
+    client.start_emitting()
+    assert client.flush(timeout=10)
+    # Not four quick attempts a cycle: one attempt per wait, and each wait at least
+    # the floor, doubling while the server keeps asking, capped at max_interval.
+    assert len(update_requests(telemetry_server)) == 6
+    assert virtual_time.waits[:5] == [1.0, 2.0, 4.0, 8.0, 10.0]
+    assert telemetry_server.payloads[-1]["data"] == {"hits": 1}
+
+
+def test_a_tiny_next_update_is_floored_even_below_min_interval(
+    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime
+) -> None:
+    telemetry_server.script(body={"next_update": 1})  # 1 ns
+    client = make_client(min_interval=0.001, default_interval=0.001)
+    client.start_emitting()
+    client.increment("hits")
+    assert client.flush(timeout=5)
+    assert virtual_time.wait_for_waits(1)
+    assert 0.9 <= virtual_time.waits[0] <= 1.1  # a second, give or take the jitter
+
+
+def test_a_remembered_wait_is_capped_when_the_wall_clock_went_back(
+    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime
+) -> None:
+    instance = uuid.uuid4()
+    telemetry_server.script(status=429, headers={"Retry-After": "3600"})
+    first = make_client(instance_id=instance)
+    first.increment("hits")
+    first.start_emitting()
+    assert virtual_time.wait_for_waits(1)
+    first.stop_emitting(timeout=1)
+
+    later = VirtualTime()
+    a_year_earlier = WALL_CLOCK_START - 365 * 86400
+    second = make_client(instance_id=instance, clock=later.clock, wait=later.wait,
+                         max_interval=600.0, wall_clock=lambda: a_year_earlier)
+    second.start_emitting()
+    assert later.wait_for_waits(1)
+    assert later.waits[0] == 600.0  # never more than max_interval, not a year and an hour
+
+
 def test_a_server_wait_longer_than_the_floor_is_kept(
     make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime
 ) -> None:

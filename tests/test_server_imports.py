@@ -6,6 +6,8 @@ Every import counts, also those under ``TYPE_CHECKING`` and inside functions.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, Set
 
@@ -76,3 +78,12 @@ def test_the_operator_side_sits_beside_the_stores_not_below_them() -> None:
     assert GRAPH["_queries"] == {"_storage", "_rollups"}
     assert GRAPH["_policy"] == {"_storage"}
     assert GRAPH["_policy_cli"] == {"_policy"}
+
+
+def test_importing_the_package_does_not_load_the_test_harness() -> None:
+    """``python -m server_stub`` imports the package first: the harness waits for ``serve``."""
+    probe = ("import sys, server_stub; before = 'server_stub._harness' in sys.modules; "
+             "server_stub.serve; print(before, 'server_stub._harness' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         check=True, timeout=60).stdout.split()
+    assert out == ["False", "True"]  # not at import; loaded by the first use of ``serve``

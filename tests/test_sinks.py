@@ -24,11 +24,14 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import pytest
+from conftest import emitter_of, state_of
 
 from server_stub import Server
+from telemetry import Client
 from telemetry._buffer import member_value
 from telemetry._sinks import (
     MAX_ANSWER_BYTES,
+    AddressInfo,
     HTTPSink,
     LogSink,
     NoOpSink,
@@ -65,7 +68,12 @@ D, R, L, X = Outcome.DELIVERED, Outcome.RETRY, Outcome.RATE_LIMITED, Outcome.REJ
         (429, b"", {}, L, Response(), None),
         (408, b"", {}, R, Response(), None),
         (500, b"", {}, R, Response(), None),
-        (503, b"", {"Retry-After": "5"}, R, Response(), None),
+        (503, b"", {"Retry-After": "5"}, L, Response(), 5.0),
+        (503, b"", {"Retry-After": "0"}, L, Response(), 0.0),  # the emitter floors it
+        (500, b"", {"Retry-After": "Thu, 01 Jan 2026 08:00:00 GMT"}, L, Response(), 0.0),
+        (408, b"", {"Retry-After": "2"}, L, Response(), 2.0),
+        (503, b"", {"Retry-After": "soon"}, R, Response(), None),
+        (503, b'{"next_update": 7000000000}', {}, R, Response(), None),
         (301, b"", {"Location": "http://elsewhere/"}, R, Response(), None),
         (307, b"", {}, R, Response(), None),
         (400, b'{"error": "bad"}', {}, X, Response(), None),
@@ -400,3 +408,84 @@ def test_ca_bundles_are_honoured(
         assert "CERTIFICATE_VERIFY_FAILED" in result.detail
     else:
         assert result.outcome is D, result.detail
+
+
+# -- name resolution is inside the attempt's deadline ------------------------------------
+
+
+class HangingResolver:
+    """``getaddrinfo`` for the name ``collector.test``: blocks until released (a dead DNS
+    server), then answers 127.0.0.1; counts the lookups that started."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.lookups: List[str] = []
+
+    def __call__(self, host: str, port: int, family: int = 0,
+                 kind: int = 0) -> List[AddressInfo]:
+        self.lookups.append(host)
+        self.released.wait(30)
+        assert host == "collector.test"
+        return socket.getaddrinfo("127.0.0.1", port, socket.AF_INET, kind)
+
+
+@pytest.fixture
+def hanging_resolver() -> Iterator[HangingResolver]:
+    resolver = HangingResolver()
+    try:
+        yield resolver
+    finally:
+        resolver.released.set()  # ends the lookup threads the test left waiting
+
+
+def by_name(server: Server) -> str:
+    return server.url.replace("127.0.0.1", "collector.test")
+
+
+def test_a_hanging_name_lookup_ends_the_attempt_at_its_deadline(
+    telemetry_server: Server, hanging_resolver: HangingResolver
+) -> None:
+    sink = HTTPSink(by_name(telemetry_server), getaddrinfo=hanging_resolver)
+    # The lookup would hang 30 s; each attempt gives up at its own 0.2 s deadline.
+    results = [send_in_thread(sink, 0.2)(30) for _ in range(3)]
+    for result in results:
+        assert result is not None, "the attempt waited for the name lookup"
+        assert result.outcome is R
+        assert "still resolving 'collector.test'" in result.detail
+    # One lookup thread, whatever the number of attempts: they all waited for it.
+    assert hanging_resolver.lookups == ["collector.test"]
+    assert telemetry_server.requests == []
+
+    hanging_resolver.released.set()  # DNS is back: the name resolves, the payload goes
+    assert sink(send_request(), 10.0).outcome is D
+    assert len(telemetry_server.payloads) == 1
+
+
+def test_a_failed_name_lookup_is_a_failed_attempt(telemetry_server: Server) -> None:
+    def no_such_name(host: str, port: int, family: int = 0,
+                     kind: int = 0) -> List[AddressInfo]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    result = HTTPSink(by_name(telemetry_server), getaddrinfo=no_such_name)(send_request(), 5.0)
+    assert result.outcome is R
+    assert "Failed to resolve 'collector.test'" in result.detail
+
+
+def test_the_emitter_thread_ends_at_stop_while_a_name_lookup_hangs(
+    make_client: Callable[..., Client], telemetry_server: Server,
+    hanging_resolver: HangingResolver, tmp_path: Path,
+) -> None:
+    sink = HTTPSink(by_name(telemetry_server), getaddrinfo=hanging_resolver)
+    client = make_client(sink=sink, send_timeout=0.2)
+    client.increment("hits")
+    client.start_emitting()
+    emitter = emitter_of(client)
+    client.stop_emitting(timeout=1.0)
+    thread = emitter.thread
+    assert thread is not None
+    thread.join(10)
+    assert not thread.is_alive(), "the emitter thread is stuck in a name lookup"
+    assert not hanging_resolver.released.is_set()  # it ended while the lookup still hangs
+    (spooled,) = state_of(tmp_path).spool.payloads()  # undelivered: kept for the next start
+    assert spooled.data == {"hits": 1}
+    assert telemetry_server.requests == []

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Callable, List
 
 import pytest
-from conftest import state_of
+from conftest import state_of, wait_for_spool_deletion
 
 import telemetry
 from server_stub import Server
 from telemetry import _spool
-from telemetry._files import list_dir
+from telemetry._files import list_dir, remove
 from telemetry._wire import Payload, encode_payload
 
 MakeClient = Callable[..., telemetry.Client]
@@ -70,3 +70,83 @@ def test_a_huge_spool_costs_the_caller_nothing_and_is_trimmed_to_its_bounds(
     assert telemetry_server.stats()["dropped"] == SPOOLED - 20  # counted, one item each
     assert spool.size().files == 13  # the rest wait for the next start
     assert on_caller == [] and listed_on  # the emitter's thread did it
+
+
+# -- consent withdrawn: the spool is set aside at once, deleted elsewhere ---------------
+
+
+@pytest.fixture
+def spool_work_on(monkeypatch: pytest.MonkeyPatch) -> List[str]:
+    """The thread of every listing of a spool (or one set aside) and of every file
+    deletion in one, from now on."""
+    threads: List[str] = []
+
+    def recording_list_dir(directory: Path) -> List[str]:
+        if directory.name.startswith("telemetry-spool"):
+            threads.append(threading.current_thread().name)
+        return list_dir(directory)
+
+    def recording_remove(path: Path, what: str) -> bool:
+        if path.parent.name.startswith("telemetry-spool"):
+            threads.append(threading.current_thread().name)
+        return remove(path, what)
+
+    monkeypatch.setattr(_spool, "list_dir", recording_list_dir)
+    monkeypatch.setattr(_spool, "remove", recording_remove)
+    return threads
+
+
+def test_withdrawing_consent_sets_a_huge_spool_aside_and_deletes_it_off_the_callers_thread(
+    make_client: MakeClient, telemetry_server: Server, tmp_path: Path,
+    spool_work_on: List[str],
+) -> None:
+    instance = uuid.uuid4()
+    spool = state_of(tmp_path).spool
+    fill_spool(spool.directory, str(instance), SPOOLED)
+    client = make_client(instance_id=instance)
+    spool_work_on.clear()
+    client.set_consent(False)
+    caller = threading.current_thread().name
+    assert caller not in spool_work_on, "set_consent(False) walked the spool on its thread"
+    # Set aside at once, before any file is deleted: no sender can find it any more.
+    assert not spool.directory.exists()
+    wait_for_spool_deletion()
+    assert caller not in spool_work_on
+    assert spool_work_on.count("telemetry-spool-delete") > SPOOLED  # every file, elsewhere
+    assert os.listdir(spool.directory.parent) == []  # instance id, marker, spool: all gone
+    assert telemetry_server.requests == []
+
+
+def test_do_not_track_still_wins_and_deletes_a_huge_spool_off_the_callers_thread(
+    make_client: MakeClient, telemetry_server: Server, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, spool_work_on: List[str],
+) -> None:
+    instance = uuid.uuid4()
+    spool = state_of(tmp_path).spool
+    fill_spool(spool.directory, str(instance), SPOOLED)
+    monkeypatch.setenv("DO_NOT_TRACK", "1")
+    client = make_client(instance_id=instance)  # consent=True, outranked
+    client.set_consent(True)
+    assert client.mode == "off"
+    assert threading.current_thread().name not in spool_work_on
+    assert not spool.directory.exists()
+    client.start_emitting()
+    wait_for_spool_deletion()
+    assert os.listdir(spool.directory.parent) == []
+    assert telemetry_server.requests == []
+
+
+def test_a_spool_set_aside_by_a_process_that_died_is_never_sent_and_is_deleted(
+    make_client: MakeClient, telemetry_server: Server, tmp_path: Path
+) -> None:
+    instance = uuid.uuid4()
+    spool = state_of(tmp_path).spool
+    # Consent was withdrawn, then the process died before the files were deleted.
+    withdrawn = spool.directory.with_name(spool.directory.name + ".withdrawn-99999-0badf00d")
+    fill_spool(withdrawn, str(instance), 30)
+    client = make_client(instance_id=instance)  # consent given again later
+    client.increment("new")
+    client.start_emitting()
+    assert client.flush(timeout=10)
+    assert [p["data"] for p in telemetry_server.payloads] == [{"new": 1}]
+    assert not withdrawn.exists()  # the emitter finished deleting it
