@@ -5,13 +5,16 @@ slow or hostile clients cannot stall. One thread runs an asyncio loop that
 accepts connections and reads each request whole (request line, headers and
 body) under a total deadline; only a complete request is handed to a bounded
 pool of threads running the WSGI app, so a client that sends one byte a minute
-holds a socket, never a thread. It bounds:
+holds a socket and its buffer, never a thread (and, until its headers are
+complete, not even an asyncio task: heads are read in protocol callbacks).
+It bounds:
 
 - open connections, overall and per client address; when a cap is reached the
   connection that has waited longest for its request to arrive is closed
   (idle keep-alive or slow clients go first; requests being answered are never cut);
 - the time to deliver each complete request (``request_timeout``, counted from
-  connecting or from the previous answer) and to take each answer;
+  connecting or from the previous answer, spread at random over half as much
+  again) and to take each answer;
 - header size, body size (the app's limit), and the memory held by buffered
   large bodies in total;
 - app threads: small bodies and large bodies have separate pools, so a flood of
