@@ -236,20 +236,27 @@ class RequestBody:
         """The Content-Encoding, lower case ("" when none)."""
         return self._encoding
 
-    def measure(self, keep_values: int) -> Tuple[int, int]:
+    def measure(
+        self, keep_values: int, over: Optional[Callable[[], None]] = None
+    ) -> Tuple[int, int]:
         """The body's size once decompressed and its ``value_bound``, found in bounded steps.
 
         The decompressed body is kept (``decoded``) only while that bound is within
         ``keep_values``; a bigger gzip body is measured without being held in memory.
+        ``over()`` is called once the bound passes ``keep_values`` (it may raise
+        HTTPError, which ends the measuring there).
         """
         if self.decoded is None and self._encoding in ("gzip", "x-gzip"):
             decoded, size, bound = inflate(
-                self.read(), self.max_decoded_bytes, self._reserve, keep_values
+                self.read(), self.max_decoded_bytes, self._reserve, keep_values, over
             )
             self.decoded = decoded
             return size, bound
         decoded = self.decode()
-        return len(decoded), value_bound(decoded)
+        bound = value_bound(decoded)
+        if over is not None and bound > keep_values:
+            over()
+        return len(decoded), bound
 
     def _reserve(self, size: int) -> None:
         free = min(size, self._unreserved)
@@ -351,13 +358,15 @@ def inflate(
     limit: int,
     reserve: Optional[Callable[[int], None]] = None,
     keep_values: Optional[int] = None,
+    over: Optional[Callable[[], None]] = None,
 ) -> Tuple[Optional[bytes], int, int]:
     """As ``gunzip``: the output, its size, and (with ``keep_values``) its ``value_bound``.
 
     With ``keep_values``, the bound is counted step by step (no call holds the
     GIL for long, however big the output), and the output is kept only while
-    the bound is within ``keep_values``: beyond it, the rest is only measured
-    and None is returned in place of the output. Without, the bound is 0.
+    the bound is within ``keep_values``: beyond it, ``over()`` is called (it
+    may raise), the rest is only measured and None is returned in place of the
+    output. Without, the bound is 0.
     """
     chunks: List[bytes] = []
     total = 0
@@ -378,6 +387,8 @@ def inflate(
                     if keeping and bound > keep_values:
                         keeping = False
                         chunks = []
+                        if over is not None:
+                            over()
                 if keeping:
                     if reserve is not None:
                         reserve(2 * len(chunk))  # the chunk, and its copy when they are joined
@@ -502,17 +513,21 @@ class App:
         limits: Optional[Limits] = None,
         heavy_lane: Optional[Callable[[bytes, str, str, str], Response]] = None,
         heavy_values: int = 100_000,
+        heavy_busy: Optional[Callable[[], bool]] = None,
         access: Optional[Access] = None,
     ) -> None:
         """``heavy_lane(body, content_encoding, instance_id, address)``, when given,
         answers payloads of more than ``heavy_values`` JSON values (in another
         process), from the body as sent (admitted, and measured once decompressed).
+        While ``heavy_busy()`` is true, such a payload is answered 503 as soon as
+        it is known to be one, before the rest of it is decompressed.
         ``access``: who may read and change the policy (default: no tokens, loopback
         only). The policy is bound to the store (see ``Policy.bind``).
         """
         self.store = store
         self.heavy_lane = heavy_lane
         self.heavy_values = heavy_values
+        self.heavy_busy = heavy_busy
         self.policy = policy
         self.limits = limits or Limits()
         self._clock = clock
@@ -613,7 +628,7 @@ class App:
         else:
             # A big gzip body is measured in small steps and not kept: the child
             # process gets it as sent.
-            size, bound = request.measure(self.heavy_values)
+            size, bound = request.measure(self.heavy_values, self._heavy_lane_free)
         wait = self.admission.charge(address, size)
         if wait is not None:
             return _too_many("too many bytes from this address", wait)
@@ -629,6 +644,11 @@ class App:
             return self.store_payload(request, instance_id, address)
         finally:
             self._budget.release(values)
+
+    def _heavy_lane_free(self) -> None:
+        """HTTPError 503 while the heavy lane is busy (a big payload then costs no more)."""
+        if self.heavy_busy is not None and self.heavy_busy():
+            raise HTTPError(503, "busy with another large payload; retry", [("Retry-After", "1")])
 
     def store_payload(self, request: RequestBody, instance_id: str, address: str) -> Response:
         """Parse, check, rate-limit and store an admitted body; the answer (or HTTPError)."""

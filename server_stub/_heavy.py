@@ -98,6 +98,10 @@ class HeavyLane:
         self._connection = parent
         return parent
 
+    def busy(self) -> bool:
+        """Whether a payload is being processed (another would wait, then get 503)."""
+        return self._lock.locked()
+
     def handle(self, body: bytes, encoding: str, instance_id: str, address: str) -> Response:
         if not self._lock.acquire(timeout=_BUSY_WAIT):
             raise HTTPError(503, "busy with another large payload; retry", [("Retry-After", "1")])

@@ -25,6 +25,7 @@ import pytest
 import requests
 
 from server_stub import App, Policy, create_app, open_store
+from server_stub._app import Response
 from server_stub._heavy import HeavyLane
 from server_stub._http import FrontLimits, FrontServer
 from server_stub._limits import Limits
@@ -278,6 +279,36 @@ def test_several_processes_share_a_port_with_reuse_port(tmp_path: Path) -> None:
                     second.kill()
         finally:
             first.kill()
+
+
+def test_a_big_payload_is_refused_at_once_while_the_child_process_is_busy(tmp_path: Path) -> None:
+    """Found to be one for the child process, it is not decompressed further (503, retry)."""
+    db = str(tmp_path / "t.db")
+    busy = [True]
+    handed: List[int] = []
+
+    def lane(body: bytes, encoding: str, instance_id: str, address: str) -> Response:
+        handed.append(len(body))  # what the child process would get, as sent
+        return Response(200, {})
+
+    app = App(open_store(db), Policy(), heavy_lane=lane, heavy_busy=lambda: busy[0],
+              heavy_values=1000)
+    instance_id = str(uuid.uuid4())
+    big = json.loads(payload_body(instance_id))
+    big["data"] = {"list": list(range(50_000))}
+    body = gzip.compress(json.dumps(big).encode())
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    try:
+        with FrontServer(app).start() as server:
+            url = f"{server.url}/v1/update/{instance_id}"
+            refused = requests.post(url, data=body, headers=headers, timeout=10)
+            busy[0] = False
+            taken = requests.post(url, data=body, headers=headers, timeout=10)
+    finally:
+        app.store.close()
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert taken.status_code == 200
+    assert handed == [len(body)]
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
