@@ -26,8 +26,6 @@ from contextlib import contextmanager
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import telemetry
-from telemetry import add, append, append_unique, increment, set_nested
-from telemetry import set as set_value
 from telemetry._sinks import SendResult
 from telemetry._wire import Request, encode_request
 
@@ -77,28 +75,34 @@ FLOOR_STMT = "floor('requests')"
 # (the "hit" path every call but the first takes) in a buffer emptied first, so
 # appends measure the real path, not the per-key cap's rejection path.
 CALLS: Dict[str, Tuple[str, Callable[[], None]]] = {
-    "increment": ("increment('requests')", lambda: increment("requests")),
-    "add": ("add('bytes', 512)", lambda: add("bytes", 1)),
-    "set": ("set_value('version', '1.4.2')", lambda: set_value("version", "1.4.1")),
+    "increment": ("increment('requests')", lambda: telemetry.increment("requests")),
+    "add": ("add('bytes', 512)", lambda: telemetry.add("bytes", 1)),
+    "set": ("set_value('version', '1.4.2')", lambda: telemetry.set("version", "1.4.1")),
     "set_nested": ("set_nested('platform', 'os', 'linux')",
-                   lambda: set_nested("platform", "os", "x")),
-    "append": ("append('errors', 'timeout')", lambda: append("errors", "timeout")),
+                   lambda: telemetry.set_nested("platform", "os", "x")),
+    "append": ("append('errors', 'timeout')", lambda: telemetry.append("errors", "timeout")),
     "append_unique (hit)": ("append_unique('agents', 'curl')",
-                            lambda: append_unique("agents", "curl")),
+                            lambda: telemetry.append_unique("agents", "curl")),
     # A new distinct value on every call; ``next(fresh)`` is charged to the call.
     "append_unique (miss)": ("append_unique('agents', next(fresh))",
-                             lambda: append_unique("agents", -1)),
+                             lambda: telemetry.append_unique("agents", -1)),
 }
 
-_NAMESPACE: Dict[str, Any] = {
-    "floor": floor,
-    "increment": increment,
-    "add": add,
-    "set_value": set_value,
-    "set_nested": set_nested,
-    "append": append,
-    "append_unique": append_unique,
-}
+
+def _namespace() -> Dict[str, Any]:
+    """The statements' names: the floor and the module-level functions, as a user's
+    ``from telemetry import increment`` gets them (looked up now: tests swap the
+    default client)."""
+    return {
+        "floor": floor,
+        "increment": telemetry.increment,
+        "add": telemetry.add,
+        "set_value": telemetry.set,
+        "set_nested": telemetry.set_nested,
+        "append": telemetry.append,
+        "append_unique": telemetry.append_unique,
+    }
+
 
 # Big enough that no round of appends reaches a cap (the buffer is reset between rounds).
 _UNBOUNDED = 1 << 40
@@ -152,13 +156,15 @@ def figures(call_ns: float, floor_ns: float) -> Dict[str, float]:
 def _best_ns(stmt: str, setup: Callable[[], None], number: int, rounds: int) -> Tuple[float, float]:
     """Best-of-``rounds`` ns per call of ``stmt`` and of the floor, from a fresh default client."""
 
+    namespace = _namespace()
+
     def before_round() -> None:
         telemetry.reset()
-        _NAMESPACE["fresh"] = itertools.count()
+        namespace["fresh"] = itertools.count()
         setup()
 
-    subject = timeit.Timer(stmt, globals=_NAMESPACE)
-    baseline = timeit.Timer(FLOOR_STMT, globals=_NAMESPACE)
+    subject = timeit.Timer(stmt, globals=namespace)
+    baseline = timeit.Timer(FLOOR_STMT, globals=namespace)
     return best_beside_floor(subject, baseline, before_round, number, rounds)
 
 
@@ -211,7 +217,7 @@ def contended(
     best_call = best_floor = 0.0
     for _ in range(rounds):
         best_floor = max(best_floor, run(floor))
-        best_call = max(best_call, run(increment))
+        best_call = max(best_call, run(telemetry.increment))
     telemetry.reset()
     return {
         "threads": threads,

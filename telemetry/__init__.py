@@ -2,8 +2,8 @@
 
 Call ``init()`` once at start-up, then the fire-and-forget collection calls
 (``set``, ``increment``, ``append_unique`` ...), then ``start_emitting()``.
-Every module-level function delegates to one process-wide default ``Client``
-(collection calls go straight to its current collector: one call less on the hot path).
+Every module-level function acts on one process-wide default ``Client``; the
+collection calls are its buffer's own methods (no delegation on the hot path).
 """
 
 from __future__ import annotations
@@ -83,29 +83,16 @@ status = _delegate(Client.status)
 take_payload = _delegate(Client.take_payload)
 
 
-def set(key: str, value: object) -> None:
-    """Store ``value`` under ``key``, overwriting."""
-    _DEFAULT.collector.set(key, value)
-
-def set_nested(key: str, subkey: str, value: object) -> None:
-    """Store ``value`` under ``key`` → ``subkey``."""
-    _DEFAULT.collector.set_nested(key, subkey, value)
-
-def add(key: str, amount: int) -> None:
-    """Add ``amount`` to the integer counter ``key``; a new key starts at ``amount``."""
-    _DEFAULT.collector.add(key, amount)
-
-def increment(key: str) -> None:
-    """Add 1 to the integer counter ``key``."""
-    _DEFAULT.collector.increment(key)
-
-def append(key: str, value: object) -> None:
-    """Append ``value`` to the list ``key``."""
-    _DEFAULT.collector.append(key, value)
-
-def append_unique(key: str, value: object) -> None:
-    """Add ``value`` to the counting set ``key``, counting how often each value came."""
-    _DEFAULT.collector.append_unique(key, value)
+# The collection calls are the default client's buffer's own methods: one call on
+# the hot path, no delegation. That buffer lives as long as the client (``init()``
+# configures it), and while telemetry is off or not initialised it returns at once.
+_BUFFER_CALLS = ("set", "set_nested", "add", "increment", "append", "append_unique")
+set = _DEFAULT._buffer.set
+set_nested = _DEFAULT._buffer.set_nested
+add = _DEFAULT._buffer.add
+increment = _DEFAULT._buffer.increment
+append = _DEFAULT._buffer.append
+append_unique = _DEFAULT._buffer.append_unique
 
 def reset() -> None:
     """Empty the buffer."""

@@ -1,15 +1,22 @@
 """The thread-safe, bounded store behind the collection calls — no I/O, no clock.
 
-Every write takes one short lock. The common case (updating a key that already
-exists) is a single dictionary operation under that lock; validation of new
-keys and values, item accounting and kind checks happen on a slower path.
-Warnings are logged after the lock is released: logging may do I/O.
+The collection calls take no lock: each checks its arguments (copying a mutable
+value), appends one entry to a queue (a list: ``list.append`` is atomic) and
+returns. ``fold`` applies the queued entries to the store, in call order and
+under one short lock, when the queue reaches ``FOLD_AT`` entries, before
+anything reads or empties the store, and before a call that is decided at once
+(a key that is not a ``str``, an invalid value). Every call gets the outcome it
+would have had alone: kinds, item accounting, per-key caps, 64-bit saturation
+and drops are decided per call. A batch of counter calls only is counted at C
+speed. Warnings are logged after the lock is released: logging may do I/O.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
+import operator
 import threading
 from collections.abc import Hashable, Iterable, Mapping
 from typing import (
@@ -50,6 +57,13 @@ _INT_MIN = -(2**63)
 _INT_MAX = 2**63 - 1
 _NUL = "\x00"
 _SATURATED = "counter reached the signed 64-bit bound; it stays there and the excess is dropped"
+# Queued calls that make the calling thread fold the queue into the store.
+FOLD_AT = 4096
+# Queue entries: ``key`` (increment), ``(key, amount)`` (add), ``(_SET, key, value)``,
+# ``(_NESTED, key, subkey, value)``, ``(_APPEND, key, value)``, ``(_UNIQUE, key, member)``.
+_SET, _NESTED, _APPEND, _UNIQUE = object(), object(), object(), object()
+_first, _second, _third = (operator.itemgetter(index) for index in range(3))
+_count_elements = collections._count_elements  # type: ignore[attr-defined]  # Counter's, in C
 
 
 class _InvalidValue(Exception):
@@ -251,6 +265,71 @@ class Snapshot(NamedTuple):
     dropped: int
 
 
+def _amount_problem(amount: object) -> Optional[str]:
+    """Why ``amount`` cannot be added to a counter, or None."""
+    if type(amount) is not int:
+        return f"add() takes an int amount, not {type(amount).__name__}"
+    if not _INT_MIN <= amount <= _INT_MAX:
+        return "add() amount does not fit in a signed 64-bit integer"
+    return None
+
+
+def _member_problem(member: Hashable) -> Optional[str]:
+    """Why a new counting-set member queued as a plain ``str`` or ``int`` is invalid, or None.
+
+    (Other members were checked by the call: ``_member_key`` wraps them in a tuple.)
+    """
+    kind = type(member)
+    if kind is str:
+        if (len(member) <= MAX_STRING_LENGTH  # type: ignore[arg-type]
+                and member.isascii() and _NUL not in member):  # type: ignore[attr-defined,operator]
+            return None
+        return checked_value(member)[1]
+    if kind is int and not _INT_MIN <= member <= _INT_MAX:  # type: ignore[operator]
+        return checked_value(member)[1]
+    return None
+
+
+def _subkey_problem(subkey: str) -> Optional[str]:
+    """Why a new ``set_nested`` subkey (a plain ``str``) is invalid, or None."""
+    if 0 < len(subkey) <= MAX_KEY_LENGTH and subkey.isascii() and _NUL not in subkey:
+        return None  # ``normalize_key``'s common case, inlined
+    problem = normalize_key(subkey)[1]
+    return problem and "sub" + problem
+
+
+def _entry(op: Any) -> Tuple[Any, Any]:
+    """The key and amount of a queue entry: a key (``increment``) or ``(key, amount)``."""
+    return (op, 1) if type(op) is str else op
+
+
+def _sum_counts(counts: Dict[Any, int]) -> Optional[Dict[str, List[int]]]:
+    """Per key of the counted queue entries: [calls, total, positive part, negative part].
+
+    None when a key is not a plain ``str`` or an amount does not fit 64 bits: then
+    the calls replay one by one. (A ``str`` subclass key equal to a plain key is
+    counted under the plain key, as the store's dictionary would.)
+    """
+    sums: Dict[str, List[int]] = {}
+    for op, calls in counts.items():
+        if type(op) is str:
+            key, amount = op, 1
+        elif len(op) == 2:
+            key, amount = op
+            if type(key) is not str or not _INT_MIN <= amount <= _INT_MAX:
+                return None
+        else:  # another kind of call
+            return None
+        entry = sums.get(key)
+        if entry is None:
+            entry = sums[key] = [0, 0, 0, 0]
+        change = amount * calls
+        entry[0] += calls
+        entry[1] += change
+        entry[2 if change > 0 else 3] += change
+    return sums
+
+
 class Buffer:
     """Thread-safe, bounded collection buffer with item accounting (README.md, "API")."""
 
@@ -271,172 +350,359 @@ class Buffer:
         self._dropped = 0
         self._warned_keys: Set[str] = set()
         self._warned_full = False
+        self._collecting = True
+        self._new_queue()
+
+    def _new_queue(self) -> None:
+        # The lock-free part: the collection calls append to ``_queue`` (see the
+        # entries' shapes by ``_SET``); only ``fold``, one at a time, removes.
+        self._queue: List[object] = []
+        self._fold_lock = threading.Lock()
+
+    def configure(
+        self, *, max_items: int, max_values_per_key: int, disabled_keys: Iterable[str]
+    ) -> None:
+        """Set the caps and the application's disabled keys (before any collection)."""
+        self.max_items = max_items
+        self.max_values_per_key = max_values_per_key
+        self.app_disabled_keys = frozenset(disabled_keys)
+
+    def set_collecting(self, collecting: bool) -> None:
+        """Whether the collection calls store anything; when not, they return at once."""
+        self._collecting = collecting
 
     # -- the collection calls -------------------------------------------------
-    # Each call tries the common case first: a valid key that already exists,
-    # updated with one dictionary operation under the lock. Anything else takes
-    # ``_write_new``, which validates, checks the key's kind and accounts items.
-
-    def add(self, key: object, amount: object) -> None:
-        """Add ``amount`` (an int) to the counter ``key``; a new key starts at ``amount``."""
-        try:
-            if type(amount) is int and _INT_MIN <= amount <= _INT_MAX:
-                try:
-                    with self._lock:
-                        counters = self._store.counters
-                        current = counters.get(key)  # type: ignore[call-overload]
-                        if current is not None:
-                            total = current + amount
-                            if _INT_MIN <= total <= _INT_MAX:
-                                counters[key] = total  # type: ignore[index]
-                                return
-                            counters[key] = _INT_MAX if total > 0 else _INT_MIN  # type: ignore[index]
-                            self._dropped += 1
-                            saturated = True
-                        else:
-                            saturated = False
-                    if saturated:
-                        self._warn(key, _SATURATED)  # type: ignore[arg-type]
-                        return
-                except Exception:  # noqa: S110 - unhashable or odd key: the slow path reports it
-                    pass
-                problem = None
-            elif type(amount) is int:
-                problem = "add() amount does not fit in a signed 64-bit integer"
-            else:
-                problem = f"add() takes an int amount, not {type(amount).__name__}"
-            self._write_new(key, COUNTER, problem, self._new_count, amount)
-        except Exception as exc:
-            report_internal_error("add", exc)
+    # Each call does at once only what cannot wait: the checks of its argument
+    # types and of its value (a mutable value is copied now), then it appends
+    # one entry to the queue, taking no lock. ``fold`` applies the entries in
+    # call order. A call the slow path must refuse at once (a key that is not a
+    # ``str``, an invalid value) or whose value is a copied container folds the
+    # queue first, then takes ``_write_now``.
 
     def increment(self, key: object) -> None:
-        """``add(key, 1)``."""
+        """Add 1 to the integer counter ``key``."""
+        if not self._collecting:
+            return
+        if type(key) is str:
+            queue = self._queue
+            queue.append(key)
+            if len(queue) >= FOLD_AT:
+                self.fold()
+            return
         try:
-            try:
-                with self._lock:
-                    counters = self._store.counters
-                    current = counters.get(key)  # type: ignore[call-overload]
-                    if current is not None:
-                        if current < _INT_MAX:
-                            counters[key] = current + 1  # type: ignore[index]
-                            return
-                        self._dropped += 1
-                if current is not None:
-                    self._warn(key, _SATURATED)  # type: ignore[arg-type]
-                    return
-            except Exception:  # noqa: S110 - unhashable or odd key: the slow path reports it
-                pass
-            self._write_new(key, COUNTER, None, self._new_count, 1)
+            self._write_now(key, COUNTER, None, self._new_count, 1)
         except Exception as exc:
             report_internal_error("increment", exc)
 
+    def add(self, key: object, amount: object) -> None:
+        """Add ``amount`` to the integer counter ``key``; a new key starts at ``amount``."""
+        if not self._collecting:
+            return
+        if type(amount) is int:
+            queue = self._queue
+            queue.append((key, amount))  # the key and the amount's range are checked by ``fold``
+            if len(queue) >= FOLD_AT:
+                self.fold()
+            return
+        try:
+            self._write_now(key, COUNTER, _amount_problem(amount), self._new_count, amount)
+        except Exception as exc:
+            report_internal_error("add", exc)
+
     def set(self, key: object, value: object) -> None:
         """Store ``value`` under ``key``, overwriting."""
+        if not self._collecting:
+            return
         try:
-            normalized, problem = checked_value(value)
-            if problem is None and type(key) is str:
-                with self._lock:
-                    values = self._store.values
-                    if key in values:
-                        values[key] = normalized
-                        return
-            self._write_new(key, VALUE, problem, self._new_value, normalized)
+            if (type(value) is str and len(value) <= MAX_STRING_LENGTH  # ``checked_value``'s
+                    and value.isascii() and _NUL not in value):  # common case, inlined
+                normalized: JSONValue = value
+                problem = None
+                small = True
+            else:
+                normalized, problem = checked_value(value)
+                # A copied list or mapping (up to 16 KiB) is applied at once, never
+                # queued: the queue's ``FOLD_AT`` entries stay small.
+                small = type(normalized) is not list and type(normalized) is not dict
+            if small and problem is None and type(key) is str:
+                queue = self._queue
+                queue.append((_SET, key, normalized))
+                if len(queue) >= FOLD_AT:
+                    self.fold()
+                return
+            self._write_now(key, VALUE, problem, self._new_value, normalized)
         except Exception as exc:
             report_internal_error("set", exc)
 
     def set_nested(self, key: object, subkey: object, value: object) -> None:
         """Store ``value`` under ``key`` → ``subkey``."""
+        if not self._collecting:
+            return
         try:
-            normalized, problem = checked_value(value)
-            if (type(subkey) is str and 0 < len(subkey) <= MAX_KEY_LENGTH
-                    and subkey.isascii() and _NUL not in subkey):
-                subname = subkey  # ``normalize_key``'s common case, inlined
+            if (type(value) is str and len(value) <= MAX_STRING_LENGTH  # ``checked_value``'s
+                    and value.isascii() and _NUL not in value):  # common case, inlined
+                normalized: JSONValue = value
+                problem = None
+                small = True
             else:
-                subname, subkey_problem = normalize_key(subkey)
-                problem = (subkey_problem and "sub" + subkey_problem) or problem
-            if problem is None and type(key) is str:
-                with self._lock:
-                    mapping = self._store.nested.get(key)
-                    if mapping is not None:
-                        if subname in mapping:
-                            mapping[subname] = normalized
-                            return
-                        problem = self._admit_member(len(mapping))
-                        if problem is None:
-                            mapping[subname] = normalized
-                            return
-                        self._dropped += 1
-                if problem is not None:
-                    self._warn(key, problem)
-                    return
-            self._write_new(key, NESTED, problem, self._new_nested, subname, normalized)
+                normalized, problem = checked_value(value)
+                # A copied list or mapping (up to 16 KiB) is applied at once, never
+                # queued: the queue's ``FOLD_AT`` entries stay small.
+                small = type(normalized) is not list and type(normalized) is not dict
+            if small and problem is None and type(key) is str and type(subkey) is str:
+                queue = self._queue
+                queue.append((_NESTED, key, subkey, normalized))  # a new subkey is checked
+                if len(queue) >= FOLD_AT:  # by ``fold``: a subkey already there is valid
+                    self.fold()
+                return
+            subname, subkey_problem = normalize_key(subkey)
+            problem = (subkey_problem and "sub" + subkey_problem) or problem
+            self._write_now(key, NESTED, problem, self._new_nested, subname, normalized)
         except Exception as exc:
             report_internal_error("set_nested", exc)
 
     def append(self, key: object, value: object) -> None:
         """Append ``value`` to the list ``key``."""
+        if not self._collecting:
+            return
         try:
-            normalized, problem = checked_value(value)
-            if problem is None and type(key) is str:
-                with self._lock:
-                    values = self._store.lists.get(key)
-                    if values is not None:
-                        if len(values) < self.max_values_per_key and self._items < self.max_items:
-                            self._items += 1  # ``_admit_member``, inlined for the common case
-                            values.append(normalized)
-                            return
-                        problem = self._admit_member(len(values))
-                        if problem is None:
-                            values.append(normalized)
-                            return
-                        self._dropped += 1
-                if problem is not None:
-                    self._warn(key, problem)
-                    return
-            self._write_new(key, LIST, problem, self._new_element, normalized)
+            if (type(value) is str and len(value) <= MAX_STRING_LENGTH  # ``checked_value``'s
+                    and value.isascii() and _NUL not in value):  # common case, inlined
+                normalized: JSONValue = value
+                problem = None
+                small = True
+            else:
+                normalized, problem = checked_value(value)
+                # A copied list or mapping (up to 16 KiB) is applied at once, never
+                # queued: the queue's ``FOLD_AT`` entries stay small.
+                small = type(normalized) is not list and type(normalized) is not dict
+            if small and problem is None and type(key) is str:
+                queue = self._queue
+                queue.append((_APPEND, key, normalized))
+                if len(queue) >= FOLD_AT:
+                    self.fold()
+                return
+            self._write_now(key, LIST, problem, self._new_element, normalized)
         except Exception as exc:
             report_internal_error("append", exc)
 
     def append_unique(self, key: object, value: object) -> None:
-        """Add ``value`` to the counting set ``key``, counting repeats."""
+        """Add ``value`` to the counting set ``key``, counting how often each value came."""
+        if not self._collecting:
+            return
         try:
             member: Hashable
-            if type(value) is str:
-                plain = len(value) <= MAX_STRING_LENGTH and value.isascii() and _NUL not in value
-            else:
-                plain = type(value) is int and _INT_MIN <= value <= _INT_MAX
-            if plain:
-                member, problem = value, None  # valid, and its own member key
+            if type(value) is str or type(value) is int:
+                # Its own member key. A member already counted is valid; a new one
+                # is checked by ``fold`` (``_member_problem``).
+                member, problem = value, None
             else:
                 normalized, problem = checked_value(value)
                 if problem is None and isinstance(normalized, (list, dict)):
                     problem = "append_unique() takes a scalar (hashable) value"
                 member = _member_key(normalized)
             if problem is None and type(key) is str:
-                with self._lock:
-                    counts = self._store.sets.get(key)
-                    if counts is not None:
-                        count = counts.get(member)
-                        if count is not None:
-                            counts[member] = count + 1
-                            return
-                        if len(counts) < self.max_values_per_key and self._items < self.max_items:
-                            self._items += 1  # ``_admit_member``, inlined for the common case
-                            counts[member] = 1
-                            return
-                        problem = self._admit_member(len(counts))
-                        if problem is None:
-                            counts[member] = 1
-                            return
-                        self._dropped += 1
-                if problem is not None:
-                    self._warn(key, problem)
-                    return
-            self._write_new(key, COUNTING_SET, problem, self._new_member, member)
+                queue = self._queue
+                queue.append((_UNIQUE, key, member))
+                if len(queue) >= FOLD_AT:
+                    self.fold()
+                return
+            self._write_now(key, COUNTING_SET, problem, self._new_member, member)
         except Exception as exc:
             report_internal_error("append_unique", exc)
 
-    def _write_new(
+    # -- folding the queue ----------------------------------------------------
+
+    def fold(self) -> None:
+        """Apply the queued calls to the store, each with the outcome it would have had alone.
+
+        A batch of counter calls only is counted at C speed (repeats of one
+        entry cost no Python work), summed per key, and the store is touched
+        once per key; any other batch is applied entry by entry, in call order,
+        under one lock acquisition. Warnings are logged after the lock is released.
+        """
+        try:
+            with self._fold_lock:
+                queue = self._queue
+                # Other threads only append: the first ``taken`` entries are these
+                # ``ops`` until this fold removes them, and entries appended
+                # meanwhile stay for the next fold. Copy and removal are C speed.
+                taken = len(queue)
+                if not taken:
+                    return
+                ops = queue[:taken]
+                del queue[:taken]
+                if not (self._fold_counters(ops) or self._fold_appends(ops)):
+                    self._fold_in_order(ops)
+        except Exception as exc:
+            report_internal_error("fold", exc)
+
+    def _fold_counters(self, ops: List[Any]) -> bool:
+        """Fold ``ops`` if they are all plain counter calls; False (nothing done) if not.
+
+        A key whose sums could cross a signed 64-bit bound on the way is
+        replayed call by call, so saturation drops exactly the calls it would
+        have. New keys are admitted in the order of their first call.
+        """
+        for end in (ops[0], ops[-1]):
+            if type(end) is tuple and len(end) > 2:
+                return False  # another kind of call is in the batch: no use counting
+        counts: Dict[object, int] = {}
+        try:
+            _count_elements(counts, ops)
+            sums = _sum_counts(counts)
+        except Exception:  # an unhashable value, or a key that cannot be hashed or compared
+            return False
+        if sums is None:
+            return False
+        warnings: List[Tuple[str, str]] = []
+        replay: Set[str] = set()
+        with self._lock:
+            counters = self._store.counters
+            for key, (calls, total, up, down) in sums.items():
+                current = counters.get(key)
+                if current is None:
+                    name, problem = normalize_key(key)
+                    if problem is None:
+                        problem = self._check(name, COUNTER) or self._admit(1)
+                    if problem is not None:
+                        if problem is not _DISABLED:
+                            self._dropped += calls
+                            warnings.append((name, problem))
+                        continue
+                    current = counters[key] = 0
+                if current + up <= _INT_MAX and current + down >= _INT_MIN:
+                    counters[key] = current + total
+                else:
+                    replay.add(key)
+            for op in ops if replay else ():
+                key, amount = _entry(op)
+                if key in replay:
+                    total = counters[key] + amount
+                    if _INT_MIN <= total <= _INT_MAX:
+                        counters[key] = total
+                    else:
+                        counters[key] = _INT_MAX if total > 0 else _INT_MIN
+                        self._dropped += 1
+                        warnings.append((key, _SATURATED))
+        for name, problem in warnings:
+            self._warn(name, problem)
+        return True
+
+    def _fold_appends(self, ops: List[Any]) -> bool:
+        """Fold ``ops`` at C speed if they all append to one existing list with room
+        for every one of them; False (nothing done) if not.
+        """
+        for end in (ops[0], ops[-1]):  # a quick look first: most mixed batches end here
+            if type(end) is not tuple or end[0] is not _APPEND:
+                return False
+        try:
+            if set(map(_first, ops)) != {_APPEND}:
+                return False
+            keys = set(map(_second, ops))
+            values = list(map(_third, ops))  # raises (so nothing is done) for a short entry
+        except Exception:  # an increment of "" (no first character), or an add entry
+            return False
+        if len(keys) != 1:
+            return False
+        with self._lock:
+            elements = self._store.lists.get(keys.pop())
+            if (elements is None or len(elements) + len(values) > self.max_values_per_key
+                    or self._items + len(values) > self.max_items):
+                return False
+            elements.extend(values)
+            self._items += len(values)
+        return True
+
+    def _fold_in_order(self, ops: List[Any]) -> None:
+        """Apply ``ops`` one by one in call order: the common cases inline, the rest ``_decide``."""
+        warnings: List[Tuple[str, str]] = []
+        with self._lock:
+            store = self._store
+            counters, values, nested = store.counters, store.values, store.nested
+            lists, sets = store.lists, store.sets
+            cap, room = self.max_values_per_key, self.max_items - self._items
+            # ``room`` is ``max_items - self._items``, kept in a local across the
+            # inline cases and written back around ``_decide`` (which admits too).
+            try:
+                for op in ops:
+                    if type(op) is str:  # increment
+                        current = counters.get(op)
+                        if current is not None and current < _INT_MAX:
+                            counters[op] = current + 1
+                            continue
+                        args: Tuple[Any, ...] = (op, COUNTER, None, self._new_count, 1)
+                    else:
+                        tag = op[0]
+                        if tag is _APPEND:
+                            _, key, value = op
+                            elements = lists.get(key)
+                            if elements is not None and len(elements) < cap and room > 0:
+                                room -= 1  # ``_admit_member``, inlined for the common case
+                                elements.append(value)
+                                continue
+                            args = (key, LIST, None, self._new_element, value)
+                        elif tag is _SET:
+                            _, key, value = op
+                            if key in values:
+                                values[key] = value
+                                continue
+                            args = (key, VALUE, None, self._new_value, value)
+                        elif tag is _UNIQUE:
+                            _, key, member = op
+                            counts = sets.get(key)
+                            if counts is not None:
+                                count = counts.get(member)
+                                if count is not None:
+                                    counts[member] = count + 1
+                                    continue
+                                kind = type(member)
+                                problem = (
+                                    None if (kind is int and _INT_MIN <= member <= _INT_MAX)
+                                    or kind is tuple else _member_problem(member))
+                                if problem is None and len(counts) < cap and room > 0:
+                                    room -= 1
+                                    counts[member] = 1
+                                    continue
+                            else:
+                                problem = _member_problem(member)
+                            args = (key, COUNTING_SET, problem, self._new_member, member)
+                        elif tag is _NESTED:
+                            _, key, subname, value = op
+                            mapping = nested.get(key)
+                            if mapping is not None:
+                                if subname in mapping:
+                                    mapping[subname] = value
+                                    continue
+                                problem = _subkey_problem(subname)
+                                if problem is None and len(mapping) < cap and room > 0:
+                                    room -= 1
+                                    mapping[subname] = value
+                                    continue
+                            else:
+                                problem = _subkey_problem(subname)
+                            args = (key, NESTED, problem, self._new_nested, subname, value)
+                        else:  # add: (key, amount)
+                            key, amount = op
+                            current = counters.get(key) if type(key) is str else None
+                            if (current is not None and _INT_MIN <= amount <= _INT_MAX
+                                    and _INT_MIN <= current + amount <= _INT_MAX):
+                                counters[key] = current + amount
+                                continue
+                            args = (key, COUNTER, _amount_problem(amount), self._new_count, amount)
+                    self._items = self.max_items - room
+                    warning = self._decide(*args)
+                    room = self.max_items - self._items
+                    if warning is not None:
+                        warnings.append(warning)
+            finally:
+                self._items = self.max_items - room
+        for name, problem in warnings:
+            self._warn(name, problem)
+
+    # -- the slow path ----------------------------------------------------------
+
+    def _write_now(
         self,
         key: object,
         kind: str,
@@ -444,25 +710,44 @@ class Buffer:
         write: Callable[..., Optional[str]],
         *args: Any,
     ) -> None:
-        """The slow path: validate ``key``, then ``write(name, *args)`` under the lock.
+        """A call decided at once: fold the queue (those calls came first), then ``_decide``.
 
-        ``write`` returns why it could not write (full, per-key cap) or None.
-        A failed write is counted as dropped and warned about once per key.
+        Always through ``fold``: even with the queue empty, a fold in another
+        thread may be applying this thread's earlier calls; it waits for that.
+        """
+        self.fold()
+        with self._lock:
+            warning = self._decide(key, kind, problem, write, *args)
+        if warning is not None:
+            self._warn(*warning)
+
+    def _decide(
+        self,
+        key: object,
+        kind: str,
+        problem: Optional[str],
+        write: Callable[..., Optional[str]],
+        *args: Any,
+    ) -> Optional[Tuple[str, str]]:
+        """Validate ``key``, then ``write(name, *args)``; the lock is held.
+
+        ``write`` returns why it could not write (full, per-key cap) or None. A
+        failed write is counted as dropped; the returned (key, problem) is for
+        ``_warn`` (once per key), after the lock is released.
         """
         name, key_problem = normalize_key(key)
         if key_problem is None and self.is_disabled(name):
-            return  # dropped silently, whatever the value: the key is not wanted at all
+            return None  # dropped silently, whatever the value: the key is not wanted at all
         problem = key_problem or problem
-        with self._lock:
+        if problem is None:
+            problem = self._check(name, kind) or write(name, *args)
             if problem is None:
-                problem = self._check(name, kind) or write(name, *args)
-                if problem is None:
-                    return
-            if problem is not _DISABLED:
-                self._dropped += 1
-        self._warn(name, problem)
+                return None
+        if problem is not _DISABLED:
+            self._dropped += 1
+        return name, problem
 
-    # The ``write`` callbacks of ``_write_new``; called with the lock held. Each
+    # The ``write`` callbacks of ``_decide``; called with the lock held. Each
     # also handles the key having appeared since the caller's fast path looked.
 
     def _new_count(self, name: str, amount: int) -> Optional[str]:
@@ -591,6 +876,7 @@ class Buffer:
 
     def disable_keys(self, keys: Iterable[str]) -> None:
         """Server-disable ``keys``: drop what they hold and refuse them from now on."""
+        self.fold()  # calls made before the disable are kept until it drops them
         with self._lock:
             self._server_disabled_keys = self._server_disabled_keys | frozenset(keys)
             # Copying the key list is C-speed; the per-key test runs off the lock.
@@ -603,11 +889,16 @@ class Buffer:
 
     def enable_keys(self, keys: Iterable[str]) -> None:
         """Lift a server disable of ``keys`` (application-disabled keys stay disabled)."""
+        self.fold()  # calls made while disabled stay dropped
         with self._lock:
             self._server_disabled_keys = self._server_disabled_keys - frozenset(keys)
 
     def take(self) -> Snapshot:
-        """Remove and return everything buffered; O(1) under the lock, no copy."""
+        """Remove and return everything buffered; O(1) under the lock, no copy.
+
+        Queued calls are folded in first (by the caller: the emitter's thread).
+        """
+        self.fold()
         with self._lock:
             store, self._store = self._store, _Store()
             items, self._items = self._items, 0
@@ -617,8 +908,13 @@ class Buffer:
         return Snapshot(plain, store.sets, items, dropped)
 
     def has_data(self) -> bool:
-        """Whether a snapshot now would carry anything (items or drop counts)."""
-        return self._items > 0 or self._dropped > 0
+        """Whether a snapshot now would carry anything (queued calls, items or drop counts).
+
+        Read in the direction calls move (queue, then a fold in progress, then
+        the store), so a call on its way from the queue to the store is seen.
+        """
+        return (bool(self._queue) or self._fold_lock.locked()
+                or self._items > 0 or self._dropped > 0)
 
     def count_dropped(self, items: int) -> None:
         """Add ``items`` lost outside the buffer (e.g. a rejected payload) to the next report."""
@@ -627,6 +923,7 @@ class Buffer:
 
     def reset(self) -> None:
         """Empty the buffer (drop counts still reach the server)."""
+        self.fold()  # the queued calls' drops are decided; then their data goes
         with self._lock:
             self._store = _Store()
             self._items = 0
@@ -634,14 +931,17 @@ class Buffer:
 
     @property
     def item_count(self) -> int:
+        self.fold()
         return self._items
 
     @property
     def dropped(self) -> int:
+        self.fold()
         return self._dropped
 
     def after_fork_in_child(self) -> None:
-        """Start empty with a fresh lock: the parent's threads may have held the old one."""
+        """Start empty with fresh locks: the parent's threads may have held the old ones."""
+        self._new_queue()  # the parent's queued calls are the parent's
         self._lock = threading.Lock()
         self._store = _Store()
         self._items = 0

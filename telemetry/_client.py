@@ -164,7 +164,10 @@ class Client:
         """Where collection calls go now: the buffer, or a null object when off."""
         self.event_target: EventTarget = NULL_EVENTS
         """Where event calls go now: the event buffer, or a null object when off."""
+        # One buffer for the client's life (``init()`` configures it): the
+        # module-level collection calls are the default client's buffer's methods.
         self._buffer = Buffer()
+        self._buffer.set_collecting(False)
         self._events = EventBuffer()
         # Set once by init():
         self._options: Optional[Options] = None
@@ -245,7 +248,7 @@ class Client:
             self._state = state
             self.app = app
             self.endpoint = options.resolved_endpoint()
-            self._buffer = Buffer(
+            self._buffer.configure(
                 max_items=options.max_items,
                 max_values_per_key=options.max_values_per_key,
                 disabled_keys=options.disabled_keys,
@@ -350,12 +353,14 @@ class Client:
         """Collection calls go to the buffer, and the emitter may take payloads."""
         assert self._source is not None
         self.collector = self._buffer
+        self._buffer.set_collecting(True)
         self.event_target = self._events
         self._source.instance_id = str(self.instance_id)
 
     def _silence(self) -> None:
         """Collection calls do nothing, and nothing more is taken (off, or the server's stop)."""
         self.collector = NULL_COLLECTOR
+        self._buffer.set_collecting(False)
         self.event_target = NULL_EVENTS
         if self._source is not None:
             self._source.instance_id = None

@@ -60,6 +60,8 @@ def default_client(monkeypatch: pytest.MonkeyPatch) -> telemetry.Client:
     """A fresh process-wide default client, so module-level calls start uninitialised."""
     client = telemetry.Client()
     monkeypatch.setattr(telemetry, "_DEFAULT", client)
+    for name in telemetry._BUFFER_CALLS:  # the default client's buffer's own methods
+        monkeypatch.setattr(telemetry, name, getattr(client._buffer, name))
     return client
 
 
