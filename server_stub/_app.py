@@ -36,10 +36,8 @@ from ._limits import (
     Admission,
     InFlightBudget,
     Limits,
-    check_data_keys,
     check_document,
     count_values,
-    needs_check,
     value_bound,
 )
 from ._openapi import openapi_document
@@ -658,10 +656,9 @@ class App:
         # The payload's shape first (it walks no nested value): a bad event is
         # named by its index and field, not only by where the document walk found it.
         record = validate_payload(body, instance_id, received_at)
-        if needs_check(request.decoded or b"", self.limits):
-            problem = check_document(body, self.limits)
-        else:
-            problem = check_data_keys(body, self.limits)
+        # One walk over every value: cheaper than any scan of the text that could
+        # rule the walk out (a 10-key payload: 13 us against 35 us for a regex scan).
+        problem = check_document(body, self.limits)
         if problem is not None:
             raise HTTPError(400, problem)
         rules = self.policy.current()

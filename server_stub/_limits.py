@@ -37,7 +37,6 @@ __all__ = [
     "check_data_keys",
     "check_document",
     "count_values",
-    "needs_check",
     "saturate",
     "value_bound",
 ]
@@ -46,7 +45,6 @@ __all__ = [
 # A JSON string token, escapes included (unrolled: linear, no backtracking).
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _WHITESPACE = b" \t\r\n"
-_SUSPECT: Dict[int, re.Pattern[bytes]] = {}
 
 
 @dataclass(frozen=True)
@@ -129,30 +127,6 @@ def count_values(document: bytes, limit: Optional[int] = None) -> int:
     containers = structure.count(b"[") + structure.count(b"{")
     empty = structure.count(b"[]") + structure.count(b"{}")
     return 1 + structure.count(b",") + containers - empty
-
-
-def needs_check(document: bytes, limits: Limits) -> bool:
-    """Whether the text of a payload could break a rule that ``check_document`` enforces.
-
-    False only when it certainly cannot: no run of 19 digits (an int64 has at
-    most 19), no exponent of 3 digits (floats overflow from 1e309), no 1,025
-    bytes without a quote and no escaped quote (so no string or member name
-    that long), and too few brackets to nest too deep. One scan in C instead
-    of a walk over every parsed value. (``data`` keys: ``check_data_keys``.)
-    """
-    if document.count(b"[") + document.count(b"{") > limits.max_depth:
-        return True
-    longest = min(limits.max_string_chars, limits.max_name_chars)
-    pattern = _SUSPECT.get(longest)
-    if pattern is None:
-        pattern = _SUSPECT[longest] = re.compile(
-            # A number token (after , : [ or space; before , ] } or space) with 19
-            # digits or more before its point, or an exponent of 3 digits or more.
-            rb"(?<=[\s,:\[])-?(?:[0-9]{19,}(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
-            rb"|[0-9]+(?:\.[0-9]+)?[eE][+-]?[0-9]{3,})(?=[\s,\]}])"
-            rb'|[^"]{%d}|\\"' % (longest + 1)
-        )
-    return pattern.search(document) is not None
 
 
 def check_data_keys(body: object, limits: Limits) -> Optional[str]:

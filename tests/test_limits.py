@@ -29,7 +29,6 @@ from server_stub._limits import (
     address_key,
     check_document,
     count_values,
-    needs_check,
     saturate,
     value_bound,
 )
@@ -455,44 +454,14 @@ def test_an_ipv6_host_counts_by_its_slash_64() -> None:
     assert address_key("::ffff:10.0.0.1") == "10.0.0.1"
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        {"n": 10**19},
-        {"f": 1e308, "g": "1e999 in a string is fine"},
-        {"s": "x" * 1025},
-        {"s": "\\n".join(["x" * 600] * 2)},
-        {"s": '"'.join(["x" * 600] * 2)},
-        {"deep": json.loads("[" * 70 + "1" + "]" * 70)},
-    ],
-)
-def test_the_quick_scan_sends_every_doubtful_payload_to_the_full_check(data: Any) -> None:
-    document = json.dumps({"data": data}).encode()
-    parsed = json.loads(document)
-    limits = Limits()
-
-    if check_document(parsed, limits) is not None:
-        assert needs_check(document, limits)
-
-
-def test_the_quick_scan_sees_a_float_too_long_to_be_finite(backend_server: Server) -> None:
+def test_a_float_too_long_to_be_finite_is_refused(backend_server: Server) -> None:
     payload = make_payload({"f": 0})
     body = json.dumps(payload).replace('"f": 0', '"f": 1' + "0" * 400 + ".0").encode()
-    assert needs_check(body, Limits())
 
     status, _, answer = post_body(backend_server, body, payload["instance_id"])
 
     assert status == 400
     assert "finite" in answer["error"]
-
-
-def test_the_quick_scan_passes_an_ordinary_payload() -> None:
-    payload = make_payload(
-        {f"k{n}": n for n in range(50)} | {"v": "x" * 1000, "f": 1.5e30, "big": 10**17},
-        instance_id="3e123456-1e99-4e12-8e34-1234567890ab",
-    )
-    payload["payload_id"] = "9e999123" * 4  # hex that looks like an exponent
-    assert not needs_check(json.dumps(payload).encode(), Limits())
 
 
 def test_decompressed_bodies_share_a_byte_budget(monkeypatch: pytest.MonkeyPatch) -> None:
