@@ -138,6 +138,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 policy,
                 limits=limits,
                 heavy_lane=heavy.handle if heavy else None,
+                heavy_busy=heavy.busy if heavy else None,
                 access=access,
             ),
             args.host,

@@ -36,10 +36,8 @@ from ._limits import (
     Admission,
     InFlightBudget,
     Limits,
-    check_data_keys,
     check_document,
     count_values,
-    needs_check,
     value_bound,
 )
 from ._openapi import openapi_document
@@ -167,7 +165,7 @@ class RequestBody:
         self.max_bytes = limits.max_body_bytes
         self.max_decoded_bytes = limits.max_decoded_bytes
         self._stream = environ["wsgi.input"]
-        self._encoding = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+        self._encoding: str = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
         self._consumed = 0
         self._to_eof = False
         self.length: Optional[int] = None
@@ -230,6 +228,33 @@ class RequestBody:
             raise HTTPError(413, f"body over {self.max_decoded_bytes} bytes once decompressed")
         self.decoded = decoded
         return decoded
+
+    @property
+    def encoding(self) -> str:
+        """The Content-Encoding, lower case ("" when none)."""
+        return self._encoding
+
+    def measure(
+        self, keep_values: int, over: Optional[Callable[[], None]] = None
+    ) -> Tuple[int, int]:
+        """The body's size once decompressed and its ``value_bound``, found in bounded steps.
+
+        The decompressed body is kept (``decoded``) only while that bound is within
+        ``keep_values``; a bigger gzip body is measured without being held in memory.
+        ``over()`` is called once the bound passes ``keep_values`` (it may raise
+        HTTPError, which ends the measuring there).
+        """
+        if self.decoded is None and self._encoding in ("gzip", "x-gzip"):
+            decoded, size, bound = inflate(
+                self.read(), self.max_decoded_bytes, self._reserve, keep_values, over
+            )
+            self.decoded = decoded
+            return size, bound
+        decoded = self.decode()
+        bound = value_bound(decoded)
+        if over is not None and bound > keep_values:
+            over()
+        return len(decoded), bound
 
     def _reserve(self, size: int) -> None:
         free = min(size, self._unreserved)
@@ -321,8 +346,30 @@ def gunzip(data: bytes, limit: int, reserve: Optional[Callable[[int], None]] = N
     produced ``limit`` bytes, never inflated in full first. ``reserve(n)`` is
     called before each step keeps ``n`` more bytes (it may raise HTTPError).
     """
+    decoded, _, _ = inflate(data, limit, reserve)
+    assert decoded is not None  # kept whole without keep_values
+    return decoded
+
+
+def inflate(
+    data: bytes,
+    limit: int,
+    reserve: Optional[Callable[[int], None]] = None,
+    keep_values: Optional[int] = None,
+    over: Optional[Callable[[], None]] = None,
+) -> Tuple[Optional[bytes], int, int]:
+    """As ``gunzip``: the output, its size, and (with ``keep_values``) its ``value_bound``.
+
+    With ``keep_values``, the bound is counted step by step (no call holds the
+    GIL for long, however big the output), and the output is kept only while
+    the bound is within ``keep_values``: beyond it, ``over()`` is called (it
+    may raise), the rest is only measured and None is returned in place of the
+    output. Without, the bound is 0.
+    """
     chunks: List[bytes] = []
     total = 0
+    bound = 1
+    keeping = True
     pending = data
     while True:
         inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
@@ -333,16 +380,24 @@ def gunzip(data: bytes, limit: int, reserve: Optional[Callable[[int], None]] = N
                 total += len(chunk)
                 if total > limit:
                     raise HTTPError(413, f"body over {limit} bytes once decompressed")
-                if reserve is not None:
-                    reserve(2 * len(chunk))  # the chunk, and its copy when they are joined
-                chunks.append(chunk)
+                if keep_values is not None:
+                    bound += value_bound(chunk) - 1
+                    if keeping and bound > keep_values:
+                        keeping = False
+                        chunks = []
+                        if over is not None:
+                            over()
+                if keeping:
+                    if reserve is not None:
+                        reserve(2 * len(chunk))  # the chunk, and its copy when they are joined
+                    chunks.append(chunk)
                 if not chunk and not pending:
                     raise HTTPError(400, "truncated gzip body")
         except zlib.error as exc:
             raise HTTPError(400, f"invalid gzip body: {exc}") from None
         pending = inflater.unused_data
         if not pending:
-            return b"".join(chunks)
+            return (b"".join(chunks) if keeping else None), total, bound if keep_values else 0
 
 
 def _reject_constant(name: str) -> object:
@@ -454,18 +509,23 @@ class App:
         *,
         clock: Callable[[], float] = time.time,
         limits: Optional[Limits] = None,
-        heavy_lane: Optional[Callable[[bytes, str, str], Response]] = None,
+        heavy_lane: Optional[Callable[[bytes, str, str, str], Response]] = None,
         heavy_values: int = 100_000,
+        heavy_busy: Optional[Callable[[], bool]] = None,
         access: Optional[Access] = None,
     ) -> None:
-        """``heavy_lane(decoded_body, instance_id, address)``, when given, answers
-        payloads of more than ``heavy_values`` JSON values (in another process).
+        """``heavy_lane(body, content_encoding, instance_id, address)``, when given,
+        answers payloads of more than ``heavy_values`` JSON values (in another
+        process), from the body as sent (admitted, and measured once decompressed).
+        While ``heavy_busy()`` is true, such a payload is answered 503 as soon as
+        it is known to be one, before the rest of it is decompressed.
         ``access``: who may read and change the policy (default: no tokens, loopback
         only). The policy is bound to the store (see ``Policy.bind``).
         """
         self.store = store
         self.heavy_lane = heavy_lane
         self.heavy_values = heavy_values
+        self.heavy_busy = heavy_busy
         self.policy = policy
         self.limits = limits or Limits()
         self._clock = clock
@@ -561,13 +621,19 @@ class App:
         if wait is not None:
             return _too_many("too many payloads from this address or in total", wait)
         request = request_body(environ, self.limits)
-        decoded = request.decode()
-        wait = self.admission.charge(address, len(decoded))
+        if self.heavy_lane is None:
+            size, bound = len(request.decode()), 0
+        else:
+            # A big gzip body is measured in small steps and not kept: the child
+            # process gets it as sent.
+            size, bound = request.measure(self.heavy_values, self._heavy_lane_free)
+        wait = self.admission.charge(address, size)
         if wait is not None:
             return _too_many("too many bytes from this address", wait)
-        if self.heavy_lane is not None and value_bound(decoded) > self.heavy_values:
+        if self.heavy_lane is not None and bound > self.heavy_values:
             # Counting exactly (and then parsing) would hold the GIL for long: elsewhere.
-            return self.heavy_lane(decoded, instance_id, address)
+            return self.heavy_lane(request.read(), request.encoding, instance_id, address)
+        decoded = request.decode()
         values = count_values(decoded, self.limits.max_values)
         check_value_count(values, self.limits)
         if not self._budget.acquire(values, self.limits.budget_wait):
@@ -577,6 +643,11 @@ class App:
         finally:
             self._budget.release(values)
 
+    def _heavy_lane_free(self) -> None:
+        """HTTPError 503 while the heavy lane is busy (a big payload then costs no more)."""
+        if self.heavy_busy is not None and self.heavy_busy():
+            raise HTTPError(503, "busy with another large payload; retry", [("Retry-After", "1")])
+
     def store_payload(self, request: RequestBody, instance_id: str, address: str) -> Response:
         """Parse, check, rate-limit and store an admitted body; the answer (or HTTPError)."""
         body = request.parse()
@@ -585,10 +656,9 @@ class App:
         # The payload's shape first (it walks no nested value): a bad event is
         # named by its index and field, not only by where the document walk found it.
         record = validate_payload(body, instance_id, received_at)
-        if needs_check(request.decoded or b"", self.limits):
-            problem = check_document(body, self.limits)
-        else:
-            problem = check_data_keys(body, self.limits)
+        # One walk over every value: cheaper than any scan of the text that could
+        # rule the walk out (a 10-key payload: 13 us against 35 us for a regex scan).
+        problem = check_document(body, self.limits)
         if problem is not None:
             raise HTTPError(400, problem)
         rules = self.policy.current()

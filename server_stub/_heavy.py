@@ -3,20 +3,20 @@
 Parsing and re-encoding a payload of a million JSON values are single C calls
 that hold Python's GIL for a large fraction of a second: in the serving process
 they would stop the HTTP front and every other request for that long. The
-command-line server hands such payloads (already admitted, decompressed and
-counted) to this process, which validates and stores them with an ``App`` of
-its own on the same database, one at a time, and sends back the answer. Its
-memory is freed by the operating system between requests, not fragmented in
-the serving process.
+command-line server hands such payloads (already admitted, and measured once
+decompressed) to this process as they were sent, compressed: it decompresses,
+counts, validates and stores them with an ``App`` of its own on the same
+database, one at a time, and sends back the answer. So the serving process
+never holds their decompressed bytes, let alone their parsed values.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import logging
 import multiprocessing
+import os
 import signal
 import threading
 from typing import TYPE_CHECKING, Any, List, Optional, Tuple
@@ -34,29 +34,37 @@ logger = logging.getLogger("server_stub")
 HEAVY_VALUES = 100_000
 """Payloads with more JSON values than this go to the child process."""
 _ANSWER_TIMEOUT = 60.0
+# The child's CPU priority relative to the serving process (Unix nice levels).
+_NICENESS = 10
 # Short: callers hold a thread of the front while they wait.
 _BUSY_WAIT = 0.1
 
-_Request = Tuple[bytes, str, str]
+_Request = Tuple[bytes, str, str, str]
 _Answer = Tuple[int, Any, List[Tuple[str, str]]]
 
 
 def _serve(connection: Connection, db: str, policy_file: Optional[str], limits: Limits) -> None:
-    """The child: answer each (decoded body, instance id, address) until the pipe closes."""
+    """The child: answer each (body, content encoding, instance id, address) until
+    the pipe closes."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+    with contextlib.suppress(AttributeError, OSError):  # not on every platform
+        # Below the serving process: where they share a CPU, small requests go first.
+        os.nice(_NICENESS)
     app = create_app(db=db, policy_file=policy_file, limits=limits)
-    # What arrives is the body already decompressed: read it up to that limit.
-    decoded_limits = dataclasses.replace(limits, max_body_bytes=limits.max_decoded_bytes)
     try:
         while True:
             try:
-                decoded, instance_id, address = connection.recv()
+                body, encoding, instance_id, address = connection.recv()
             except (EOFError, OSError):
                 return
-            environ = {"wsgi.input": io.BytesIO(decoded), "CONTENT_LENGTH": str(len(decoded))}
+            environ = {
+                "wsgi.input": io.BytesIO(body),
+                "CONTENT_LENGTH": str(len(body)),
+                "HTTP_CONTENT_ENCODING": encoding,
+            }
             try:
-                check_value_count(count_values(decoded, limits.max_values), limits)
-                request = request_body(environ, decoded_limits)
+                request = request_body(environ, limits)
+                check_value_count(count_values(request.decode(), limits.max_values), limits)
                 response = app.store_payload(request, instance_id, address)
             except HTTPError as exc:
                 response = _error(exc.status, exc.message, exc.headers)
@@ -90,7 +98,11 @@ class HeavyLane:
         self._connection = parent
         return parent
 
-    def handle(self, decoded: bytes, instance_id: str, address: str) -> Response:
+    def busy(self) -> bool:
+        """Whether a payload is being processed (another would wait, then get 503)."""
+        return self._lock.locked()
+
+    def handle(self, body: bytes, encoding: str, instance_id: str, address: str) -> Response:
         if not self._lock.acquire(timeout=_BUSY_WAIT):
             raise HTTPError(503, "busy with another large payload; retry", [("Retry-After", "1")])
         try:
@@ -98,7 +110,7 @@ class HeavyLane:
                 raise HTTPError(503, "shutting down")
             connection = self._connection or self._start()
             try:
-                connection.send((decoded, instance_id, address))
+                connection.send((body, encoding, instance_id, address))
                 if not connection.poll(_ANSWER_TIMEOUT):
                     raise TimeoutError("no answer")
                 status, body, headers = connection.recv()

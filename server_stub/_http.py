@@ -5,13 +5,16 @@ slow or hostile clients cannot stall. One thread runs an asyncio loop that
 accepts connections and reads each request whole (request line, headers and
 body) under a total deadline; only a complete request is handed to a bounded
 pool of threads running the WSGI app, so a client that sends one byte a minute
-holds a socket, never a thread. It bounds:
+holds a socket and its buffer, never a thread (and, until its headers are
+complete, not even an asyncio task: heads are read in protocol callbacks).
+It bounds:
 
 - open connections, overall and per client address; when a cap is reached the
   connection that has waited longest for its request to arrive is closed
   (idle keep-alive or slow clients go first; requests being answered are never cut);
 - the time to deliver each complete request (``request_timeout``, counted from
-  connecting or from the previous answer) and to take each answer;
+  connecting or from the previous answer, spread at random over half as much
+  again) and to take each answer;
 - header size, body size (the app's limit), and the memory held by buffered
   large bodies in total;
 - app threads: small bodies and large bodies have separate pools, so a flood of
@@ -33,6 +36,7 @@ import io
 import itertools
 import json
 import logging
+import random
 import socket
 import socketserver
 import sys
@@ -260,7 +264,8 @@ def drop_connection(environ: WSGIEnvironment) -> None:
 # -- the production front ------------------------------------------------------------
 
 _SMALL_BODY = 64 << 10
-CLOSE_TIMEOUT = 5.0
+# Request deadlines fall at random between request_timeout and this much more.
+_DEADLINE_SPREAD = 0.5
 
 
 _DEFAULT_MAX_CONNECTIONS = 4096
@@ -288,6 +293,9 @@ class FrontLimits:
       ``max_per_address`` from one client address.
     - ``request_timeout``: seconds to deliver a whole request (from connecting,
       or from the previous answer on a kept-alive connection), and to take an answer.
+      A connection that overruns it is cut at a random moment within the next
+      half of it, so that connections opened in one burst are not all cut
+      (and re-opened) in one burst.
     - ``max_header_bytes`` for the request line and headers; ``max_body_bytes``
       per body as sent; ``max_buffered_bytes``: bodies over 64 KiB held at
       once, over all connections (beyond it: 503).
@@ -322,25 +330,6 @@ class _BadRequest(Exception):
         self.message = message
 
 
-class _FrontConnection:
-    """One client connection as the front tracks it."""
-
-    def __init__(self, number: int, address: str, writer: asyncio.StreamWriter) -> None:
-        self.number = number
-        self.address = address
-        self.writer = writer
-        self.evicted = False
-        self.has_head = False
-        """Whether its current request's head has arrived (the body is being read)."""
-
-    def close(self, *, abort: bool = False) -> None:
-        with contextlib.suppress(Exception):
-            if abort:
-                self.writer.transport.abort()
-            else:
-                self.writer.close()
-
-
 @dataclass
 class _FrontRequest:
     method: str
@@ -349,6 +338,223 @@ class _FrontRequest:
     headers: List[Tuple[str, str]]
     body: bytes
     keep_alive: bool
+
+
+class _FrontConnection(asyncio.Protocol):
+    """One client connection.
+
+    Request heads are read here, in callbacks: a client slow to send its head
+    costs a buffer and a timer, never a task, and each byte it drips costs
+    one search of its buffer. Once a head has arrived, a task
+    (``FrontServer._serve_request``) reads the body, has the app answer and
+    writes the answer; then the next head is awaited the same way.
+    """
+
+    def __init__(self, front: FrontServer) -> None:
+        self.front = front
+        self.number = next(front._numbers)
+        self.address = "unknown"
+        self.transport: Optional[asyncio.Transport] = None
+        self.evicted = False
+        self.has_head = False
+        """Whether its current request's head has arrived (the body is being read)."""
+        self.closed = False
+        self.serving = False
+        """Whether a task is serving a request of this connection."""
+        self._buffer = bytearray()
+        self._scanned = 0
+        self._eof = False
+        self._need = 0
+        self._waiter: Optional[asyncio.Future[None]] = None
+        self._reading_paused = False
+        self._writing_paused = False
+        self._write_waiter: Optional[asyncio.Future[None]] = None
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    # -- asyncio's callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
+        if not self.front._admit(self):
+            self.front.refused += 1
+            self.refuse(503, "too many connections; try again later")
+            return
+        self.await_head()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._buffer += data
+        if not self.serving:
+            self._scan_head()
+        elif self._waiter is not None and len(self._buffer) >= self._need:
+            self._wake()
+        if (
+            not self._reading_paused
+            and not self.closed
+            and len(self._buffer) > self.front._read_high
+            and self.transport is not None
+        ):
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        if not self.serving:
+            self.close()  # nothing was asked that needs an answer
+            return False
+        self._wake()
+        return True  # keep the connection open to write the answer
+
+    def connection_lost(self, exc: Optional[Exception]) -> None:
+        self.closed = True
+        self._eof = True
+        self.cancel_deadline()
+        self.front._forget(self)
+        self._wake()
+        self._wake_writer()
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        self._wake_writer()
+
+    # -- heads, deadlines ----------------------------------------------------------------
+
+    def await_head(self) -> None:
+        """Wait, in callbacks, for the next request's head within the request deadline."""
+        self.serving = False
+        self.front._set_waiting(self, True)
+        timeout = self.front.limits.request_timeout
+        # Each deadline is stretched by a random part of _DEADLINE_SPREAD: connections
+        # opened in one burst are then not all cut (and re-opened) in the same instant.
+        spread = self.front._random.random() * _DEADLINE_SPREAD * timeout
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(timeout + spread, self.front._expire, self)
+        self._scan_head()
+
+    def cancel_deadline(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _scan_head(self) -> None:
+        end = self._buffer.find(b"\r\n\r\n", max(0, self._scanned - 3))
+        limit = self.front.limits.max_header_bytes
+        if end < 0 or end + 4 > limit:
+            self._scanned = len(self._buffer)
+            if end >= 0 or len(self._buffer) > limit:
+                self.refuse(431, "request headers too large")
+            else:
+                self._resume_reading()
+            return
+        head = self._take(end + 4)
+        self._scanned = 0
+        try:
+            request = _parse_head(head)
+        except _BadRequest as exc:
+            self.refuse(exc.status, exc.message)
+            return
+        self.serving = True
+        asyncio.get_running_loop().create_task(self.front._serve_request(self, request))
+
+    # -- reading the body (from the task) ------------------------------------------------
+
+    async def read_exactly(self, size: int) -> bytes:
+        await self._wait_for(size)
+        return self._take(size)
+
+    async def read_line(self) -> bytes:
+        """Up to and including the next CRLF (at most ``max_header_bytes``)."""
+        while True:
+            end = self._buffer.find(b"\r\n")
+            if end >= 0:
+                return self._take(end + 2)
+            if len(self._buffer) > self.front.limits.max_header_bytes:
+                raise _BadRequest(400, "bad chunk")
+            await self._wait_for(len(self._buffer) + 1)
+
+    async def _wait_for(self, size: int) -> None:
+        while len(self._buffer) < size:
+            if self._eof:
+                raise asyncio.IncompleteReadError(bytes(self._buffer), size)
+            self._need = size
+            self._waiter = asyncio.get_running_loop().create_future()
+            self._resume_reading()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def _take(self, size: int) -> bytes:
+        data = bytes(self._buffer[:size])
+        del self._buffer[:size]
+        if len(self._buffer) <= self.front._read_high:
+            self._resume_reading()
+        return data
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and not self.closed and self.transport is not None:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # -- writing, closing ----------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until what was written is mostly sent (TimeoutError after ``timeout``)."""
+        if self._writing_paused and not self.closed:
+            self._write_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(self._write_waiter, timeout)
+            finally:
+                self._write_waiter = None
+
+    def _wake_writer(self) -> None:
+        if self._write_waiter is not None and not self._write_waiter.done():
+            self._write_waiter.set_result(None)
+
+    def refuse(self, status: int, message: str) -> None:
+        """Answer ``{"error": message}`` and close (cut after a second if it is not taken)."""
+        self.cancel_deadline()
+        body = json.dumps({"error": message}).encode()
+        head = (
+            f"HTTP/1.1 {status_line(status)}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        self.write(head.encode("latin-1") + body)
+        self.close_soon()
+
+    def close_soon(self) -> None:
+        """Close once what was written has left; cut it after a second."""
+        self.close()
+        if self.transport is not None and not self.closed:
+            asyncio.get_running_loop().call_later(1.0, self._cut)
+
+    def _cut(self) -> None:
+        self.close(abort=True)
+
+    def close(self, *, abort: bool = False) -> None:
+        transport = self.transport
+        if transport is None or (transport.is_closing() and not abort):
+            return
+        with contextlib.suppress(Exception):
+            if abort:
+                transport.abort()
+            else:
+                transport.close()
 
 
 class FrontServer:
@@ -388,7 +594,10 @@ class FrontServer:
         self._waiting: OrderedDict[int, _FrontConnection] = OrderedDict()
         self._waiting_by_address: Dict[str, OrderedDict[int, _FrontConnection]] = {}
         self._numbers = itertools.count()
+        self._random = random.Random()
         self._buffered = 0
+        # Bytes a connection may hold unread before the front stops reading from it.
+        self._read_high = self.limits.max_header_bytes + self.limits.max_body_bytes
         self._small_pool = concurrent.futures.ThreadPoolExecutor(
             self.limits.workers, thread_name_prefix="server_stub-app"
         )
@@ -454,8 +663,8 @@ class FrontServer:
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
-        server = await asyncio.start_server(
-            self._handle, sock=self._socket, limit=self.limits.max_header_bytes, backlog=64
+        server = await self._loop.create_server(
+            lambda: _FrontConnection(self), sock=self._socket, backlog=64
         )
         # asyncio accepts up to `backlog` connections per turn of the loop: few, so that
         # a burst of connections does not keep everything else waiting. The kernel's
@@ -472,24 +681,6 @@ class FrontServer:
                 await asyncio.wait_for(server.wait_closed(), 1.0)
 
     # -- one connection --------------------------------------------------------------
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peer = writer.get_extra_info("peername")
-        address = str(peer[0]) if isinstance(peer, tuple) and peer else "unknown"
-        connection = _FrontConnection(next(self._numbers), address, writer)
-        if not self._admit(connection):
-            self.refused += 1
-            await self._refuse(writer, 503, "too many connections; try again later")
-            return
-        try:
-            await self._serve_connection(connection, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.TimeoutError):
-            pass
-        except Exception:
-            logger.exception("connection from %s failed", address)
-        finally:
-            self._forget(connection)
-            connection.close()
 
     def _admit(self, connection: _FrontConnection) -> bool:
         """Track ``connection``, first closing the longest-waiting reader when a cap is hit."""
@@ -537,126 +728,82 @@ class FrontServer:
         else:
             self._per_address.pop(connection.address, None)
 
-    async def _serve_connection(
-        self,
-        connection: _FrontConnection,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        timeout = self.limits.request_timeout
-        while not connection.evicted:
-            self._set_waiting(connection, True)
-            # A timer rather than asyncio.wait_for: no task per request, which counts
-            # when thousands of connections arrive at once.
-            timer = loop.call_later(timeout, self._expire, connection)
+    async def _serve_request(self, connection: _FrontConnection, request: _FrontRequest) -> None:
+        """Read the body of ``request`` (its head has arrived), answer it, and then await
+        the connection's next head (keep-alive) or close it."""
+        try:
+            keep_alive = await self._answer(connection, request)
+        except _BadRequest as exc:
+            connection.refuse(exc.status, exc.message)
+            return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            connection.close()  # _expire answered 408, or the client went away
+            return
+        except asyncio.TimeoutError:
+            connection.close(abort=True)  # the answer was not taken in time
+            return
+        except Exception:
+            logger.exception("connection from %s failed", connection.address)
+            connection.close(abort=True)
+            return
+        if keep_alive and not connection.closed:
+            connection.await_head()
+        else:
+            connection.close()
+
+    async def _answer(self, connection: _FrontConnection, request: _FrontRequest) -> bool:
+        """Read the body, run the app, write the answer; whether to keep the connection."""
+        reserved = 0
+        try:
+            length = self._body_length(request)
+            large = length > _SMALL_BODY
+            if large:
+                if self._buffered + length > self.limits.max_buffered_bytes:
+                    raise _BadRequest(503, "server busy; try again later")
+                reserved = length
+                self._buffered += reserved
+            if length and _expects_continue(request):
+                connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            connection.has_head = True
             try:
-                request = await self._read_head(reader)
-            except _BadRequest as exc:
-                timer.cancel()
-                await self._refuse(writer, exc.status, exc.message)
-                return
-            except (asyncio.IncompleteReadError, ConnectionError):
-                timer.cancel()
-                return  # cut at the deadline (quietly: no request yet), or by the client
-            if request is None:
-                timer.cancel()
-                return  # the client closed the connection
-            reserved = 0
-            try:
-                length = self._body_length(request)
-                large = length > _SMALL_BODY
-                if large:
-                    if self._buffered + length > self.limits.max_buffered_bytes:
-                        raise _BadRequest(503, "server busy; try again later")
-                    reserved = length
-                    self._buffered += reserved
-                if length and _expects_continue(request):
-                    writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                connection.has_head = True
-                try:
-                    request.body = await self._read_body(reader, request, length)
-                except (asyncio.IncompleteReadError, ConnectionError):
-                    return  # _expire answered 408, or the client went away
-                finally:
-                    timer.cancel()
-                    connection.has_head = False
-                self._set_waiting(connection, False)
-                pool = self._large_pool if large else self._small_pool
-                status, headers, body = await loop.run_in_executor(
-                    pool, self._call_app, self._environ(request, connection)
-                )
-            except _BadRequest as exc:
-                timer.cancel()
-                await self._refuse(writer, exc.status, exc.message)
-                return
+                request.body = await self._read_body(connection, request, length)
             finally:
-                self._buffered -= reserved
-            keep_alive = request.keep_alive and not connection.evicted
-            logger.log(
-                self.access_log_level,
-                '%s "%s %s %s" %s %d',
-                connection.address,
-                request.method,
-                request.target,
-                request.version,
-                status.split(" ", 1)[0],
-                len(body),
+                connection.cancel_deadline()
+                connection.has_head = False
+            self._set_waiting(connection, False)
+            pool = self._large_pool if large else self._small_pool
+            status, headers, body = await asyncio.get_running_loop().run_in_executor(
+                pool, self._call_app, self._environ(request, connection)
             )
-            await self._respond(
-                writer, request, status=status, headers=headers, body=body, keep_alive=keep_alive
-            )
-            if not keep_alive:
-                return
+        finally:
+            self._buffered -= reserved
+        keep_alive = request.keep_alive and not connection.evicted
+        logger.log(
+            self.access_log_level,
+            '%s "%s %s %s" %s %d',
+            connection.address,
+            request.method,
+            request.target,
+            request.version,
+            status.split(" ", 1)[0],
+            len(body),
+        )
+        await self._respond(
+            connection, request, status=status, headers=headers, body=body, keep_alive=keep_alive
+        )
+        return keep_alive
 
     def _expire(self, connection: _FrontConnection) -> None:
         """The request deadline passed: 408 once its head arrived, else close quietly."""
         if connection.has_head:
             body = b'{"error":"request not received in time"}'
-            with contextlib.suppress(Exception):
-                connection.writer.write(
-                    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
-                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
-                )
-            connection.close()
+            connection.write(
+                b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+            )
+            connection.close_soon()
         else:
             connection.close(abort=True)
-
-    async def _read_head(self, reader: asyncio.StreamReader) -> Optional[_FrontRequest]:
-        try:
-            head = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError:
-            return None  # closed by the client, or cut by the deadline: nobody to answer
-        except asyncio.LimitOverrunError:
-            raise _BadRequest(431, "request headers too large") from None
-        lines = head[:-4].decode("latin-1").split("\r\n")
-        while lines and not lines[0]:
-            lines.pop(0)  # stray line breaks between kept-alive requests
-        if not lines:
-            raise _BadRequest(400, "empty request")
-        parts = lines[0].split(" ")
-        if len(parts) != 3 or not parts[0].isalpha() or not parts[2].startswith("HTTP/1."):
-            raise _BadRequest(400, "bad request line")
-        method, target, version = parts
-        if version not in ("HTTP/1.0", "HTTP/1.1"):
-            raise _BadRequest(505, "HTTP version not supported")
-        headers: List[Tuple[str, str]] = []
-        for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            if not colon or not name or name != name.strip() or " " in name:
-                raise _BadRequest(400, "malformed header")
-            headers.append((name, value.strip()))
-        connection_tokens = {
-            token.strip().lower()
-            for name, value in headers
-            if name.lower() == "connection"
-            for token in value.split(",")
-        }
-        if version == "HTTP/1.1":
-            keep_alive = "close" not in connection_tokens
-        else:
-            keep_alive = "keep-alive" in connection_tokens
-        return _FrontRequest(method, target, version, headers, b"", keep_alive)
 
     def _body_length(self, request: _FrontRequest) -> int:
         """The Content-Length to read (0 for chunked bodies, read by ``_read_body``)."""
@@ -679,18 +826,18 @@ class FrontServer:
         return length
 
     async def _read_body(
-        self, reader: asyncio.StreamReader, request: _FrontRequest, length: int
+        self, connection: _FrontConnection, request: _FrontRequest, length: int
     ) -> bytes:
         chunked = any(
             name.lower() == "transfer-encoding" and "chunked" in value.lower()
             for name, value in request.headers
         )
         if not chunked:
-            return await reader.readexactly(length) if length else b""
+            return await connection.read_exactly(length) if length else b""
         pieces: List[bytes] = []
         total = 0
         while True:
-            size_line = await reader.readuntil(b"\r\n")
+            size_line = await connection.read_line()
             size_text = size_line.split(b";", 1)[0].strip()
             try:
                 size = int(size_text, 16)
@@ -699,12 +846,12 @@ class FrontServer:
             if size < 0 or total + size > self.limits.max_body_bytes:
                 raise _BadRequest(413, f"body over {self.limits.max_body_bytes} bytes")
             if size == 0:
-                while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                while (await connection.read_line()) != b"\r\n":
                     pass  # trailers, ignored
                 break
-            pieces.append(await reader.readexactly(size))
+            pieces.append(await connection.read_exactly(size))
             total += size
-            if await reader.readexactly(2) != b"\r\n":
+            if await connection.read_exactly(2) != b"\r\n":
                 raise _BadRequest(400, "bad chunk")
         request.headers = [
             (name, value) for name, value in request.headers if name.lower() != "transfer-encoding"
@@ -773,7 +920,7 @@ class FrontServer:
 
     async def _respond(
         self,
-        writer: asyncio.StreamWriter,
+        connection: _FrontConnection,
         request: _FrontRequest,
         *,
         status: str,
@@ -790,20 +937,40 @@ class FrontServer:
         lines.append(f"Content-Length: {len(body)}")
         if not keep_alive:
             lines.append("Connection: close")
-        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
-        await asyncio.wait_for(writer.drain(), self.limits.request_timeout)
+        connection.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        await connection.drain(self.limits.request_timeout)
 
-    async def _refuse(self, writer: asyncio.StreamWriter, status: int, message: str) -> None:
-        body = json.dumps({"error": message}).encode()
-        head = (
-            f"HTTP/1.1 {status_line(status)}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        )
-        with contextlib.suppress(Exception):
-            writer.write(head.encode("latin-1") + body)
-            await asyncio.wait_for(writer.drain(), 1.0)
-        with contextlib.suppress(Exception):
-            writer.close()
+
+def _parse_head(head: bytes) -> _FrontRequest:
+    """The request line and headers of ``head`` (which ends with CRLF CRLF)."""
+    lines = head[:-4].decode("latin-1").split("\r\n")
+    while lines and not lines[0]:
+        lines.pop(0)  # stray line breaks between kept-alive requests
+    if not lines:
+        raise _BadRequest(400, "empty request")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[0].isalpha() or not parts[2].startswith("HTTP/1."):
+        raise _BadRequest(400, "bad request line")
+    method, target, version = parts
+    if version not in ("HTTP/1.0", "HTTP/1.1"):
+        raise _BadRequest(505, "HTTP version not supported")
+    headers: List[Tuple[str, str]] = []
+    for line in lines[1:]:
+        name, colon, value = line.partition(":")
+        if not colon or not name or name != name.strip() or " " in name:
+            raise _BadRequest(400, "malformed header")
+        headers.append((name, value.strip()))
+    connection_tokens = {
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == "connection"
+        for token in value.split(",")
+    }
+    if version == "HTTP/1.1":
+        keep_alive = "close" not in connection_tokens
+    else:
+        keep_alive = "keep-alive" in connection_tokens
+    return _FrontRequest(method, target, version, headers, b"", keep_alive)
 
 
 def _expects_continue(request: _FrontRequest) -> bool:

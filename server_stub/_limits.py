@@ -17,12 +17,13 @@ Nothing here does I/O. The WSGI app applies these at ingest:
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import math
 import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 from ._storage import INT64_MAX, INT64_MIN, saturate
 
@@ -36,7 +37,6 @@ __all__ = [
     "check_data_keys",
     "check_document",
     "count_values",
-    "needs_check",
     "saturate",
     "value_bound",
 ]
@@ -45,7 +45,6 @@ __all__ = [
 # A JSON string token, escapes included (unrolled: linear, no backtracking).
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _WHITESPACE = b" \t\r\n"
-_SUSPECT: Dict[int, re.Pattern[bytes]] = {}
 
 
 @dataclass(frozen=True)
@@ -130,30 +129,6 @@ def count_values(document: bytes, limit: Optional[int] = None) -> int:
     return 1 + structure.count(b",") + containers - empty
 
 
-def needs_check(document: bytes, limits: Limits) -> bool:
-    """Whether the text of a payload could break a rule that ``check_document`` enforces.
-
-    False only when it certainly cannot: no run of 19 digits (an int64 has at
-    most 19), no exponent of 3 digits (floats overflow from 1e309), no 1,025
-    bytes without a quote and no escaped quote (so no string or member name
-    that long), and too few brackets to nest too deep. One scan in C instead
-    of a walk over every parsed value. (``data`` keys: ``check_data_keys``.)
-    """
-    if document.count(b"[") + document.count(b"{") > limits.max_depth:
-        return True
-    longest = min(limits.max_string_chars, limits.max_name_chars)
-    pattern = _SUSPECT.get(longest)
-    if pattern is None:
-        pattern = _SUSPECT[longest] = re.compile(
-            # A number token (after , : [ or space; before , ] } or space) with 19
-            # digits or more before its point, or an exponent of 3 digits or more.
-            rb"(?<=[\s,:\[])-?(?:[0-9]{19,}(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?"
-            rb"|[0-9]+(?:\.[0-9]+)?[eE][+-]?[0-9]{3,})(?=[\s,\]}])"
-            rb'|[^"]{%d}|\\"' % (longest + 1)
-        )
-    return pattern.search(document) is not None
-
-
 def check_data_keys(body: object, limits: Limits) -> Optional[str]:
     """Why a key of the payload's ``data`` is too long, or None."""
     data = body.get("data") if isinstance(body, dict) else None
@@ -169,35 +144,66 @@ def check_document(body: object, limits: Limits) -> Optional[str]:
 
     One iterative walk (no recursion limit): ints in signed 64 bits, finite
     floats, lengths of strings, member names and top-level ``data`` keys, depth.
+    It holds one iterator per level of nesting, not the values still to visit
+    (a list of a million values costs no list of a million entries).
     """
     problem = check_data_keys(body, limits)
     if problem is not None:
         return problem
-    stack: List[Tuple[object, int, str]] = [(body, 1, "")]
+    problem = _check_scalar(body, "", limits)
+    if problem is not None or not isinstance(body, (list, dict)):
+        return problem
+    # (the members still to visit at one level, their depth, where they are)
+    stack: List[Tuple[Iterator[Tuple[Optional[str], object]], int, str]] = [
+        (_members(body), 2, "")
+    ]
     while stack:
-        value, depth, where = stack.pop()
-        kind = type(value)
-        if kind is int:
-            if not INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]
-                return f"{where or 'value'}: integer outside signed 64 bits"
-        elif kind is float:
-            if not math.isfinite(value):  # type: ignore[arg-type]
-                return f"{where or 'value'}: number is not finite"
-        elif kind is str:
-            if len(value) > limits.max_string_chars:  # type: ignore[arg-type]
-                return (
-                    f"{where or 'value'}: string longer than {limits.max_string_chars} characters"
-                )
-        elif kind is list or kind is dict:
-            if depth > limits.max_depth:
-                return f"payload nested deeper than {limits.max_depth} levels"
-            if kind is list:
-                stack.extend((item, depth + 1, where) for item in value)  # type: ignore[attr-defined]
-            else:
-                for name, item in value.items():  # type: ignore[attr-defined]
-                    if len(name) > limits.max_name_chars:
-                        return f"member name longer than {limits.max_name_chars} characters"
-                    stack.append((item, depth + 1, name if depth <= 2 else where))
+        members, depth, where = stack[-1]
+        for name, value in members:
+            at = where
+            if name is not None:
+                if len(name) > limits.max_name_chars:
+                    return f"member name longer than {limits.max_name_chars} characters"
+                if depth <= 3:
+                    at = name
+            kind = type(value)
+            if kind is int:
+                if not INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]
+                    return _check_scalar(value, at, limits)
+            elif kind is str:
+                if len(value) > limits.max_string_chars:  # type: ignore[arg-type]
+                    return _check_scalar(value, at, limits)
+            elif kind is list or kind is dict:
+                if depth > limits.max_depth:
+                    return f"payload nested deeper than {limits.max_depth} levels"
+                stack.append((_members(value), depth + 1, at))  # type: ignore[arg-type]
+                break
+            elif kind is float and not math.isfinite(value):  # type: ignore[arg-type]
+                return _check_scalar(value, at, limits)
+        else:
+            stack.pop()
+    return None
+
+
+def _members(container: Union[List[object], Dict[str, object]]) -> Iterator[
+    Tuple[Optional[str], object]
+]:
+    """A list's items (no name) or a dict's members, as (name, value)."""
+    if type(container) is list:
+        return zip(itertools.repeat(None), container)
+    return iter(container.items())  # type: ignore[union-attr]
+
+
+def _check_scalar(value: object, where: str, limits: Limits) -> Optional[str]:
+    kind = type(value)
+    if kind is int:
+        if not INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]
+            return f"{where or 'value'}: integer outside signed 64 bits"
+    elif kind is float:
+        if not math.isfinite(value):  # type: ignore[arg-type]
+            return f"{where or 'value'}: number is not finite"
+    elif kind is str and len(value) > limits.max_string_chars:  # type: ignore[arg-type]
+        return f"{where or 'value'}: string longer than {limits.max_string_chars} characters"
     return None
 
 

@@ -376,7 +376,8 @@ class Buffer:
     # types and of its value (a mutable value is copied now), then it appends
     # one entry to the queue, taking no lock. ``fold`` applies the entries in
     # call order. A call the slow path must refuse at once (a key that is not a
-    # ``str``, an invalid value) folds the queue first, then takes ``_write_now``.
+    # ``str``, an invalid value) or whose value is a copied container folds the
+    # queue first, then takes ``_write_now``.
 
     def increment(self, key: object) -> None:
         """Add 1 to the integer counter ``key``."""
@@ -417,9 +418,13 @@ class Buffer:
                     and value.isascii() and _NUL not in value):  # common case, inlined
                 normalized: JSONValue = value
                 problem = None
+                small = True
             else:
                 normalized, problem = checked_value(value)
-            if problem is None and type(key) is str:
+                # A copied list or mapping (up to 16 KiB) is applied at once, never
+                # queued: the queue's ``FOLD_AT`` entries stay small.
+                small = type(normalized) is not list and type(normalized) is not dict
+            if small and problem is None and type(key) is str:
                 queue = self._queue
                 queue.append((_SET, key, normalized))
                 if len(queue) >= FOLD_AT:
@@ -438,9 +443,13 @@ class Buffer:
                     and value.isascii() and _NUL not in value):  # common case, inlined
                 normalized: JSONValue = value
                 problem = None
+                small = True
             else:
                 normalized, problem = checked_value(value)
-            if problem is None and type(key) is str and type(subkey) is str:
+                # A copied list or mapping (up to 16 KiB) is applied at once, never
+                # queued: the queue's ``FOLD_AT`` entries stay small.
+                small = type(normalized) is not list and type(normalized) is not dict
+            if small and problem is None and type(key) is str and type(subkey) is str:
                 queue = self._queue
                 queue.append((_NESTED, key, subkey, normalized))  # a new subkey is checked
                 if len(queue) >= FOLD_AT:  # by ``fold``: a subkey already there is valid
@@ -461,9 +470,13 @@ class Buffer:
                     and value.isascii() and _NUL not in value):  # common case, inlined
                 normalized: JSONValue = value
                 problem = None
+                small = True
             else:
                 normalized, problem = checked_value(value)
-            if problem is None and type(key) is str:
+                # A copied list or mapping (up to 16 KiB) is applied at once, never
+                # queued: the queue's ``FOLD_AT`` entries stay small.
+                small = type(normalized) is not list and type(normalized) is not dict
+            if small and problem is None and type(key) is str:
                 queue = self._queue
                 queue.append((_APPEND, key, normalized))
                 if len(queue) >= FOLD_AT:

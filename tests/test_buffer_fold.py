@@ -130,6 +130,27 @@ def test_the_queue_is_folded_at_the_bound() -> None:
     assert buffer._store.values == {"version": "1.0"}
 
 
+@pytest.mark.parametrize("call", [
+    lambda buffer, value: buffer.set("config", value),
+    lambda buffer, value: buffer.set_nested("configs", "main", value),
+    lambda buffer, value: buffer.append("configs", value),
+])
+def test_a_copied_container_is_applied_at_once_not_queued(
+    call: Callable[[Buffer, object], None],
+) -> None:
+    # Up to 16 KiB each: FOLD_AT of them queued would hold tens of megabytes.
+    buffer = Buffer()
+    buffer.increment("hits")
+    value = {"servers": ["a" * 1000] * 15}
+    call(buffer, value)
+    assert buffer._queue == []  # nothing waits, the earlier increment included
+    assert buffer._store.counters == {"hits": 1}
+    value["servers"].append("changed later")  # the stored value is a copy
+    data = taken(buffer).data
+    stored = data.get("config") or data.get("configs")
+    assert "changed later" not in str(stored) and "a" * 1000 in str(stored)
+
+
 def test_a_queued_counter_decides_the_kind_before_a_later_call(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -6,6 +6,7 @@ stop, or drip it; every wait is on the socket (``select``) and bounded.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import os
@@ -24,6 +25,7 @@ import pytest
 import requests
 
 from server_stub import App, Policy, create_app, open_store
+from server_stub._app import Response
 from server_stub._heavy import HeavyLane
 from server_stub._http import FrontLimits, FrontServer
 from server_stub._limits import Limits
@@ -155,6 +157,29 @@ def test_slow_headers_are_cut_at_the_deadline(front: FrontServer) -> None:
         assert closed_by_server(sock, 5.0) == b""
 
 
+def test_connections_waiting_for_their_head_hold_no_task(front: FrontServer) -> None:
+    """A slow client costs the front a buffer and a timer: no task per connection."""
+    assert front._loop is not None
+
+    async def tasks() -> int:
+        return len(asyncio.all_tasks())
+
+    def count() -> int:
+        assert front._loop is not None
+        return asyncio.run_coroutine_threadsafe(tasks(), front._loop).result(5)
+
+    idle = count()
+    with ExitStack() as stack:
+        for n in range(2, 8):
+            sock = stack.enter_context(
+                slow_connection(front.host, front.port, source=f"127.0.0.{n}")
+            )
+            sock.sendall(b"X-Drip: a")  # a byte more of the head: still no task
+        assert healthy_post(front.url) == 200
+        assert front.open_connections >= 6
+        assert count() == idle
+
+
 def test_at_the_connection_cap_the_longest_waiting_connection_goes(front: FrontServer) -> None:
     with ExitStack() as stack:
         slow = [
@@ -256,6 +281,36 @@ def test_several_processes_share_a_port_with_reuse_port(tmp_path: Path) -> None:
             first.kill()
 
 
+def test_a_big_payload_is_refused_at_once_while_the_child_process_is_busy(tmp_path: Path) -> None:
+    """Found to be one for the child process, it is not decompressed further (503, retry)."""
+    db = str(tmp_path / "t.db")
+    busy = [True]
+    handed: List[int] = []
+
+    def lane(body: bytes, encoding: str, instance_id: str, address: str) -> Response:
+        handed.append(len(body))  # what the child process would get, as sent
+        return Response(200, {})
+
+    app = App(open_store(db), Policy(), heavy_lane=lane, heavy_busy=lambda: busy[0],
+              heavy_values=1000)
+    instance_id = str(uuid.uuid4())
+    big = json.loads(payload_body(instance_id))
+    big["data"] = {"list": list(range(50_000))}
+    body = gzip.compress(json.dumps(big).encode())
+    headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+    try:
+        with FrontServer(app).start() as server:
+            url = f"{server.url}/v1/update/{instance_id}"
+            refused = requests.post(url, data=body, headers=headers, timeout=10)
+            busy[0] = False
+            taken = requests.post(url, data=body, headers=headers, timeout=10)
+    finally:
+        app.store.close()
+    assert refused.status_code == 503 and refused.headers["Retry-After"] == "1"
+    assert taken.status_code == 200
+    assert handed == [len(body)]
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_the_biggest_payloads_are_stored_by_a_child_process(
     tmp_path: Path, backend: str, request: pytest.FixtureRequest
@@ -281,6 +336,10 @@ def test_the_biggest_payloads_are_stored_by_a_child_process(
             ]
             stats = requests.get(f"{server.url}/v1/stats", timeout=5).json()
             child = lane._process
+            assert child is not None and child.pid is not None
+            # Below the serving process: where they share a CPU, small requests go first.
+            niceness = os.getpriority(os.PRIO_PROCESS, child.pid)
+            assert niceness > os.getpriority(os.PRIO_PROCESS, 0)
     finally:
         lane.close()
         app.store.close()
