@@ -232,8 +232,10 @@ def _attrs_problem(attrs: Dict[str, Any], event_type: str, event_name: str) -> O
 
 
 def _describe(value: object) -> str:
-    """``value`` for a log line, at most 60 characters; never calls its ``__str__``."""
-    return str.__str__(value)[:60] if isinstance(value, str) else f"<{type(value).__name__}>"
+    """``value`` for a log line: its first 60 characters, quoted and escaped as ``repr``
+    escapes them (no raw line break, terminal escape or lone surrogate reaches the log);
+    never calls its ``__str__``."""
+    return repr(str.__str__(value)[:60]) if isinstance(value, str) else f"<{type(value).__name__}>"
 
 
 class EventSnapshot(NamedTuple):
