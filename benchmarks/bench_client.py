@@ -321,7 +321,10 @@ def spool_start(
                         time.sleep(0.01)  # a benchmark, not a test: polls the emitter's work
                     trim_s = time.perf_counter() - started
                     left = client.status().spool_files
-                client.stop_emitting(timeout=0.1)
+                # Long enough for the emitter to finish trimming (the refused
+                # connection fails at once): its thread must be done with the
+                # spool before the directory is removed.
+                client.stop_emitting(timeout=60)
     return {
         "files": files,
         "start_ms": best["full"] * 1000,
