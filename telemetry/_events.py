@@ -41,6 +41,7 @@ from typing import (
 )
 
 from telemetry._log import logger, report_internal_error
+from telemetry._wire import EncodedEvents, encode_event
 
 __all__ = [
     "DEFAULT_LOG_LEVEL",
@@ -242,7 +243,7 @@ class EventSnapshot(NamedTuple):
     """What ``EventBuffer.take`` removed: events in wire form, in recording order;
     events rejected (invalid, a filter that raised) and events dropped for want of room."""
 
-    events: List[Dict[str, Any]]
+    events: EncodedEvents
     rejected: int
     dropped_events: int
 
@@ -494,7 +495,7 @@ class EventBuffer:
             rejected, self._rejected = self._rejected, 0
             dropped, self._dropped_events = self._dropped_events, 0
             self._warned_full = False
-        wire: List[Dict[str, Any]] = []
+        wire: List[str] = []  # each event's JSON text: no object for the collector to count
         # One read of the system's random source for every id drawn here: 32 hex
         # digits each (an id is drawn now unless the event came with one).
         random_hex = os.urandom(16 * sum(event[0] is None for event in events)).hex()
@@ -524,14 +525,14 @@ class EventBuffer:
                     drawn += 32
                 else:
                     wire_id = event_id
-                wire.append({
+                wire.append(encode_event({
                     "event_id": wire_id,
                     "event_time": formatted_time,
                     "event_type": event_type,
                     "event_name": event_name,
                     **attrs,
-                })
-        return EventSnapshot(wire, rejected, dropped)
+                }))
+        return EventSnapshot(EncodedEvents(wire), rejected, dropped)
 
     def has_events(self) -> bool:
         """Whether a snapshot now would carry anything (events or counts)."""

@@ -105,8 +105,11 @@ def _items_of_data(payload: Payload) -> int:
     return estimate_items(payload.data) + len(payload.events)
 
 
-def _event_tuple(events: Iterable[Mapping[str, JSONValue]]) -> Tuple[Mapping[str, JSONValue], ...]:
-    return tuple(events)
+def _event_tuple(
+    events: Iterable[Mapping[str, JSONValue]],
+) -> Sequence[Mapping[str, JSONValue]]:
+    """``events`` as an immutable sequence: ``EncodedEvents`` as they are, else a tuple."""
+    return events if isinstance(events, EncodedEvents) else tuple(events)
 
 
 @attrs.frozen
@@ -128,7 +131,7 @@ class Payload:
     dropped: int = 0
     client_name: str = CLIENT_NAME
     client_version: str = __version__
-    events: Tuple[Mapping[str, JSONValue], ...] = attrs.field(default=(), converter=_event_tuple)
+    events: Sequence[Mapping[str, JSONValue]] = attrs.field(default=(), converter=_event_tuple)
     dropped_events: int = 0
     items: int = attrs.field(
         default=attrs.Factory(_items_of_data, takes_self=True), eq=False
@@ -241,6 +244,67 @@ class CountingSet(Sequence[Dict[str, JSONValue]]):
         return f"CountingSet({list(self)!r})"
 
 
+_encode_event = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, separators=(",", ":")
+).encode
+
+
+class EncodedEvents(Sequence[Dict[str, JSONValue]]):
+    """Events in wire form, each kept as its JSON text: read-only.
+
+    A ``str`` is not tracked by the cyclic garbage collector, a dict is: 100,000
+    events kept as dicts until they are delivered start over a hundred
+    collections on the emitter's thread, each holding the GIL. The encoder joins
+    the texts as they are (no encoding again when a payload is split); reading an
+    event decodes it. It compares equal to a list or tuple of the same events.
+    """
+
+    __slots__ = ("_texts",)
+
+    def __init__(self, texts: List[str]) -> None:
+        self._texts = texts
+
+    @classmethod
+    def of(cls, events: Iterable[Mapping[str, Any]]) -> EncodedEvents:
+        """Encode ``events`` (JSON objects with plain values, no lone surrogate)."""
+        return cls([_no_surrogates(_encode_event(event)) for event in events])
+
+    @property
+    def texts(self) -> Sequence[str]:
+        """Each event's JSON text (UTF-8 safe: no lone surrogate)."""
+        return self._texts
+
+    def __len__(self) -> int:
+        return len(self._texts)
+
+    def __iter__(self) -> Iterator[Dict[str, JSONValue]]:
+        for text in self._texts:
+            yield json.loads(text)
+
+    @overload
+    def __getitem__(self, index: int) -> Dict[str, JSONValue]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> EncodedEvents: ...
+
+    def __getitem__(self, index: Union[int, slice]) -> Union[Dict[str, JSONValue], EncodedEvents]:
+        if isinstance(index, slice):
+            return EncodedEvents(self._texts[index])
+        return json.loads(self._texts[index])  # type: ignore[no-any-return]
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, EncodedEvents):
+            return self._texts == other._texts
+        if isinstance(other, (list, tuple)):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment] # unhashable, like the list it stands for
+
+    def __repr__(self) -> str:
+        return f"EncodedEvents({list(self)!r})"
+
+
 def wire_data(
     plain_tables: Iterable[Dict[str, Any]],
     counting_sets: Mapping[str, Mapping[Hashable, int]],
@@ -334,6 +398,11 @@ def _no_surrogates(text: str) -> str:
     return text
 
 
+def encode_event(event: Mapping[str, Any]) -> str:
+    """One event's JSON text, as ``EncodedEvents`` keeps it."""
+    return _no_surrogates(_encode_event(event))
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -406,9 +475,15 @@ def iter_encoded_payload(
         return
     events = payload.events
     separator = '},"events":['
-    for start in range(0, len(events), ENCODE_CHUNK_EVENTS):
-        yield separator + _dumps(list(events[start : start + ENCODE_CHUNK_EVENTS]))[1:-1]
-        separator = ","
+    if isinstance(events, EncodedEvents):
+        texts = events.texts
+        for start in range(0, len(texts), ENCODE_CHUNK_EVENTS):
+            yield separator + ",".join(texts[start : start + ENCODE_CHUNK_EVENTS])
+            separator = ","
+    else:
+        for start in range(0, len(events), ENCODE_CHUNK_EVENTS):
+            yield separator + _dumps(list(events[start : start + ENCODE_CHUNK_EVENTS]))[1:-1]
+            separator = ","
     yield "]}"
 
 
@@ -534,15 +609,17 @@ def split_to_fit(
             return [request], 0
         problem = "is too large to send even alone"
     keys = list(payload.data)
-    events = list(payload.events)
+    events = payload.events  # sliced as it is (encoded events stay encoded)
     if len(keys) + len(events) <= 1:
         what = f"key {keys[0]!r}" if keys else "event" if events else "(empty)"
         logger.warning("telemetry: payload %s %s; dropped", what, problem)
         return [], payload.items + payload.dropped
     if keys and events:
-        parts: List[Tuple[List[str], List[Mapping[str, JSONValue]]]] = [(keys, []), ([], events)]
+        parts: List[Tuple[List[str], Sequence[Mapping[str, JSONValue]]]] = [
+            (keys, ()), ([], events)
+        ]
     elif keys:
-        parts = [(keys[: len(keys) // 2], []), (keys[len(keys) // 2 :], [])]
+        parts = [(keys[: len(keys) // 2], ()), (keys[len(keys) // 2 :], ())]
     else:
         parts = [([], events[: len(events) // 2]), ([], events[len(events) // 2 :])]
     requests: List[Request] = []
