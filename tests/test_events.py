@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import gc
 import json
 import logging
 import re
@@ -446,3 +447,26 @@ def test_bad_attributes_of_a_known_type_and_name_are_rejected_when_taken(
     assert [e["ok"] for e in snapshot.events] == [1, 2]
     assert snapshot.rejected == 2
     assert len([r for r in caplog.records if "rejected" in r.getMessage()]) == 1
+
+
+def test_taking_many_events_starts_no_garbage_collection() -> None:
+    """A taken event is its JSON text, which the cyclic collector does not track: a dict
+    per event would start a collection every few hundred events (the default
+    threshold is 700 tracked objects), on the emitter's thread, holding the GIL."""
+    buffer = make(max_events=5000)
+    for number in range(5000):
+        record(buffer, "behavioral", f"click-{number % 50}", page=f"/page/{number % 100}", n=number)
+    started: List[int] = []
+
+    def watch(phase: str, info: Dict[str, int]) -> None:
+        if phase == "start":
+            started.append(info["generation"])
+
+    gc.callbacks.append(watch)
+    try:
+        snapshot = buffer.take()
+    finally:
+        gc.callbacks.remove(watch)
+    assert len(started) <= 1  # the count may already have been near the threshold
+    assert len(snapshot.events) == 5000 and snapshot.events[4999]["n"] == 4999
+    assert not any(gc.is_tracked(text) for text in snapshot.events.texts)

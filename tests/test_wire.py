@@ -23,6 +23,7 @@ from telemetry._version import __version__
 from telemetry._wire import (
     CLIENT_NAME,
     CountingSet,
+    EncodedEvents,
     Payload,
     Response,
     WireLimits,
@@ -676,3 +677,56 @@ def test_a_snapshot_of_counting_sets_keeps_no_object_per_member() -> None:
     assert kept < 100  # a dict per member would be 10,000
     sent = json.loads(gzip.decompress(request.body))["data"]
     assert [len(sent[key]) for key in ("agents:0", "agents:1")] == [5000, 5000]
+
+
+# -- events kept as their JSON text ------------------------------------------------
+
+WIRE_EVENTS = [
+    {"event_id": f"{n:032x}", "event_time": "2027-01-15T08:00:00.123456Z",
+     "event_type": "behavioral", "event_name": f"click-{n % 7}", "page": "/é/ü", "n": n,
+     "ratio": n / 3, "ok": n % 2 == 0, "none": None}
+    for n in range(300)
+]
+
+
+def test_encoded_events_read_and_compare_as_the_events_they_hold() -> None:
+    encoded = EncodedEvents.of(WIRE_EVENTS)
+    assert len(encoded) == 300 and list(encoded) == WIRE_EVENTS
+    assert encoded == WIRE_EVENTS and WIRE_EVENTS == encoded  # both ways round
+    assert encoded == tuple(WIRE_EVENTS) and encoded != WIRE_EVENTS[:-1] and encoded != "x"
+    assert encoded[5] == WIRE_EVENTS[5] and encoded[-1] == WIRE_EVENTS[-1]
+    part = encoded[10:20]
+    assert isinstance(part, EncodedEvents) and part == WIRE_EVENTS[10:20]
+    assert not any(gc.is_tracked(text) for text in encoded.texts)
+    with pytest.raises(TypeError):
+        hash(encoded)
+
+
+def test_encoded_events_encode_exactly_as_the_same_events_as_dicts() -> None:
+    data = {"n": 1, "words": ["a"]}
+    encoded = make_payload(data=data, events=EncodedEvents.of(WIRE_EVENTS))
+    plain = make_payload(data=data, events=WIRE_EVENTS)
+    assert isinstance(encoded.events, EncodedEvents)  # the payload keeps them encoded
+    assert encode_payload(encoded) == encode_payload(plain)
+    assert list(iter_encoded_payload(encoded)) == list(iter_encoded_payload(plain))
+    assert decode_payload(encode_payload(encoded)) == plain == encoded
+
+
+def test_an_encoded_lone_surrogate_is_escaped_and_decodes_back() -> None:
+    event = {"event_id": "0" * 32, "event_time": "2027-01-15T08:00:00Z",
+             "event_type": "metric", "event_name": "x", "bad": "a\ud800b"}
+    encoded = EncodedEvents.of([event])
+    assert encoded.texts[0].encode("utf-8")  # no UnicodeEncodeError
+    assert list(decode_payload(encode_payload(make_payload(events=encoded))).events) == [event]
+
+
+def test_split_to_fit_keeps_encoded_events_encoded_and_sends_them_all_in_order() -> None:
+    payload = make_payload(data={"k": 1}, events=EncodedEvents.of(WIRE_EVENTS))
+    parts, lost = split_to_fit(payload, WireLimits(max_body_bytes=4000, gzip_threshold=10**9))
+    assert lost == 0 and len(parts) > 2
+    event_parts = [part.payload.events for part in parts if part.payload.events]
+    assert all(isinstance(events, EncodedEvents) for events in event_parts)
+    assert [event for events in event_parts for event in events] == WIRE_EVENTS
+    for part in parts:
+        assert len(part.body) <= 4000
+        assert json.loads(part.body) == json.loads(encode_payload(part.payload))
