@@ -22,7 +22,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import (
@@ -243,7 +243,8 @@ class EventSnapshot(NamedTuple):
     """What ``EventBuffer.take`` removed: events in wire form, in recording order;
     events rejected (invalid, a filter that raised) and events dropped for want of room."""
 
-    events: EncodedEvents
+    events: Sequence[Dict[str, Any]]
+    """An ``EncodedEvents``: each event kept as its JSON text."""
     rejected: int
     dropped_events: int
 

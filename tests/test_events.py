@@ -20,6 +20,7 @@ from telemetry._events import (
     format_event_time,
     parse_log_level,
 )
+from telemetry._wire import EncodedEvents
 
 WALL = 1_800_000_000.123456
 WALL_TEXT = "2027-01-15T08:00:00.123456Z"
@@ -469,4 +470,5 @@ def test_taking_many_events_starts_no_garbage_collection() -> None:
         gc.callbacks.remove(watch)
     assert len(started) <= 1  # the count may already have been near the threshold
     assert len(snapshot.events) == 5000 and snapshot.events[4999]["n"] == 4999
+    assert isinstance(snapshot.events, EncodedEvents)
     assert not any(gc.is_tracked(text) for text in snapshot.events.texts)

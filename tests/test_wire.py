@@ -692,7 +692,8 @@ WIRE_EVENTS = [
 def test_encoded_events_read_and_compare_as_the_events_they_hold() -> None:
     encoded = EncodedEvents.of(WIRE_EVENTS)
     assert len(encoded) == 300 and list(encoded) == WIRE_EVENTS
-    assert encoded == WIRE_EVENTS and WIRE_EVENTS == encoded  # both ways round
+    expected = list(WIRE_EVENTS)
+    assert encoded == expected and expected == encoded  # both ways round
     assert encoded == tuple(WIRE_EVENTS) and encoded != WIRE_EVENTS[:-1] and encoded != "x"
     assert encoded[5] == WIRE_EVENTS[5] and encoded[-1] == WIRE_EVENTS[-1]
     part = encoded[10:20]
