@@ -497,19 +497,24 @@ class EventBuffer:
             dropped, self._dropped_events = self._dropped_events, 0
             self._warned_full = False
         wire: List[str] = []  # each event's JSON text: no object for the collector to count
-        # One read of the system's random source for every id drawn here: 32 hex
-        # digits each (an id is drawn now unless the event came with one).
-        random_hex = os.urandom(16 * sum(event[0] is None for event in events)).hex()
-        drawn = 0
+        # Taken from the end, a few at a time, so that each chunk is let go of as the
+        # next is taken: freeing 100,000 events at once, at the end, would hold the GIL
+        # for tens of milliseconds.
+        events.reverse()
         clock = time.perf_counter
         pause_at = clock() + _PAUSE_INTERVAL
-        for start in range(0, len(events), _EVENTS_PER_LOOK):
+        while events:
             if clock() >= pause_at:
                 time.sleep(0)  # not a wait: lets a thread waiting for the GIL take it
                 pause_at = clock() + _PAUSE_INTERVAL
-            for event_id, when, event_type, event_name, attrs, checked in events[
-                start : start + _EVENTS_PER_LOOK
-            ]:
+            chunk = events[-_EVENTS_PER_LOOK:]
+            del events[-_EVENTS_PER_LOOK:]
+            chunk.reverse()
+            # One read of the system's random source per chunk: 32 hex digits for each
+            # id drawn here (an id is drawn now unless the event came with one).
+            random_hex = os.urandom(16 * len(chunk)).hex()
+            drawn = 0
+            for event_id, when, event_type, event_name, attrs, checked in chunk:
                 if not checked:
                     problem = _attrs_problem(attrs, event_type, event_name)
                     if problem is not None:
