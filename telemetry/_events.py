@@ -41,7 +41,6 @@ from typing import (
 )
 
 from telemetry._log import logger, report_internal_error
-from telemetry._wire import EncodedEvents, encode_event
 
 __all__ = [
     "DEFAULT_LOG_LEVEL",
@@ -491,6 +490,9 @@ class EventBuffer:
         the GIL back at least every millisecond, so 10,000 events do not stall
         the application's threads.
         """
+        # Not at module level: ``_wire`` needs attrs, which ``import telemetry`` does not load.
+        from telemetry._wire import EncodedEvents, encode_event  # noqa: PLC0415
+
         with self._lock:
             events, self._events = self._events, []
             rejected, self._rejected = self._rejected, 0
