@@ -48,7 +48,7 @@ import json.encoder
 import math
 import re
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ._storage import Runner
 
@@ -610,14 +610,26 @@ PendingPayload = Tuple[int, str, str, str, Mapping[str, Any], int]
 """(seq, instance_id, timestamp, received_at, data, dropped) of a stored payload."""
 
 
-def fold_pending(run: Runner, select_pending: str) -> int:
+ParsedPayloads = Mapping[int, Tuple[str, Mapping[str, Any]]]
+"""Payloads still in memory: ``seq`` -> (the data's stored JSON text, that text decoded)."""
+
+
+def fold_pending(
+    run: Runner, select_pending: str, parsed: Optional[ParsedPayloads] = None
+) -> int:
     """Add every pending payload to the rollups and clear it from ``rollup_pending``.
 
     ``select_pending`` selects up to ``?`` pending payloads as ``PendingPayload``
     rows (``data`` as JSON text or already decoded), oldest first. The caller
     holds a write transaction that no other fold runs beside. Returns how many
     payloads were added.
+
+    ``parsed`` spares decoding the data of payloads the caller still holds: an
+    entry is used only when its text is the text stored, so a stale one (another
+    process folded that payload, a rolled-back ``seq`` was reused) costs nothing
+    but the comparison.
     """
+    parsed = parsed or {}
     folded = 0
     while True:
         rows = run.fetchall(select_pending, (FOLD_BATCH,))
@@ -625,7 +637,14 @@ def fold_pending(run: Runner, select_pending: str) -> int:
             return folded
         batch = _Batch()
         for seq, instance_id, timestamp, received_at, stored_data, dropped in rows:
-            data = json.loads(stored_data) if isinstance(stored_data, str) else stored_data
+            if isinstance(stored_data, str):
+                held = parsed.get(seq)
+                if held is not None and held[0] == stored_data:
+                    data = held[1]
+                else:
+                    data = json.loads(stored_data)
+            else:
+                data = stored_data
             batch.add(
                 int(seq),
                 instance_id,

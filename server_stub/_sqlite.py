@@ -15,12 +15,13 @@ import threading
 from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ._group_commit import GroupCommit
 from ._rollups import (
     ADD_PENDING,
     FOLD_AT_ONCE_BYTES,
+    FOLD_BATCH,
     FOLD_EVERY,
     PreparedFold,
     fold_pending,
@@ -191,6 +192,9 @@ class SQLiteStore:
         self._closed = False
         self._pruned_at: Optional[float] = None
         self._commits = GroupCommit(self._add_batch)
+        # The data of payloads this process stored and no fold has taken in yet, as
+        # the request decoded it: the fold need not decode it again (writers only).
+        self._parsed: Dict[int, Tuple[str, Mapping[str, Any]]] = {}
         connection = self._connect()
         connection.executescript(_SCHEMA)
         _migrate(connection)
@@ -305,11 +309,20 @@ class SQLiteStore:
                         )
                     else:
                         connection.execute(ADD_PENDING, (seq,))
+                        self._parsed[seq] = (row[4], record.data)
                     _insert_events(connection, record.events)
                     fold = fold or seq % FOLD_EVERY == 0
             if fold:
-                fold_pending(run, _SELECT_PENDING)
+                self._fold(run)
+        if len(self._parsed) > FOLD_BATCH:  # another process folded them
+            self._parsed.clear()
         return stored
+
+    def _fold(self, run: SQLiteRunner) -> int:
+        try:
+            return fold_pending(run, _SELECT_PENDING, self._parsed)
+        finally:
+            self._parsed.clear()
 
     def fold_rollups(self) -> int:
         """Add the payloads stored since the last fold to the rollups; how many."""
@@ -318,7 +331,7 @@ class SQLiteStore:
         if pending is None:
             return 0
         with self.writing() as run:
-            return fold_pending(run, _SELECT_PENDING)
+            return self._fold(run)
 
     @contextmanager
     def writing(self) -> Iterator[SQLiteRunner]:
