@@ -146,6 +146,23 @@ def _migrate(connection: sqlite3.Connection) -> int:
     return found
 
 
+class _WriteTransaction:
+    """``SQLiteStore.writing()``: a class, not nested generator-based context managers,
+    as it is entered for every batch of payloads stored and they cost a few µs each."""
+
+    __slots__ = ("_connection", "_store")
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> SQLiteRunner:
+        self._connection = self._store._begin_write()
+        return SQLiteRunner(self._connection)
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        self._store._end_write(self._connection, commit=kind is None)
+
+
 class SQLiteRunner:
     """A ``Runner`` on a ``sqlite3`` connection (the caller holds the transaction)."""
 
@@ -333,17 +350,32 @@ class SQLiteStore:
         with self.writing() as run:
             return self._fold(run)
 
-    @contextmanager
-    def writing(self) -> Iterator[SQLiteRunner]:
+    def writing(self) -> _WriteTransaction:
         """A write transaction (``BEGIN IMMEDIATE``), one at a time in this process."""
-        with self._writing() as connection:
-            connection.execute("BEGIN IMMEDIATE")
+        return _WriteTransaction(self)
+
+    def _begin_write(self) -> sqlite3.Connection:
+        """Take the write lock and a connection, and begin a write transaction on it."""
+        self._write_lock.acquire()
+        try:
+            connection = self._acquire()
             try:
-                yield SQLiteRunner(connection)
+                connection.execute("BEGIN IMMEDIATE")
             except BaseException:
-                connection.execute("ROLLBACK")
+                self._release(connection)
                 raise
-            connection.execute("COMMIT")
+        except BaseException:
+            self._write_lock.release()
+            raise
+        return connection
+
+    def _end_write(self, connection: sqlite3.Connection, *, commit: bool) -> None:
+        """Commit (or roll back) what ``_begin_write`` began, and give back what it took."""
+        try:
+            connection.execute("COMMIT" if commit else "ROLLBACK")
+        finally:
+            self._release(connection)
+            self._write_lock.release()
 
     @contextmanager
     def reading(self) -> Iterator[SQLiteRunner]:
