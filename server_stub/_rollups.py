@@ -81,6 +81,8 @@ _NAIVE_EPOCH = datetime(1970, 1, 1)
 _MICROSECOND = timedelta(microseconds=1)
 
 _encode_string: Any = json.encoder.encode_basestring_ascii  # what json.dumps uses
+# json.dumps(value, sort_keys=True, separators=(",", ":")) without a new encoder per call
+_encode_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 _RFC3339 = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
     r"(?:\.([0-9]+))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
@@ -173,7 +175,7 @@ def identity(value: object) -> str:
         return repr(value) if math.isfinite(value) else json.dumps(value)  # type: ignore[arg-type]
     if value is None:
         return "null"
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return _encode_canonical(value)
 
 
 LONG_VALUE = 256
