@@ -311,6 +311,7 @@ class SQLiteStore:
         with self.writing() as run:
             connection = run.connection
             fold = False
+            pending: List[Tuple[int]] = []
             for record, row, at_once in zip(records, rows, prepared):
                 cursor = connection.execute(_INSERT, row)
                 stored.append(cursor.rowcount == 1)
@@ -327,10 +328,12 @@ class SQLiteStore:
                             dropped=record.dropped,
                         )
                     else:
-                        connection.execute(ADD_PENDING, (seq,))
+                        pending.append((seq,))
                         self._parsed[seq] = (row[4], record.data)
                     _insert_events(connection, record.events)
                     fold = fold or seq % FOLD_EVERY == 0
+            if pending:
+                connection.executemany(ADD_PENDING, pending)
             if fold:
                 self._fold(run)
         if len(self._parsed) > FOLD_BATCH:  # another process folded them
