@@ -184,6 +184,11 @@ rollups under a hash (``value_key``), their text once in ``rollup_long_values``:
 a B-tree index row must stay small (PostgreSQL refuses one over ~2.7 kB)."""
 
 
+_SHORT_STRING = (LONG_VALUE - 2) // 12
+"""Strings this long or shorter are never long values: their JSON takes at most 12
+characters per character (a surrogate pair's two escapes), and two quotes."""
+
+
 def value_key(canonical: str) -> str:
     """What the rollups keep for a value: its canonical JSON, or ``#`` and a hash of it
     when that is long (no JSON text starts with ``#``)."""
@@ -441,6 +446,9 @@ class _Batch:
                     self._canonical[id(item["value"])] = identity(item["value"])
 
     def _key_of(self, value: object) -> str:
+        if type(value) is str and len(value) <= _SHORT_STRING:
+            encoded: str = _encode_string(value)  # what identity() does, first
+            return encoded
         canonical = self._canonical.get(id(value))
         if canonical is None:
             canonical = identity(value)
