@@ -204,12 +204,9 @@ class SQLiteStore:
         self._memory = path in ("", ":memory:")
         self._timeout = timeout
         self._pool_size = 1 if self._memory else max(1, pool_size)
-        # The pool: idle connections (the last one handed back is taken first), how
-        # many are open, and a condition that a connection was handed back.
-        self._idle: List[sqlite3.Connection] = []
+        self._idle: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
         self._opened = 0
         self._pool_lock = threading.Lock()
-        self._handed_back = threading.Condition(self._pool_lock)
         self._write_lock = threading.Lock()
         self._closed = False
         self._pruned_at: Optional[float] = None
@@ -221,7 +218,7 @@ class SQLiteStore:
         connection.executescript(_SCHEMA)
         _migrate(connection)
         if self._memory:
-            self._idle.append(connection)
+            self._idle.put(connection)
             self._opened = 1
         else:
             # Not kept: a server that forks workers after create_app() must not share it.
@@ -252,14 +249,16 @@ class SQLiteStore:
     def _acquire(self) -> sqlite3.Connection:
         if self._closed:
             raise RuntimeError("store is closed")
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
         with self._pool_lock:
-            if self._idle:
-                return self._idle.pop()
-            if self._opened >= self._pool_size:
-                if not self._handed_back.wait_for(lambda: self._idle, self._timeout):
-                    raise queue.Empty(f"no connection free within {self._timeout} s")
-                return self._idle.pop()
-            self._opened += 1
+            can_open = self._opened < self._pool_size
+            if can_open:
+                self._opened += 1
+        if not can_open:
+            return self._idle.get(timeout=self._timeout)
         try:
             return self._connect()
         except BaseException:
@@ -268,12 +267,10 @@ class SQLiteStore:
             raise
 
     def _release(self, connection: sqlite3.Connection) -> None:
-        with self._pool_lock:
-            if not self._closed:
-                self._idle.append(connection)
-                self._handed_back.notify()
-                return
-        connection.close()
+        if self._closed:
+            connection.close()
+        else:
+            self._idle.put(connection)
 
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
@@ -535,11 +532,12 @@ class SQLiteStore:
 
     def close(self) -> None:
         """Close every idle connection; ones in use are closed when handed back."""
-        with self._pool_lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for connection in idle:
-            connection.close()
+        self._closed = True
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                break
 
 
 def _json_or_none(text: Optional[str]) -> Any:

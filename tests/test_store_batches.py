@@ -218,28 +218,3 @@ def test_a_fold_decodes_a_payload_whose_held_text_is_not_the_stored_one(tmp_path
         finally:
             store.close()
     assert folds[0]["rollup_key_hours"] and folds[1] == folds[0]
-
-
-def test_a_full_sqlite_pool_hands_a_returned_connection_to_the_waiting_reader(
-    tmp_path: Path,
-) -> None:
-    store = SQLiteStore(str(tmp_path / "pool.db"), pool_size=1, timeout=30)
-    try:
-        with ThreadPoolExecutor(1) as pool:
-            with store.reading() as held:
-                waiting = pool.submit(store.instance_payloads, "nobody", 10, 0)
-                held.fetchall("SELECT 1")
-                assert not waiting.done()  # no connection free: it waits, it does not fail
-            assert waiting.result(timeout=30) == []  # the connection the read handed back
-    finally:
-        store.close()
-
-
-def test_a_full_sqlite_pool_fails_a_reader_that_waited_out_the_timeout(tmp_path: Path) -> None:
-    store = SQLiteStore(str(tmp_path / "pool.db"), pool_size=1, timeout=0.05)
-    try:
-        with store.reading(), pytest.raises(Exception, match="no connection free"):
-            store.instance_payloads("nobody", 10, 0)
-        assert store.instance_payloads("nobody", 10, 0) == []
-    finally:
-        store.close()
