@@ -109,6 +109,10 @@ class HTTPError(Exception):
         self.headers = headers or []
 
 
+# json.dumps(value, separators=(",", ":")) without a new encoder per call
+_encode_compact = json.JSONEncoder(separators=(",", ":")).encode
+
+
 @dataclass
 class Response:
     status: int
@@ -118,10 +122,7 @@ class Response:
 
     def encode(self) -> Tuple[str, Headers, bytes]:
         """Status line, headers (Content-Type and Content-Length added), body bytes."""
-        if isinstance(self.body, bytes):
-            body = self.body
-        else:
-            body = json.dumps(self.body, separators=(",", ":")).encode()
+        body = self.body if isinstance(self.body, bytes) else _encode_compact(self.body).encode()
         headers = [
             (name, value) for name, value in self.headers if name.lower() != "content-length"
         ]

@@ -48,7 +48,7 @@ import json.encoder
 import math
 import re
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ._storage import Runner
 
@@ -81,6 +81,8 @@ _NAIVE_EPOCH = datetime(1970, 1, 1)
 _MICROSECOND = timedelta(microseconds=1)
 
 _encode_string: Any = json.encoder.encode_basestring_ascii  # what json.dumps uses
+# json.dumps(value, sort_keys=True, separators=(",", ":")) without a new encoder per call
+_encode_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
 _RFC3339 = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
     r"(?:\.([0-9]+))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
@@ -173,13 +175,18 @@ def identity(value: object) -> str:
         return repr(value) if math.isfinite(value) else json.dumps(value)  # type: ignore[arg-type]
     if value is None:
         return "null"
-    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return _encode_canonical(value)
 
 
 LONG_VALUE = 256
 """Values whose canonical JSON is longer than this many characters are kept in the
 rollups under a hash (``value_key``), their text once in ``rollup_long_values``:
 a B-tree index row must stay small (PostgreSQL refuses one over ~2.7 kB)."""
+
+
+_SHORT_STRING = (LONG_VALUE - 2) // 12
+"""Strings this long or shorter are never long values: their JSON takes at most 12
+characters per character (a surrogate pair's two escapes), and two quotes."""
 
 
 def value_key(canonical: str) -> str:
@@ -439,6 +446,9 @@ class _Batch:
                     self._canonical[id(item["value"])] = identity(item["value"])
 
     def _key_of(self, value: object) -> str:
+        if type(value) is str and len(value) <= _SHORT_STRING:
+            encoded: str = _encode_string(value)  # what identity() does, first
+            return encoded
         canonical = self._canonical.get(id(value))
         if canonical is None:
             canonical = identity(value)
@@ -610,14 +620,26 @@ PendingPayload = Tuple[int, str, str, str, Mapping[str, Any], int]
 """(seq, instance_id, timestamp, received_at, data, dropped) of a stored payload."""
 
 
-def fold_pending(run: Runner, select_pending: str) -> int:
+ParsedPayloads = Mapping[int, Tuple[str, Mapping[str, Any]]]
+"""Payloads still in memory: ``seq`` -> (the data's stored JSON text, that text decoded)."""
+
+
+def fold_pending(
+    run: Runner, select_pending: str, parsed: Optional[ParsedPayloads] = None
+) -> int:
     """Add every pending payload to the rollups and clear it from ``rollup_pending``.
 
     ``select_pending`` selects up to ``?`` pending payloads as ``PendingPayload``
     rows (``data`` as JSON text or already decoded), oldest first. The caller
     holds a write transaction that no other fold runs beside. Returns how many
     payloads were added.
+
+    ``parsed`` spares decoding the data of payloads the caller still holds: an
+    entry is used only when its text is the text stored, so a stale one (another
+    process folded that payload, a rolled-back ``seq`` was reused) costs nothing
+    but the comparison.
     """
+    parsed = parsed or {}
     folded = 0
     while True:
         rows = run.fetchall(select_pending, (FOLD_BATCH,))
@@ -625,7 +647,14 @@ def fold_pending(run: Runner, select_pending: str) -> int:
             return folded
         batch = _Batch()
         for seq, instance_id, timestamp, received_at, stored_data, dropped in rows:
-            data = json.loads(stored_data) if isinstance(stored_data, str) else stored_data
+            if isinstance(stored_data, str):
+                held = parsed.get(seq)
+                if held is not None and held[0] == stored_data:
+                    data = held[1]
+                else:
+                    data = json.loads(stored_data)
+            else:
+                data = stored_data
             batch.add(
                 int(seq),
                 instance_id,

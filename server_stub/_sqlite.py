@@ -15,12 +15,13 @@ import threading
 from collections import Counter
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ._group_commit import GroupCommit
 from ._rollups import (
     ADD_PENDING,
     FOLD_AT_ONCE_BYTES,
+    FOLD_BATCH,
     FOLD_EVERY,
     PreparedFold,
     fold_pending,
@@ -145,6 +146,23 @@ def _migrate(connection: sqlite3.Connection) -> int:
     return found
 
 
+class _WriteTransaction:
+    """``SQLiteStore.writing()``: a class, not nested generator-based context managers,
+    as it is entered for every batch of payloads stored and they cost a few µs each."""
+
+    __slots__ = ("_connection", "_store")
+
+    def __init__(self, store: SQLiteStore) -> None:
+        self._store = store
+
+    def __enter__(self) -> SQLiteRunner:
+        self._connection = self._store._begin_write()
+        return SQLiteRunner(self._connection)
+
+    def __exit__(self, kind: object, error: object, traceback: object) -> None:
+        self._store._end_write(self._connection, commit=kind is None)
+
+
 class SQLiteRunner:
     """A ``Runner`` on a ``sqlite3`` connection (the caller holds the transaction)."""
 
@@ -160,6 +178,8 @@ class SQLiteRunner:
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
         return self.connection.execute(sql, params).fetchall()
 
+# json.dumps(value, separators=(",", ":")) without a new encoder per call
+_encode_compact = json.JSONEncoder(separators=(",", ":")).encode
 _INSERT = (
     "INSERT OR IGNORE INTO payloads"
     " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
@@ -191,6 +211,9 @@ class SQLiteStore:
         self._closed = False
         self._pruned_at: Optional[float] = None
         self._commits = GroupCommit(self._add_batch)
+        # The data of payloads this process stored and no fold has taken in yet, as
+        # the request decoded it: the fold need not decode it again (writers only).
+        self._parsed: Dict[int, Tuple[str, Mapping[str, Any]]] = {}
         connection = self._connect()
         connection.executescript(_SCHEMA)
         _migrate(connection)
@@ -272,8 +295,8 @@ class SQLiteStore:
                 record.instance_id,
                 record.timestamp,
                 record.received_at,
-                json.dumps(record.data, separators=(",", ":")),
-                json.dumps(record.client, separators=(",", ":"))
+                _encode_compact(record.data),
+                _encode_compact(record.client)
                 if record.client is not None
                 else None,
                 record.dropped,
@@ -288,6 +311,7 @@ class SQLiteStore:
         with self.writing() as run:
             connection = run.connection
             fold = False
+            pending: List[Tuple[int]] = []
             for record, row, at_once in zip(records, rows, prepared):
                 cursor = connection.execute(_INSERT, row)
                 stored.append(cursor.rowcount == 1)
@@ -304,12 +328,23 @@ class SQLiteStore:
                             dropped=record.dropped,
                         )
                     else:
-                        connection.execute(ADD_PENDING, (seq,))
+                        pending.append((seq,))
+                        self._parsed[seq] = (row[4], record.data)
                     _insert_events(connection, record.events)
                     fold = fold or seq % FOLD_EVERY == 0
+            if pending:
+                connection.executemany(ADD_PENDING, pending)
             if fold:
-                fold_pending(run, _SELECT_PENDING)
+                self._fold(run)
+        if len(self._parsed) > FOLD_BATCH:  # another process folded them
+            self._parsed.clear()
         return stored
+
+    def _fold(self, run: SQLiteRunner) -> int:
+        try:
+            return fold_pending(run, _SELECT_PENDING, self._parsed)
+        finally:
+            self._parsed.clear()
 
     def fold_rollups(self) -> int:
         """Add the payloads stored since the last fold to the rollups; how many."""
@@ -318,19 +353,34 @@ class SQLiteStore:
         if pending is None:
             return 0
         with self.writing() as run:
-            return fold_pending(run, _SELECT_PENDING)
+            return self._fold(run)
 
-    @contextmanager
-    def writing(self) -> Iterator[SQLiteRunner]:
+    def writing(self) -> _WriteTransaction:
         """A write transaction (``BEGIN IMMEDIATE``), one at a time in this process."""
-        with self._writing() as connection:
-            connection.execute("BEGIN IMMEDIATE")
+        return _WriteTransaction(self)
+
+    def _begin_write(self) -> sqlite3.Connection:
+        """Take the write lock and a connection, and begin a write transaction on it."""
+        self._write_lock.acquire()
+        try:
+            connection = self._acquire()
             try:
-                yield SQLiteRunner(connection)
+                connection.execute("BEGIN IMMEDIATE")
             except BaseException:
-                connection.execute("ROLLBACK")
+                self._release(connection)
                 raise
-            connection.execute("COMMIT")
+        except BaseException:
+            self._write_lock.release()
+            raise
+        return connection
+
+    def _end_write(self, connection: sqlite3.Connection, *, commit: bool) -> None:
+        """Commit (or roll back) what ``_begin_write`` began, and give back what it took."""
+        try:
+            connection.execute("COMMIT" if commit else "ROLLBACK")
+        finally:
+            self._release(connection)
+            self._write_lock.release()
 
     @contextmanager
     def reading(self) -> Iterator[SQLiteRunner]:

@@ -12,7 +12,8 @@ from typing import Any, Dict, Iterator, List, Optional, Union
 import pytest
 
 from server_stub import PayloadRecord, PostgresStore, SQLiteStore, UnstorablePayload, open_store
-from server_stub._rollups import ROLLUP_TABLES
+from server_stub._rollups import ROLLUP_TABLES, fold_pending
+from server_stub._sqlite import _SELECT_PENDING
 from server_stub._storage import EventQuery, EventRecord
 
 AnyStore = Union[SQLiteStore, PostgresStore]
@@ -174,3 +175,46 @@ def test_a_large_payload_folded_as_it_is_stored_gives_the_same_rollups(
     finally:
         at_once.close()
         pending.close()
+
+
+def test_a_fold_of_payloads_still_held_gives_the_rollups_of_a_fold_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    records = [
+        _record({"n": 1, "x": "short", "seen": [{"value": "a", "count": 2}]}),
+        _record({"n": 2, "x": [1, {"b": None}], "f": 1.5, "seen": [{"value": {}, "count": 1}]}),
+        _record({"n": -3, "x": "\u00e9\ud800"}, instance_id="4f2b1c3d-0000-4000-8000-000000000002"),
+    ]
+    held = SQLiteStore(str(tmp_path / "held.db"))
+    before_restart = SQLiteStore(str(tmp_path / "restarted.db"))
+    try:
+        assert [held.add(record) for record in records] == [True, True, True]
+        assert held.fold_rollups() == 3  # in the process that stored them
+        assert [before_restart.add(record) for record in records] == [True, True, True]
+    finally:
+        before_restart.close()
+    restarted = SQLiteStore(str(tmp_path / "restarted.db"))
+    try:
+        assert restarted.fold_rollups() == 3  # decoded from the database
+        expected = _rollup_rows(restarted)
+        assert expected["rollup_cset_members"] and expected["rollup_latest"]
+        assert _rollup_rows(held) == expected
+    finally:
+        held.close()
+        restarted.close()
+
+
+def test_a_fold_decodes_a_payload_whose_held_text_is_not_the_stored_one(tmp_path: Path) -> None:
+    # E.g. a seq whose transaction rolled back, reused by another payload.
+    stale = {"n": 1000, "x": "stale"}
+    folds = []
+    for name, parsed in (("plain", None), ("stale", {1: ('{"n":1000,"x":"stale"}', stale)})):
+        store = SQLiteStore(str(tmp_path / f"{name}.db"))
+        try:
+            assert store.add(_record({"n": 1, "x": "stored"}))
+            with store.writing() as run:
+                assert fold_pending(run, _SELECT_PENDING, parsed) == 1
+            folds.append(_rollup_rows(store))
+        finally:
+            store.close()
+    assert folds[0]["rollup_key_hours"] and folds[1] == folds[0]
