@@ -196,6 +196,16 @@ def checked_value(value: object) -> Tuple[JSONValue, Optional[str]]:
     return normalize_value(value)
 
 
+def _checked_for_queue(value: object) -> Tuple[JSONValue, Optional[str], bool]:
+    """``checked_value`` (off the inlined fast path), and whether the result may be queued.
+
+    A copied list or mapping (up to 16 KiB) is applied at once, never queued:
+    the queue's ``FOLD_AT`` entries stay small.
+    """
+    normalized, problem = checked_value(value)
+    return normalized, problem, type(normalized) is not list and type(normalized) is not dict
+
+
 def _member_key(value: JSONValue) -> Hashable:
     """Dictionary key for a counting-set member: 1, 1.0 and True stay distinct."""
     kind = type(value)
@@ -420,10 +430,7 @@ class Buffer:
                 problem = None
                 small = True
             else:
-                normalized, problem = checked_value(value)
-                # A copied list or mapping (up to 16 KiB) is applied at once, never
-                # queued: the queue's ``FOLD_AT`` entries stay small.
-                small = type(normalized) is not list and type(normalized) is not dict
+                normalized, problem, small = _checked_for_queue(value)
             if small and problem is None and type(key) is str:
                 queue = self._queue
                 queue.append((_SET, key, normalized))
@@ -445,10 +452,7 @@ class Buffer:
                 problem = None
                 small = True
             else:
-                normalized, problem = checked_value(value)
-                # A copied list or mapping (up to 16 KiB) is applied at once, never
-                # queued: the queue's ``FOLD_AT`` entries stay small.
-                small = type(normalized) is not list and type(normalized) is not dict
+                normalized, problem, small = _checked_for_queue(value)
             if small and problem is None and type(key) is str and type(subkey) is str:
                 queue = self._queue
                 queue.append((_NESTED, key, subkey, normalized))  # a new subkey is checked
@@ -472,10 +476,7 @@ class Buffer:
                 problem = None
                 small = True
             else:
-                normalized, problem = checked_value(value)
-                # A copied list or mapping (up to 16 KiB) is applied at once, never
-                # queued: the queue's ``FOLD_AT`` entries stay small.
-                small = type(normalized) is not list and type(normalized) is not dict
+                normalized, problem, small = _checked_for_queue(value)
             if small and problem is None and type(key) is str:
                 queue = self._queue
                 queue.append((_APPEND, key, normalized))
