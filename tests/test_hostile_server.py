@@ -99,9 +99,11 @@ def test_a_tiny_next_update_is_floored_even_below_min_interval(
     assert 0.9 <= virtual_time.waits[0] <= 1.1  # a second, give or take the jitter
 
 
-def test_a_remembered_wait_is_capped_when_the_wall_clock_went_back(
+def _stopped_while_told_to_wait(
     make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime
-) -> None:
+) -> uuid.UUID:
+    """A first process's payload gets a 429 with a wait of an hour; it stops under
+    that wait (its data spooled, not sent). The instance id, for a second process."""
     instance = uuid.uuid4()
     telemetry_server.script(status=429, headers={"Retry-After": "3600"})
     first = make_client(instance_id=instance)
@@ -109,6 +111,13 @@ def test_a_remembered_wait_is_capped_when_the_wall_clock_went_back(
     first.start_emitting()
     assert virtual_time.wait_for_waits(1)
     first.stop_emitting(timeout=1)
+    return instance
+
+
+def test_a_remembered_wait_is_capped_when_the_wall_clock_went_back(
+    make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime
+) -> None:
+    instance = _stopped_while_told_to_wait(make_client, telemetry_server, virtual_time)
 
     later = VirtualTime()
     a_year_earlier = WALL_CLOCK_START - 365 * 86400
@@ -134,13 +143,7 @@ def test_a_server_wait_longer_than_the_floor_is_kept(
 def test_a_429_wait_is_kept_across_a_restart(
     make_client: MakeClient, telemetry_server: Server, virtual_time: VirtualTime
 ) -> None:
-    instance = uuid.uuid4()
-    telemetry_server.script(status=429, headers={"Retry-After": "3600"})
-    first = make_client(instance_id=instance)
-    first.increment("hits")
-    first.start_emitting()
-    assert virtual_time.wait_for_waits(1)
-    first.stop_emitting(timeout=1)  # under the server's wait: spooled, not sent
+    instance = _stopped_while_told_to_wait(make_client, telemetry_server, virtual_time)
     assert len(update_requests(telemetry_server)) == 1
 
     later = VirtualTime()
