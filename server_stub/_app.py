@@ -43,7 +43,14 @@ from ._limits import (
 from ._openapi import openapi_document
 from ._policy import Policy
 from ._rollups import rfc3339_datetime
-from ._storage import PayloadRecord, Runner, Store, UnstorablePayload, format_time
+from ._storage import (
+    PayloadRecord,
+    Runner,
+    Store,
+    UnstorablePayload,
+    encode_compact,
+    format_time,
+)
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIEnvironment
@@ -109,10 +116,6 @@ class HTTPError(Exception):
         self.headers = headers or []
 
 
-# json.dumps(value, separators=(",", ":")) without a new encoder per call
-_encode_compact = json.JSONEncoder(separators=(",", ":")).encode
-
-
 @dataclass
 class Response:
     status: int
@@ -122,7 +125,7 @@ class Response:
 
     def encode(self) -> Tuple[str, Headers, bytes]:
         """Status line, headers (Content-Type and Content-Length added), body bytes."""
-        body = self.body if isinstance(self.body, bytes) else _encode_compact(self.body).encode()
+        body = self.body if isinstance(self.body, bytes) else encode_compact(self.body).encode()
         headers = [
             (name, value) for name, value in self.headers if name.lower() != "content-length"
         ]

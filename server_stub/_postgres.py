@@ -40,6 +40,7 @@ from ._storage import (
     StoredPayload,
     UnstorablePayload,
     count_tree,
+    encode_compact,
     event_filters,
     event_row,
     redact_url,
@@ -261,7 +262,7 @@ def _encode(value: object) -> str:
     1e16 up) would come back as the integer 10000000000000000 and be summed as a
     counter. Such numbers are written out in full with a ``.0``.
     """
-    text = json.dumps(value, separators=(",", ":"))
+    text = encode_compact(value)
     if "e+" in text:
         text = _STRING_OR_EXPONENT.sub(_positional, text)
     return text

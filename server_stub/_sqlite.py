@@ -35,6 +35,7 @@ from ._storage import (
     StoredPayload,
     aggregate_keys,
     count_tree,
+    encode_compact,
     event_filters,
     event_row,
     format_time,
@@ -178,8 +179,7 @@ class SQLiteRunner:
     def fetchall(self, sql: str, params: Sequence[Any] = ()) -> List[Tuple[Any, ...]]:
         return self.connection.execute(sql, params).fetchall()
 
-# json.dumps(value, separators=(",", ":")) without a new encoder per call
-_encode_compact = json.JSONEncoder(separators=(",", ":")).encode
+
 _INSERT = (
     "INSERT OR IGNORE INTO payloads"
     " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
@@ -295,8 +295,8 @@ class SQLiteStore:
                 record.instance_id,
                 record.timestamp,
                 record.received_at,
-                _encode_compact(record.data),
-                _encode_compact(record.client)
+                encode_compact(record.data),
+                encode_compact(record.client)
                 if record.client is not None
                 else None,
                 record.dropped,

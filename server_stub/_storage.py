@@ -30,6 +30,7 @@ __all__ = [
     "UnstorablePayload",
     "aggregate_keys",
     "count_tree",
+    "encode_compact",
     "event_filters",
     "event_row",
     "format_time",
@@ -43,6 +44,9 @@ __all__ = [
 
 
 DEFAULT_EVENT_PAGE = 100
+
+encode_compact = json.JSONEncoder(separators=(",", ":")).encode
+"""``json.dumps(value, separators=(",", ":"))`` without building an encoder per call."""
 
 
 def format_time(moment: datetime) -> str:
