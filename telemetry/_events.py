@@ -137,6 +137,13 @@ def format_event_time(when: float) -> str:
     return moment.isoformat(timespec="microseconds") + "Z"
 
 
+def wire_event(event_id: str, event_time: str, event_type: str, event_name: str,
+               attrs: Dict[str, Any]) -> Dict[str, Any]:
+    """An event as the wire carries it (and as an ``event_filter`` sees it): a flat object."""
+    return {"event_id": event_id, "event_time": event_time, "event_type": event_type,
+            "event_name": event_name, **attrs}
+
+
 def _normalize_time(text: str) -> Optional[str]:
     """An RFC 3339 time as ``format_event_time`` writes it (the same instant), or None."""
     if re.fullmatch(_CANONICAL_TIME, text):  # already in that form: check its fields only
@@ -439,10 +446,8 @@ class EventBuffer:
         if self._filter is not None:
             if event_id is None:
                 event_id = os.urandom(16).hex()
-            if type(when) is float:
-                when = format_event_time(when)
-            wire = {"event_id": event_id, "event_time": when, "event_type": event_type,
-                    "event_name": event_name, **attrs}
+            when = when if isinstance(when, str) else format_event_time(when)
+            wire = wire_event(event_id, when, event_type, event_name, attrs)
             try:
                 keep = bool(self._filter(wire))
             except Exception as exc:
@@ -533,13 +538,8 @@ class EventBuffer:
                     drawn += 32
                 else:
                     wire_id = event_id
-                wire.append(encode_event({
-                    "event_id": wire_id,
-                    "event_time": formatted_time,
-                    "event_type": event_type,
-                    "event_name": event_name,
-                    **attrs,
-                }))
+                wire.append(encode_event(
+                    wire_event(wire_id, formatted_time, event_type, event_name, attrs)))
         return EventSnapshot(EncodedEvents(wire), rejected, dropped)
 
     def has_events(self) -> bool:

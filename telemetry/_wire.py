@@ -267,7 +267,7 @@ class EncodedEvents(Sequence[Dict[str, JSONValue]]):
     @classmethod
     def of(cls, events: Iterable[Mapping[str, Any]]) -> EncodedEvents:
         """Encode ``events`` (JSON objects with plain values, no lone surrogate)."""
-        return cls([_no_surrogates(_encode_event(event)) for event in events])
+        return cls([encode_event(event) for event in events])
 
     @property
     def texts(self) -> Sequence[str]:
