@@ -381,6 +381,11 @@ class Buffer:
         """Whether the collection calls store anything; when not, they return at once."""
         self._collecting = collecting
 
+    @property
+    def collecting(self) -> bool:
+        """Whether the collection calls store anything (``set_collecting``)."""
+        return self._collecting
+
     # -- the collection calls -------------------------------------------------
     # Each call does at once only what cannot wait: the checks of its argument
     # types and of its value (a mutable value is copied now), then it appends

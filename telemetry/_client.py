@@ -151,7 +151,7 @@ class Status(NamedTuple):
 class Client:
     """One application's telemetry: buffer, consent decision and emitter.
 
-    Collection calls go to ``NULL_COLLECTOR`` until ``init()`` decides that
+    The buffer ignores collection calls until ``init()`` decides that
     telemetry is on, so they cost next to nothing when it is off.
     """
 
@@ -160,8 +160,6 @@ class Client:
     EVENT_TYPE_BEHAVIORAL = EVENT_TYPE_BEHAVIORAL
 
     def __init__(self) -> None:
-        self.collector: Collector = NULL_COLLECTOR
-        """Where collection calls go now: the buffer, or a null object when off."""
         self.event_target: EventTarget = NULL_EVENTS
         """Where event calls go now: the event buffer, or a null object when off."""
         # One buffer for the client's life (``init()`` configures it): the
@@ -352,14 +350,12 @@ class Client:
     def _collect(self) -> None:
         """Collection calls go to the buffer, and the emitter may take payloads."""
         assert self._source is not None
-        self.collector = self._buffer
         self._buffer.set_collecting(True)
         self.event_target = self._events
         self._source.instance_id = str(self.instance_id)
 
     def _silence(self) -> None:
         """Collection calls do nothing, and nothing more is taken (off, or the server's stop)."""
-        self.collector = NULL_COLLECTOR
         self._buffer.set_collecting(False)
         self.event_target = NULL_EVENTS
         if self._source is not None:
@@ -403,31 +399,37 @@ class Client:
         """``off``, ``on`` or ``local``."""
         return self.decision.mode
 
-    # -- collection: one-line delegations to the collector --------------------
+    # -- collection: one-line delegations to the buffer -----------------------
+    # (It stores nothing while telemetry is off: ``Buffer.set_collecting``.)
+
+    @property
+    def collector(self) -> Collector:
+        """Where collection calls go now: the buffer, or a null object when off."""
+        return self._buffer if self._buffer.collecting else NULL_COLLECTOR
 
     def set(self, key: str, value: object) -> None:
         """Store ``value`` under ``key``, overwriting."""
-        self.collector.set(key, value)
+        self._buffer.set(key, value)
 
     def set_nested(self, key: str, subkey: str, value: object) -> None:
         """Store ``value`` under ``key`` → ``subkey``."""
-        self.collector.set_nested(key, subkey, value)
+        self._buffer.set_nested(key, subkey, value)
 
     def add(self, key: str, amount: int) -> None:
         """Add ``amount`` to the integer counter ``key``."""
-        self.collector.add(key, amount)
+        self._buffer.add(key, amount)
 
     def increment(self, key: str) -> None:
         """Add 1 to the integer counter ``key``."""
-        self.collector.increment(key)
+        self._buffer.increment(key)
 
     def append(self, key: str, value: object) -> None:
         """Append ``value`` to the list ``key``."""
-        self.collector.append(key, value)
+        self._buffer.append(key, value)
 
     def append_unique(self, key: str, value: object) -> None:
         """Add ``value`` to the counting set ``key``."""
-        self.collector.append_unique(key, value)
+        self._buffer.append_unique(key, value)
 
     def reset(self) -> None:
         """Empty the buffer."""
@@ -475,7 +477,7 @@ class Client:
             self._emitting_wanted = True
             if self._options is None:
                 logger.info("telemetry: start_emitting() before init(); nothing is sent")
-            elif self.collector is not NULL_COLLECTOR:
+            elif self._buffer.collecting:
                 self._start()
 
     def _start(self) -> None:
