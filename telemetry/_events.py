@@ -31,6 +31,7 @@ from typing import (
     Dict,
     FrozenSet,
     Iterable,
+    Iterator,
     List,
     NamedTuple,
     Optional,
@@ -250,7 +251,7 @@ class EventSnapshot(NamedTuple):
     events rejected (invalid, a filter that raised) and events dropped for want of room."""
 
     events: Sequence[Dict[str, Any]]
-    """An ``EncodedEvents``: each event kept as its JSON text."""
+    """An ``EncodedEvents``: the events kept as their JSON text."""
     rejected: int
     dropped_events: int
 
@@ -503,7 +504,15 @@ class EventBuffer:
             rejected, self._rejected = self._rejected, 0
             dropped, self._dropped_events = self._dropped_events, 0
             self._warned_full = False
-        wire: List[str] = []  # each event's JSON text: no object for the collector to count
+        invalid = [0]  # events found invalid now (their attributes, their time)
+        encoded = EncodedEvents(self._wire_texts(events, invalid, encode_event))
+        return EventSnapshot(encoded, rejected + invalid[0], dropped)
+
+    def _wire_texts(self, events: List[_Event], invalid: List[int],
+                    encode_event: Callable[[Dict[str, Any]], str]) -> Iterator[str]:
+        """Each taken event's JSON text, in order; counts in ``invalid[0]`` the events
+        that cannot be sent. Empties ``events`` as it goes, handing the GIL back at
+        least every ``_PAUSE_INTERVAL``."""
         # Taken from the end, a few at a time, so that each chunk is let go of as the
         # next is taken: freeing 100,000 events at once, at the end, would hold the GIL
         # for tens of milliseconds.
@@ -525,22 +534,21 @@ class EventBuffer:
                 if not checked:
                     problem = _attrs_problem(attrs, event_type, event_name)
                     if problem is not None:
-                        rejected += 1
+                        invalid[0] += 1
                         self._warn(event_type, event_name, problem)
                         continue
                 try:
                     formatted_time = when if type(when) is str else format_event_time(when)  # type: ignore[arg-type]
                 except (OverflowError, ValueError, TypeError):
-                    rejected += 1  # a wall clock out of range: nothing to send
+                    invalid[0] += 1  # a wall clock out of range: nothing to send
                     continue
                 if event_id is None:
                     wire_id = random_hex[drawn : drawn + 32]
                     drawn += 32
                 else:
                     wire_id = event_id
-                wire.append(encode_event(
-                    wire_event(wire_id, formatted_time, event_type, event_name, attrs)))
-        return EventSnapshot(EncodedEvents(wire), rejected, dropped)
+                yield encode_event(
+                    wire_event(wire_id, formatted_time, event_type, event_name, attrs))
 
     def has_events(self) -> bool:
         """Whether a snapshot now would carry anything (events or counts)."""

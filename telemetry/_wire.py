@@ -10,12 +10,14 @@ a big payload does not stall the application's threads.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import re
 import secrets
 import time
 import zlib
+from array import array
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
@@ -250,36 +252,75 @@ _encode_event = json.JSONEncoder(
 
 
 class EncodedEvents(Sequence[Dict[str, JSONValue]]):
-    """Events in wire form, each kept as its JSON text: read-only.
+    """Events in wire form, kept as JSON text in a few long strings: read-only.
 
-    A ``str`` is not tracked by the cyclic garbage collector, a dict is: 100,000
-    events kept as dicts until they are delivered start over a hundred
-    collections on the emitter's thread, each holding the GIL. The encoder joins
-    the texts as they are (no encoding again when a payload is split); reading an
-    event decodes it. It compares equal to a list or tuple of the same events.
+    Each string (a chunk) holds the comma-separated texts of up to
+    ``ENCODE_CHUNK_EVENTS`` consecutive events, and an ``array`` says where each
+    event's text ends in its chunk. Neither a ``str`` nor an ``array`` is tracked by
+    the cyclic garbage collector, a dict is; and a list of one string per event
+    (100,000 of them) would make every young collection while the list is young
+    look at each string, a cache miss each (milliseconds with the GIL held). The
+    encoder writes the chunks as they are (no encoding again when a payload is
+    split); reading an event decodes it. It compares equal to a list or tuple of
+    the same events.
     """
 
-    __slots__ = ("_texts",)
+    __slots__ = ("_chunks", "_ends", "_firsts")
 
-    def __init__(self, texts: List[str]) -> None:
-        self._texts = texts
+    _chunks: List[str]
+    _firsts: array[int]
+    _ends: array[int]
+
+    def __init__(self, texts: Iterable[str] = ()) -> None:
+        """From each event's JSON text, in order (consumed as it comes: a generator's
+        texts are joined ``ENCODE_CHUNK_EVENTS`` at a time, never all held at once)."""
+        self._chunks = []
+        self._firsts = array("q", [0])  # each chunk's first event, then the count
+        self._ends = array("q")  # where each event's text ends in its chunk
+        group: List[str] = []
+        for text in texts:
+            group.append(text)
+            if len(group) == ENCODE_CHUNK_EVENTS:
+                self._add_chunk(group)
+                group = []
+        if group:
+            self._add_chunk(group)
+
+    def _add_chunk(self, texts: List[str]) -> None:
+        self._chunks.append(",".join(texts))
+        self._firsts.append(self._firsts[-1] + len(texts))
+        ends = self._ends
+        end = -1
+        for text in texts:
+            end += len(text) + 1
+            ends.append(end)
 
     @classmethod
     def of(cls, events: Iterable[Mapping[str, Any]]) -> EncodedEvents:
         """Encode ``events`` (JSON objects with plain values, no lone surrogate)."""
-        return cls([encode_event(event) for event in events])
+        return cls(encode_event(event) for event in events)
 
     @property
-    def texts(self) -> Sequence[str]:
-        """Each event's JSON text (UTF-8 safe: no lone surrogate)."""
-        return self._texts
+    def chunks(self) -> Sequence[str]:
+        """The events' JSON texts, comma-separated, a chunk of consecutive events each."""
+        return self._chunks
+
+    @property
+    def texts(self) -> List[str]:
+        """Each event's JSON text (UTF-8 safe: no lone surrogate); built when asked for."""
+        return [self._text(index) for index in range(len(self))]
+
+    def _text(self, index: int) -> str:
+        chunk = bisect.bisect_right(self._firsts, index) - 1
+        start = 0 if index == self._firsts[chunk] else self._ends[index - 1] + 1
+        return self._chunks[chunk][start : self._ends[index]]
 
     def __len__(self) -> int:
-        return len(self._texts)
+        return len(self._ends)
 
     def __iter__(self) -> Iterator[Dict[str, JSONValue]]:
-        for text in self._texts:
-            yield json.loads(text)
+        for chunk in self._chunks:
+            yield from json.loads(f"[{chunk}]")
 
     @overload
     def __getitem__(self, index: int) -> Dict[str, JSONValue]: ...
@@ -289,12 +330,42 @@ class EncodedEvents(Sequence[Dict[str, JSONValue]]):
 
     def __getitem__(self, index: Union[int, slice]) -> Union[Dict[str, JSONValue], EncodedEvents]:
         if isinstance(index, slice):
-            return EncodedEvents(self._texts[index])
-        return json.loads(self._texts[index])  # type: ignore[no-any-return]
+            start, stop, step = index.indices(len(self))
+            if step != 1:
+                return EncodedEvents(self._text(at) for at in range(start, stop, step))
+            return self._slice(start, stop)
+        position = index + len(self) if index < 0 else index
+        if not 0 <= position < len(self):
+            raise IndexError("event index out of range")
+        return json.loads(self._text(position))  # type: ignore[no-any-return]
+
+    def _slice(self, start: int, stop: int) -> EncodedEvents:
+        """Events ``start`` to ``stop``: whole chunks are shared, the two ends cut."""
+        part = EncodedEvents()
+        firsts, ends = self._firsts, self._ends
+        for chunk_index in range(
+            max(bisect.bisect_right(firsts, start) - 1, 0), len(self._chunks)
+        ):
+            first, after = firsts[chunk_index], firsts[chunk_index + 1]
+            low, high = max(start, first), min(stop, after)
+            if low >= high:
+                if first >= stop:
+                    break
+                continue
+            chunk = self._chunks[chunk_index]
+            if low == first and high == after:
+                part._chunks.append(chunk)
+                part._ends.extend(ends[low:high])
+            else:
+                cut = 0 if low == first else ends[low - 1] + 1
+                part._chunks.append(chunk[cut : ends[high - 1]])
+                part._ends.extend(end - cut for end in ends[low:high])
+            part._firsts.append(part._firsts[-1] + high - low)
+        return part
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, EncodedEvents):
-            return self._texts == other._texts
+            return len(self) == len(other) and self.texts == other.texts
         if isinstance(other, (list, tuple)):
             return len(self) == len(other) and list(self) == list(other)
         return NotImplemented
@@ -476,9 +547,8 @@ def iter_encoded_payload(
     events = payload.events
     separator = '},"events":['
     if isinstance(events, EncodedEvents):
-        texts = events.texts
-        for start in range(0, len(texts), ENCODE_CHUNK_EVENTS):
-            yield separator + ",".join(texts[start : start + ENCODE_CHUNK_EVENTS])
+        for chunk in events.chunks:  # ``ENCODE_CHUNK_EVENTS`` events at most
+            yield separator + chunk
             separator = ","
     else:
         for start in range(0, len(events), ENCODE_CHUNK_EVENTS):

@@ -703,6 +703,29 @@ def test_encoded_events_read_and_compare_as_the_events_they_hold() -> None:
         hash(encoded)
 
 
+def test_encoded_events_slice_across_their_chunks_as_a_list_would() -> None:
+    encoded = EncodedEvents.of(WIRE_EVENTS)
+    assert len(encoded.chunks) == 5  # 300 events, 64 a chunk: not one string per event
+    assert [len(chunk) for chunk in encoded.chunks] == [
+        len(",".join(encoded.texts[start : start + 64])) for start in range(0, 300, 64)
+    ]
+    for start, stop in [(0, 300), (0, 64), (63, 65), (64, 128), (1, 299), (100, 100),
+                        (250, 400), (-70, -3), (290, 10)]:
+        part = encoded[start:stop]
+        assert isinstance(part, EncodedEvents) and len(part) == len(WIRE_EVENTS[start:stop])
+        assert list(part) == WIRE_EVENTS[start:stop], (start, stop)
+        assert part[1:-1] == WIRE_EVENTS[start:stop][1:-1]  # a slice of a slice
+        assert encode_payload(make_payload(events=part)) == encode_payload(
+            make_payload(events=WIRE_EVENTS[start:stop]))
+    assert encoded[::7] == WIRE_EVENTS[::7] and encoded[-300] == WIRE_EVENTS[0]
+    assert EncodedEvents() == [] and not EncodedEvents.of([]).chunks
+    with pytest.raises(IndexError):
+        encoded[300]
+    with pytest.raises(IndexError):
+        encoded[-301]
+    assert encoded[10:200] == EncodedEvents.of(WIRE_EVENTS[10:200])  # chunked differently
+
+
 def test_encoded_events_encode_exactly_as_the_same_events_as_dicts() -> None:
     data = {"n": 1, "words": ["a"]}
     encoded = make_payload(data=data, events=EncodedEvents.of(WIRE_EVENTS))
