@@ -319,7 +319,7 @@ class EventBuffer:
         self._dropped_events = 0
         self._warned: Set[Tuple[str, str]] = set()
         self._warned_full = False
-        # Types and names that passed every check (see ``record``).
+        # Types and names that passed every check, when there is no filter (see ``record``).
         self._checked_pairs: Set[Tuple[str, str]] = set()
         self.set_disabled_keys(disabled_keys)
 
@@ -329,27 +329,33 @@ class EventBuffer:
                bound: Optional[Mapping[str, Any]] = None) -> None:
         """Buffer one event; ``attrs`` must be the caller's private dict (it is kept).
 
-        The common case costs a lock and an append: a type and name that passed
-        every check before (``_checked_pairs``, which also means "not disabled"),
-        with no ``event_filter``. Its attributes are checked when the event is
-        taken, on the emitter's thread (a bad one is rejected then, counted and
-        warned about as here). Anything else is checked now, in ``_slow_problem``.
+        The common case takes no lock: a type and name that passed every check
+        before (``_checked_pairs``, which also means "not disabled" and "no
+        ``event_filter``") appends one tuple to ``_events`` (``list.append`` is
+        atomic) while there is room. Threads racing past the room check may
+        overshoot ``max_events`` by a few; ``take`` keeps the first
+        ``max_events`` and counts the rest as dropped. Its attributes are checked
+        when the event is taken, on the emitter's thread (a bad one is rejected
+        then, counted and warned about as here). Anything else is checked now, in
+        ``_slow_problem``.
         """
         try:
-            when = self._wall_clock()
             if bound:
                 attrs = {**bound, **attrs}
             try:
                 known = (event_type, event_name) in self._checked_pairs
             except TypeError:  # unhashable: certainly not a str
                 known = False
-            if known and self._filter is None:
-                with self._lock:
-                    if len(self._events) < self.max_events:
-                        self._events.append((None, when, event_type, event_name, attrs, False))  # type: ignore[arg-type]
-                        return
-                self._add(None, when, event_type, event_name, attrs, checked=False)  # type: ignore[arg-type]
+            if known:
+                events = self._events
+                if len(events) < self.max_events:
+                    events.append(
+                        (None, self._wall_clock(), event_type, event_name, attrs, False))  # type: ignore[arg-type]
+                    return
+                self._add(None, self._wall_clock(), event_type, event_name, attrs,  # type: ignore[arg-type]
+                          checked=False)
                 return
+            when = self._wall_clock()
             problem = self._slow_problem(event_type, event_name, attrs)
             if problem is _DISABLED:
                 return
@@ -364,7 +370,7 @@ class EventBuffer:
                       attrs: Dict[str, Any]) -> Optional[str]:
         """Every check of an event; ``_DISABLED`` when its key is disabled. Remembers a
         type and name that passed, so that their next events take ``record``'s quick
-        path."""
+        path (never with an ``event_filter``: it sees each event at once)."""
         problem = _field_problem(event_type, "event_type") or _field_problem(
             event_name, "event_name"
         )
@@ -377,7 +383,7 @@ class EventBuffer:
         problem = _attrs_problem(attrs, event_type, event_name)
         if problem is not None:
             return problem
-        if len(self._checked_pairs) < _MAX_CHECKED:
+        if self._filter is None and len(self._checked_pairs) < _MAX_CHECKED:
             self._checked_pairs.add((event_type, event_name))
         return None
 
@@ -465,11 +471,14 @@ class EventBuffer:
             warn = not self._warned_full
             self._warned_full = True
         if warn:
-            logger.warning(
-                "telemetry: the event buffer is full (max_events=%d); new events are dropped "
-                "and counted until the next send", self.max_events,
-            )
+            self._warn_full()
         return True
+
+    def _warn_full(self) -> None:
+        logger.warning(
+            "telemetry: the event buffer is full (max_events=%d); new events are dropped "
+            "and counted until the next send", self.max_events,
+        )
 
     def _reject(self, event_type: object, event_name: object, problem: str,
                 filtered: bool = False) -> None:
@@ -500,10 +509,22 @@ class EventBuffer:
         from telemetry._wire import EncodedEvents, encode_event  # noqa: PLC0415
 
         with self._lock:
-            events, self._events = self._events, []
+            # ``record`` appends without the lock: the first ``taken`` events are
+            # these until they are removed here (C speed, never a new list), and
+            # events appended meanwhile stay for the next take.
+            queued = self._events
+            taken = len(queued)
+            events = queued[:taken]
+            del queued[:taken]
             rejected, self._rejected = self._rejected, 0
             dropped, self._dropped_events = self._dropped_events, 0
-            self._warned_full = False
+            warned, self._warned_full = self._warned_full, False
+        excess = len(events) - self.max_events
+        if excess > 0:  # threads raced past ``record``'s room check: the first ones stay
+            del events[self.max_events :]
+            dropped += excess
+            if not warned:
+                self._warn_full()
         invalid = [0]  # events found invalid now (their attributes, their time)
         encoded = EncodedEvents(self._wire_texts(events, invalid, encode_event))
         return EventSnapshot(encoded, rejected + invalid[0], dropped)
@@ -567,15 +588,17 @@ class EventBuffer:
         self._checked_pairs = set()  # they were checked against the old keys
         if disabled:
             with self._lock:
-                self._events = [
-                    event for event in self._events
+                events = self._events  # in place: ``record`` appends without the lock
+                taken = len(events)
+                events[:taken] = [
+                    event for event in events[:taken]
                     if not event_key_disabled(disabled, event[2], event[3])
                 ]
 
     def reset(self) -> None:
         """Forget the buffered events (counts still reach the server)."""
         with self._lock:
-            self._events = []
+            self._events.clear()  # in place: ``record`` appends without the lock
             self._warned_full = False
 
     @property

@@ -7,6 +7,7 @@ import gc
 import json
 import logging
 import re
+import threading
 from typing import Any, Dict, List
 
 import pytest
@@ -233,6 +234,60 @@ def test_max_events_bounds_the_buffer_and_counts_the_rest(
     record(buffer, "metric", "n", n=10)  # room again, and the counts start from zero
     snapshot = buffer.take()
     assert [e["n"] for e in snapshot.events] == [10] and snapshot.dropped_events == 0
+
+
+def test_threads_racing_past_the_room_check_are_trimmed_and_counted_at_take(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # ``record`` takes no lock: threads that all saw room may overshoot ``max_events``
+    # by a few. That state, made here by lowering the bound after the appends:
+    buffer = make(max_events=10)
+    for number in range(6):
+        record(buffer, "metric", "n", n=number)
+    buffer.max_events = 4
+    with caplog.at_level(logging.WARNING, logger="telemetry"):
+        snapshot = buffer.take()
+    assert [e["n"] for e in snapshot.events] == [0, 1, 2, 3]  # the first ones stay
+    assert snapshot.dropped_events == 2 and snapshot.rejected == 0
+    assert len([r for r in caplog.records if "max_events=4" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize("max_events", [100_000, 1_000])
+def test_records_from_many_threads_are_each_kept_or_counted_once(max_events: int) -> None:
+    buffer = make(max_events=max_events)
+    threads, calls = 8, 5_000
+    start = threading.Barrier(threads)
+
+    def worker(number: int) -> None:
+        start.wait()
+        for call in range(calls):
+            record(buffer, "metric", "n", thread=number, call=call)
+
+    workers = [threading.Thread(target=worker, args=(n,)) for n in range(threads)]
+    for thread in workers:
+        thread.start()
+    for thread in workers:
+        thread.join()
+    snapshot = buffer.take()
+    kept = [(event["thread"], event["call"]) for event in snapshot.events]
+    assert len(kept) == min(max_events, threads * calls) and len(set(kept)) == len(kept)
+    assert len(kept) + snapshot.dropped_events == threads * calls
+    for number in range(threads):  # each thread's events in its call order
+        mine = [call for thread, call in kept if thread == number]
+        assert mine == sorted(mine)
+
+
+def test_the_event_list_is_emptied_in_place_never_replaced() -> None:
+    # ``record`` appends to the list it read without a lock: a list swapped out
+    # under it would lose that event. (A forked child starts a new one.)
+    buffer = make()
+    events = buffer._events
+    record(buffer, "metric", "n", n=1)
+    buffer.take()
+    record(buffer, "metric", "n", n=2)
+    buffer.set_disabled_keys(["events:behavioral"])
+    buffer.reset()
+    assert buffer._events is events and not events
 
 
 def test_the_filter_sees_the_wire_form_and_a_false_answer_drops_silently() -> None:
