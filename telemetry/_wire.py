@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -59,6 +60,9 @@ WIRE_ITEMS_PER_PAUSE = 1000
 # a system call, and up to the interpreter's switch interval (5 ms) before this
 # thread gets the GIL back from a busy application thread: not after every piece.
 ENCODE_PAUSE_INTERVAL = 0.001
+# Parts a payload too big is split into, per time it is over the limits (see
+# ``split_to_fit``): parts are not all the same size, nor compress alike.
+_SPLIT_MARGIN = 1.15
 MAX_DURATION_NS = 2**63 - 1
 """The longest Go duration: a longer ``next_update`` means this."""
 
@@ -665,11 +669,14 @@ def split_to_fit(
     were dropped.
 
     A payload that fits is one request for the payload itself. One that does not
-    is split in two, each part a new payload with its own ``payload_id`` (the
-    first part carries the drop counts), recursively: its data apart from its
-    events first, then each in halves. A key that cannot fit even alone, or
-    cannot be encoded at all, is dropped (with a warning) and counted.
+    is split, each part a new payload with its own ``payload_id`` (the first
+    part carries the drop counts), recursively: its data apart from its events
+    first, then each in as many equal parts as its encoded size says it needs
+    (with a margin; in halves when it could not be encoded). A key that cannot
+    fit even alone, or cannot be encoded at all, is dropped (with a warning)
+    and counted.
     """
+    overshoot = 0.0  # how many times over the limits it is (0: not known)
     try:
         request, raw_size = encode_request(payload, limits)
     except ValueError as exc:
@@ -678,6 +685,8 @@ def split_to_fit(
         if len(request.body) <= limits.max_body_bytes and raw_size <= limits.max_raw_bytes:
             return [request], 0
         problem = "is too large to send even alone"
+        overshoot = max(len(request.body) / max(limits.max_body_bytes, 1),
+                        raw_size / max(limits.max_raw_bytes, 1))
     keys = list(payload.data)
     events = payload.events  # sliced as it is (encoded events stay encoded)
     if len(keys) + len(events) <= 1:
@@ -688,10 +697,16 @@ def split_to_fit(
         parts: List[Tuple[List[str], Sequence[Mapping[str, JSONValue]]]] = [
             (keys, ()), ([], events)
         ]
-    elif keys:
-        parts = [(keys[: len(keys) // 2], ()), (keys[len(keys) // 2 :], ())]
     else:
-        parts = [([], events[: len(events) // 2]), ([], events[len(events) // 2 :])]
+        # Encoding again costs as much as the first time: split at once into as
+        # many parts as needed (halving would encode it all again at each level).
+        count = len(keys) or len(events)
+        pieces = min(count, max(2, math.ceil(overshoot * _SPLIT_MARGIN)))
+        bounds = [count * piece // pieces for piece in range(pieces + 1)]
+        parts = [
+            (keys[start:end], ()) if keys else ([], events[start:end])
+            for start, end in zip(bounds, bounds[1:])
+        ]
     requests: List[Request] = []
     dropped = 0
     for index, (part_keys, part_events) in enumerate(parts):

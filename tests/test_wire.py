@@ -18,10 +18,12 @@ from conftest import taken
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from telemetry import _wire as wire
 from telemetry._buffer import Buffer, member_value
 from telemetry._version import __version__
 from telemetry._wire import (
     CLIENT_NAME,
+    SERVER_LIMITS,
     CountingSet,
     EncodedEvents,
     Payload,
@@ -572,7 +574,8 @@ def _split_payload(**data: Any) -> Payload:
     ("data", "limits", "requests", "dropped"),
     [
         ({"a": 1}, WireLimits(), 1, 0),  # fits: the payload itself
-        ({f"k{i}": "v" * 900 for i in range(10)}, WireLimits(max_raw_bytes=4000), 4, 0),
+        # 2.3 times too big: three parts at once (halving made four)
+        ({f"k{i}": "v" * 900 for i in range(10)}, WireLimits(max_raw_bytes=4000), 3, 0),
         ({f"k{i}": "v" * 900 for i in range(10)}, WireLimits(max_raw_bytes=2000), 10, 0),
         # A key too big even alone is dropped, with the drop count its part carried.
         ({"big": "v" * 5000, "small": 1}, WireLimits(max_raw_bytes=4000), 1, 1 + 3),
@@ -742,6 +745,26 @@ def test_an_encoded_lone_surrogate_is_escaped_and_decodes_back() -> None:
     encoded = EncodedEvents.of([event])
     assert encoded.texts[0].encode("utf-8")  # no UnicodeEncodeError
     assert list(decode_payload(encode_payload(make_payload(events=encoded))).events) == [event]
+
+
+def test_split_to_fit_encodes_a_payload_far_too_big_about_twice_not_once_per_halving(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    encoded: List[int] = []
+    real_encode_request = wire.encode_request
+
+    def counting(payload: Payload, limits: WireLimits = SERVER_LIMITS) -> Any:
+        encoded.append(len(payload.events))
+        return real_encode_request(payload, limits)
+
+    monkeypatch.setattr(wire, "encode_request", counting)
+    events = EncodedEvents.of(WIRE_EVENTS)
+    body = len(encode_payload(make_payload(events=events)))
+    parts, lost = split_to_fit(make_payload(events=events),
+                               WireLimits(max_body_bytes=body // 10, gzip_threshold=10**9))
+    assert lost == 0 and 10 <= len(parts) <= 13
+    assert [event for part in parts for event in part.payload.events] == WIRE_EVENTS
+    assert sum(encoded) <= 2.5 * len(WIRE_EVENTS)  # halving: about 5 times
 
 
 def test_split_to_fit_keeps_encoded_events_encoded_and_sends_them_all_in_order() -> None:
