@@ -540,6 +540,7 @@ class EventBuffer:
         events.reverse()
         clock = time.perf_counter
         pause_at = clock() + _PAUSE_INTERVAL
+        last_second, second_text = None, ""
         while events:
             if clock() >= pause_at:
                 time.sleep(0)  # not a wait: lets a thread waiting for the GIL take it
@@ -559,7 +560,14 @@ class EventBuffer:
                         self._warn(event_type, event_name, problem)
                         continue
                 try:
-                    formatted_time = when if type(when) is str else format_event_time(when)  # type: ignore[arg-type]
+                    if type(when) is str:
+                        formatted_time: str = when
+                    else:  # ``format_event_time``, its date and clock formatted once a second
+                        second, micros = divmod(round(when * 1_000_000), 1_000_000)  # type: ignore[arg-type]
+                        if second != last_second:
+                            second_text = format_event_time(second)[:-7]  # up to the "."
+                            last_second = second
+                        formatted_time = f"{second_text}{micros:06d}Z"
                 except (OverflowError, ValueError, TypeError):
                     invalid[0] += 1  # a wall clock out of range: nothing to send
                     continue

@@ -79,6 +79,17 @@ def test_event_time_is_when_record_was_called() -> None:
     ]
 
 
+def test_taken_events_carry_their_times_as_format_event_time_writes_them() -> None:
+    times = [WALL, WALL + 0.5, WALL + 0.9999996, WALL + 1.25, 0.0000004, 1.9999996, -0.5, WALL]
+    clock = iter(times)
+    buffer = make(wall_clock=lambda: next(clock))
+    for number in range(len(times)):
+        record(buffer, "metric", "n", n=number)  # all but the first on the quick path
+    taken = buffer.take().events
+    assert [event["event_time"] for event in taken] == [format_event_time(t) for t in times]
+    assert taken[2]["event_time"] == format_event_time(WALL + 1)  # rounded up to the next second
+
+
 def test_format_event_time_rounds_to_microseconds() -> None:
     assert format_event_time(0.0000004) == "1970-01-01T00:00:00.000000Z"
     assert format_event_time(1.9999996) == "1970-01-01T00:00:02.000000Z"
