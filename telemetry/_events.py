@@ -506,7 +506,7 @@ class EventBuffer:
         the application's threads.
         """
         # Not at module level: ``_wire`` needs attrs, which ``import telemetry`` does not load.
-        from telemetry._wire import EncodedEvents, encode_event  # noqa: PLC0415
+        from telemetry._wire import EncodedEvents, encode_event, hand_off  # noqa: PLC0415
 
         with self._lock:
             # ``record`` appends without the lock: the first ``taken`` events are
@@ -526,11 +526,12 @@ class EventBuffer:
             if not warned:
                 self._warn_full()
         invalid = [0]  # events found invalid now (their attributes, their time)
-        encoded = EncodedEvents(self._wire_texts(events, invalid, encode_event))
+        encoded = EncodedEvents(self._wire_texts(events, invalid, encode_event, hand_off))
         return EventSnapshot(encoded, rejected + invalid[0], dropped)
 
     def _wire_texts(self, events: List[_Event], invalid: List[int],
-                    encode_event: Callable[[Dict[str, Any]], str]) -> Iterator[str]:
+                    encode_event: Callable[[Dict[str, Any]], str],
+                    hand_off: Callable[[], None]) -> Iterator[str]:
         """Each taken event's JSON text, in order; counts in ``invalid[0]`` the events
         that cannot be sent. Empties ``events`` as it goes, handing the GIL back at
         least every ``_PAUSE_INTERVAL``."""
@@ -543,7 +544,7 @@ class EventBuffer:
         last_second, second_text = None, ""
         while events:
             if clock() >= pause_at:
-                time.sleep(0)  # not a wait: lets a thread waiting for the GIL take it
+                hand_off()
                 pause_at = clock() + _PAUSE_INTERVAL
             chunk = events[-_EVENTS_PER_LOOK:]
             del events[-_EVENTS_PER_LOOK:]

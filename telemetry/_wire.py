@@ -419,16 +419,17 @@ def wire_data(
             data.update(table)
             budget -= len(table)
             if budget <= 0:
-                _pause()
+                hand_off()
                 budget = WIRE_ITEMS_PER_PAUSE
     for key, counts in counting_sets.items():
         data[key] = CountingSet(counts, member_value)
     return data
 
 
-def _pause() -> None:
-    # Not a clock: a zero sleep hands the GIL to the application's threads.
-    time.sleep(0)
+def hand_off() -> None:
+    """Let a thread waiting for the GIL (the application's) take it, between two pieces
+    of the emitter's work."""
+    time.sleep(0)  # not a wait: the GIL is released and taken again
 
 
 def format_timestamp(value: datetime) -> str:
@@ -670,7 +671,7 @@ def encode_request(payload: Payload, limits: WireLimits = SERVER_LIMITS) -> Tupl
                 compressor = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: the gzip container
                 body_pieces = [compressor.compress(b"".join(raw_pieces))]
         if clock() >= pause_at:
-            _pause()
+            hand_off()
             pause_at = clock() + ENCODE_PAUSE_INTERVAL
     if compressor is None:
         return Request(payload, b"".join(raw_pieces)), raw_size
