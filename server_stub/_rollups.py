@@ -50,7 +50,7 @@ import re
 from datetime import datetime, timedelta, timezone
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from ._storage import Runner
+from ._storage import Runner, json_encoder
 
 __all__ = [
     "ADD_PENDING",
@@ -82,7 +82,7 @@ _MICROSECOND = timedelta(microseconds=1)
 
 _encode_string: Any = json.encoder.encode_basestring_ascii  # what json.dumps uses
 # json.dumps(value, sort_keys=True, separators=(",", ":")) without a new encoder per call
-_encode_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+_encode_canonical = json_encoder(sort_keys=True)
 _RFC3339 = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
     r"(?:\.([0-9]+))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
@@ -397,6 +397,10 @@ _INSERT_LONG_VALUE = (
     "INSERT INTO rollup_long_values (value_key, value) VALUES (?, ?) ON CONFLICT DO NOTHING"
 )
 _MEMBERS_PER_SELECT = 300
+_ALWAYS_SHORT = frozenset((bool, float, type(None)))
+"""Types whose canonical JSON is never a long value (a float's at most 24 characters)."""
+_PLAIN_VALUES = frozenset((str, bool, float, dict, type(None)))
+"""Types whose values ``kind_of`` calls ``"v"``, whatever they hold."""
 
 PENDING_SCHEMA = "CREATE TABLE IF NOT EXISTS rollup_pending (seq bigint PRIMARY KEY)"
 """Payloads stored but not yet added to the rollups (their ``seq``)."""
@@ -420,7 +424,8 @@ class _Batch:
 
     def __init__(self) -> None:
         self.hours: Dict[int, List[int]] = {}
-        self.members: Dict[Tuple[str, str, int], set[str]] = {}
+        # (instance_id, hour) -> the keys it reported in that hour
+        self.members: Dict[Tuple[str, int], set[str]] = {}
         self.instances: Dict[str, List[int]] = {}
         self.key_hours: Dict[Tuple[str, int], int] = {}
         # (key, day) -> [kind, last_ts, last_seq, total, value, value_ts, value_seq]
@@ -446,9 +451,12 @@ class _Batch:
                     self._canonical[id(item["value"])] = identity(item["value"])
 
     def _key_of(self, value: object) -> str:
-        if type(value) is str and len(value) <= _SHORT_STRING:
+        kind = type(value)
+        if kind is str and len(value) <= _SHORT_STRING:  # type: ignore[arg-type]
             encoded: str = _encode_string(value)  # what identity() does, first
             return encoded
+        if kind in _ALWAYS_SHORT:  # what identity() gives, never a long value
+            return identity(value)
         canonical = self._canonical.get(id(value))
         if canonical is None:
             canonical = identity(value)
@@ -468,44 +476,63 @@ class _Batch:
         dropped: int,
     ) -> None:
         at = effective_micros(timestamp, received_at)
-        hour = hour_of(at)
-        day = day_of(hour)
-        hourly = self.hours.setdefault(hour, [0, 0])
-        hourly[0] += 1
-        hourly[1] = clamp(hourly[1] + dropped)
-        for bucket in (("h", hour), ("d", day), ("w", week_of(day))):
-            self.members.setdefault((instance_id, *bucket), set()).update(data)
-        span = self.instances.setdefault(instance_id, [day, day])
-        span[0], span[1] = min(span[0], day), max(span[1], day)
-        report = (at, seq)
+        hour = at // MICROS_PER_HOUR
+        day = hour // 24
+        hourly = self.hours.get(hour)
+        if hourly is None:
+            self.hours[hour] = [1, clamp(dropped)]
+        else:
+            hourly[0] += 1
+            hourly[1] = clamp(hourly[1] + dropped)
+        # Per instance and hour; the day's and the week's are unions of these (``write``).
+        keys = self.members.get((instance_id, hour))
+        if keys is None:
+            self.members[(instance_id, hour)] = set(data)
+        else:
+            keys.update(data)
+        span = self.instances.get(instance_id)
+        if span is None:
+            self.instances[instance_id] = [day, day]
+        elif day < span[0]:
+            span[0] = day
+        elif day > span[1]:
+            span[1] = day
+        key_days = self.key_days
         for key, value in data.items():
-            kind = kind_of(value)
-            daily = self.key_days.get((key, day))
+            of_type = type(value)
+            kind = "c" if of_type is int else "v" if of_type in _PLAIN_VALUES else kind_of(value)
+            daily = key_days.get((key, day))
             if daily is None:
-                daily = self.key_days[(key, day)] = [kind, at, seq, 0, None, None, None]
-            elif report > (daily[1], daily[2]):
+                daily = key_days[(key, day)] = [kind, at, seq, 0, None, None, None]
+            elif at > daily[1] or (at == daily[1] and seq > daily[2]):
                 daily[0], daily[1], daily[2] = kind, at, seq
             if kind == "c":
-                total = clamp(value)
-                self.key_hours[(key, hour)] = clamp(self.key_hours.get((key, hour), 0) + total)
+                total = value if MIN_INT64 <= value <= MAX_INT64 else clamp(value)
+                slot = (key, hour)
+                self.key_hours[slot] = clamp(self.key_hours.get(slot, 0) + total)
                 daily[3] = clamp(daily[3] + total)
             elif kind == "v":
                 encoded = self._key_of(value)
-                if daily[5] is None or report > (daily[5], daily[6]):
+                if daily[5] is None or at > daily[5] or (at == daily[5] and seq > daily[6]):
                     daily[4], daily[5], daily[6] = encoded, at, seq
                 latest = self.latest.get((key, instance_id))
-                if latest is None or report > (latest[0], latest[1]):
+                if latest is None or at > latest[0] or (at == latest[0] and seq > latest[1]):
                     self.latest[(key, instance_id)] = (at, seq, day, encoded)
                 of_day = self.day_values.get((key, instance_id, day))
-                if of_day is None or report > (of_day[0], of_day[1]):
+                if of_day is None or at > of_day[0] or (at == of_day[0] and seq > of_day[1]):
                     self.day_values[(key, instance_id, day)] = (at, seq, encoded)
             else:
                 for item in value:
                     item_id = self._key_of(item["value"])
                     counted = (key, day, item_id)
                     self.cset_days[counted] = clamp(self.cset_days.get(counted, 0) + item["count"])
-                    item_span = self.cset_spans.setdefault((key, item_id, instance_id), [day, day])
-                    item_span[0], item_span[1] = min(item_span[0], day), max(item_span[1], day)
+                    item_span = self.cset_spans.get((key, item_id, instance_id))
+                    if item_span is None:
+                        self.cset_spans[(key, item_id, instance_id)] = [day, day]
+                    elif day < item_span[0]:
+                        item_span[0] = day
+                    elif day > item_span[1]:
+                        item_span[1] = day
                     self.cset_members.add((key, item_id, instance_id, day))
 
     def write(self, run: Runner) -> None:
@@ -549,7 +576,17 @@ class _Batch:
 
     def _write_members(self, run: Runner) -> None:
         """Which instances and keys are new to each bucket: counted once per bucket."""
-        slots = sorted(self.members)
+        members: Dict[Tuple[str, str, int], set[str]] = {}
+        for (instance, hour), keys in self.members.items():
+            day = hour // 24
+            members[(instance, "h", hour)] = keys
+            for slot in ((instance, "d", day), (instance, "w", week_of(day))):
+                union = members.get(slot)
+                if union is None:
+                    members[slot] = set(keys)
+                else:
+                    union |= keys
+        slots = sorted(members)
         known: Dict[Tuple[str, str, int], set[str]] = {}
         for start in range(0, len(slots), _MEMBERS_PER_SELECT):
             chunk = slots[start : start + _MEMBERS_PER_SELECT]
@@ -573,7 +610,7 @@ class _Batch:
             if before is None:
                 active[(res, bucket)] = active.get((res, bucket), 0) + 1
                 before = set()
-            new_keys = self.members[slot] - before
+            new_keys = members[slot] - before
             if before and not new_keys:
                 continue
             for key in new_keys:
