@@ -1,8 +1,11 @@
 """Hourly, daily and weekly aggregates kept up to date at ingest: queries never scan payloads.
 
-Every ingest transaction that stores a payload also records it in
-``rollup_pending`` (a repeated ``payload_id`` stores nothing, so adds
-nothing). Pending payloads are folded into the aggregates in batches: by the
+Every payload stored is pending until it is folded into the aggregates (a
+repeated ``payload_id`` stores nothing, so adds nothing). On PostgreSQL the
+ingest transaction records it in the ``rollup_pending`` queue; on SQLite,
+whose single writer numbers payloads in commit order, pending is every
+payload after the last one folded (``seq > rollup_folded.upto``), so storing a
+payload writes no queue row. Pending payloads are folded in batches: by the
 ingest transaction whose ``seq`` is a multiple of ``FOLD_EVERY``, and before
 every query (``Store.fold_rollups()``), so answers always include every payload
 stored before them. A batch is merged in memory first (payloads of one batch
@@ -48,7 +51,7 @@ import json.encoder
 import math
 import re
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ._storage import Runner, json_encoder
 
@@ -284,13 +287,15 @@ ROLLUP_TABLES = tuple(name for name, _, _ in _TABLES)
 
 
 def rollup_schema(*, sqlite: bool) -> List[str]:
-    """``CREATE TABLE`` statements for the rollups (SQLite: clustered on the key)."""
+    """``CREATE TABLE`` statements for the rollups (SQLite: clustered on the key, and
+    without the ``rollup_pending`` queue: ``_sqlite`` keeps pending payloads its own way)."""
     suffix = " WITHOUT ROWID" if sqlite else ""
     statements = [
         f"CREATE TABLE IF NOT EXISTS {name} ({columns}, PRIMARY KEY ({key})){suffix}"
         for name, columns, key in _TABLES
     ]
-    statements.append(PENDING_SCHEMA)
+    if not sqlite:
+        statements.append(PENDING_SCHEMA)
     # Covering indexes for the window queries: each count or breakdown over a
     # window is one index range (the last three columns serve the rare
     # instances that reported before and after the window).
@@ -661,15 +666,25 @@ ParsedPayloads = Mapping[int, Tuple[str, Mapping[str, Any]]]
 """Payloads still in memory: ``seq`` -> (the data's stored JSON text, that text decoded)."""
 
 
+def _dequeue(run: Runner, seqs: List[int]) -> None:
+    run.executemany("DELETE FROM rollup_pending WHERE seq = ?", [(seq,) for seq in seqs])
+
+
 def fold_pending(
-    run: Runner, select_pending: str, parsed: Optional[ParsedPayloads] = None
+    run: Runner,
+    select_pending: str,
+    parsed: Optional[ParsedPayloads] = None,
+    *,
+    mark_folded: Callable[[Runner, List[int]], None] = _dequeue,
 ) -> int:
-    """Add every pending payload to the rollups and clear it from ``rollup_pending``.
+    """Add every pending payload to the rollups and mark it folded.
 
     ``select_pending`` selects up to ``?`` pending payloads as ``PendingPayload``
-    rows (``data`` as JSON text or already decoded), oldest first. The caller
-    holds a write transaction that no other fold runs beside. Returns how many
-    payloads were added.
+    rows (``data`` as JSON text or already decoded), oldest first (by ``seq``).
+    ``mark_folded(run, seqs)`` makes each batch folded no longer pending; by
+    default it takes them out of ``rollup_pending``. The caller holds a write
+    transaction that no other fold runs beside. Returns how many payloads were
+    added.
 
     ``parsed`` spares decoding the data of payloads the caller still holds: an
     entry is used only when its text is the text stored, so a stale one (another
@@ -701,7 +716,7 @@ def fold_pending(
                 dropped=int(dropped),
             )
         batch.write(run)
-        run.executemany("DELETE FROM rollup_pending WHERE seq = ?", [(row[0],) for row in rows])
+        mark_folded(run, [int(row[0]) for row in rows])
         folded += len(rows)
         if len(rows) < FOLD_BATCH:
             return folded

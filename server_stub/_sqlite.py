@@ -19,7 +19,6 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, 
 
 from ._group_commit import GroupCommit
 from ._rollups import (
-    ADD_PENDING,
     FOLD_AT_ONCE_BYTES,
     FOLD_BATCH,
     FOLD_EVERY,
@@ -32,6 +31,7 @@ from ._storage import (
     EventQuery,
     EventRecord,
     PayloadRecord,
+    Runner,
     StoredPayload,
     aggregate_keys,
     count_tree,
@@ -77,8 +77,9 @@ CREATE TABLE IF NOT EXISTS policy_changes (
 """
 # 1: payloads and rate-limit windows (a database without schema_version is one);
 # 2: the stored policy and the rollups, backfilled from the stored payloads;
-# 3: events, once per (instance_id, event_id), and their hourly counts.
-SQLITE_SCHEMA_VERSION = 3
+# 3: events, once per (instance_id, event_id), and their hourly counts;
+# 4: no rollup_pending queue: pending is every payload after rollup_folded.upto.
+SQLITE_SCHEMA_VERSION = 4
 _EVENTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq         INTEGER PRIMARY KEY,  -- arrival order
@@ -107,10 +108,36 @@ CREATE TABLE IF NOT EXISTS event_counts (
 """
 # Every event ever counted: the window of stats().
 _ALL_TIME = ("0001-01-01T00:00:00.000000Z", "9999-12-31T23:59:59.999999Z")
+# Payloads get their seq from SQLite's single writer, one more than the largest
+# (none is ever deleted), so seqs are in commit order: every payload up to
+# ``upto`` is in the rollups, and so are the few after it in
+# ``rollup_folded_early`` (large ones, folded as they were stored).
+_FOLDED_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS rollup_folded (upto INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS rollup_folded_early (seq INTEGER PRIMARY KEY)",
+    # What the queue table of schema versions 2 and 3 held, for inspection.
+    "CREATE VIEW IF NOT EXISTS rollup_pending AS SELECT seq FROM payloads"
+    " WHERE seq > (SELECT upto FROM rollup_folded)"
+    " AND seq NOT IN (SELECT seq FROM rollup_folded_early)",
+)
 _SELECT_PENDING = """
+SELECT seq, instance_id, sent_at, received_at, data, dropped FROM payloads
+WHERE seq > (SELECT upto FROM rollup_folded) AND seq NOT IN (SELECT seq FROM rollup_folded_early)
+ORDER BY seq LIMIT ?
+"""
+# Schema versions 2 and 3: the rollup_pending queue table.
+_SELECT_QUEUED = """
 SELECT p.seq, p.instance_id, p.sent_at, p.received_at, p.data, p.dropped
 FROM rollup_pending AS r JOIN payloads AS p ON p.seq = r.seq ORDER BY r.seq LIMIT ?
 """
+
+
+def _mark_folded(run: Runner, seqs: List[int]) -> None:
+    """``fold_pending``'s ``mark_folded`` for SQLite: every payload up to the last of
+    ``seqs`` (the oldest pending ones, in order) is now folded."""
+    upto = seqs[-1]
+    run.execute("UPDATE rollup_folded SET upto = ?", (upto,))
+    run.execute("DELETE FROM rollup_folded_early WHERE seq <= ?", (upto,))
 
 
 def _migrate(connection: sqlite3.Connection) -> int:
@@ -124,19 +151,34 @@ def _migrate(connection: sqlite3.Connection) -> int:
                 f"database schema version {found} is newer than this server's"
                 f" ({SQLITE_SCHEMA_VERSION})"
             )
+        run = SQLiteRunner(connection)
         if found < 2:
             connection.execute(_POLICY_SCHEMA)
             for statement in rollup_schema(sqlite=True):
                 connection.execute(statement)
-            # Backfill: every payload stored so far is pending, and folded now.
-            connection.execute("INSERT INTO rollup_pending (seq) SELECT seq FROM payloads")
-            count = fold_pending(SQLiteRunner(connection), _SELECT_PENDING)
-            if count:
-                logger.info("rollups built for %d stored payloads", count)
         if found < 3:
             for statement in _EVENTS_SCHEMA.split(";"):
                 if statement.strip():
                     connection.execute(statement)
+        if found < 4:
+            if found >= 2:
+                # Fold what the queue holds: then every stored payload is folded.
+                fold_pending(run, _SELECT_QUEUED)
+                connection.execute("DROP TABLE rollup_pending")
+                (upto,) = connection.execute(
+                    "SELECT coalesce(max(seq), 0) FROM payloads"
+                ).fetchone()
+            else:
+                upto = 0  # a database from before rollups: every payload is pending
+            for statement in _FOLDED_SCHEMA:
+                connection.execute(statement)
+            connection.execute("DELETE FROM rollup_folded")
+            connection.execute("INSERT INTO rollup_folded (upto) VALUES (?)", (upto,))
+            if found < 2:
+                # Backfill: every payload stored so far is folded now.
+                count = fold_pending(run, _SELECT_PENDING, mark_folded=_mark_folded)
+                if count:
+                    logger.info("rollups built for %d stored payloads", count)
         if found < SQLITE_SCHEMA_VERSION:
             connection.execute("DELETE FROM schema_version")
             connection.execute("INSERT INTO schema_version VALUES (?)", (SQLITE_SCHEMA_VERSION,))
@@ -283,7 +325,7 @@ class SQLiteStore:
     def _add_batch(self, records: Sequence[PayloadRecord]) -> List[bool]:
         """Insert ``records`` in one transaction, in order; whether each was new.
 
-        Each new payload is also queued for the rollups, which take it in with the
+        Each new payload is pending for the rollups, which take it in with the
         next fold: every ``FOLD_EVERY`` payloads, or before the next query. A
         payload of over ``FOLD_AT_ONCE_BYTES`` of data is folded in this
         transaction instead, its values encoded before it (``PreparedFold``), so
@@ -311,7 +353,6 @@ class SQLiteStore:
         with self.writing() as run:
             connection = run.connection
             fold = False
-            pending: List[Tuple[int]] = []
             for record, row, at_once in zip(records, rows, prepared):
                 cursor = connection.execute(_INSERT, row)
                 stored.append(cursor.rowcount == 1)
@@ -327,13 +368,13 @@ class SQLiteStore:
                             received_at=record.received_at,
                             dropped=record.dropped,
                         )
+                        connection.execute(
+                            "INSERT INTO rollup_folded_early (seq) VALUES (?)", (seq,)
+                        )
                     else:
-                        pending.append((seq,))
                         self._parsed[seq] = (row[4], record.data)
                     _insert_events(connection, record.events)
                     fold = fold or seq % FOLD_EVERY == 0
-            if pending:
-                connection.executemany(ADD_PENDING, pending)
             if fold:
                 self._fold(run)
         if len(self._parsed) > FOLD_BATCH:  # another process folded them
@@ -342,7 +383,7 @@ class SQLiteStore:
 
     def _fold(self, run: SQLiteRunner) -> int:
         try:
-            return fold_pending(run, _SELECT_PENDING, self._parsed)
+            return fold_pending(run, _SELECT_PENDING, self._parsed, mark_folded=_mark_folded)
         finally:
             self._parsed.clear()
 

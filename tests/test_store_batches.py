@@ -13,7 +13,7 @@ import pytest
 
 from server_stub import PayloadRecord, PostgresStore, SQLiteStore, UnstorablePayload, open_store
 from server_stub._rollups import ROLLUP_TABLES, fold_pending
-from server_stub._sqlite import _SELECT_PENDING
+from server_stub._sqlite import _SELECT_PENDING, _mark_folded
 from server_stub._storage import EventQuery, EventRecord
 
 AnyStore = Union[SQLiteStore, PostgresStore]
@@ -213,7 +213,7 @@ def test_a_fold_decodes_a_payload_whose_held_text_is_not_the_stored_one(tmp_path
         try:
             assert store.add(_record({"n": 1, "x": "stored"}))
             with store.writing() as run:
-                assert fold_pending(run, _SELECT_PENDING, parsed) == 1
+                assert fold_pending(run, _SELECT_PENDING, parsed, mark_folded=_mark_folded) == 1
             folds.append(_rollup_rows(store))
         finally:
             store.close()
