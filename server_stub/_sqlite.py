@@ -250,6 +250,7 @@ class SQLiteStore:
         self._opened = 0
         self._pool_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._writer: Optional[sqlite3.Connection] = None  # kept by _end_write
         self._closed = False
         self._pruned_at: Optional[float] = None
         self._commits = GroupCommit(self._add_batch)
@@ -401,10 +402,21 @@ class SQLiteStore:
         return _WriteTransaction(self)
 
     def _begin_write(self) -> sqlite3.Connection:
-        """Take the write lock and a connection, and begin a write transaction on it."""
+        """Take the write lock and a connection, and begin a write transaction on it.
+
+        A file database keeps the connection of the last write for the next one
+        (only one write runs at a time in this process): no trip through the
+        pool, and its page cache stays valid while no other process writes.
+        """
         self._write_lock.acquire()
         try:
-            connection = self._acquire()
+            connection = self._writer
+            self._writer = None
+            if connection is None:
+                connection = self._acquire()
+            elif self._closed:
+                connection.close()
+                raise RuntimeError("store is closed")
             try:
                 connection.execute("BEGIN IMMEDIATE")
             except BaseException:
@@ -419,8 +431,15 @@ class SQLiteStore:
         """Commit (or roll back) what ``_begin_write`` began, and give back what it took."""
         try:
             connection.execute("COMMIT" if commit else "ROLLBACK")
-        finally:
+        except BaseException:
             self._release(connection)
+            raise
+        else:
+            if self._memory or self._closed or connection.in_transaction:
+                self._release(connection)
+            else:
+                self._writer = connection
+        finally:
             self._write_lock.release()
 
     @contextmanager
@@ -574,6 +593,13 @@ class SQLiteStore:
     def close(self) -> None:
         """Close every idle connection; ones in use are closed when handed back."""
         self._closed = True
+        if self._write_lock.acquire(blocking=False):  # else the writer closes it
+            try:
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
+            finally:
+                self._write_lock.release()
         while True:
             try:
                 self._idle.get_nowait().close()
