@@ -137,10 +137,16 @@ class Response:
 
 def status_line(status: int) -> str:
     """``"404 Not Found"``; unknown codes get a generic phrase."""
+    line = _STATUS_LINES.get(status)
+    if line is not None:
+        return line
     try:
         return f"{status} {HTTPStatus(status).phrase}"
     except ValueError:
         return f"{status} Status {status}"
+
+
+_STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
 
 def _error(status: int, message: str, headers: Optional[Headers] = None) -> Response:

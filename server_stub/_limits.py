@@ -214,6 +214,7 @@ class InFlightBudget:
         self.capacity = capacity
         self._available = capacity
         self._changed = threading.Condition()
+        self._waiting = 0  # threads in acquire() waiting for values to be released
 
     @property
     def available(self) -> int:
@@ -224,8 +225,13 @@ class InFlightBudget:
         """Take ``amount`` (at most the capacity); False when it was not free within ``timeout``."""
         amount = min(amount, self.capacity)
         with self._changed:
-            if not self._changed.wait_for(lambda: self._available >= amount, timeout):
-                return False
+            if self._available < amount:
+                self._waiting += 1
+                try:
+                    if not self._changed.wait_for(lambda: self._available >= amount, timeout):
+                        return False
+                finally:
+                    self._waiting -= 1
             self._available -= amount
             return True
 
@@ -233,7 +239,8 @@ class InFlightBudget:
         amount = min(amount, self.capacity)
         with self._changed:
             self._available += amount
-            self._changed.notify_all()
+            if self._waiting:
+                self._changed.notify_all()
 
 
 def address_key(address: str) -> str:
