@@ -227,6 +227,29 @@ _INSERT = (
     " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_MANY: Dict[int, str] = {}  # rows -> one INSERT of that many rows, returning the new ones
+
+
+def _insert(connection: sqlite3.Connection, rows: Sequence[Tuple[Any, ...]]) -> List[Optional[int]]:
+    """Insert ``rows`` (``_INSERT``'s parameters) in order; each one's ``seq``, or None
+    where its ``payload_id`` was stored already (or earlier in ``rows``).
+
+    Several rows go in one statement: each statement lets go of the GIL and waits to
+    take it back, which costs more than the statement when other threads are busy.
+    """
+    if len(rows) == 1:
+        cursor = connection.execute(_INSERT, rows[0])
+        return [cursor.lastrowid if cursor.rowcount == 1 else None]
+    sql = _INSERT_MANY.get(len(rows))
+    if sql is None:
+        sql = _INSERT_MANY[len(rows)] = (
+            _INSERT + ", (?, ?, ?, ?, ?, ?, ?)" * (len(rows) - 1) + " RETURNING payload_id, seq"
+        )
+    new: Dict[str, int] = dict(
+        connection.execute(sql, [value for row in rows for value in row]).fetchall()
+    )
+    # pop: a payload_id repeated within the batch is new only the first time
+    return [new.pop(row[0], None) for row in rows]
 
 
 class SQLiteStore:
@@ -354,12 +377,10 @@ class SQLiteStore:
         with self.writing() as run:
             connection = run.connection
             fold = False
-            for record, row, at_once in zip(records, rows, prepared):
-                cursor = connection.execute(_INSERT, row)
-                stored.append(cursor.rowcount == 1)
-                if cursor.rowcount == 1:
-                    seq = cursor.lastrowid
-                    assert seq is not None
+            seqs = _insert(connection, rows)
+            for record, row, at_once, seq in zip(records, rows, prepared, seqs):
+                stored.append(seq is not None)
+                if seq is not None:
                     if at_once is not None:
                         at_once.write(
                             run,
