@@ -432,11 +432,16 @@ class _Batch:
         # (instance_id, hour) -> the keys it reported in that hour
         self.members: Dict[Tuple[str, int], set[str]] = {}
         self.instances: Dict[str, List[int]] = {}
-        self.key_hours: Dict[Tuple[str, int], int] = {}
-        # (key, day) -> [kind, last_ts, last_seq, total, value, value_ts, value_seq]
-        self.key_days: Dict[Tuple[str, int], List[Any]] = {}
-        self.latest: Dict[Tuple[str, str], Tuple[int, int, int, str]] = {}
-        self.day_values: Dict[Tuple[str, str, int], Tuple[int, int, str]] = {}
+        # Keyed first by what a payload's keys share (its hour, day, instance): a
+        # payload looks that up once, and each of its keys by the key alone.
+        # hour -> key -> total
+        self.key_hours: Dict[int, Dict[str, int]] = {}
+        # day -> key -> [kind, last_ts, last_seq, total, value, value_ts, value_seq]
+        self.key_days: Dict[int, Dict[str, List[Any]]] = {}
+        # instance_id -> key -> (ts, seq, day, value)
+        self.latest: Dict[str, Dict[str, Tuple[int, int, int, str]]] = {}
+        # (instance_id, day) -> key -> (ts, seq, value)
+        self.day_values: Dict[Tuple[str, int], Dict[str, Tuple[int, int, str]]] = {}
         self.cset_days: Dict[Tuple[str, int, str], int] = {}
         self.cset_spans: Dict[Tuple[str, str, str], List[int]] = {}
         self.cset_members: set[Tuple[str, str, str, int]] = set()
@@ -502,30 +507,40 @@ class _Batch:
             span[0] = day
         elif day > span[1]:
             span[1] = day
-        key_days = self.key_days
+        key_days = self.key_days.get(day)
+        if key_days is None:
+            key_days = self.key_days[day] = {}
+        key_hours = self.key_hours.get(hour)
+        if key_hours is None:
+            key_hours = self.key_hours[hour] = {}
+        latest_values = self.latest.get(instance_id)
+        if latest_values is None:
+            latest_values = self.latest[instance_id] = {}
+        day_values = self.day_values.get((instance_id, day))
+        if day_values is None:
+            day_values = self.day_values[(instance_id, day)] = {}
         for key, value in data.items():
             of_type = type(value)
             kind = "c" if of_type is int else "v" if of_type in _PLAIN_VALUES else kind_of(value)
-            daily = key_days.get((key, day))
+            daily = key_days.get(key)
             if daily is None:
-                daily = key_days[(key, day)] = [kind, at, seq, 0, None, None, None]
+                daily = key_days[key] = [kind, at, seq, 0, None, None, None]
             elif at > daily[1] or (at == daily[1] and seq > daily[2]):
                 daily[0], daily[1], daily[2] = kind, at, seq
             if kind == "c":
                 total = value if MIN_INT64 <= value <= MAX_INT64 else clamp(value)
-                slot = (key, hour)
-                self.key_hours[slot] = clamp(self.key_hours.get(slot, 0) + total)
+                key_hours[key] = clamp(key_hours.get(key, 0) + total)
                 daily[3] = clamp(daily[3] + total)
             elif kind == "v":
                 encoded = self._key_of(value)
                 if daily[5] is None or at > daily[5] or (at == daily[5] and seq > daily[6]):
                     daily[4], daily[5], daily[6] = encoded, at, seq
-                latest = self.latest.get((key, instance_id))
+                latest = latest_values.get(key)
                 if latest is None or at > latest[0] or (at == latest[0] and seq > latest[1]):
-                    self.latest[(key, instance_id)] = (at, seq, day, encoded)
-                of_day = self.day_values.get((key, instance_id, day))
+                    latest_values[key] = (at, seq, day, encoded)
+                of_day = day_values.get(key)
                 if of_day is None or at > of_day[0] or (at == of_day[0] and seq > of_day[1]):
-                    self.day_values[(key, instance_id, day)] = (at, seq, encoded)
+                    day_values[key] = (at, seq, encoded)
             else:
                 for item in value:
                     item_id = self._key_of(item["value"])
@@ -549,25 +564,31 @@ class _Batch:
         run.executemany(
             _UPSERT_INSTANCE, [(instance, *span) for instance, span in self.instances.items()]
         )
-        if self.key_hours:
-            run.executemany(
-                _UPSERT_KEY_HOUR, [(*slot, total) for slot, total in self.key_hours.items()]
-            )
-        if self.key_days:
-            run.executemany(_UPSERT_KEY_DAY, [(*slot, *row) for slot, row in self.key_days.items()])
-        if self.latest:
-            run.executemany(
-                _UPSERT_LATEST,
-                [
-                    (key, instance, day, at, seq, value)
-                    for (key, instance), (at, seq, day, value) in self.latest.items()
-                ],
-            )
+        key_hours = [
+            (key, hour, total)
+            for hour, totals in self.key_hours.items()
+            for key, total in totals.items()
+        ]
+        if key_hours:
+            run.executemany(_UPSERT_KEY_HOUR, key_hours)
+        key_days = [
+            (key, day, *row) for day, rows in self.key_days.items() for key, row in rows.items()
+        ]
+        if key_days:
+            run.executemany(_UPSERT_KEY_DAY, key_days)
+        latest = [
+            (key, instance, day, at, seq, value)
+            for instance, values in self.latest.items()
+            for key, (at, seq, day, value) in values.items()
+        ]
+        if latest:
+            run.executemany(_UPSERT_LATEST, latest)
             run.executemany(
                 _UPSERT_DAY_VALUE,
                 [
                     (key, instance, day, at, seq, value)
-                    for (key, instance, day), (at, seq, value) in self.day_values.items()
+                    for (instance, day), values in self.day_values.items()
+                    for key, (at, seq, value) in values.items()
                 ],
             )
         if self.cset_days:
