@@ -41,7 +41,7 @@ from ._limits import (
     value_bound,
 )
 from ._openapi import openapi_document
-from ._policy import Policy
+from ._policy import Policy, PolicyRules
 from ._rollups import rfc3339_datetime
 from ._storage import (
     PayloadRecord,
@@ -572,6 +572,9 @@ class App:
             clock=clock,
         )
         self._storage_lock = threading.Lock()
+        # The encoded answers to /v1/update under one version of the rules (they
+        # differ only in "stop"): rules are immutable, a new version starts afresh.
+        self._answers: Tuple[Optional[PolicyRules], Dict[bool, bytes]] = (None, {})
         self._stored_bytes = 0
         self._measured_at: Optional[float] = None
         self._full_logged_at: Optional[float] = None
@@ -715,7 +718,19 @@ class App:
                     self._stored_bytes += len(request.decoded or b"")
         except UnstorablePayload as exc:
             raise HTTPError(400, f"payload cannot be stored: {exc}") from None
-        return Response(200, rules.response_fields(instance_id))
+        return Response(200, self._update_answer(rules, instance_id))
+
+    def _update_answer(self, rules: PolicyRules, instance_id: str) -> bytes:
+        """The body of a successful ``/v1/update`` answer, encoded once per rules and "stop"."""
+        stops = rules.stops(instance_id)
+        version, bodies = self._answers
+        if version is not rules:
+            bodies = {}
+            self._answers = (rules, bodies)
+        body = bodies.get(stops)
+        if body is None:
+            body = bodies[stops] = encode_compact(rules.response_fields(instance_id)).encode()
+        return body
 
     def _require(self, environ: WSGIEnvironment, needed: Grant) -> None:
         refusal = self.access.check(environ, needed)

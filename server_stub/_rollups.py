@@ -207,12 +207,15 @@ def kind_of(value: object) -> str:
         return "c"
     if kind is not list:
         return "c" if isinstance(value, int) and not isinstance(value, bool) else "v"
-    if value and all(
-        type(item) is dict and len(item) == 2 and "value" in item and type(item.get("count")) is int
-        for item in value  # type: ignore[attr-defined]
-    ):
-        return "s"
-    return "v"
+    if not value:
+        return "v"
+    for item in value:  # type: ignore[attr-defined]
+        if not (
+            type(item) is dict and len(item) == 2 and "value" in item
+            and type(item.get("count")) is int
+        ):
+            return "v"
+    return "s"
 
 
 _TABLES: Tuple[Tuple[str, str, str], ...] = (
