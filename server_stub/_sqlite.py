@@ -373,6 +373,8 @@ class SQLiteStore:
             PreparedFold(record.data) if len(row[4]) > FOLD_AT_ONCE_BYTES else None
             for record, row in zip(records, rows)
         ]
+        if not any(record.events for record in records) and not any(prepared):
+            return self._insert_alone(rows, records)
         stored: List[bool] = []
         with self.writing() as run:
             connection = run.connection
@@ -403,6 +405,33 @@ class SQLiteStore:
             self._parsed.clear()
         return stored
 
+    def _insert_alone(
+        self, rows: Sequence[Tuple[Any, ...]], records: Sequence[PayloadRecord]
+    ) -> List[bool]:
+        """``_add_batch`` for payloads with nothing to write beside their rows: one
+        INSERT, its own transaction (SQLite commits it before it returns), which
+        spares a BEGIN and a COMMIT and the GIL hand-overs each one costs."""
+        connection = self._take_writer()
+        try:
+            seqs = _insert(connection, rows)
+        finally:
+            self._give_back_writer(connection)
+        fold = False
+        for record, row, seq in zip(records, rows, seqs):
+            if seq is not None:
+                self._parsed[seq] = (row[4], record.data)
+                fold = fold or seq % FOLD_EVERY == 0
+        if fold:
+            # Committed already: a fold that fails now is retried by the next one.
+            try:
+                with self.writing() as run:
+                    self._fold(run)
+            except Exception:
+                logger.exception("folding stored payloads into the rollups failed")
+        elif len(self._parsed) > FOLD_BATCH:  # another process folded them
+            self._parsed.clear()
+        return [seq is not None for seq in seqs]
+
     def _fold(self, run: SQLiteRunner) -> int:
         try:
             return fold_pending(run, _SELECT_PENDING, self._parsed, mark_folded=_mark_folded)
@@ -423,7 +452,24 @@ class SQLiteStore:
         return _WriteTransaction(self)
 
     def _begin_write(self) -> sqlite3.Connection:
-        """Take the write lock and a connection, and begin a write transaction on it.
+        """Take the write lock and a connection, and begin a write transaction on it."""
+        connection = self._take_writer()
+        try:
+            connection.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self._give_back_writer(connection)
+            raise
+        return connection
+
+    def _end_write(self, connection: sqlite3.Connection, *, commit: bool) -> None:
+        """Commit (or roll back) what ``_begin_write`` began, and give back what it took."""
+        try:
+            connection.execute("COMMIT" if commit else "ROLLBACK")
+        finally:
+            self._give_back_writer(connection)
+
+    def _take_writer(self) -> sqlite3.Connection:
+        """Take the write lock and the connection to write with.
 
         A file database keeps the connection of the last write for the next one
         (only one write runs at a time in this process): no trip through the
@@ -438,24 +484,14 @@ class SQLiteStore:
             elif self._closed:
                 connection.close()
                 raise RuntimeError("store is closed")
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-            except BaseException:
-                self._release(connection)
-                raise
         except BaseException:
             self._write_lock.release()
             raise
         return connection
 
-    def _end_write(self, connection: sqlite3.Connection, *, commit: bool) -> None:
-        """Commit (or roll back) what ``_begin_write`` began, and give back what it took."""
+    def _give_back_writer(self, connection: sqlite3.Connection) -> None:
+        """Keep (or hand back to the pool) what ``_take_writer`` took; release the lock."""
         try:
-            connection.execute("COMMIT" if commit else "ROLLBACK")
-        except BaseException:
-            self._release(connection)
-            raise
-        else:
             if self._memory or self._closed or connection.in_transaction:
                 self._release(connection)
             else:
