@@ -688,9 +688,9 @@ class App:
         """Parse, check, rate-limit and store an admitted body; the answer (or HTTPError)."""
         body = request.parse()
         now = self._clock()
-        # format_time's form, without its conversions (the time is in UTC already)
-        received_at = datetime.fromtimestamp(now, timezone.utc).isoformat("T", "microseconds")
-        received_at = received_at[:-6] + "Z"  # "+00:00"
+        # format_time's form, without its conversion (the time is in UTC already)
+        arrival = datetime.fromtimestamp(now, timezone.utc).replace(tzinfo=None)
+        received_at = arrival.isoformat("T", "microseconds") + "Z"
         # The payload's shape first (it walks no nested value): a bad event is
         # named by its index and field, not only by where the document walk found it.
         record = validate_payload(body, instance_id, received_at)
