@@ -441,9 +441,8 @@ class _Batch:
         self.key_hours: Dict[int, Dict[str, int]] = {}
         # day -> key -> [kind, last_ts, last_seq, total, value, value_ts, value_seq]
         self.key_days: Dict[int, Dict[str, List[Any]]] = {}
-        # instance_id -> key -> (ts, seq, day, value)
-        self.latest: Dict[str, Dict[str, Tuple[int, int, int, str]]] = {}
-        # (instance_id, day) -> key -> (ts, seq, value)
+        # (instance_id, day) -> key -> (ts, seq, value); the latest of them per
+        # instance and key is the batch's change to rollup_latest (``write``)
         self.day_values: Dict[Tuple[str, int], Dict[str, Tuple[int, int, str]]] = {}
         self.cset_days: Dict[Tuple[str, int, str], int] = {}
         self.cset_spans: Dict[Tuple[str, str, str], List[int]] = {}
@@ -516,9 +515,6 @@ class _Batch:
         key_hours = self.key_hours.get(hour)
         if key_hours is None:
             key_hours = self.key_hours[hour] = {}
-        latest_values = self.latest.get(instance_id)
-        if latest_values is None:
-            latest_values = self.latest[instance_id] = {}
         day_values = self.day_values.get((instance_id, day))
         if day_values is None:
             day_values = self.day_values[(instance_id, day)] = {}
@@ -538,9 +534,6 @@ class _Batch:
                 encoded = self._key_of(value)
                 if daily[5] is None or at > daily[5] or (at == daily[5] and seq > daily[6]):
                     daily[4], daily[5], daily[6] = encoded, at, seq
-                latest = latest_values.get(key)
-                if latest is None or at > latest[0] or (at == latest[0] and seq > latest[1]):
-                    latest_values[key] = (at, seq, day, encoded)
                 of_day = day_values.get(key)
                 if of_day is None or at > of_day[0] or (at == of_day[0] and seq > of_day[1]):
                     day_values[key] = (at, seq, encoded)
@@ -579,21 +572,20 @@ class _Batch:
         ]
         if key_days:
             run.executemany(_UPSERT_KEY_DAY, key_days)
-        latest = [
+        day_values = [
             (key, instance, day, at, seq, value)
-            for instance, values in self.latest.items()
-            for key, (at, seq, day, value) in values.items()
+            for (instance, day), values in self.day_values.items()
+            for key, (at, seq, value) in values.items()
         ]
-        if latest:
-            run.executemany(_UPSERT_LATEST, latest)
-            run.executemany(
-                _UPSERT_DAY_VALUE,
-                [
-                    (key, instance, day, at, seq, value)
-                    for (instance, day), values in self.day_values.items()
-                    for key, (at, seq, value) in values.items()
-                ],
-            )
+        if day_values:
+            latest: Dict[Tuple[str, str], Tuple[str, str, int, int, int, str]] = {}
+            for row in day_values:
+                slot = (row[0], row[1])
+                known = latest.get(slot)
+                if known is None or row[3:5] > known[3:5]:  # (ts, seq)
+                    latest[slot] = row
+            run.executemany(_UPSERT_LATEST, list(latest.values()))
+            run.executemany(_UPSERT_DAY_VALUE, day_values)
         if self.cset_days:
             run.executemany(
                 _UPSERT_CSET_DAY, [(*slot, count) for slot, count in self.cset_days.items()]
