@@ -7,8 +7,10 @@ under one short lock, when the queue reaches ``FOLD_AT`` entries, before
 anything reads or empties the store, and before a call that is decided at once
 (a key that is not a ``str``, an invalid value). Every call gets the outcome it
 would have had alone: kinds, item accounting, per-key caps, 64-bit saturation
-and drops are decided per call. A batch of counter calls only is counted at C
-speed. Warnings are logged after the lock is released: logging may do I/O.
+and drops are decided per call. A batch of counter calls only, of appends to
+one list, or of ``set_nested`` or ``append_unique`` calls on one key that no cap
+can stop is applied at C speed. Warnings are logged after the lock is released:
+logging may do I/O.
 """
 
 from __future__ import annotations
@@ -516,8 +518,11 @@ class Buffer:
 
         A batch of counter calls only is counted at C speed (repeats of one
         entry cost no Python work), summed per key, and the store is touched
-        once per key; any other batch is applied entry by entry, in call order,
-        under one lock acquisition. Warnings are logged after the lock is released.
+        once per key; appends to one list, and ``set_nested`` or
+        ``append_unique`` calls on one key, are applied at C speed when no cap
+        can stop one of them; any other batch is applied entry by entry, in call
+        order, under one lock acquisition. Warnings are logged after the lock is
+        released.
         """
         try:
             with self._fold_lock:
