@@ -21,7 +21,6 @@ import math
 import operator
 import threading
 from collections.abc import Hashable, Iterable, Mapping
-from operator import countOf
 from typing import (
     TYPE_CHECKING,
     Any,
@@ -637,7 +636,8 @@ class Buffer:
             return False  # a quick look first: most other batches end here
         key, calls = first[1], len(ops)
         try:
-            if countOf(map(_first, ops), tag) != calls or countOf(map(_second, ops), key) != calls:
+            if (operator.countOf(map(_first, ops), tag) != calls
+                    or operator.countOf(map(_second, ops), key) != calls):
                 return False
             latest = dict(zip(map(_third, ops), map(_fourth, ops))) if tag is _NESTED else None
         except Exception:  # an increment of "" (no first character), a short entry, an add's key
