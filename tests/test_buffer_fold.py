@@ -558,3 +558,30 @@ def test_exact_counts_and_mappings_with_8_threads_on_one_key() -> None:
     admitted = sum(count for count in counts.values() if isinstance(count, int))
     assert admitted + snapshot.dropped == 8 * calls
     assert snapshot.items == 1 + 1000
+
+
+def test_a_one_key_batch_that_reaches_a_cap_or_mixes_kinds_replays_in_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    buffer = Buffer(max_items=100, max_values_per_key=5)
+    for member in ("a", "b", "c"):
+        buffer.append_unique("k", member)
+    buffer.set_nested("m", "s", 1)
+    buffer.fold()
+    for member in ("d", "a", "e", "f", "g", "a"):  # the cap is reached inside the batch
+        buffer.append_unique("k", member)
+    ops = buffer._queue[:]
+    assert not buffer._fold_one_key(ops)  # nothing done: the batch replays
+    with caplog.at_level(logging.WARNING, logger="telemetry"):
+        buffer.fold()
+        buffer.set_nested("m", "t", 2)
+        buffer.append_unique("m", "x")  # another kind on the mapping's key, mid-batch
+        buffer.set_nested("m", "s", 3)
+        assert not buffer._fold_one_key(buffer._queue[:])
+        snapshot = taken(buffer)
+    assert _member_counts(snapshot.data["k"]) == {"a": 3, "b": 1, "c": 1, "d": 1, "e": 1}
+    assert snapshot.data["m"] == {"s": 3, "t": 2}
+    assert snapshot.items == 1 + 5 + 1 + 2 and snapshot.dropped == 3
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("already holds 5 values" in message for message in messages) == 1
+    assert sum("holds a mapping, not a counting set" in message for message in messages) == 1
