@@ -132,6 +132,12 @@ FROM rollup_pending AS r JOIN payloads AS p ON p.seq = r.seq ORDER BY r.seq LIMI
 """
 
 
+_MARK_WITHIN_STORED = (
+    "UPDATE rollup_folded SET upto = (SELECT coalesce(max(seq), 0) FROM payloads)"
+    " WHERE upto > (SELECT coalesce(max(seq), 0) FROM payloads)"
+)
+
+
 def _mark_folded(run: Runner, seqs: List[int]) -> None:
     """``fold_pending``'s ``mark_folded`` for SQLite: every payload up to the last of
     ``seqs`` (the oldest pending ones, in order) is now folded."""
@@ -179,6 +185,14 @@ def _migrate(connection: sqlite3.Connection) -> int:
                 count = fold_pending(run, _SELECT_PENDING, mark_folded=_mark_folded)
                 if count:
                     logger.info("rollups built for %d stored payloads", count)
+        # A new payload's seq is one more than the largest stored: if someone deleted
+        # the newest payloads, the folded mark must come back down to it, or new
+        # payloads would take seqs it already covers and never be folded.
+        connection.execute(_MARK_WITHIN_STORED)
+        connection.execute(
+            "DELETE FROM rollup_folded_early"
+            " WHERE seq > (SELECT coalesce(max(seq), 0) FROM payloads)"
+        )
         if found < SQLITE_SCHEMA_VERSION:
             connection.execute("DELETE FROM schema_version")
             connection.execute("INSERT INTO schema_version VALUES (?)", (SQLITE_SCHEMA_VERSION,))

@@ -686,6 +686,34 @@ def test_sqlite_database_with_the_rollup_queue_is_migrated(tmp_path: Path) -> No
         store.close()
 
 
+def test_sqlite_deleting_the_newest_payloads_does_not_hide_later_ones(tmp_path: Path) -> None:
+    """Pending payloads are those after the folded mark; a new payload takes the seq
+    after the largest stored. Deleting the newest folded payloads by hand must not
+    leave the mark ahead of the seqs that later payloads get."""
+    path = str(tmp_path / "t.db")
+    payloads = _sample_payloads()
+    window = (BASE, BASE + timedelta(days=14))
+    store = SQLiteStore(path)
+    try:
+        stored = store_all(store, payloads)
+        assert answers(store, window, 5) == brute_answers(stored, window, 5)  # folded
+    finally:
+        store.close()
+    with sqlite3.connect(path) as connection:
+        connection.execute("DELETE FROM payloads WHERE seq > 30")
+    connection.close()
+    store = SQLiteStore(path)
+    try:
+        later = {**payloads[3], "payload_id": uuid.uuid4().hex, "data": {"a": 7, "b": "v9"}}
+        assert store_all(store, [later]) == [later]
+        with store.reading() as run:
+            assert run.fetchall("SELECT count(*) FROM rollup_pending") == [(1,)]
+        # The rollups still count the deleted payloads (they were folded) and the new one.
+        assert answers(store, window, 5) == brute_answers([*stored, later], window, 5)
+    finally:
+        store.close()
+
+
 def test_postgres_database_from_before_rollups_is_backfilled(postgres_url: str) -> None:
     import psycopg
 
