@@ -32,6 +32,7 @@ from telemetry._wire import Request, encode_request
 __all__ = [
     "CALLS",
     "FILLS",
+    "NEW_VALUE_FLOORS",
     "STALL_FILLS",
     "best_beside_floor",
     "buffer_memory",
@@ -70,6 +71,10 @@ def floor(key: str) -> None:
 
 
 FLOOR_STMT = "floor('requests')"
+# Like for like, the floor of a call that stores a new value each time takes the
+# same ``next(fresh)`` argument: its dictionary gains a key per call too (it is
+# emptied before each round, as the buffer is).
+NEW_VALUE_FLOORS: Dict[str, str] = {"append_unique (miss)": "floor(next(fresh))"}
 
 # name -> (statement, setup run before each round). The setup makes the key exist
 # (the "hit" path every call but the first takes) in a buffer emptied first, so
@@ -153,29 +158,38 @@ def figures(call_ns: float, floor_ns: float) -> Dict[str, float]:
     }
 
 
-def _best_ns(stmt: str, setup: Callable[[], None], number: int, rounds: int) -> Tuple[float, float]:
+def _best_ns(
+    stmt: str, setup: Callable[[], None], number: int, rounds: int, floor_stmt: str = FLOOR_STMT,
+) -> Tuple[float, float]:
     """Best-of-``rounds`` ns per call of ``stmt`` and of the floor, from a fresh default client."""
 
     namespace = _namespace()
 
     def before_round() -> None:
         telemetry.reset()
+        _floor_counts.clear()
         namespace["fresh"] = itertools.count()
         setup()
 
     subject = timeit.Timer(stmt, globals=namespace)
-    baseline = timeit.Timer(FLOOR_STMT, globals=namespace)
+    baseline = timeit.Timer(floor_stmt, globals=namespace)
     return best_beside_floor(subject, baseline, before_round, number, rounds)
 
 
 def collection_calls(number: int = 200_000, rounds: int = 5) -> Dict[str, Dict[str, float]]:
     """ns/call of each collection call (default client) beside the floor, and the ratio.
 
-    Call ``init_default_client()`` first; telemetry's mode decides which path is measured.
+    A call in ``NEW_VALUE_FLOORS`` is also measured beside that floor (``new_value_ns``,
+    ``new_value_floor_ns``, ``new_value_ratio``). Call ``init_default_client()`` first;
+    telemetry's mode decides which path is measured.
     """
     results: Dict[str, Dict[str, float]] = {}
     for name, (stmt, setup) in CALLS.items():
         results[name] = figures(*_best_ns(stmt, setup, number, rounds))
+        if name in NEW_VALUE_FLOORS:
+            like_for_like = figures(*_best_ns(stmt, setup, number, rounds, NEW_VALUE_FLOORS[name]))
+            results[name].update({f"new_value_{field}": value
+                                  for field, value in like_for_like.items()})
     telemetry.reset()
     return results
 

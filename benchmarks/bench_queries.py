@@ -6,9 +6,9 @@ extra (psycopg) and PostgreSQL's binaries for the PostgreSQL half.
 
 1. Builds a SQLite database of ``--payloads`` 10-key payloads from
    ``--instances`` instances spread over ``--days`` days. The payloads are
-   inserted in bulk (``executemany``, 5,000 per transaction) and marked
-   pending, and each batch is folded into the rollups by the same
-   ``fold_pending`` that ingest and queries run.
+   inserted in bulk (``executemany``, 5,000 per transaction), and each
+   batch is folded into the rollups by the same ``fold_pending`` that
+   ingest and queries run.
 2. Copies that database, payloads and rollup tables row for row, into a
    throwaway PostgreSQL (``COPY``): the rollups PostgreSQL's own fold would
    compute from the same payloads, in minutes rather than an hour.
@@ -17,7 +17,7 @@ extra (psycopg) and PostgreSQL's binaries for the PostgreSQL half.
    ``/v1/series`` with day buckets over 90 days, ``/v1/breakdown`` of a set
    key and of a counting set, ``/v1/active`` over 90 days. Median, p90, max.
 4. Ingest throughput over HTTP with rollups against the same server with
-   them switched off (nothing recorded as pending, nothing folded; same run,
+   them switched off (nothing folded; same run,
    alternated, ``bench_server.ingest``), and in-process ``SQLiteStore.add``
    the same way.
 """
@@ -48,6 +48,7 @@ from server_stub import PayloadRecord, PostgresStore, SQLiteStore, create_app
 from server_stub._http import make_server
 from server_stub._pgtemp import TEST_SETTINGS, TemporaryPostgres
 from server_stub._rollups import ROLLUP_TABLES, fold_pending
+from server_stub._sqlite import _SELECT_PENDING, _mark_folded
 
 __all__ = ["main"]
 
@@ -55,14 +56,14 @@ UTC = timezone.utc
 _BULK = 5000
 _VERSIONS = ["1.0.0", "1.1.0", "1.2.0", "1.3.0", "2.0.0"]
 _AGENTS = ["curl", "firefox", "chrome", "go-http", "python-requests", "wget"]
-# The server without rollups: nothing recorded as pending, nothing folded.
+# The server without rollups: nothing folded (on SQLite, storing a payload
+# records nothing for the rollups: pending is every payload after the last folded).
 _NO_ROLLUPS_SERVER = (
-    "import sys, server_stub._sqlite as store; store.fold_pending = lambda run, sql: 0;"
-    " store.ADD_PENDING = 'SELECT ?';"
+    "import sys, server_stub._sqlite as store; store.fold_pending = lambda *args, **kwargs: 0;"
     " from server_stub.__main__ import main; sys.exit(main(sys.argv[1:]))"
 )
-# The SQLite store's names for what rollups cost at ingest, switched off to compare.
-_FOLD, _PENDING = "fold_pending", "ADD_PENDING"
+# The SQLite store's name for what rollups cost at ingest, switched off to compare.
+_FOLD = "fold_pending"
 _PAYLOAD_COLUMNS = "payload_id, instance_id, sent_at, received_at, data, client, dropped"
 
 
@@ -118,10 +119,6 @@ def build_sqlite(path: str, rows: Iterator[Tuple[Any, ...]]) -> Dict[str, Any]:
     began = time.perf_counter()
     fold_seconds = 0.0
     count = 0
-    select_pending = (
-        "SELECT p.seq, p.instance_id, p.sent_at, p.received_at, p.data, p.dropped"
-        " FROM rollup_pending AS r JOIN payloads AS p ON p.seq = r.seq ORDER BY r.seq LIMIT ?"
-    )
     while True:
         batch = [row for _, row in zip(range(_BULK), rows)]
         if not batch:
@@ -136,12 +133,8 @@ def build_sqlite(path: str, rows: Iterator[Tuple[Any, ...]]) -> Dict[str, Any]:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(first + i, *row) for i, row in enumerate(batch)],
             )
-            connection.executemany(
-                "INSERT INTO rollup_pending (seq) VALUES (?)",
-                [(first + i,) for i in range(len(batch))],
-            )
             folding = time.perf_counter()
-            fold_pending(run, select_pending)
+            fold_pending(run, _SELECT_PENDING, mark_folded=_mark_folded)
             fold_seconds += time.perf_counter() - folding
         count += len(batch)
         if count % 100_000 == 0:
@@ -278,10 +271,9 @@ def _store_add_rate(payloads: int, *, fold: bool) -> float:
     """``SQLiteStore.add`` one payload per transaction, as the server does; payloads/s."""
     import server_stub._sqlite as store_module  # noqa: PLC0415
 
-    real = getattr(store_module, _FOLD), getattr(store_module, _PENDING)
+    real = getattr(store_module, _FOLD)
     if not fold:
-        setattr(store_module, _FOLD, lambda run, sql: 0)
-        setattr(store_module, _PENDING, "SELECT ?")
+        setattr(store_module, _FOLD, lambda *args, **kwargs: 0)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             store = SQLiteStore(str(Path(tmp) / "add.db"))
@@ -296,8 +288,7 @@ def _store_add_rate(payloads: int, *, fold: bool) -> float:
             rate = payloads / (time.perf_counter() - began)
             store.close()
     finally:
-        setattr(store_module, _FOLD, real[0])
-        setattr(store_module, _PENDING, real[1])
+        setattr(store_module, _FOLD, real)
     return round(rate)
 
 

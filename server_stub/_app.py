@@ -41,7 +41,7 @@ from ._limits import (
     value_bound,
 )
 from ._openapi import openapi_document
-from ._policy import Policy
+from ._policy import Policy, PolicyRules
 from ._rollups import rfc3339_datetime
 from ._storage import (
     PayloadRecord,
@@ -137,10 +137,16 @@ class Response:
 
 def status_line(status: int) -> str:
     """``"404 Not Found"``; unknown codes get a generic phrase."""
+    line = _STATUS_LINES.get(status)
+    if line is not None:
+        return line
     try:
         return f"{status} {HTTPStatus(status).phrase}"
     except ValueError:
         return f"{status} Status {status}"
+
+
+_STATUS_LINES = {status.value: f"{status.value} {status.phrase}" for status in HTTPStatus}
 
 
 def _error(status: int, message: str, headers: Optional[Headers] = None) -> Response:
@@ -283,7 +289,12 @@ class RequestBody:
         decoded = self.decode()
         try:
             # ``json.loads`` would build a decoder per call; its own handling of bytes.
-            text = decoded.decode(json.detect_encoding(decoded), "surrogatepass")
+            # An object that starts with "{" and no NUL is UTF-8 (what detect_encoding says).
+            if decoded[:1] == b"{" and decoded[1:2] != b"\0":
+                encoding = "utf-8"
+            else:
+                encoding = json.detect_encoding(decoded)
+            text = decoded.decode(encoding, "surrogatepass")
             self.parsed = _JSON.decode(text)
         except (ValueError, RecursionError) as exc:
             raise HTTPError(400, f"body is not valid JSON: {exc}") from None
@@ -420,6 +431,24 @@ def _parse_timestamp(value: str) -> datetime:
     return rfc3339_datetime(match)
 
 
+def _check_timestamp(value: str) -> None:
+    """ValueError unless ``_parse_timestamp`` accepts ``value`` (with its message)."""
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise ValueError("not an RFC 3339 timestamp")
+    if len(value) == 27 and value[10] == "T" and value[26] == "Z" and value[11:13] < "24":
+        # What the Python client sends (six fraction digits): the C parser checks
+        # the same ranges (newer ones take hour 24: not here); where it refuses,
+        # the slower path gives the reason.
+        try:
+            datetime.fromisoformat(value[:26])
+        except ValueError:
+            pass
+        else:
+            return
+    rfc3339_datetime(match)
+
+
 def _validate_client(client: object) -> Optional[Dict[str, Any]]:
     if client is None:
         return None
@@ -452,7 +481,7 @@ def validate_payload(body: object, instance_id: str, received_at: str) -> Payloa
     if not isinstance(timestamp, str):
         raise HTTPError(400, "timestamp must be an RFC 3339 string")
     try:
-        _parse_timestamp(timestamp)
+        _check_timestamp(timestamp)
     except ValueError as exc:
         raise HTTPError(400, f"invalid timestamp {timestamp!r}: {exc}") from None
     if "payload_id" in body:
@@ -543,6 +572,9 @@ class App:
             clock=clock,
         )
         self._storage_lock = threading.Lock()
+        # The encoded answers to /v1/update under one version of the rules (they
+        # differ only in "stop"): rules are immutable, a new version starts afresh.
+        self._answers: Tuple[Optional[PolicyRules], Dict[bool, bytes]] = (None, {})
         self._stored_bytes = 0
         self._measured_at: Optional[float] = None
         self._full_logged_at: Optional[float] = None
@@ -656,7 +688,9 @@ class App:
         """Parse, check, rate-limit and store an admitted body; the answer (or HTTPError)."""
         body = request.parse()
         now = self._clock()
-        received_at = format_time(datetime.fromtimestamp(now, timezone.utc))
+        # format_time's form, without its conversion (the time is in UTC already)
+        arrival = datetime.fromtimestamp(now, timezone.utc).replace(tzinfo=None)
+        received_at = arrival.isoformat("T", "microseconds") + "Z"
         # The payload's shape first (it walks no nested value): a bad event is
         # named by its index and field, not only by where the document walk found it.
         record = validate_payload(body, instance_id, received_at)
@@ -684,7 +718,19 @@ class App:
                     self._stored_bytes += len(request.decoded or b"")
         except UnstorablePayload as exc:
             raise HTTPError(400, f"payload cannot be stored: {exc}") from None
-        return Response(200, rules.response_fields(instance_id))
+        return Response(200, self._update_answer(rules, instance_id))
+
+    def _update_answer(self, rules: PolicyRules, instance_id: str) -> bytes:
+        """The body of a successful ``/v1/update`` answer, encoded once per rules and "stop"."""
+        stops = rules.stops(instance_id)
+        version, bodies = self._answers
+        if version is not rules:
+            bodies = {}
+            self._answers = (rules, bodies)
+        body = bodies.get(stops)
+        if body is None:
+            body = bodies[stops] = encode_compact(rules.response_fields(instance_id)).encode()
+        return body
 
     def _require(self, environ: WSGIEnvironment, needed: Grant) -> None:
         refusal = self.access.check(environ, needed)

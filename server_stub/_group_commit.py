@@ -26,6 +26,17 @@ __all__ = ["GroupCommit"]
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
+_process = [os.getpid()]
+"""This process's id, kept current across forks: ``os.getpid()`` is a system call."""
+
+
+def _forked() -> None:
+    _process[0] = os.getpid()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
+
 
 class _Entry(Generic[Item, Result]):
     __slots__ = ("done", "error", "item", "result", "wake", "woken")
@@ -78,7 +89,7 @@ class GroupCommit(Generic[Item, Result]):
         woken once, by its own lock: when its batch is written, or when the
         writer before it hands it the writing.
         """
-        if self._pid != os.getpid():
+        if self._pid != _process[0]:
             # A fork copied the parent's state, perhaps mid-batch: this process
             # starts with an empty queue and a lock nobody holds.
             self._reset()

@@ -23,7 +23,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 from ._storage import INT64_MAX, INT64_MIN, saturate
 
@@ -153,6 +153,11 @@ def check_document(body: object, limits: Limits) -> Optional[str]:
     problem = _check_scalar(body, "", limits)
     if problem is not None or not isinstance(body, (list, dict)):
         return problem
+    try:
+        if _plainly_fine(body, 2, limits):  # the common case, found faster
+            return None
+    except RecursionError:  # nested deeper than this thread can recurse: walk it
+        pass
     # (the members still to visit at one level, their depth, where they are)
     stack: List[Tuple[Iterator[Tuple[Optional[str], object]], int, str]] = [
         (_members(body), 2, "")
@@ -185,6 +190,37 @@ def check_document(body: object, limits: Limits) -> Optional[str]:
     return None
 
 
+def _plainly_fine(
+    container: Union[List[object], Dict[str, object]], depth: int, limits: Limits
+) -> bool:
+    """Whether ``check_document`` would find nothing in ``container`` (members at
+    ``depth``): the same checks, recursive and without tracking where a value is,
+    so a problem is then located by the walk."""
+    if type(container) is dict:
+        for name in container:
+            if len(name) > limits.max_name_chars:
+                return False
+        values: Iterable[object] = container.values()
+    else:
+        values = container
+    for value in values:
+        kind = type(value)
+        if kind is str:
+            if len(value) > limits.max_string_chars:  # type: ignore[arg-type]
+                return False
+        elif kind is int:
+            if not INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]
+                return False
+        elif kind is dict or kind is list:
+            if depth > limits.max_depth:
+                return False
+            if not _plainly_fine(value, depth + 1, limits):  # type: ignore[arg-type]
+                return False
+        elif kind is float and not math.isfinite(value):  # type: ignore[arg-type]
+            return False
+    return True
+
+
 def _members(container: Union[List[object], Dict[str, object]]) -> Iterator[
     Tuple[Optional[str], object]
 ]:
@@ -214,6 +250,7 @@ class InFlightBudget:
         self.capacity = capacity
         self._available = capacity
         self._changed = threading.Condition()
+        self._waiting = 0  # threads in acquire() waiting for values to be released
 
     @property
     def available(self) -> int:
@@ -224,8 +261,13 @@ class InFlightBudget:
         """Take ``amount`` (at most the capacity); False when it was not free within ``timeout``."""
         amount = min(amount, self.capacity)
         with self._changed:
-            if not self._changed.wait_for(lambda: self._available >= amount, timeout):
-                return False
+            if self._available < amount:
+                self._waiting += 1
+                try:
+                    if not self._changed.wait_for(lambda: self._available >= amount, timeout):
+                        return False
+                finally:
+                    self._waiting -= 1
             self._available -= amount
             return True
 
@@ -233,7 +275,8 @@ class InFlightBudget:
         amount = min(amount, self.capacity)
         with self._changed:
             self._available += amount
-            self._changed.notify_all()
+            if self._waiting:
+                self._changed.notify_all()
 
 
 def address_key(address: str) -> str:

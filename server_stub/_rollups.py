@@ -1,8 +1,11 @@
 """Hourly, daily and weekly aggregates kept up to date at ingest: queries never scan payloads.
 
-Every ingest transaction that stores a payload also records it in
-``rollup_pending`` (a repeated ``payload_id`` stores nothing, so adds
-nothing). Pending payloads are folded into the aggregates in batches: by the
+Every payload stored is pending until it is folded into the aggregates (a
+repeated ``payload_id`` stores nothing, so adds nothing). On PostgreSQL the
+ingest transaction records it in the ``rollup_pending`` queue; on SQLite,
+whose single writer numbers payloads in commit order, pending is every
+payload after the last one folded (``seq > rollup_folded.upto``), so storing a
+payload writes no queue row. Pending payloads are folded in batches: by the
 ingest transaction whose ``seq`` is a multiple of ``FOLD_EVERY``, and before
 every query (``Store.fold_rollups()``), so answers always include every payload
 stored before them. A batch is merged in memory first (payloads of one batch
@@ -48,9 +51,9 @@ import json.encoder
 import math
 import re
 from datetime import datetime, timedelta, timezone
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from ._storage import Runner
+from ._storage import Runner, json_encoder
 
 __all__ = [
     "ADD_PENDING",
@@ -82,7 +85,7 @@ _MICROSECOND = timedelta(microseconds=1)
 
 _encode_string: Any = json.encoder.encode_basestring_ascii  # what json.dumps uses
 # json.dumps(value, sort_keys=True, separators=(",", ":")) without a new encoder per call
-_encode_canonical = json.JSONEncoder(sort_keys=True, separators=(",", ":")).encode
+_encode_canonical = json_encoder(sort_keys=True)
 _RFC3339 = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt ]([0-9]{2}):([0-9]{2}):([0-9]{2})"
     r"(?:\.([0-9]+))?([Zz]|[+-][0-9]{2}:[0-9]{2})"
@@ -204,12 +207,15 @@ def kind_of(value: object) -> str:
         return "c"
     if kind is not list:
         return "c" if isinstance(value, int) and not isinstance(value, bool) else "v"
-    if value and all(
-        type(item) is dict and len(item) == 2 and "value" in item and type(item.get("count")) is int
-        for item in value  # type: ignore[attr-defined]
-    ):
-        return "s"
-    return "v"
+    if not value:
+        return "v"
+    for item in value:  # type: ignore[attr-defined]
+        if not (
+            type(item) is dict and len(item) == 2 and "value" in item
+            and type(item.get("count")) is int
+        ):
+            return "v"
+    return "s"
 
 
 _TABLES: Tuple[Tuple[str, str, str], ...] = (
@@ -284,13 +290,15 @@ ROLLUP_TABLES = tuple(name for name, _, _ in _TABLES)
 
 
 def rollup_schema(*, sqlite: bool) -> List[str]:
-    """``CREATE TABLE`` statements for the rollups (SQLite: clustered on the key)."""
+    """``CREATE TABLE`` statements for the rollups (SQLite: clustered on the key, and
+    without the ``rollup_pending`` queue: ``_sqlite`` keeps pending payloads its own way)."""
     suffix = " WITHOUT ROWID" if sqlite else ""
     statements = [
         f"CREATE TABLE IF NOT EXISTS {name} ({columns}, PRIMARY KEY ({key})){suffix}"
         for name, columns, key in _TABLES
     ]
-    statements.append(PENDING_SCHEMA)
+    if not sqlite:
+        statements.append(PENDING_SCHEMA)
     # Covering indexes for the window queries: each count or breakdown over a
     # window is one index range (the last three columns serve the rare
     # instances that reported before and after the window).
@@ -397,6 +405,10 @@ _INSERT_LONG_VALUE = (
     "INSERT INTO rollup_long_values (value_key, value) VALUES (?, ?) ON CONFLICT DO NOTHING"
 )
 _MEMBERS_PER_SELECT = 300
+_ALWAYS_SHORT = frozenset((bool, float, type(None)))
+"""Types whose canonical JSON is never a long value (a float's at most 24 characters)."""
+_PLAIN_VALUES = frozenset((str, bool, float, dict, type(None)))
+"""Types whose values ``kind_of`` calls ``"v"``, whatever they hold."""
 
 PENDING_SCHEMA = "CREATE TABLE IF NOT EXISTS rollup_pending (seq bigint PRIMARY KEY)"
 """Payloads stored but not yet added to the rollups (their ``seq``)."""
@@ -420,13 +432,18 @@ class _Batch:
 
     def __init__(self) -> None:
         self.hours: Dict[int, List[int]] = {}
-        self.members: Dict[Tuple[str, str, int], set[str]] = {}
+        # (instance_id, hour) -> the keys it reported in that hour
+        self.members: Dict[Tuple[str, int], set[str]] = {}
         self.instances: Dict[str, List[int]] = {}
-        self.key_hours: Dict[Tuple[str, int], int] = {}
-        # (key, day) -> [kind, last_ts, last_seq, total, value, value_ts, value_seq]
-        self.key_days: Dict[Tuple[str, int], List[Any]] = {}
-        self.latest: Dict[Tuple[str, str], Tuple[int, int, int, str]] = {}
-        self.day_values: Dict[Tuple[str, str, int], Tuple[int, int, str]] = {}
+        # Keyed first by what a payload's keys share (its hour, day, instance): a
+        # payload looks that up once, and each of its keys by the key alone.
+        # hour -> key -> total
+        self.key_hours: Dict[int, Dict[str, int]] = {}
+        # day -> key -> [kind, last_ts, last_seq, total, value, value_ts, value_seq]
+        self.key_days: Dict[int, Dict[str, List[Any]]] = {}
+        # (instance_id, day) -> key -> (ts, seq, value); the latest of them per
+        # instance and key is the batch's change to rollup_latest (``write``)
+        self.day_values: Dict[Tuple[str, int], Dict[str, Tuple[int, int, str]]] = {}
         self.cset_days: Dict[Tuple[str, int, str], int] = {}
         self.cset_spans: Dict[Tuple[str, str, str], List[int]] = {}
         self.cset_members: set[Tuple[str, str, str, int]] = set()
@@ -446,9 +463,12 @@ class _Batch:
                     self._canonical[id(item["value"])] = identity(item["value"])
 
     def _key_of(self, value: object) -> str:
-        if type(value) is str and len(value) <= _SHORT_STRING:
+        kind = type(value)
+        if kind is str and len(value) <= _SHORT_STRING:  # type: ignore[arg-type]
             encoded: str = _encode_string(value)  # what identity() does, first
             return encoded
+        if kind in _ALWAYS_SHORT:  # what identity() gives, never a long value
+            return identity(value)
         canonical = self._canonical.get(id(value))
         if canonical is None:
             canonical = identity(value)
@@ -468,44 +488,67 @@ class _Batch:
         dropped: int,
     ) -> None:
         at = effective_micros(timestamp, received_at)
-        hour = hour_of(at)
-        day = day_of(hour)
-        hourly = self.hours.setdefault(hour, [0, 0])
-        hourly[0] += 1
-        hourly[1] = clamp(hourly[1] + dropped)
-        for bucket in (("h", hour), ("d", day), ("w", week_of(day))):
-            self.members.setdefault((instance_id, *bucket), set()).update(data)
-        span = self.instances.setdefault(instance_id, [day, day])
-        span[0], span[1] = min(span[0], day), max(span[1], day)
-        report = (at, seq)
+        hour = at // MICROS_PER_HOUR
+        day = hour // 24
+        hourly = self.hours.get(hour)
+        if hourly is None:
+            self.hours[hour] = [1, clamp(dropped)]
+        else:
+            hourly[0] += 1
+            hourly[1] = clamp(hourly[1] + dropped)
+        # Per instance and hour; the day's and the week's are unions of these (``write``).
+        keys = self.members.get((instance_id, hour))
+        if keys is None:
+            self.members[(instance_id, hour)] = set(data)
+        else:
+            keys.update(data)
+        span = self.instances.get(instance_id)
+        if span is None:
+            self.instances[instance_id] = [day, day]
+        elif day < span[0]:
+            span[0] = day
+        elif day > span[1]:
+            span[1] = day
+        key_days = self.key_days.get(day)
+        if key_days is None:
+            key_days = self.key_days[day] = {}
+        key_hours = self.key_hours.get(hour)
+        if key_hours is None:
+            key_hours = self.key_hours[hour] = {}
+        day_values = self.day_values.get((instance_id, day))
+        if day_values is None:
+            day_values = self.day_values[(instance_id, day)] = {}
         for key, value in data.items():
-            kind = kind_of(value)
-            daily = self.key_days.get((key, day))
+            of_type = type(value)
+            kind = "c" if of_type is int else "v" if of_type in _PLAIN_VALUES else kind_of(value)
+            daily = key_days.get(key)
             if daily is None:
-                daily = self.key_days[(key, day)] = [kind, at, seq, 0, None, None, None]
-            elif report > (daily[1], daily[2]):
+                daily = key_days[key] = [kind, at, seq, 0, None, None, None]
+            elif at > daily[1] or (at == daily[1] and seq > daily[2]):
                 daily[0], daily[1], daily[2] = kind, at, seq
             if kind == "c":
-                total = clamp(value)
-                self.key_hours[(key, hour)] = clamp(self.key_hours.get((key, hour), 0) + total)
+                total = value if MIN_INT64 <= value <= MAX_INT64 else clamp(value)
+                key_hours[key] = clamp(key_hours.get(key, 0) + total)
                 daily[3] = clamp(daily[3] + total)
             elif kind == "v":
                 encoded = self._key_of(value)
-                if daily[5] is None or report > (daily[5], daily[6]):
+                if daily[5] is None or at > daily[5] or (at == daily[5] and seq > daily[6]):
                     daily[4], daily[5], daily[6] = encoded, at, seq
-                latest = self.latest.get((key, instance_id))
-                if latest is None or report > (latest[0], latest[1]):
-                    self.latest[(key, instance_id)] = (at, seq, day, encoded)
-                of_day = self.day_values.get((key, instance_id, day))
-                if of_day is None or report > (of_day[0], of_day[1]):
-                    self.day_values[(key, instance_id, day)] = (at, seq, encoded)
+                of_day = day_values.get(key)
+                if of_day is None or at > of_day[0] or (at == of_day[0] and seq > of_day[1]):
+                    day_values[key] = (at, seq, encoded)
             else:
                 for item in value:
                     item_id = self._key_of(item["value"])
                     counted = (key, day, item_id)
                     self.cset_days[counted] = clamp(self.cset_days.get(counted, 0) + item["count"])
-                    item_span = self.cset_spans.setdefault((key, item_id, instance_id), [day, day])
-                    item_span[0], item_span[1] = min(item_span[0], day), max(item_span[1], day)
+                    item_span = self.cset_spans.get((key, item_id, instance_id))
+                    if item_span is None:
+                        self.cset_spans[(key, item_id, instance_id)] = [day, day]
+                    elif day < item_span[0]:
+                        item_span[0] = day
+                    elif day > item_span[1]:
+                        item_span[1] = day
                     self.cset_members.add((key, item_id, instance_id, day))
 
     def write(self, run: Runner) -> None:
@@ -517,27 +560,32 @@ class _Batch:
         run.executemany(
             _UPSERT_INSTANCE, [(instance, *span) for instance, span in self.instances.items()]
         )
-        if self.key_hours:
-            run.executemany(
-                _UPSERT_KEY_HOUR, [(*slot, total) for slot, total in self.key_hours.items()]
-            )
-        if self.key_days:
-            run.executemany(_UPSERT_KEY_DAY, [(*slot, *row) for slot, row in self.key_days.items()])
-        if self.latest:
-            run.executemany(
-                _UPSERT_LATEST,
-                [
-                    (key, instance, day, at, seq, value)
-                    for (key, instance), (at, seq, day, value) in self.latest.items()
-                ],
-            )
-            run.executemany(
-                _UPSERT_DAY_VALUE,
-                [
-                    (key, instance, day, at, seq, value)
-                    for (key, instance, day), (at, seq, value) in self.day_values.items()
-                ],
-            )
+        key_hours = [
+            (key, hour, total)
+            for hour, totals in self.key_hours.items()
+            for key, total in totals.items()
+        ]
+        if key_hours:
+            run.executemany(_UPSERT_KEY_HOUR, key_hours)
+        key_days = [
+            (key, day, *row) for day, rows in self.key_days.items() for key, row in rows.items()
+        ]
+        if key_days:
+            run.executemany(_UPSERT_KEY_DAY, key_days)
+        day_values = [
+            (key, instance, day, at, seq, value)
+            for (instance, day), values in self.day_values.items()
+            for key, (at, seq, value) in values.items()
+        ]
+        if day_values:
+            latest: Dict[Tuple[str, str], Tuple[str, str, int, int, int, str]] = {}
+            for row in day_values:
+                slot = (row[0], row[1])
+                known = latest.get(slot)
+                if known is None or row[3:5] > known[3:5]:  # (ts, seq)
+                    latest[slot] = row
+            run.executemany(_UPSERT_LATEST, list(latest.values()))
+            run.executemany(_UPSERT_DAY_VALUE, day_values)
         if self.cset_days:
             run.executemany(
                 _UPSERT_CSET_DAY, [(*slot, count) for slot, count in self.cset_days.items()]
@@ -549,7 +597,17 @@ class _Batch:
 
     def _write_members(self, run: Runner) -> None:
         """Which instances and keys are new to each bucket: counted once per bucket."""
-        slots = sorted(self.members)
+        members: Dict[Tuple[str, str, int], set[str]] = {}
+        for (instance, hour), keys in self.members.items():
+            day = hour // 24
+            members[(instance, "h", hour)] = keys
+            for slot in ((instance, "d", day), (instance, "w", week_of(day))):
+                union = members.get(slot)
+                if union is None:
+                    members[slot] = set(keys)
+                else:
+                    union |= keys
+        slots = sorted(members)
         known: Dict[Tuple[str, str, int], set[str]] = {}
         for start in range(0, len(slots), _MEMBERS_PER_SELECT):
             chunk = slots[start : start + _MEMBERS_PER_SELECT]
@@ -573,7 +631,7 @@ class _Batch:
             if before is None:
                 active[(res, bucket)] = active.get((res, bucket), 0) + 1
                 before = set()
-            new_keys = self.members[slot] - before
+            new_keys = members[slot] - before
             if before and not new_keys:
                 continue
             for key in new_keys:
@@ -624,15 +682,25 @@ ParsedPayloads = Mapping[int, Tuple[str, Mapping[str, Any]]]
 """Payloads still in memory: ``seq`` -> (the data's stored JSON text, that text decoded)."""
 
 
+def _dequeue(run: Runner, seqs: List[int]) -> None:
+    run.executemany("DELETE FROM rollup_pending WHERE seq = ?", [(seq,) for seq in seqs])
+
+
 def fold_pending(
-    run: Runner, select_pending: str, parsed: Optional[ParsedPayloads] = None
+    run: Runner,
+    select_pending: str,
+    parsed: Optional[ParsedPayloads] = None,
+    *,
+    mark_folded: Callable[[Runner, List[int]], None] = _dequeue,
 ) -> int:
-    """Add every pending payload to the rollups and clear it from ``rollup_pending``.
+    """Add every pending payload to the rollups and mark it folded.
 
     ``select_pending`` selects up to ``?`` pending payloads as ``PendingPayload``
-    rows (``data`` as JSON text or already decoded), oldest first. The caller
-    holds a write transaction that no other fold runs beside. Returns how many
-    payloads were added.
+    rows (``data`` as JSON text or already decoded), oldest first (by ``seq``).
+    ``mark_folded(run, seqs)`` makes each batch folded no longer pending; by
+    default it takes them out of ``rollup_pending``. The caller holds a write
+    transaction that no other fold runs beside. Returns how many payloads were
+    added.
 
     ``parsed`` spares decoding the data of payloads the caller still holds: an
     entry is used only when its text is the text stored, so a stale one (another
@@ -664,7 +732,7 @@ def fold_pending(
                 dropped=int(dropped),
             )
         batch.write(run)
-        run.executemany("DELETE FROM rollup_pending WHERE seq = ?", [(row[0],) for row in rows])
+        mark_folded(run, [int(row[0]) for row in rows])
         folded += len(rows)
         if len(rows) < FOLD_BATCH:
             return folded

@@ -19,7 +19,6 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Set, 
 
 from ._group_commit import GroupCommit
 from ._rollups import (
-    ADD_PENDING,
     FOLD_AT_ONCE_BYTES,
     FOLD_BATCH,
     FOLD_EVERY,
@@ -32,6 +31,7 @@ from ._storage import (
     EventQuery,
     EventRecord,
     PayloadRecord,
+    Runner,
     StoredPayload,
     aggregate_keys,
     count_tree,
@@ -77,8 +77,9 @@ CREATE TABLE IF NOT EXISTS policy_changes (
 """
 # 1: payloads and rate-limit windows (a database without schema_version is one);
 # 2: the stored policy and the rollups, backfilled from the stored payloads;
-# 3: events, once per (instance_id, event_id), and their hourly counts.
-SQLITE_SCHEMA_VERSION = 3
+# 3: events, once per (instance_id, event_id), and their hourly counts;
+# 4: no rollup_pending queue: pending is every payload after rollup_folded.upto.
+SQLITE_SCHEMA_VERSION = 4
 _EVENTS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq         INTEGER PRIMARY KEY,  -- arrival order
@@ -107,10 +108,42 @@ CREATE TABLE IF NOT EXISTS event_counts (
 """
 # Every event ever counted: the window of stats().
 _ALL_TIME = ("0001-01-01T00:00:00.000000Z", "9999-12-31T23:59:59.999999Z")
+# Payloads get their seq from SQLite's single writer, one more than the largest
+# (none is ever deleted), so seqs are in commit order: every payload up to
+# ``upto`` is in the rollups, and so are the few after it in
+# ``rollup_folded_early`` (large ones, folded as they were stored).
+_FOLDED_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS rollup_folded (upto INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS rollup_folded_early (seq INTEGER PRIMARY KEY)",
+    # What the queue table of schema versions 2 and 3 held, for inspection.
+    "CREATE VIEW IF NOT EXISTS rollup_pending AS SELECT seq FROM payloads"
+    " WHERE seq > (SELECT upto FROM rollup_folded)"
+    " AND seq NOT IN (SELECT seq FROM rollup_folded_early)",
+)
 _SELECT_PENDING = """
+SELECT seq, instance_id, sent_at, received_at, data, dropped FROM payloads
+WHERE seq > (SELECT upto FROM rollup_folded) AND seq NOT IN (SELECT seq FROM rollup_folded_early)
+ORDER BY seq LIMIT ?
+"""
+# Schema versions 2 and 3: the rollup_pending queue table.
+_SELECT_QUEUED = """
 SELECT p.seq, p.instance_id, p.sent_at, p.received_at, p.data, p.dropped
 FROM rollup_pending AS r JOIN payloads AS p ON p.seq = r.seq ORDER BY r.seq LIMIT ?
 """
+
+
+_MARK_WITHIN_STORED = (
+    "UPDATE rollup_folded SET upto = (SELECT coalesce(max(seq), 0) FROM payloads)"
+    " WHERE upto > (SELECT coalesce(max(seq), 0) FROM payloads)"
+)
+
+
+def _mark_folded(run: Runner, seqs: List[int]) -> None:
+    """``fold_pending``'s ``mark_folded`` for SQLite: every payload up to the last of
+    ``seqs`` (the oldest pending ones, in order) is now folded."""
+    upto = seqs[-1]
+    run.execute("UPDATE rollup_folded SET upto = ?", (upto,))
+    run.execute("DELETE FROM rollup_folded_early WHERE seq <= ?", (upto,))
 
 
 def _migrate(connection: sqlite3.Connection) -> int:
@@ -124,19 +157,42 @@ def _migrate(connection: sqlite3.Connection) -> int:
                 f"database schema version {found} is newer than this server's"
                 f" ({SQLITE_SCHEMA_VERSION})"
             )
+        run = SQLiteRunner(connection)
         if found < 2:
             connection.execute(_POLICY_SCHEMA)
             for statement in rollup_schema(sqlite=True):
                 connection.execute(statement)
-            # Backfill: every payload stored so far is pending, and folded now.
-            connection.execute("INSERT INTO rollup_pending (seq) SELECT seq FROM payloads")
-            count = fold_pending(SQLiteRunner(connection), _SELECT_PENDING)
-            if count:
-                logger.info("rollups built for %d stored payloads", count)
         if found < 3:
             for statement in _EVENTS_SCHEMA.split(";"):
                 if statement.strip():
                     connection.execute(statement)
+        if found < 4:
+            if found >= 2:
+                # Fold what the queue holds: then every stored payload is folded.
+                fold_pending(run, _SELECT_QUEUED)
+                connection.execute("DROP TABLE rollup_pending")
+                (upto,) = connection.execute(
+                    "SELECT coalesce(max(seq), 0) FROM payloads"
+                ).fetchone()
+            else:
+                upto = 0  # a database from before rollups: every payload is pending
+            for statement in _FOLDED_SCHEMA:
+                connection.execute(statement)
+            connection.execute("DELETE FROM rollup_folded")
+            connection.execute("INSERT INTO rollup_folded (upto) VALUES (?)", (upto,))
+            if found < 2:
+                # Backfill: every payload stored so far is folded now.
+                count = fold_pending(run, _SELECT_PENDING, mark_folded=_mark_folded)
+                if count:
+                    logger.info("rollups built for %d stored payloads", count)
+        # A new payload's seq is one more than the largest stored: if someone deleted
+        # the newest payloads, the folded mark must come back down to it, or new
+        # payloads would take seqs it already covers and never be folded.
+        connection.execute(_MARK_WITHIN_STORED)
+        connection.execute(
+            "DELETE FROM rollup_folded_early"
+            " WHERE seq > (SELECT coalesce(max(seq), 0) FROM payloads)"
+        )
         if found < SQLITE_SCHEMA_VERSION:
             connection.execute("DELETE FROM schema_version")
             connection.execute("INSERT INTO schema_version VALUES (?)", (SQLITE_SCHEMA_VERSION,))
@@ -185,6 +241,29 @@ _INSERT = (
     " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_MANY: Dict[int, str] = {}  # rows -> one INSERT of that many rows, returning the new ones
+
+
+def _insert(connection: sqlite3.Connection, rows: Sequence[Tuple[Any, ...]]) -> List[Optional[int]]:
+    """Insert ``rows`` (``_INSERT``'s parameters) in order; each one's ``seq``, or None
+    where its ``payload_id`` was stored already (or earlier in ``rows``).
+
+    Several rows go in one statement: each statement lets go of the GIL and waits to
+    take it back, which costs more than the statement when other threads are busy.
+    """
+    if len(rows) == 1:
+        cursor = connection.execute(_INSERT, rows[0])
+        return [cursor.lastrowid if cursor.rowcount == 1 else None]
+    sql = _INSERT_MANY.get(len(rows))
+    if sql is None:
+        sql = _INSERT_MANY[len(rows)] = (
+            _INSERT + ", (?, ?, ?, ?, ?, ?, ?)" * (len(rows) - 1) + " RETURNING payload_id, seq"
+        )
+    new: Dict[str, int] = dict(
+        connection.execute(sql, [value for row in rows for value in row]).fetchall()
+    )
+    # pop: a payload_id repeated within the batch is new only the first time
+    return [new.pop(row[0], None) for row in rows]
 
 
 class SQLiteStore:
@@ -208,6 +287,7 @@ class SQLiteStore:
         self._opened = 0
         self._pool_lock = threading.Lock()
         self._write_lock = threading.Lock()
+        self._writer: Optional[sqlite3.Connection] = None  # kept by _end_write
         self._closed = False
         self._pruned_at: Optional[float] = None
         self._commits = GroupCommit(self._add_batch)
@@ -283,7 +363,7 @@ class SQLiteStore:
     def _add_batch(self, records: Sequence[PayloadRecord]) -> List[bool]:
         """Insert ``records`` in one transaction, in order; whether each was new.
 
-        Each new payload is also queued for the rollups, which take it in with the
+        Each new payload is pending for the rollups, which take it in with the
         next fold: every ``FOLD_EVERY`` payloads, or before the next query. A
         payload of over ``FOLD_AT_ONCE_BYTES`` of data is folded in this
         transaction instead, its values encoded before it (``PreparedFold``), so
@@ -307,17 +387,16 @@ class SQLiteStore:
             PreparedFold(record.data) if len(row[4]) > FOLD_AT_ONCE_BYTES else None
             for record, row in zip(records, rows)
         ]
+        if not any(record.events for record in records) and not any(prepared):
+            return self._insert_alone(rows, records)
         stored: List[bool] = []
         with self.writing() as run:
             connection = run.connection
             fold = False
-            pending: List[Tuple[int]] = []
-            for record, row, at_once in zip(records, rows, prepared):
-                cursor = connection.execute(_INSERT, row)
-                stored.append(cursor.rowcount == 1)
-                if cursor.rowcount == 1:
-                    seq = cursor.lastrowid
-                    assert seq is not None
+            seqs = _insert(connection, rows)
+            for record, row, at_once, seq in zip(records, rows, prepared, seqs):
+                stored.append(seq is not None)
+                if seq is not None:
                     if at_once is not None:
                         at_once.write(
                             run,
@@ -327,22 +406,49 @@ class SQLiteStore:
                             received_at=record.received_at,
                             dropped=record.dropped,
                         )
+                        connection.execute(
+                            "INSERT INTO rollup_folded_early (seq) VALUES (?)", (seq,)
+                        )
                     else:
-                        pending.append((seq,))
                         self._parsed[seq] = (row[4], record.data)
                     _insert_events(connection, record.events)
                     fold = fold or seq % FOLD_EVERY == 0
-            if pending:
-                connection.executemany(ADD_PENDING, pending)
             if fold:
                 self._fold(run)
         if len(self._parsed) > FOLD_BATCH:  # another process folded them
             self._parsed.clear()
         return stored
 
+    def _insert_alone(
+        self, rows: Sequence[Tuple[Any, ...]], records: Sequence[PayloadRecord]
+    ) -> List[bool]:
+        """``_add_batch`` for payloads with nothing to write beside their rows: one
+        INSERT, its own transaction (SQLite commits it before it returns), which
+        spares a BEGIN and a COMMIT and the GIL hand-overs each one costs."""
+        connection = self._take_writer()
+        try:
+            seqs = _insert(connection, rows)
+        finally:
+            self._give_back_writer(connection)
+        fold = False
+        for record, row, seq in zip(records, rows, seqs):
+            if seq is not None:
+                self._parsed[seq] = (row[4], record.data)
+                fold = fold or seq % FOLD_EVERY == 0
+        if fold:
+            # Committed already: a fold that fails now is retried by the next one.
+            try:
+                with self.writing() as run:
+                    self._fold(run)
+            except Exception:
+                logger.exception("folding stored payloads into the rollups failed")
+        elif len(self._parsed) > FOLD_BATCH:  # another process folded them
+            self._parsed.clear()
+        return [seq is not None for seq in seqs]
+
     def _fold(self, run: SQLiteRunner) -> int:
         try:
-            return fold_pending(run, _SELECT_PENDING, self._parsed)
+            return fold_pending(run, _SELECT_PENDING, self._parsed, mark_folded=_mark_folded)
         finally:
             self._parsed.clear()
 
@@ -361,16 +467,11 @@ class SQLiteStore:
 
     def _begin_write(self) -> sqlite3.Connection:
         """Take the write lock and a connection, and begin a write transaction on it."""
-        self._write_lock.acquire()
+        connection = self._take_writer()
         try:
-            connection = self._acquire()
-            try:
-                connection.execute("BEGIN IMMEDIATE")
-            except BaseException:
-                self._release(connection)
-                raise
+            connection.execute("BEGIN IMMEDIATE")
         except BaseException:
-            self._write_lock.release()
+            self._give_back_writer(connection)
             raise
         return connection
 
@@ -379,7 +480,37 @@ class SQLiteStore:
         try:
             connection.execute("COMMIT" if commit else "ROLLBACK")
         finally:
-            self._release(connection)
+            self._give_back_writer(connection)
+
+    def _take_writer(self) -> sqlite3.Connection:
+        """Take the write lock and the connection to write with.
+
+        A file database keeps the connection of the last write for the next one
+        (only one write runs at a time in this process): no trip through the
+        pool, and its page cache stays valid while no other process writes.
+        """
+        self._write_lock.acquire()
+        try:
+            connection = self._writer
+            self._writer = None
+            if connection is None:
+                connection = self._acquire()
+            elif self._closed:
+                connection.close()
+                raise RuntimeError("store is closed")
+        except BaseException:
+            self._write_lock.release()
+            raise
+        return connection
+
+    def _give_back_writer(self, connection: sqlite3.Connection) -> None:
+        """Keep (or hand back to the pool) what ``_take_writer`` took; release the lock."""
+        try:
+            if self._memory or self._closed or connection.in_transaction:
+                self._release(connection)
+            else:
+                self._writer = connection
+        finally:
             self._write_lock.release()
 
     @contextmanager
@@ -533,6 +664,13 @@ class SQLiteStore:
     def close(self) -> None:
         """Close every idle connection; ones in use are closed when handed back."""
         self._closed = True
+        if self._write_lock.acquire(blocking=False):  # else the writer closes it
+            try:
+                if self._writer is not None:
+                    self._writer.close()
+                    self._writer = None
+            finally:
+                self._write_lock.release()
         while True:
             try:
                 self._idle.get_nowait().close()

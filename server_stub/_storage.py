@@ -10,10 +10,11 @@ module of the package: the backends, the app and the harness sit above it.
 from __future__ import annotations
 
 import json
+import json.encoder
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Protocol, Sequence, Tuple
 from urllib.parse import urlsplit, urlunsplit
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "format_time",
     "is_counting_set",
     "is_postgres_url",
+    "json_encoder",
     "redact_url",
     "saturate",
     "stored_payload",
@@ -45,7 +47,31 @@ __all__ = [
 
 DEFAULT_EVENT_PAGE = 100
 
-encode_compact = json.JSONEncoder(separators=(",", ":")).encode
+def json_encoder(*, sort_keys: bool) -> Callable[[Any], str]:
+    """``json.dumps(value, separators=(",", ":"), sort_keys=sort_keys)``, cheaper per call.
+
+    ``json.JSONEncoder.encode`` builds its C encoder and a dict of the objects it is
+    in on every call (a few µs on a small value); this one is built once and keeps
+    no such dict: values must be free of reference cycles, as decoded JSON and the
+    app's answers are (a cycle raises ``RecursionError``, not ``ValueError``).
+    """
+    plain = json.JSONEncoder(separators=(",", ":"), sort_keys=sort_keys)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:  # no C accelerator in this Python
+        return plain.encode
+    encode_string = json.encoder.encode_basestring_ascii
+    encoder = make(None, plain.default, encode_string, None, ":", ",", sort_keys, False, True)
+    join = "".join
+
+    def encode(value: Any) -> str:
+        if type(value) is str:
+            return encode_string(value)
+        return join(encoder(value, 0))
+
+    return encode
+
+
+encode_compact = json_encoder(sort_keys=False)
 """``json.dumps(value, separators=(",", ":"))`` without building an encoder per call."""
 
 

@@ -7,8 +7,10 @@ under one short lock, when the queue reaches ``FOLD_AT`` entries, before
 anything reads or empties the store, and before a call that is decided at once
 (a key that is not a ``str``, an invalid value). Every call gets the outcome it
 would have had alone: kinds, item accounting, per-key caps, 64-bit saturation
-and drops are decided per call. A batch of counter calls only is counted at C
-speed. Warnings are logged after the lock is released: logging may do I/O.
+and drops are decided per call. A batch of counter calls only, of appends to
+one list, or of ``set_nested`` or ``append_unique`` calls on one key that no cap
+can stop is applied at C speed. Warnings are logged after the lock is released:
+logging may do I/O.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ FOLD_AT = 4096
 # Queue entries: ``key`` (increment), ``(key, amount)`` (add), ``(_SET, key, value)``,
 # ``(_NESTED, key, subkey, value)``, ``(_APPEND, key, value)``, ``(_UNIQUE, key, member)``.
 _SET, _NESTED, _APPEND, _UNIQUE = object(), object(), object(), object()
-_first, _second, _third = (operator.itemgetter(index) for index in range(3))
+_first, _second, _third, _fourth = (operator.itemgetter(index) for index in range(4))
 _count_elements = collections._count_elements  # type: ignore[attr-defined]  # Counter's, in C
 
 
@@ -284,22 +286,6 @@ def _amount_problem(amount: object) -> Optional[str]:
     return None
 
 
-def _member_problem(member: Hashable) -> Optional[str]:
-    """Why a new counting-set member queued as a plain ``str`` or ``int`` is invalid, or None.
-
-    (Other members were checked by the call: ``_member_key`` wraps them in a tuple.)
-    """
-    kind = type(member)
-    if kind is str:
-        if (len(member) <= MAX_STRING_LENGTH  # type: ignore[arg-type]
-                and member.isascii() and _NUL not in member):  # type: ignore[attr-defined,operator]
-            return None
-        return checked_value(member)[1]
-    if kind is int and not _INT_MIN <= member <= _INT_MAX:  # type: ignore[operator]
-        return checked_value(member)[1]
-    return None
-
-
 def _subkey_problem(subkey: str) -> Optional[str]:
     """Why a new ``set_nested`` subkey (a plain ``str``) is invalid, or None."""
     if 0 < len(subkey) <= MAX_KEY_LENGTH and subkey.isascii() and _NUL not in subkey:
@@ -451,17 +437,20 @@ class Buffer:
         if not self._collecting:
             return
         try:
-            if (type(value) is str and len(value) <= MAX_STRING_LENGTH  # ``checked_value``'s
-                    and value.isascii() and _NUL not in value):  # common case, inlined
-                normalized: JSONValue = value
-                problem = None
-                small = True
-            else:
-                normalized, problem, small = _checked_for_queue(value)
+            # A new subkey is checked by ``fold``: a subkey already there is valid.
+            if (type(key) is str and type(subkey) is str  # ``checked_value``'s common
+                    and type(value) is str and len(value) <= MAX_STRING_LENGTH  # case, inlined
+                    and value.isascii() and _NUL not in value):
+                queue = self._queue
+                queue.append((_NESTED, key, subkey, value))
+                if len(queue) >= FOLD_AT:
+                    self.fold()
+                return
+            normalized, problem, small = _checked_for_queue(value)
             if small and problem is None and type(key) is str and type(subkey) is str:
                 queue = self._queue
-                queue.append((_NESTED, key, subkey, normalized))  # a new subkey is checked
-                if len(queue) >= FOLD_AT:  # by ``fold``: a subkey already there is valid
+                queue.append((_NESTED, key, subkey, normalized))
+                if len(queue) >= FOLD_AT:
                     self.fold()
                 return
             subname, subkey_problem = normalize_key(subkey)
@@ -497,16 +486,20 @@ class Buffer:
         if not self._collecting:
             return
         try:
-            member: Hashable
-            if type(value) is str or type(value) is int:
-                # Its own member key. A member already counted is valid; a new one
-                # is checked by ``fold`` (``_member_problem``).
-                member, problem = value, None
-            else:
-                normalized, problem = checked_value(value)
-                if problem is None and isinstance(normalized, (list, dict)):
-                    problem = "append_unique() takes a scalar (hashable) value"
-                member = _member_key(normalized)
+            kind = type(value)
+            if type(key) is str and (  # ``checked_value``'s common cases, inlined:
+                    (kind is str and len(value) <= MAX_STRING_LENGTH  # type: ignore[arg-type]
+                     and value.isascii() and _NUL not in value)  # type: ignore[attr-defined,operator]
+                    or (kind is int and _INT_MIN <= value <= _INT_MAX)):  # type: ignore[operator]
+                queue = self._queue  # a plain str or int is its own member key
+                queue.append((_UNIQUE, key, value))
+                if len(queue) >= FOLD_AT:
+                    self.fold()
+                return
+            normalized, problem = checked_value(value)
+            if problem is None and isinstance(normalized, (list, dict)):
+                problem = "append_unique() takes a scalar (hashable) value"
+            member = _member_key(normalized)
             if problem is None and type(key) is str:
                 queue = self._queue
                 queue.append((_UNIQUE, key, member))
@@ -524,8 +517,11 @@ class Buffer:
 
         A batch of counter calls only is counted at C speed (repeats of one
         entry cost no Python work), summed per key, and the store is touched
-        once per key; any other batch is applied entry by entry, in call order,
-        under one lock acquisition. Warnings are logged after the lock is released.
+        once per key; appends to one list, and ``set_nested`` or
+        ``append_unique`` calls on one key, are applied at C speed when no cap
+        can stop one of them; any other batch is applied entry by entry, in call
+        order, under one lock acquisition. Warnings are logged after the lock is
+        released.
         """
         try:
             with self._fold_lock:
@@ -538,7 +534,8 @@ class Buffer:
                     return
                 ops = queue[:taken]
                 del queue[:taken]
-                if not (self._fold_counters(ops) or self._fold_appends(ops)):
+                if not (self._fold_counters(ops) or self._fold_appends(ops)
+                        or self._fold_one_key(ops)):
                     self._fold_in_order(ops)
         except Exception as exc:
             report_internal_error("fold", exc)
@@ -620,6 +617,58 @@ class Buffer:
             self._items += len(values)
         return True
 
+    def _fold_one_key(self, ops: List[Any]) -> bool:
+        """Fold ``ops`` at C speed if they are all ``set_nested`` calls, or all
+        ``append_unique`` calls, on one key the store holds with that kind, and
+        no cap can stop one of them; False (nothing done) if not.
+
+        Then call order matters only within the key, and the C-speed steps keep
+        it: repeats of a subkey collapse to the last value (new subkeys in the
+        order of their first call), and ``Counter``'s counting adds up members.
+        Only the new subkeys are checked (a subkey already held is valid); the
+        calls checked their members. A batch that might reach a cap replays.
+        """
+        first, last = ops[0], ops[-1]
+        if type(first) is not tuple or type(last) is not tuple:
+            return False
+        tag = first[0]
+        if (tag is not _UNIQUE and tag is not _NESTED) or last[0] is not tag:
+            return False  # a quick look first: most other batches end here
+        key, calls = first[1], len(ops)
+        try:
+            if (operator.countOf(map(_first, ops), tag) != calls
+                    or operator.countOf(map(_second, ops), key) != calls):
+                return False
+            latest = dict(zip(map(_third, ops), map(_fourth, ops))) if tag is _NESTED else None
+        except Exception:  # an increment of "" (no first character), a short entry, an add's key
+            return False
+        with self._lock:
+            if latest is None:
+                counts = self._store.sets.get(key)
+                if counts is None:
+                    return False
+                held = len(counts)
+                if not (self._room_for(held, calls)  # the exact count only near a cap:
+                        or self._room_for(held, len(set(map(_third, ops)).difference(counts)))):
+                    return False
+                _count_elements(counts, map(_third, ops))
+                self._items += len(counts) - held
+                return True
+            mapping = self._store.nested.get(key)
+            if mapping is None:
+                return False
+            new = set(latest).difference(mapping)
+            if new and (not self._room_for(len(mapping), len(new))
+                        or any(map(_subkey_problem, new))):
+                return False
+            mapping.update(latest)
+            self._items += len(new)
+        return True
+
+    def _room_for(self, held: int, new: int) -> bool:
+        """Whether a key holding ``held`` members can take ``new`` more, caps and budget alike."""
+        return held + new <= self.max_values_per_key and self._items + new <= self.max_items
+
     def _fold_in_order(self, ops: List[Any]) -> None:
         """Apply ``ops`` one by one in call order: the common cases inline, the rest ``_decide``."""
         warnings: List[Tuple[str, str]] = []
@@ -662,17 +711,11 @@ class Buffer:
                                 if count is not None:
                                     counts[member] = count + 1
                                     continue
-                                kind = type(member)
-                                problem = (
-                                    None if (kind is int and _INT_MIN <= member <= _INT_MAX)
-                                    or kind is tuple else _member_problem(member))
-                                if problem is None and len(counts) < cap and room > 0:
-                                    room -= 1
+                                if len(counts) < cap and room > 0:
+                                    room -= 1  # a queued member was checked by the call
                                     counts[member] = 1
                                     continue
-                            else:
-                                problem = _member_problem(member)
-                            args = (key, COUNTING_SET, problem, self._new_member, member)
+                            args = (key, COUNTING_SET, None, self._new_member, member)
                         elif tag is _NESTED:
                             _, key, subname, value = op
                             mapping = nested.get(key)

@@ -167,6 +167,10 @@ _MALFORMED = {
     "timestamp a number": _with(timestamp=1763892000),
     "timestamp without zone": _with(timestamp="2026-11-23T10:00:00"),
     "timestamp impossible date": _with(timestamp="2026-02-30T10:00:00Z"),
+    "timestamp impossible date, as the client writes it": _with(
+        timestamp="2026-02-30T10:00:00.000000Z"
+    ),
+    "timestamp hour 24": _with(timestamp="2026-11-23T24:00:00.000000Z"),
     "timestamp bad offset": _with(timestamp="2026-11-23T10:00:00+01:99"),
     "timestamp not a date": _with(timestamp="yesterday"),
     "payload_id uppercase": _with(payload_id="9B1D" + "0" * 28),

@@ -30,10 +30,14 @@ def results(default_client: telemetry.Client) -> Dict[str, Any]:
 
 def _assert_beside_floor(calls: Dict[str, Dict[str, float]]) -> None:
     assert set(calls) == set(bench_client.CALLS)
-    for figures in calls.values():
+    for name, figures in calls.items():
         assert figures["ns"] > 0
         assert figures["floor_ns"] > 0
         assert figures["ratio"] == pytest.approx(figures["ns"] / figures["floor_ns"], abs=0.01)
+        if name in bench_client.NEW_VALUE_FLOORS:  # also beside a floor that stores new keys
+            assert figures["new_value_ns"] > 0 and figures["new_value_floor_ns"] > 0
+            assert figures["new_value_ratio"] == pytest.approx(
+                figures["new_value_ns"] / figures["new_value_floor_ns"], abs=0.01)
 
 
 def test_every_benchmark_runs_and_reports_its_figures(results: Dict[str, Any]) -> None:

@@ -3,7 +3,8 @@
 The rule every test here checks: a batch folded at once has exactly the outcome
 of the same calls applied one at a time, in call order (data, items, drops and
 warnings), whether the fold takes a C-speed path (a batch of counter calls, or
-of appends to one list) or replays the batch entry by entry (the reference here).
+of appends to one list, of ``set_nested`` or ``append_unique`` calls on one
+key) or replays the batch entry by entry (the reference here).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def _in_order_only(buffer: Buffer) -> None:
     """Make ``buffer`` fold every batch entry by entry (the reference for the fast folds)."""
     buffer._fold_counters = lambda ops: False  # type: ignore[method-assign]
     buffer._fold_appends = lambda ops: False  # type: ignore[method-assign]
+    buffer._fold_one_key = lambda ops: False  # type: ignore[method-assign]
 
 
 def apply(buffer: Buffer, calls: List[Call], fold_each: bool) -> None:
@@ -399,9 +401,187 @@ def test_a_batch_of_one_kind_matches_one_by_one(
         with caplog.at_level(logging.WARNING, logger="telemetry"):
             apply(buffer, setup, fold_each=True)
             if not fold_each:  # the setup's reference folds are over: the real ones again
-                del buffer._fold_counters, buffer._fold_appends
+                del buffer._fold_counters, buffer._fold_appends, buffer._fold_one_key
             apply(buffer, calls, fold_each)
             result = taken(buffer)
         return result, sorted(record.getMessage() for record in caplog.records)
 
     assert run(False) == run(True)
+
+
+def _member_counts(stored: object) -> Dict[object, object]:
+    """A counting set in wire form (a list of {"value", "count"}) as value -> count."""
+    assert isinstance(stored, list)
+    counts: Dict[object, object] = {}
+    for entry in stored:
+        assert isinstance(entry, dict)
+        counts[entry["value"]] = entry["count"]
+    return counts
+
+
+def _one_key_call(rng: random.Random, kind: str, pool: int) -> Call:
+    """A ``set_nested`` or ``append_unique`` call on key "k": mostly repeats from a pool of
+    ``pool`` subkeys or members, sometimes one that is invalid or of another type."""
+    if kind == "set_nested":
+        subkey = rng.choice([f"s{rng.randrange(pool)}"] * 12 + ["", "n" * 300, "a\x00b", "é"])
+        return kind, ("k", subkey, rng.choice(["v", 1, 2.5, None, True]))
+    member = rng.choice(
+        [f"m{rng.randrange(pool)}"] * 6 + [rng.randrange(pool)] * 6
+        + [1.5, True, None, "\x00", 2**70, "é"]
+    )
+    return kind, ("k", member)
+
+
+OTHER_CALLS: List[Call] = [
+    ("increment", ("k",)),
+    ("set", ("k", "x")),
+    ("set_nested", ("k", "s0", 1)),
+    ("append_unique", ("k", "m0")),
+    ("append_unique", ("other", "m0")),
+    ("set_nested", ("other", "s0", 1)),
+]
+
+
+@pytest.mark.parametrize("seed", range(80))
+def test_a_batch_on_one_key_matches_one_by_one(seed: int, caplog: pytest.LogCaptureFixture) -> None:
+    """``set_nested`` or ``append_unique`` calls on one key: folded at C speed when no cap
+    can stop one of them, replayed when one might. Caps and room are sometimes reached
+    inside the batch; some batches hold a call of another kind or key."""
+    rng = random.Random(seed)
+    kind = ["set_nested", "append_unique"][seed % 2]
+    max_items = rng.choice([4, 30, 100, 10_000])
+    per_key = rng.choice([2, 20, 60, 10_000])
+    pool = rng.choice([3, 40, 1000])
+    setup = [_one_key_call(rng, kind, pool) for _ in range(rng.choice([1, 5]))]
+    calls = [_one_key_call(rng, kind, pool) for _ in range(rng.choice([10, 200]))]
+    if seed % 4 >= 2:
+        calls.insert(rng.randrange(len(calls)), rng.choice(OTHER_CALLS))
+
+    def run(fold_each: bool) -> Tuple[Taken, List[str], List[object]]:
+        caplog.clear()
+        buffer = Buffer(max_items=max_items, max_values_per_key=per_key)
+        with caplog.at_level(logging.WARNING, logger="telemetry"):
+            apply(buffer, setup, fold_each=True)
+            if not fold_each:
+                del buffer._fold_counters, buffer._fold_appends, buffer._fold_one_key
+            apply(buffer, calls, fold_each)
+            buffer.fold()
+            store = buffer._store
+            order = [*store.nested.get("k", {}), *store.sets.get("k", {})]
+            result = taken(buffer)
+        return result, sorted(record.getMessage() for record in caplog.records), order
+
+    assert run(False) == run(True)
+
+
+@pytest.mark.parametrize("kind", ["set_nested", "append_unique"])
+def test_a_batch_on_one_key_with_room_is_folded_at_c_speed(kind: str) -> None:
+    """The shapes the C-speed fold is for (new values, repeats, a key near its cap
+    with values it holds) take it, and their outcome is exact."""
+    buffer = Buffer(max_items=1000, max_values_per_key=100)
+    call = getattr(buffer, kind)
+    extra = ("v",) if kind == "set_nested" else ()
+    for index in range(95):
+        call("k", f"x{index}", *extra)
+    buffer.fold()  # 95 of 100 values: a batch of 200 calls could pass the cap
+    calls = [f"x{index % 97}" for index in range(200)]  # 2 new values, then repeats
+    for name in calls:
+        call("k", name, *extra)
+    ops = buffer._queue[:]
+    del buffer._queue[:]
+    assert buffer._fold_one_key(ops)
+    snapshot = taken(buffer)
+    assert snapshot.items == 1 + 97 and snapshot.dropped == 0
+    if kind == "set_nested":
+        assert snapshot.data == {"k": {f"x{index}": "v" for index in range(97)}}
+    else:
+        counts = _member_counts(snapshot.data["k"])
+        expected: Dict[object, object] = {
+            f"x{index}": calls.count(f"x{index}") + (index < 95) for index in range(97)
+        }
+        assert counts == expected
+
+
+def _run_threads(work: Callable[[int], None], threads: int = 8) -> None:
+    start = threading.Barrier(threads)
+    failures: List[BaseException] = []
+
+    def run(number: int) -> None:
+        try:
+            start.wait()
+            work(number)
+        except BaseException as exc:  # pragma: no cover - reported below
+            failures.append(exc)
+
+    workers = [threading.Thread(target=run, args=(n,)) for n in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    assert failures == []
+
+
+def test_exact_counts_and_mappings_with_8_threads_on_one_key() -> None:
+    """New and repeated counting-set values and subkeys from 8 threads at once (the
+    one-key folds), then the same against a per-key cap reached while they run."""
+    buffer = Buffer(max_items=1_000_000, max_values_per_key=1_000_000)
+    calls = 20_000
+
+    def work(number: int) -> None:
+        for index in range(calls):
+            buffer.append_unique("agents", f"{number}:{index % 5000}" if index % 2 else index % 7)
+            buffer.set_nested("last", f"t{number}:{index % 100}", index)
+
+    _run_threads(work)
+    snapshot = taken(buffer)
+    counts = _member_counts(snapshot.data.pop("agents"))
+    expected: Dict[object, int] = {}
+    for number in range(8):
+        for index in range(calls):
+            member = f"{number}:{index % 5000}" if index % 2 else index % 7
+            expected[member] = expected.get(member, 0) + 1
+    assert counts == expected
+    assert snapshot.data == {"last": {f"t{number}:{index}": calls - 100 + index
+                                      for number in range(8) for index in range(100)}}
+    assert snapshot.items == 2 + len(counts) + 800 and snapshot.dropped == 0
+
+    capped = Buffer(max_items=1_000_000, max_values_per_key=1000)
+
+    def capped_work(number: int) -> None:
+        for index in range(calls):
+            capped.append_unique("agents", (number * 7919 + index) % 3000)
+
+    _run_threads(capped_work)
+    snapshot = taken(capped)
+    counts = _member_counts(snapshot.data["agents"])
+    assert len(counts) == 1000
+    admitted = sum(count for count in counts.values() if isinstance(count, int))
+    assert admitted + snapshot.dropped == 8 * calls
+    assert snapshot.items == 1 + 1000
+
+
+def test_a_one_key_batch_that_reaches_a_cap_or_mixes_kinds_replays_in_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    buffer = Buffer(max_items=100, max_values_per_key=5)
+    for member in ("a", "b", "c"):
+        buffer.append_unique("k", member)
+    buffer.set_nested("m", "s", 1)
+    buffer.fold()
+    for member in ("d", "a", "e", "f", "g", "a"):  # the cap is reached inside the batch
+        buffer.append_unique("k", member)
+    ops = buffer._queue[:]
+    assert not buffer._fold_one_key(ops)  # nothing done: the batch replays
+    with caplog.at_level(logging.WARNING, logger="telemetry"):
+        buffer.fold()
+        buffer.set_nested("m", "t", 2)
+        buffer.append_unique("m", "x")  # another kind on the mapping's key, mid-batch
+        buffer.set_nested("m", "s", 3)
+        assert not buffer._fold_one_key(buffer._queue[:])
+        snapshot = taken(buffer)
+    assert _member_counts(snapshot.data["k"]) == {"a": 3, "b": 1, "c": 1, "d": 1, "e": 1}
+    assert snapshot.data["m"] == {"s": 3, "t": 2}
+    assert snapshot.items == 1 + 5 + 1 + 2 and snapshot.dropped == 3
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("already holds 5 values" in message for message in messages) == 1
+    assert sum("holds a mapping, not a counting set" in message for message in messages) == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 from typing import Any, List, Sequence
 
@@ -133,3 +135,22 @@ def test_after_a_fork_the_child_starts_with_an_empty_queue_and_a_free_lock() -> 
     commits._pid = -1  # as if this process were the fork's child
     assert commits.submit("a") == "A"
     assert writes.batches == [["a"]]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_real_fork_is_noticed_and_the_child_starts_afresh() -> None:
+    writes = _Batches()
+    commits = GroupCommit(writes)
+    assert commits.submit("a") == "A"
+    commits._lock.acquire()  # held by a thread of the parent at the fork
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the child reports by its exit status only
+        ok = False
+        try:
+            signal.alarm(10)  # a child that missed the fork would wait on the lock forever
+            ok = commits.submit("b") == "B" and writes.batches[-1] == ["b"]
+        finally:
+            os._exit(0 if ok else 1)
+    commits._lock.release()
+    _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

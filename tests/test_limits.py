@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import logging
+import sys
 import tracemalloc
 import uuid
 from typing import Any, Dict, List, Optional, Tuple
@@ -257,6 +258,18 @@ def test_check_document_finds_a_problem_anywhere_in_wide_and_deep_documents() ->
         document = {"data": {"list": [*wide, {"a": [1, bad]}], "n": 1}}
         problem = check_document(document, limits)
         assert problem is not None and words in problem, (bad, problem)
+
+
+def test_check_document_walks_documents_nested_deeper_than_python_recurses() -> None:
+    depth = sys.getrecursionlimit() + 100
+    limits = Limits(max_depth=depth + 10)
+    fine: Any = 1
+    bad: Any = 2**63
+    for _ in range(depth):
+        fine, bad = [fine], [bad]
+    assert check_document({"data": {"deep": fine}}, limits) is None
+    problem = check_document({"data": {"deep": bad}}, limits)
+    assert problem is not None and "deep: integer outside signed 64 bits" in problem
 
 
 def test_a_big_gzip_body_is_measured_without_being_kept() -> None:

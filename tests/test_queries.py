@@ -25,10 +25,11 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server_stub import PayloadRecord, PostgresStore, SQLiteStore, serve
+from server_stub import PayloadRecord, PostgresStore, SQLiteStore, _sqlite, serve
 from server_stub import _queries as queries
 from server_stub._pgtemp import TemporaryPostgres
 from server_stub._postgres import _MIGRATIONS
+from server_stub._rollups import fold_pending, rollup_schema
 
 UTC = timezone.utc
 BASE = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday
@@ -642,6 +643,73 @@ def test_sqlite_database_from_before_rollups_is_backfilled(tmp_path: Path) -> No
         again = SQLiteStore(str(path))  # migrated once: not counted twice
         assert answers(again, window, 5) == brute_answers(payloads, window, 5)
         again.close()
+    finally:
+        store.close()
+
+
+def test_sqlite_database_with_the_rollup_queue_is_migrated(tmp_path: Path) -> None:
+    """Schema version 3 queued each payload in a rollup_pending table; version 4
+    folds what the queue holds, drops it, and counts on seq order instead."""
+    path = tmp_path / "v3.db"
+    payloads = _sample_payloads()
+    with sqlite3.connect(path) as connection:
+        connection.executescript(_VERSION_1_SQLITE)
+        connection.executescript(_sqlite._POLICY_SCHEMA + ";" + _sqlite._EVENTS_SCHEMA)
+        for statement in rollup_schema(sqlite=True):
+            connection.execute(statement)
+        connection.execute("CREATE TABLE rollup_pending (seq bigint PRIMARY KEY)")
+        connection.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")
+        connection.execute("INSERT INTO schema_version VALUES (3)")
+        # The first half folded as version 3 did (queued, folded, dequeued); the rest queued.
+        connection.executemany(_VERSION_1_INSERT, [_version_1_row(p) for p in payloads[:20]])
+        connection.execute("INSERT INTO rollup_pending (seq) SELECT seq FROM payloads")
+        assert fold_pending(_sqlite.SQLiteRunner(connection), _sqlite._SELECT_QUEUED) == 20
+        connection.executemany(_VERSION_1_INSERT, [_version_1_row(p) for p in payloads[20:]])
+        connection.execute("INSERT INTO rollup_pending SELECT seq FROM payloads WHERE seq > 20")
+    connection.close()
+    window = (BASE, BASE + timedelta(days=14))
+    store = SQLiteStore(str(path))
+    try:
+        with store.reading() as run:
+            assert run.fetchall("SELECT type FROM sqlite_master WHERE name = 'rollup_pending'") == [
+                ("view",)
+            ]
+            assert run.fetchall("SELECT count(*) FROM rollup_pending") == [(0,)]
+            assert run.fetchall("SELECT version FROM schema_version") == [(4,)]
+        assert answers(store, window, 5) == brute_answers(payloads, window, 5)
+        later = {**payloads[3], "payload_id": uuid.uuid4().hex, "data": {"a": 7, "b": "v9"}}
+        stored = store_all(store, [later])
+        with store.reading() as run:
+            assert run.fetchall("SELECT count(*) FROM rollup_pending") == [(1,)]
+        assert answers(store, window, 5) == brute_answers(payloads + stored, window, 5)
+    finally:
+        store.close()
+
+
+def test_sqlite_deleting_the_newest_payloads_does_not_hide_later_ones(tmp_path: Path) -> None:
+    """Pending payloads are those after the folded mark; a new payload takes the seq
+    after the largest stored. Deleting the newest folded payloads by hand must not
+    leave the mark ahead of the seqs that later payloads get."""
+    path = str(tmp_path / "t.db")
+    payloads = _sample_payloads()
+    window = (BASE, BASE + timedelta(days=14))
+    store = SQLiteStore(path)
+    try:
+        stored = store_all(store, payloads)
+        assert answers(store, window, 5) == brute_answers(stored, window, 5)  # folded
+    finally:
+        store.close()
+    with sqlite3.connect(path) as connection:
+        connection.execute("DELETE FROM payloads WHERE seq > 30")
+    connection.close()
+    store = SQLiteStore(path)
+    try:
+        later = {**payloads[3], "payload_id": uuid.uuid4().hex, "data": {"a": 7, "b": "v9"}}
+        assert store_all(store, [later]) == [later]
+        with store.reading() as run:
+            assert run.fetchall("SELECT count(*) FROM rollup_pending") == [(1,)]
+        # The rollups still count the deleted payloads (they were folded) and the new one.
+        assert answers(store, window, 5) == brute_answers([*stored, later], window, 5)
     finally:
         store.close()
 

@@ -13,7 +13,7 @@ import pytest
 
 from server_stub import PayloadRecord, PostgresStore, SQLiteStore, UnstorablePayload, open_store
 from server_stub._rollups import ROLLUP_TABLES, fold_pending
-from server_stub._sqlite import _SELECT_PENDING
+from server_stub._sqlite import _SELECT_PENDING, _mark_folded
 from server_stub._storage import EventQuery, EventRecord
 
 AnyStore = Union[SQLiteStore, PostgresStore]
@@ -213,8 +213,34 @@ def test_a_fold_decodes_a_payload_whose_held_text_is_not_the_stored_one(tmp_path
         try:
             assert store.add(_record({"n": 1, "x": "stored"}))
             with store.writing() as run:
-                assert fold_pending(run, _SELECT_PENDING, parsed) == 1
+                assert fold_pending(run, _SELECT_PENDING, parsed, mark_folded=_mark_folded) == 1
             folds.append(_rollup_rows(store))
         finally:
             store.close()
     assert folds[0]["rollup_key_hours"] and folds[1] == folds[0]
+
+
+def test_a_fold_that_fails_after_its_payloads_committed_loses_none_of_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Payloads without events are committed by their INSERT alone; the fold that
+    # every FOLD_EVERY-th one triggers runs after, in a transaction of its own.
+    monkeypatch.setattr("server_stub._sqlite.FOLD_EVERY", 2)
+    store = SQLiteStore(str(tmp_path / "t.db"))
+    try:
+        assert store.add(_record({"n": 1}))
+        with monkeypatch.context() as patched:
+            patched.setattr(
+                "server_stub._sqlite.fold_pending",
+                lambda *args, **kwargs: (_ for _ in ()).throw(OSError("disk gone")),
+            )
+            assert store.add(_record({"n": 2})) is True
+        assert "folding stored payloads into the rollups failed" in caplog.text
+        with store.reading() as run:
+            assert run.fetchall("SELECT count(*) FROM rollup_pending") == [(2,)]
+        assert store.fold_rollups() == 2
+        assert store.stats()["keys"] == {"n": 3}
+        with store.reading() as run:
+            assert run.fetchall("SELECT sum(total) FROM rollup_key_hours") == [(3,)]
+    finally:
+        store.close()
