@@ -241,7 +241,7 @@ _INSERT = (
     " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-_INSERT_MANY: Dict[int, str] = {}  # rows -> one INSERT of that many rows, returning the new ones
+_INSERT_MANY: Dict[int, str] = {}  # rows -> one INSERT of that many rows
 
 
 def _insert(connection: sqlite3.Connection, rows: Sequence[Tuple[Any, ...]]) -> List[Optional[int]]:
@@ -250,20 +250,42 @@ def _insert(connection: sqlite3.Connection, rows: Sequence[Tuple[Any, ...]]) -> 
 
     Several rows go in one statement: each statement lets go of the GIL and waits to
     take it back, which costs more than the statement when other threads are busy.
+    Nor does it return the new rows (``RETURNING``): each row returned would be one
+    more such step. A new row's ``seq`` is one more than the largest stored (none is
+    ever deleted), so when every row is new their seqs are the last ``len(rows)``
+    up to the last one inserted; only a batch with repeated ids asks which are new.
     """
     if len(rows) == 1:
         cursor = connection.execute(_INSERT, rows[0])
         return [cursor.lastrowid if cursor.rowcount == 1 else None]
     sql = _INSERT_MANY.get(len(rows))
     if sql is None:
-        sql = _INSERT_MANY[len(rows)] = (
-            _INSERT + ", (?, ?, ?, ?, ?, ?, ?)" * (len(rows) - 1) + " RETURNING payload_id, seq"
+        sql = _INSERT_MANY[len(rows)] = _INSERT + ", (?, ?, ?, ?, ?, ?, ?)" * (len(rows) - 1)
+    cursor = connection.execute(sql, [value for row in rows for value in row])
+    added, last = cursor.rowcount, cursor.lastrowid
+    if added <= 0 or last is None:
+        return [None] * len(rows)
+    first = last - added + 1
+    if added == len(rows):
+        return list(range(first, last + 1))
+    # Some were stored already: the new rows are the ones at ``first`` or later.
+    ids = list(dict.fromkeys(row[0] for row in rows))
+    stored: Dict[str, int] = {}
+    for start in range(0, len(ids), _IDS_PER_SELECT):
+        chunk = ids[start : start + _IDS_PER_SELECT]
+        stored.update(
+            connection.execute(
+                "SELECT payload_id, seq FROM payloads"  # noqa: S608 - placeholders only
+                f" WHERE payload_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
         )
-    new: Dict[str, int] = dict(
-        connection.execute(sql, [value for row in rows for value in row]).fetchall()
-    )
     # pop: a payload_id repeated within the batch is new only the first time
-    return [new.pop(row[0], None) for row in rows]
+    seqs = [stored.pop(row[0], None) for row in rows]
+    return [seq if seq is not None and seq >= first else None for seq in seqs]
+
+
+_IDS_PER_SELECT = 500
 
 
 class SQLiteStore:

@@ -244,3 +244,30 @@ def test_a_fold_that_fails_after_its_payloads_committed_loses_none_of_them(
             assert run.fetchall("SELECT sum(total) FROM rollup_key_hours") == [(3,)]
     finally:
         store.close()
+
+
+def test_sqlite_insert_gives_each_new_row_its_stored_seq(tmp_path: Path) -> None:
+    from server_stub._sqlite import _IDS_PER_SELECT, _insert
+
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    try:
+        with store._connection() as connection:
+
+            def row(payload_id: str) -> tuple[Any, ...]:
+                return (payload_id, "i", "t", "r", "{}", None, 0)
+
+            def stored() -> Dict[str, int]:
+                return dict(connection.execute("SELECT payload_id, seq FROM payloads").fetchall())
+
+            first = [f"a{n}" for n in range(5)]
+            assert _insert(connection, [row(i) for i in first]) == [stored()[i] for i in first]
+            # Repeats of stored ids and within the batch, over more ids than one SELECT asks
+            ids = [f"b{n}" for n in range(_IDS_PER_SELECT + 10)]
+            batch = ["a1", *ids[:3], "b0", "a4", *ids[3:]]
+            seqs = _insert(connection, [row(i) for i in batch])
+            now = stored()
+            assert seqs == [None, *(now[i] for i in ids[:3]), None, None,
+                            *(now[i] for i in ids[3:])]
+            assert _insert(connection, [row("a0"), row("b1")]) == [None, None]
+    finally:
+        store.close()
