@@ -391,26 +391,23 @@ class SQLiteStore:
         transaction instead, its values encoded before it (``PreparedFold``), so
         that no fold holds the writer (or the GIL) long to decode and encode it.
         """
-        rows = [
-            (
-                record.payload_id,
-                record.instance_id,
-                record.timestamp,
-                record.received_at,
-                encode_compact(record.data),
-                encode_compact(record.client)
-                if record.client is not None
-                else None,
-                record.dropped,
-            )
-            for record in records
-        ]
+        rows: List[Tuple[Any, ...]] = []
+        alone = True  # nothing to write beside the rows
+        for record in records:
+            data = encode_compact(record.data)
+            client = record.client
+            rows.append((
+                record.payload_id, record.instance_id, record.timestamp, record.received_at,
+                data, None if client is None else encode_compact(client), record.dropped,
+            ))
+            if record.events or len(data) > FOLD_AT_ONCE_BYTES:
+                alone = False
+        if alone:
+            return self._insert_alone(rows, records)
         prepared = [
             PreparedFold(record.data) if len(row[4]) > FOLD_AT_ONCE_BYTES else None
             for record, row in zip(records, rows)
         ]
-        if not any(record.events for record in records) and not any(prepared):
-            return self._insert_alone(rows, records)
         stored: List[bool] = []
         with self.writing() as run:
             connection = run.connection
