@@ -126,6 +126,12 @@ class Response:
     def encode(self) -> Tuple[str, Headers, bytes]:
         """Status line, headers (Content-Type and Content-Length added), body bytes."""
         body = self.body if isinstance(self.body, bytes) else encode_compact(self.body).encode()
+        if not self.headers:  # most answers: no header of their own to look through
+            if body:
+                return status_line(self.status), [
+                    ("Content-Type", "application/json"), ("Content-Length", str(len(body)))
+                ], body
+            return status_line(self.status), [("Content-Length", "0")], body
         headers = [
             (name, value) for name, value in self.headers if name.lower() != "content-length"
         ]
