@@ -125,6 +125,15 @@ SELECT seq, instance_id, sent_at, received_at, data, dropped FROM payloads
 WHERE seq > (SELECT upto FROM rollup_folded) AND seq NOT IN (SELECT seq FROM rollup_folded_early)
 ORDER BY seq LIMIT ?
 """
+# _SELECT_PENDING without the data, all rows as one JSON text: one step of the
+# statement, where each row would be one (and each step lets go of the GIL).
+_SELECT_PENDING_HEADS = """
+SELECT json_group_array(json_array(seq, instance_id, sent_at, received_at, payload_id, dropped))
+FROM (SELECT seq, instance_id, sent_at, received_at, payload_id, dropped FROM payloads
+WHERE seq > (SELECT upto FROM rollup_folded) AND seq NOT IN (SELECT seq FROM rollup_folded_early)
+ORDER BY seq LIMIT ?)
+"""
+_SEQS_PER_SELECT = 500
 # Schema versions 2 and 3: the rollup_pending queue table.
 _SELECT_QUEUED = """
 SELECT p.seq, p.instance_id, p.sent_at, p.received_at, p.data, p.dropped
@@ -314,7 +323,8 @@ class SQLiteStore:
         self._pruned_at: Optional[float] = None
         self._commits = GroupCommit(self._add_batch)
         # The data of payloads this process stored and no fold has taken in yet, as
-        # the request decoded it: the fold need not decode it again (writers only).
+        # the request decoded it, by seq with the payload_id stored there: the fold
+        # need not read it back nor decode it again (writers only).
         self._parsed: Dict[int, Tuple[str, Mapping[str, Any]]] = {}
         connection = self._connect()
         connection.executescript(_SCHEMA)
@@ -429,7 +439,7 @@ class SQLiteStore:
                             "INSERT INTO rollup_folded_early (seq) VALUES (?)", (seq,)
                         )
                     else:
-                        self._parsed[seq] = (row[4], record.data)
+                        self._parsed[seq] = (row[0], record.data)
                     _insert_events(connection, record.events)
                     fold = fold or seq % FOLD_EVERY == 0
             if fold:
@@ -452,7 +462,7 @@ class SQLiteStore:
         fold = False
         for record, row, seq in zip(records, rows, seqs):
             if seq is not None:
-                self._parsed[seq] = (row[4], record.data)
+                self._parsed[seq] = (row[0], record.data)
                 fold = fold or seq % FOLD_EVERY == 0
         if fold:
             # Committed already: a fold that fails now is retried by the next one.
@@ -467,9 +477,35 @@ class SQLiteStore:
 
     def _fold(self, run: SQLiteRunner) -> int:
         try:
-            return fold_pending(run, _SELECT_PENDING, self._parsed, mark_folded=_mark_folded)
+            return fold_pending(run, self._pending, mark_folded=_mark_folded)
         finally:
             self._parsed.clear()
+
+    def _pending(self, run: Runner, limit: int) -> List[Tuple[Any, ...]]:
+        """``_SELECT_PENDING``'s rows, the data of those this process holds (``_parsed``)
+        as it holds it: read in a few steps, not one per row."""
+        assert isinstance(run, SQLiteRunner)
+        connection = run.connection
+        (heads,) = connection.execute(_SELECT_PENDING_HEADS, (limit,)).fetchone()
+        rows: List[List[Any]] = json.loads(heads)
+        rows.sort()  # by seq (unique): the aggregate need not keep the subquery's order
+        missing: Dict[int, List[Any]] = {}
+        for row in rows:
+            held = self._parsed.get(row[0])
+            if held is not None and held[0] == row[4]:  # the payload this process stored
+                row[4] = held[1]
+            else:
+                missing[row[0]] = row
+        seqs = list(missing)
+        for start in range(0, len(seqs), _SEQS_PER_SELECT):
+            chunk = seqs[start : start + _SEQS_PER_SELECT]
+            for seq, data in connection.execute(
+                "SELECT seq, data FROM payloads"  # noqa: S608 - placeholders only
+                f" WHERE seq IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            ):
+                missing[seq][4] = data
+        return [tuple(row) for row in rows]
 
     def fold_rollups(self) -> int:
         """Add the payloads stored since the last fold to the rollups; how many."""

@@ -271,3 +271,23 @@ def test_sqlite_insert_gives_each_new_row_its_stored_seq(tmp_path: Path) -> None
             assert _insert(connection, [row("a0"), row("b1")]) == [None, None]
     finally:
         store.close()
+
+
+def test_a_store_fold_reads_back_a_payload_held_under_another_payload_id(tmp_path: Path) -> None:
+    # E.g. a seq whose transaction rolled back, reused by another process's payload.
+    folds = []
+    for name in ("plain", "stale"):
+        store = SQLiteStore(str(tmp_path / f"{name}.db"))
+        try:
+            record = _record({"n": 1, "x": "stored"})
+            assert store.add(record)
+            if name == "stale":
+                assert store._parsed[1][0] == record.payload_id
+                store._parsed[1] = (uuid.uuid4().hex, {"n": 1000, "x": "stale"})
+            else:
+                store._parsed.clear()  # read back and decoded
+            assert store.fold_rollups() == 1
+            folds.append(_rollup_rows(store))
+        finally:
+            store.close()
+    assert folds[0]["rollup_key_hours"] and folds[1] == folds[0]
