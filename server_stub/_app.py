@@ -126,6 +126,12 @@ class Response:
     def encode(self) -> Tuple[str, Headers, bytes]:
         """Status line, headers (Content-Type and Content-Length added), body bytes."""
         body = self.body if isinstance(self.body, bytes) else encode_compact(self.body).encode()
+        if not self.headers:  # most answers: no header of their own to look through
+            if body:
+                return status_line(self.status), [
+                    ("Content-Type", "application/json"), ("Content-Length", str(len(body)))
+                ], body
+            return status_line(self.status), [("Content-Length", "0")], body
         headers = [
             (name, value) for name, value in self.headers if name.lower() != "content-length"
         ]
@@ -575,6 +581,8 @@ class App:
         # The encoded answers to /v1/update under one version of the rules (they
         # differ only in "stop"): rules are immutable, a new version starts afresh.
         self._answers: Tuple[Optional[PolicyRules], Dict[bool, bytes]] = (None, {})
+        # The last whole second a payload arrived in, and its text (``_received_at``)
+        self._second: Tuple[float, str] = (-1.0, "")
         self._stored_bytes = 0
         self._measured_at: Optional[float] = None
         self._full_logged_at: Optional[float] = None
@@ -688,9 +696,7 @@ class App:
         """Parse, check, rate-limit and store an admitted body; the answer (or HTTPError)."""
         body = request.parse()
         now = self._clock()
-        # format_time's form, without its conversion (the time is in UTC already)
-        arrival = datetime.fromtimestamp(now, timezone.utc).replace(tzinfo=None)
-        received_at = arrival.isoformat("T", "microseconds") + "Z"
+        received_at = self._received_at(now)
         # The payload's shape first (it walks no nested value): a bad event is
         # named by its index and field, not only by where the document walk found it.
         record = validate_payload(body, instance_id, received_at)
@@ -719,6 +725,20 @@ class App:
         except UnstorablePayload as exc:
             raise HTTPError(400, f"payload cannot be stored: {exc}") from None
         return Response(200, self._update_answer(rules, instance_id))
+
+    def _received_at(self, now: float) -> str:
+        """``now`` in format_time's form: its whole second formatted once per second, the
+        microseconds rounded as ``datetime.fromtimestamp`` rounds them."""
+        fraction, whole = math.modf(now)
+        micros = round(fraction * 1e6)
+        second, prefix = self._second
+        if now < 0 or micros >= 1_000_000:  # before 1970, or rounded up to the next second
+            arrival = datetime.fromtimestamp(now, timezone.utc).replace(tzinfo=None)
+            return arrival.isoformat("T", "microseconds") + "Z"
+        if whole != second:
+            prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(whole))
+            self._second = (whole, prefix)
+        return f"{prefix}{micros:06d}Z"
 
     def _update_answer(self, rules: PolicyRules, instance_id: str) -> bytes:
         """The body of a successful ``/v1/update`` answer, encoded once per rules and "stop"."""

@@ -249,18 +249,21 @@ class InFlightBudget:
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self._available = capacity
-        self._changed = threading.Condition()
+        # Taken directly (a C-level lock) where nobody waits: the Condition's own
+        # ``with`` goes through Python methods, twice per request.
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
         self._waiting = 0  # threads in acquire() waiting for values to be released
 
     @property
     def available(self) -> int:
-        with self._changed:
+        with self._lock:
             return self._available
 
     def acquire(self, amount: int, timeout: float) -> bool:
         """Take ``amount`` (at most the capacity); False when it was not free within ``timeout``."""
         amount = min(amount, self.capacity)
-        with self._changed:
+        with self._lock:
             if self._available < amount:
                 self._waiting += 1
                 try:
@@ -273,7 +276,7 @@ class InFlightBudget:
 
     def release(self, amount: int) -> None:
         amount = min(amount, self.capacity)
-        with self._changed:
+        with self._lock:
             self._available += amount
             if self._waiting:
                 self._changed.notify_all()

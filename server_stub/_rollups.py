@@ -51,7 +51,7 @@ import json.encoder
 import math
 import re
 from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from ._storage import Runner, json_encoder
 
@@ -688,7 +688,7 @@ def _dequeue(run: Runner, seqs: List[int]) -> None:
 
 def fold_pending(
     run: Runner,
-    select_pending: str,
+    select_pending: Union[str, Callable[[Runner, int], Sequence[Tuple[Any, ...]]]],
     parsed: Optional[ParsedPayloads] = None,
     *,
     mark_folded: Callable[[Runner, List[int]], None] = _dequeue,
@@ -696,7 +696,8 @@ def fold_pending(
     """Add every pending payload to the rollups and mark it folded.
 
     ``select_pending`` selects up to ``?`` pending payloads as ``PendingPayload``
-    rows (``data`` as JSON text or already decoded), oldest first (by ``seq``).
+    rows (``data`` as JSON text or already decoded), oldest first (by ``seq``); or
+    it is a function of the runner and that limit that returns those rows.
     ``mark_folded(run, seqs)`` makes each batch folded no longer pending; by
     default it takes them out of ``rollup_pending``. The caller holds a write
     transaction that no other fold runs beside. Returns how many payloads were
@@ -710,7 +711,11 @@ def fold_pending(
     parsed = parsed or {}
     folded = 0
     while True:
-        rows = run.fetchall(select_pending, (FOLD_BATCH,))
+        rows: Sequence[Tuple[Any, ...]]
+        if isinstance(select_pending, str):
+            rows = run.fetchall(select_pending, (FOLD_BATCH,))
+        else:
+            rows = select_pending(run, FOLD_BATCH)
         if not rows:
             return folded
         batch = _Batch()

@@ -125,6 +125,15 @@ SELECT seq, instance_id, sent_at, received_at, data, dropped FROM payloads
 WHERE seq > (SELECT upto FROM rollup_folded) AND seq NOT IN (SELECT seq FROM rollup_folded_early)
 ORDER BY seq LIMIT ?
 """
+# _SELECT_PENDING without the data, all rows as one JSON text: one step of the
+# statement, where each row would be one (and each step lets go of the GIL).
+_SELECT_PENDING_HEADS = """
+SELECT json_group_array(json_array(seq, instance_id, sent_at, received_at, payload_id, dropped))
+FROM (SELECT seq, instance_id, sent_at, received_at, payload_id, dropped FROM payloads
+WHERE seq > (SELECT upto FROM rollup_folded) AND seq NOT IN (SELECT seq FROM rollup_folded_early)
+ORDER BY seq LIMIT ?)
+"""
+_SEQS_PER_SELECT = 500
 # Schema versions 2 and 3: the rollup_pending queue table.
 _SELECT_QUEUED = """
 SELECT p.seq, p.instance_id, p.sent_at, p.received_at, p.data, p.dropped
@@ -241,7 +250,7 @@ _INSERT = (
     " (payload_id, instance_id, sent_at, received_at, data, client, dropped)"
     " VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
-_INSERT_MANY: Dict[int, str] = {}  # rows -> one INSERT of that many rows, returning the new ones
+_INSERT_MANY: Dict[int, str] = {}  # rows -> one INSERT of that many rows
 
 
 def _insert(connection: sqlite3.Connection, rows: Sequence[Tuple[Any, ...]]) -> List[Optional[int]]:
@@ -250,20 +259,42 @@ def _insert(connection: sqlite3.Connection, rows: Sequence[Tuple[Any, ...]]) -> 
 
     Several rows go in one statement: each statement lets go of the GIL and waits to
     take it back, which costs more than the statement when other threads are busy.
+    Nor does it return the new rows (``RETURNING``): each row returned would be one
+    more such step. A new row's ``seq`` is one more than the largest stored (none is
+    ever deleted), so when every row is new their seqs are the last ``len(rows)``
+    up to the last one inserted; only a batch with repeated ids asks which are new.
     """
     if len(rows) == 1:
         cursor = connection.execute(_INSERT, rows[0])
         return [cursor.lastrowid if cursor.rowcount == 1 else None]
     sql = _INSERT_MANY.get(len(rows))
     if sql is None:
-        sql = _INSERT_MANY[len(rows)] = (
-            _INSERT + ", (?, ?, ?, ?, ?, ?, ?)" * (len(rows) - 1) + " RETURNING payload_id, seq"
+        sql = _INSERT_MANY[len(rows)] = _INSERT + ", (?, ?, ?, ?, ?, ?, ?)" * (len(rows) - 1)
+    cursor = connection.execute(sql, [value for row in rows for value in row])
+    added, last = cursor.rowcount, cursor.lastrowid
+    if added <= 0 or last is None:
+        return [None] * len(rows)
+    first = last - added + 1
+    if added == len(rows):
+        return list(range(first, last + 1))
+    # Some were stored already: the new rows are the ones at ``first`` or later.
+    ids = list(dict.fromkeys(row[0] for row in rows))
+    stored: Dict[str, int] = {}
+    for start in range(0, len(ids), _IDS_PER_SELECT):
+        chunk = ids[start : start + _IDS_PER_SELECT]
+        stored.update(
+            connection.execute(
+                "SELECT payload_id, seq FROM payloads"  # noqa: S608 - placeholders only
+                f" WHERE payload_id IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            ).fetchall()
         )
-    new: Dict[str, int] = dict(
-        connection.execute(sql, [value for row in rows for value in row]).fetchall()
-    )
     # pop: a payload_id repeated within the batch is new only the first time
-    return [new.pop(row[0], None) for row in rows]
+    seqs = [stored.pop(row[0], None) for row in rows]
+    return [seq if seq is not None and seq >= first else None for seq in seqs]
+
+
+_IDS_PER_SELECT = 500
 
 
 class SQLiteStore:
@@ -292,7 +323,8 @@ class SQLiteStore:
         self._pruned_at: Optional[float] = None
         self._commits = GroupCommit(self._add_batch)
         # The data of payloads this process stored and no fold has taken in yet, as
-        # the request decoded it: the fold need not decode it again (writers only).
+        # the request decoded it, by seq with the payload_id stored there: the fold
+        # need not read it back nor decode it again (writers only).
         self._parsed: Dict[int, Tuple[str, Mapping[str, Any]]] = {}
         connection = self._connect()
         connection.executescript(_SCHEMA)
@@ -369,26 +401,23 @@ class SQLiteStore:
         transaction instead, its values encoded before it (``PreparedFold``), so
         that no fold holds the writer (or the GIL) long to decode and encode it.
         """
-        rows = [
-            (
-                record.payload_id,
-                record.instance_id,
-                record.timestamp,
-                record.received_at,
-                encode_compact(record.data),
-                encode_compact(record.client)
-                if record.client is not None
-                else None,
-                record.dropped,
-            )
-            for record in records
-        ]
+        rows: List[Tuple[Any, ...]] = []
+        alone = True  # nothing to write beside the rows
+        for record in records:
+            data = encode_compact(record.data)
+            client = record.client
+            rows.append((
+                record.payload_id, record.instance_id, record.timestamp, record.received_at,
+                data, None if client is None else encode_compact(client), record.dropped,
+            ))
+            if record.events or len(data) > FOLD_AT_ONCE_BYTES:
+                alone = False
+        if alone:
+            return self._insert_alone(rows, records)
         prepared = [
             PreparedFold(record.data) if len(row[4]) > FOLD_AT_ONCE_BYTES else None
             for record, row in zip(records, rows)
         ]
-        if not any(record.events for record in records) and not any(prepared):
-            return self._insert_alone(rows, records)
         stored: List[bool] = []
         with self.writing() as run:
             connection = run.connection
@@ -410,7 +439,7 @@ class SQLiteStore:
                             "INSERT INTO rollup_folded_early (seq) VALUES (?)", (seq,)
                         )
                     else:
-                        self._parsed[seq] = (row[4], record.data)
+                        self._parsed[seq] = (row[0], record.data)
                     _insert_events(connection, record.events)
                     fold = fold or seq % FOLD_EVERY == 0
             if fold:
@@ -433,7 +462,7 @@ class SQLiteStore:
         fold = False
         for record, row, seq in zip(records, rows, seqs):
             if seq is not None:
-                self._parsed[seq] = (row[4], record.data)
+                self._parsed[seq] = (row[0], record.data)
                 fold = fold or seq % FOLD_EVERY == 0
         if fold:
             # Committed already: a fold that fails now is retried by the next one.
@@ -448,9 +477,35 @@ class SQLiteStore:
 
     def _fold(self, run: SQLiteRunner) -> int:
         try:
-            return fold_pending(run, _SELECT_PENDING, self._parsed, mark_folded=_mark_folded)
+            return fold_pending(run, self._pending, mark_folded=_mark_folded)
         finally:
             self._parsed.clear()
+
+    def _pending(self, run: Runner, limit: int) -> List[Tuple[Any, ...]]:
+        """``_SELECT_PENDING``'s rows, the data of those this process holds (``_parsed``)
+        as it holds it: read in a few steps, not one per row."""
+        assert isinstance(run, SQLiteRunner)
+        connection = run.connection
+        (heads,) = connection.execute(_SELECT_PENDING_HEADS, (limit,)).fetchone()
+        rows: List[List[Any]] = json.loads(heads)
+        rows.sort()  # by seq (unique): the aggregate need not keep the subquery's order
+        missing: Dict[int, List[Any]] = {}
+        for row in rows:
+            held = self._parsed.get(row[0])
+            if held is not None and held[0] == row[4]:  # the payload this process stored
+                row[4] = held[1]
+            else:
+                missing[row[0]] = row
+        seqs = list(missing)
+        for start in range(0, len(seqs), _SEQS_PER_SELECT):
+            chunk = seqs[start : start + _SEQS_PER_SELECT]
+            for seq, data in connection.execute(
+                "SELECT seq, data FROM payloads"  # noqa: S608 - placeholders only
+                f" WHERE seq IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            ):
+                missing[seq][4] = data
+        return [tuple(row) for row in rows]
 
     def fold_rollups(self) -> int:
         """Add the payloads stored since the last fold to the rollups; how many."""

@@ -277,3 +277,18 @@ def test_any_body_gets_a_json_answer_and_the_server_keeps_serving(
     assert 200 <= response.status_code < 300 or 400 <= response.status_code < 500
     assert isinstance(response.json(), dict)
     assert_healthy(backend_server)
+
+
+def test_received_at_is_the_arrival_rounded_as_datetime_rounds_it() -> None:
+    from datetime import datetime, timezone
+
+    from server_stub import create_app
+
+    app = create_app(db=":memory:")
+    try:
+        for now in (1_764_000_000.1234565, 1_764_000_000.9999996, 1_764_000_001.0, 0.0000004,
+                    1_764_000_000.5, -1.25, 4_102_444_799.999999):
+            expected = datetime.fromtimestamp(now, timezone.utc).replace(tzinfo=None)
+            assert app._received_at(now) == expected.isoformat("T", "microseconds") + "Z"
+    finally:
+        app.store.close()

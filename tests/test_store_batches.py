@@ -244,3 +244,50 @@ def test_a_fold_that_fails_after_its_payloads_committed_loses_none_of_them(
             assert run.fetchall("SELECT sum(total) FROM rollup_key_hours") == [(3,)]
     finally:
         store.close()
+
+
+def test_sqlite_insert_gives_each_new_row_its_stored_seq(tmp_path: Path) -> None:
+    from server_stub._sqlite import _IDS_PER_SELECT, _insert
+
+    store = SQLiteStore(str(tmp_path / "s.db"))
+    try:
+        with store._connection() as connection:
+
+            def row(payload_id: str) -> tuple[Any, ...]:
+                return (payload_id, "i", "t", "r", "{}", None, 0)
+
+            def stored() -> Dict[str, int]:
+                return dict(connection.execute("SELECT payload_id, seq FROM payloads").fetchall())
+
+            first = [f"a{n}" for n in range(5)]
+            assert _insert(connection, [row(i) for i in first]) == [stored()[i] for i in first]
+            # Repeats of stored ids and within the batch, over more ids than one SELECT asks
+            ids = [f"b{n}" for n in range(_IDS_PER_SELECT + 10)]
+            batch = ["a1", *ids[:3], "b0", "a4", *ids[3:]]
+            seqs = _insert(connection, [row(i) for i in batch])
+            now = stored()
+            assert seqs == [None, *(now[i] for i in ids[:3]), None, None,
+                            *(now[i] for i in ids[3:])]
+            assert _insert(connection, [row("a0"), row("b1")]) == [None, None]
+    finally:
+        store.close()
+
+
+def test_a_store_fold_reads_back_a_payload_held_under_another_payload_id(tmp_path: Path) -> None:
+    # E.g. a seq whose transaction rolled back, reused by another process's payload.
+    folds = []
+    for name in ("plain", "stale"):
+        store = SQLiteStore(str(tmp_path / f"{name}.db"))
+        try:
+            record = _record({"n": 1, "x": "stored"})
+            assert store.add(record)
+            if name == "stale":
+                assert store._parsed[1][0] == record.payload_id
+                store._parsed[1] = (uuid.uuid4().hex, {"n": 1000, "x": "stale"})
+            else:
+                store._parsed.clear()  # read back and decoded
+            assert store.fold_rollups() == 1
+            folds.append(_rollup_rows(store))
+        finally:
+            store.close()
+    assert folds[0]["rollup_key_hours"] and folds[1] == folds[0]
