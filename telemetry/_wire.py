@@ -60,6 +60,8 @@ WIRE_ITEMS_PER_PAUSE = 1000
 # a system call, and up to the interpreter's switch interval (5 ms) before this
 # thread gets the GIL back from a busy application thread: not after every piece.
 ENCODE_PAUSE_INTERVAL = 0.001
+# How long a hand-off lets go of the GIL (seconds; see ``hand_off``).
+HAND_OFF_S = 0.0001
 # Parts a payload too big is split into, per time it is over the limits (see
 # ``split_to_fit``): parts are not all the same size, nor compress alike.
 _SPLIT_MARGIN = 1.15
@@ -428,8 +430,14 @@ def wire_data(
 
 def hand_off() -> None:
     """Let a thread waiting for the GIL (the application's) take it, between two pieces
-    of the emitter's work."""
-    time.sleep(0)  # not a wait: the GIL is released and taken again
+    of the emitter's work.
+
+    Not ``sleep(0)``: returning from it at once, this thread often takes the GIL
+    back before the woken thread runs, and as that counts as a switch, the waiting
+    thread's forced-switch timer starts over; it could wait many switch intervals.
+    A sleep of ``HAND_OFF_S`` gives it time to be scheduled.
+    """
+    time.sleep(HAND_OFF_S)
 
 
 def format_timestamp(value: datetime) -> str:
