@@ -460,14 +460,21 @@ def _validate_client(client: object) -> Optional[Dict[str, Any]]:
         return None
     if not isinstance(client, dict):
         raise HTTPError(400, "client must be an object")
-    for name in ("name", "version"):
-        if name in client and not isinstance(client[name], str):
-            raise HTTPError(400, f"client.{name} must be a string")
-    for name in ("dropped", "dropped_events"):
-        count = client.get(name, 0)
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _MAX_INT64:
-            raise HTTPError(400, f"client.{name} must be a non-negative integer")
+    # Written out per member (no loop over the names, no f-string until one is wrong).
+    if not isinstance(client.get("name", ""), str):
+        raise HTTPError(400, "client.name must be a string")
+    if not isinstance(client.get("version", ""), str):
+        raise HTTPError(400, "client.version must be a string")
+    _check_count(client.get("dropped", 0), "dropped")
+    _check_count(client.get("dropped_events", 0), "dropped_events")
     return client
+
+
+def _check_count(count: object, name: str) -> None:
+    if type(count) is int and 0 <= count <= _MAX_INT64:  # type: ignore[operator]
+        return
+    if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _MAX_INT64:
+        raise HTTPError(400, f"client.{name} must be a non-negative integer")
 
 
 def validate_payload(body: object, instance_id: str, received_at: str) -> PayloadRecord:
@@ -518,6 +525,8 @@ def validate_payload(body: object, instance_id: str, received_at: str) -> Payloa
 
 def _media_type(environ: WSGIEnvironment) -> str:
     content_type: str = environ.get("CONTENT_TYPE", "")
+    if content_type == "application/json":  # what clients send: nothing to take apart
+        return content_type
     return content_type.split(";", 1)[0].strip().lower()
 
 

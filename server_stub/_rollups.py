@@ -528,8 +528,11 @@ class _Batch:
                 daily[0], daily[1], daily[2] = kind, at, seq
             if kind == "c":
                 total = value if MIN_INT64 <= value <= MAX_INT64 else clamp(value)
-                key_hours[key] = clamp(key_hours.get(key, 0) + total)
-                daily[3] = clamp(daily[3] + total)
+                # clamp() written out for the sums that stay in range (nearly all)
+                summed = key_hours.get(key, 0) + total
+                key_hours[key] = summed if MIN_INT64 <= summed <= MAX_INT64 else clamp(summed)
+                summed = daily[3] + total
+                daily[3] = summed if MIN_INT64 <= summed <= MAX_INT64 else clamp(summed)
             elif kind == "v":
                 encoded = self._key_of(value)
                 if daily[5] is None or at > daily[5] or (at == daily[5] and seq > daily[6]):
@@ -538,18 +541,21 @@ class _Batch:
                 if of_day is None or at > of_day[0] or (at == of_day[0] and seq > of_day[1]):
                     day_values[key] = (at, seq, encoded)
             else:
+                cset_days, cset_spans = self.cset_days, self.cset_spans
+                add_member = self.cset_members.add
                 for item in value:
                     item_id = self._key_of(item["value"])
                     counted = (key, day, item_id)
-                    self.cset_days[counted] = clamp(self.cset_days.get(counted, 0) + item["count"])
-                    item_span = self.cset_spans.get((key, item_id, instance_id))
+                    cset_days[counted] = clamp(cset_days.get(counted, 0) + item["count"])
+                    spanned = (key, item_id, instance_id)
+                    item_span = cset_spans.get(spanned)
                     if item_span is None:
-                        self.cset_spans[(key, item_id, instance_id)] = [day, day]
+                        cset_spans[spanned] = [day, day]
                     elif day < item_span[0]:
                         item_span[0] = day
                     elif day > item_span[1]:
                         item_span[1] = day
-                    self.cset_members.add((key, item_id, instance_id, day))
+                    add_member((key, item_id, instance_id, day))
 
     def write(self, run: Runner) -> None:
         """Apply the merged changes to the rollup tables (the caller holds the fold lock)."""
