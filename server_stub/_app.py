@@ -471,7 +471,7 @@ def _validate_client(client: object) -> Optional[Dict[str, Any]]:
 
 
 def _check_count(count: object, name: str) -> None:
-    if type(count) is int and 0 <= count <= _MAX_INT64:  # type: ignore[operator]
+    if type(count) is int and 0 <= count <= _MAX_INT64:
         return
     if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= _MAX_INT64:
         raise HTTPError(400, f"client.{name} must be a non-negative integer")
