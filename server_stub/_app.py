@@ -300,8 +300,7 @@ class RequestBody:
                 encoding = "utf-8"
             else:
                 encoding = json.detect_encoding(decoded)
-            text = decoded.decode(encoding, "surrogatepass")
-            self.parsed = _JSON.decode(text)
+            self.parsed = _parse_json(decoded.decode(encoding, "surrogatepass"))
         except (ValueError, RecursionError) as exc:
             raise HTTPError(400, f"body is not valid JSON: {exc}") from None
         self.has_parsed = True
@@ -426,6 +425,22 @@ def _reject_constant(name: str) -> object:
 
 
 _JSON = json.JSONDecoder(parse_constant=_reject_constant)
+_SCAN: Callable[[str, int], Tuple[object, int]] = _JSON.scan_once  # type: ignore[attr-defined]
+
+
+def _parse_json(text: str) -> object:
+    """``_JSON.decode(text)``: the same value or error. An object with no white space
+    around it goes straight to the scanner (``decode`` first and last matches white
+    space, and ``raw_decode`` adds a frame)."""
+    if text[:1] == "{" and text[-1:] == "}":
+        try:
+            value, end = _SCAN(text, 0)  # raises what decode would (bar StopIteration)
+        except StopIteration:
+            pass
+        else:
+            if end == len(text):
+                return value
+    return _JSON.decode(text)
 
 
 def _parse_timestamp(value: str) -> datetime:
@@ -512,7 +527,7 @@ def validate_payload(body: object, instance_id: str, received_at: str) -> Payloa
         events = validate_events(body.get("events"), instance_id, payload_id, received_at)
     except (InvalidEvent, ValueError) as exc:
         raise HTTPError(400, str(exc)) from None
-    return PayloadRecord(
+    return PayloadRecord.of(
         payload_id=payload_id,
         instance_id=instance_id,
         timestamp=timestamp,
