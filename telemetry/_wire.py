@@ -51,8 +51,8 @@ _DELTA_SECONDS = re.compile(r"[0-9]+")
 _SURROGATE = re.compile("[\ud800-\udfff]")
 # Keys, and elements of list and mapping values, encoded per piece when encoding
 # incrementally (see ``iter_encoded_payload``).
-ENCODE_CHUNK_KEYS = 512
-ENCODE_CHUNK_ELEMENTS = 1024
+ENCODE_CHUNK_KEYS = 256
+ENCODE_CHUNK_ELEMENTS = 512
 ENCODE_CHUNK_EVENTS = 64
 # Keys of the buffer's tables merged into one between two GIL hand-offs (see ``wire_data``).
 WIRE_ITEMS_PER_PAUSE = 1000
