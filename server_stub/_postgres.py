@@ -29,7 +29,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from ._group_commit import GroupCommit
-from ._rollups import ADD_PENDING, FOLD_EVERY, fold_pending, rollup_schema
+from ._rollups import FOLD_EVERY, fold_pending, rollup_schema
 from ._storage import (
     INT64_MAX,
     INT64_MIN,
@@ -159,6 +159,8 @@ ORDER BY position
 ON CONFLICT (payload_id) DO NOTHING
 RETURNING payload_id, seq
 """
+# Only PostgreSQL queues pending payloads (see _rollups).
+_ADD_PENDING = "INSERT INTO rollup_pending (seq) VALUES (%s)"
 _ADD_PENDING_MANY = "INSERT INTO rollup_pending (seq) SELECT unnest(%s::bigint[])"
 
 # How aggregate_keys totals the value e.value: 'c' an integer counter (summed),
@@ -466,7 +468,7 @@ class PostgresStore:
                     return False
                 seq = stored[0]
                 # The rollups take it in with the next fold (see _rollups).
-                connection.execute(ADD_PENDING.replace("?", "%s"), (seq,))
+                connection.execute(_ADD_PENDING, (seq,))
                 _insert_events(connection, record.events)
                 if seq % FOLD_EVERY == 0:
                     self._fold(connection)

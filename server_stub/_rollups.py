@@ -56,7 +56,6 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from ._storage import Runner, json_encoder
 
 __all__ = [
-    "ADD_PENDING",
     "FOLD_AT_ONCE_BYTES",
     "FOLD_EVERY",
     "MAX_INT64",
@@ -429,7 +428,6 @@ _PLAIN_VALUES = frozenset((str, bool, float, dict, type(None)))
 
 PENDING_SCHEMA = "CREATE TABLE IF NOT EXISTS rollup_pending (seq bigint PRIMARY KEY)"
 """Payloads stored but not yet added to the rollups (their ``seq``)."""
-ADD_PENDING = "INSERT INTO rollup_pending (seq) VALUES (?)"
 FOLD_EVERY = 256
 """An ingest whose ``seq`` is a multiple of this folds every pending payload."""
 FOLD_BATCH = 2000
